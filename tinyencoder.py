@@ -1,0 +1,603 @@
+"""tinyencoder: BERT, RoBERTa and ModernBERT as flags of one byte-level encoder.
+
+Read top to bottom: vocabulary, config and presets, masking, attention (the only place that knows about backends),
+the blocks, the model, and interop with transformers checkpoints. Needs torch alone.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Vocabulary: a token is a byte. Four special ids follow the 256 bytes; the table is padded to a multiple of 64 so the
+# decoder matmul stays aligned.
+PAD, CLS, SEP, MASK = 256, 257, 258, 259
+VOCAB_SIZE = 320
+
+
+def encode(text: str | bytes) -> list[int]:
+    return list(text.encode("utf-8") if isinstance(text, str) else bytes(text))
+
+
+def decode(ids) -> str:
+    ids = ids.tolist() if torch.is_tensor(ids) else ids
+    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config. Every architectural difference between the three papers is a field; PRESETS below is the whole diff.
+@dataclass
+class Config:
+    arch: str = "bert"                # the transformers class family to save as: bert | roberta | modernbert
+    vocab_size: int = VOCAB_SIZE
+    pad_id: int = PAD
+    cls_id: int = CLS
+    sep_id: int = SEP
+    mask_id: int = MASK
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 0             # 0: 4*hidden for GELU, 1.5*hidden for GeGLU (ModernBERT-base's ratio)
+    max_len: int = 512                # longest document; bounds the learned position table
+    positions: str = "learned"        # learned (absolute table) | rope
+    pos_offset: int = 0               # RoBERTa counts positions from pad_id+1, so its table has pad_id+1 leading rows
+    type_vocab: int = 2               # token-type (segment) embeddings; 0 = none
+    prenorm: bool = False             # pre-LN adds a final norm; layer 0 reuses the embedding norm
+    glu: bool = False                 # GeGLU MLP: gelu(first half) * second half
+    act: str = "gelu"                 # gelu (erf) | gelu_tanh
+    bias: bool = True                 # biases on the attention and MLP linears
+    norm_bias: bool = True
+    head_bias: bool = True            # bias of the MLM head's dense layer (the decoder always has one)
+    norm_eps: float = 1e-12
+    rope_theta: float = 10000.0       # global layers
+    rope_theta_local: float = 10000.0
+    window: int = 0                   # local layers see +-window/2 keys, inclusive; 0 = every layer global
+    global_every: int = 1             # layer i is global iff i % global_every == 0
+    embed_dropout: float = 0.1
+    attn_dropout: float = 0.1         # on attention probabilities
+    resid_dropout: float = 0.1        # on each branch before the residual add
+    mlp_dropout: float = 0.0          # inside the MLP, before its output projection
+    init: str = "normal"              # normal (HF BERT: N(0, 0.02)) | megatron (ModernBERT: truncated, depth-scaled)
+    init_std: float = 0.02
+    mlm_rate: float = 0.15
+    nsp: bool = False                 # next-sentence prediction head (pooler + 2-way classifier)
+    static_masking: bool = False      # BERT fixes each example's masks ahead of time; the others draw anew
+    sparse_prediction: bool = False   # run the MLM head only on labelled rows
+    unpad: bool = False               # strip padding once and run every layer on (tokens, hidden)
+    attn_backend: str = "auto"        # auto | flash | sdpa | eager
+
+    def __post_init__(self):
+        if not self.intermediate:
+            self.intermediate = self.hidden * 3 // 2 if self.glu else 4 * self.hidden
+        checks = {"positions": ("learned", "rope"), "act": tuple(ACTS), "init": ("normal", "megatron"),
+                  "attn_backend": BACKENDS, "arch": tuple(PRESETS)}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Config.{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
+        if self.window % 2:
+            raise ValueError(f"window={self.window} must be even: it spans window/2 keys on each side")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Config":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown Config fields {sorted(unknown)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+PRESETS = {
+    # BERT-base (Devlin et al. 2018): post-LN, learned positions, segments, NSP, static masks.
+    "bert": dict(arch="bert", nsp=True, static_masking=True),
+    # RoBERTa-base (Liu et al. 2019): BERT's network with offset positions, one segment, eps 1e-5, no NSP.
+    "roberta": dict(arch="roberta", pos_offset=PAD + 1, type_vocab=1, norm_eps=1e-5),
+    # ModernBERT-base (Warner et al. 2024): pre-LN, RoPE, GeGLU, no biases, alternating global/local attention.
+    "modernbert": dict(arch="modernbert", layers=22, max_len=8192, positions="rope", type_vocab=0, prenorm=True,
+                       glu=True, bias=False, norm_bias=False, head_bias=False, norm_eps=1e-5, rope_theta=160000.0,
+                       window=128, global_every=3, embed_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0,
+                       init="megatron", mlm_rate=0.30, sparse_prediction=True, unpad=True),
+}
+ACTS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+BACKENDS = ("auto", "flash", "sdpa", "eager")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Masking: pick cfg.mlm_rate of the ordinary tokens; of those, 80% become [MASK], 10% a random byte, 10% stay.
+# The generator decides static versus dynamic: reseed it per example for fixed masks, keep one running for fresh ones.
+def mask_tokens(ids: torch.Tensor, cfg: Config, generator: Optional[torch.Generator] = None,
+                rate: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    rate = cfg.mlm_rate if rate is None else rate
+    draw = lambda: torch.rand(ids.shape, generator=generator, device=ids.device)
+    special = torch.isin(ids, torch.tensor([cfg.pad_id, cfg.cls_id, cfg.sep_id, cfg.mask_id], device=ids.device))
+    picked = (draw() < rate) & ~special
+    labels = torch.where(picked, ids, -100)
+    roll = draw()
+    random_bytes = torch.randint(0, 256, ids.shape, generator=generator, device=ids.device)
+    inputs = torch.where(picked & (roll < 0.8), cfg.mask_id, ids)
+    inputs = torch.where(picked & (roll >= 0.8) & (roll < 0.9), random_bytes, inputs)
+    return inputs, labels
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention. Everything that depends on the backend lives in this section. A batch reaches attention in one of two
+# layouts, described by Layout: padded (B, T, heads, head_dim) with a boolean mask, or unpadded (tokens, heads, head_dim)
+# with cu_seqlens, the document boundaries. The eager branch is the definition; the others are tested equal to it.
+@dataclass
+class Layout:
+    mask: Optional[torch.Tensor] = None        # padded: (B, 1, T, T) True where a query may see a key; None = all
+    local_mask: Optional[torch.Tensor] = None  # padded: the same, ANDed with the sliding window
+    cu: Optional[torch.Tensor] = None          # unpadded: (docs + 1,) int32 offsets of each document
+    spans: Optional[list] = None               # unpadded, CPU backends: the same offsets as Python ints
+    max_len: int = 0                           # unpadded: longest document
+
+
+def _flash_kernel():
+    """The varlen flash kernel to use: flash-attn's when it imports, else PyTorch's own (2.10+), else None."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+        return lambda q, k, v, cu, n, p, w: flash_attn_varlen_func(q, k, v, cu, cu, n, n, p, window_size=(w, w))
+    except ImportError:
+        pass
+    try:
+        import inspect
+        from torch.nn.attention.varlen import varlen_attn
+        if "window_size" in inspect.signature(varlen_attn).parameters:
+            return lambda q, k, v, cu, n, p, w: varlen_attn(q, k, v, cu, cu, n, n, window_size=(w, w))
+    except ImportError:
+        pass
+    return None
+
+
+_said = set()
+
+
+def pick_backend(want: str, device: torch.device, dtype: torch.dtype, dropout: float) -> str:
+    """Resolve cfg.attn_backend for this device and dtype. A backend asked for by name must be usable here."""
+    why = None
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        why = f"flash needs a CUDA device and fp16/bf16, got {device.type} {dtype}"
+    elif _flash_kernel() is None:
+        why = "flash needs the flash-attn package or torch>=2.10 (torch.nn.attention.varlen with window_size)"
+    elif dropout > 0 and not _has_flash_attn_pkg():
+        why = "torch's varlen flash kernel has no attention dropout; set attn_dropout=0 or install flash-attn"
+    if want == "flash" and why:
+        raise ValueError(f"attn_backend='flash' is not available: {why}")
+    choice = want if want != "auto" else ("flash" if why is None else "sdpa")
+    if want == "auto" and (device.type, choice) not in _said:
+        _said.add((device.type, choice))
+        print(f"tinyencoder: attention backend {choice} on {device.type}" + (f" ({why})" if why else ""),
+              file=sys.stderr)
+    return choice
+
+
+def _has_flash_attn_pkg() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def attention(q, k, v, lay: Layout, local: bool, window: int, dropout: float, backend: str) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over the keys each query may see; local layers see +-window/2 positions."""
+    w = window // 2 if local else -1
+    if lay.cu is not None and backend == "flash":               # unpadded tokens, one kernel for the whole batch
+        return _flash_kernel()(q, k, v, lay.cu, lay.max_len, dropout, w)
+    if lay.cu is not None:                                      # unpadded on CPU: one call per document, no padding
+        outs = []
+        for s, e in zip(lay.spans[:-1], lay.spans[1:]):
+            band = _band(e - s, w, q.device)
+            qd, kd, vd = (t[s:e].transpose(0, 1) for t in (q, k, v))   # (heads, L, head_dim)
+            outs.append(_attend(qd, kd, vd, band, dropout, backend).transpose(0, 1))
+        return torch.cat(outs)
+    mask = lay.local_mask if local else lay.mask                # padded: (B, T, heads, head_dim)
+    out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout, backend)
+    return out.transpose(1, 2)
+
+
+def _attend(q, k, v, mask, dropout, backend):
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # eager: the readable definition
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = F.dropout(scores.float().softmax(-1).to(q.dtype), dropout)
+    return probs @ v
+
+
+def _band(n: int, w: int, device) -> Optional[torch.Tensor]:
+    """(n, n) True where |i - j| <= w; None when the window covers the whole document."""
+    if w < 0 or n <= w + 1:
+        return None
+    i = torch.arange(n, device=device)
+    return (i[:, None] - i[None, :]).abs() <= w
+
+
+def make_layout(doc: Optional[torch.Tensor], unpad: bool, window: int, spans_needed: bool):
+    """From attention_mask (B, T) (0 = padding, runs of equal nonzero ids = documents) build positions and Layout.
+
+    Returns (positions (B, T), keep (flat indices of real tokens) or None, Layout)."""
+    B, T = doc.shape
+    idx = torch.arange(T, device=doc.device).expand(B, T)
+    starts = doc != F.pad(doc, (1, 0), value=-1)[:, :-1]       # first token of every run, and of every row
+    pos = idx - torch.where(starts, idx, 0).cummax(1).values   # index within the document
+    if unpad:
+        keep = (doc.flatten() != 0).nonzero().squeeze(1)
+        first = starts.flatten()[keep].nonzero().squeeze(1)
+        cu = F.pad(first, (0, 1), value=keep.numel()).to(torch.int32)
+        spans = cu.tolist()
+        n = max((e - s for s, e in zip(spans[:-1], spans[1:])), default=0)
+        return pos, keep, Layout(cu=cu, spans=spans if spans_needed else None, max_len=n)
+    if bool((doc != 0).all()) and bool((starts.sum(1) == 1).all()):   # one whole document per row: no mask
+        mask = None
+    else:
+        run = starts.cumsum(1)
+        mask = (run[:, :, None] == run[:, None, :]) & (doc != 0)[:, None, :]
+        mask = (mask | torch.eye(T, dtype=torch.bool, device=doc.device))[:, None]   # pad queries see themselves
+    local = None
+    if window:
+        band = _band(T, window // 2, doc.device)
+        local = mask if band is None else (band if mask is None else mask & band)
+    return pos, None, Layout(mask=mask, local_mask=local)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Blocks
+def rope_tables(pos: torch.Tensor, head_dim: int, theta: float, dtype):
+    """cos and sin for NeoX-style rotation (dim i pairs with i + head_dim/2), computed in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    ang = pos.float()[..., None] * inv_freq
+    ang = torch.cat([ang, ang], -1)[..., None, :]              # (..., 1, head_dim): broadcast over heads
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def rotate(x, cos, sin):
+    x1, x2 = x.float().chunk(2, -1)
+    return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+
+
+def norm(cfg: Config) -> nn.LayerNorm:
+    return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: Config, i: int):
+        super().__init__()
+        self.cfg, self.local = cfg, bool(cfg.window) and i % cfg.global_every != 0
+        H, I = cfg.hidden, cfg.intermediate
+        self.qkv = nn.Linear(H, 3 * H, bias=cfg.bias)
+        self.attn_out = nn.Linear(H, H, bias=cfg.bias)
+        self.mlp_in = nn.Linear(H, 2 * I if cfg.glu else I, bias=cfg.bias)
+        self.mlp_out = nn.Linear(I, H, bias=cfg.bias)
+        # Post-LN normalises after each residual add; pre-LN before each branch, where layer 0 already gets a
+        # normalised input from the embeddings.
+        self.attn_norm = nn.Identity() if cfg.prenorm and i == 0 else norm(cfg)
+        self.mlp_norm = norm(cfg)
+
+    def forward(self, x, lay: Layout, rope, backend: str):
+        cfg, drop = self.cfg, self.training
+        # x: (B, T, H) padded or (N, H) unpadded; every op below is shape-agnostic over the leading dims
+        h = x if not cfg.prenorm else self.attn_norm(x)
+        q, k, v = self.qkv(h).unflatten(-1, (3, cfg.heads, cfg.head_dim)).unbind(-3)   # each (..., heads, head_dim)
+        if rope is not None:
+            cos, sin = rope[self.local]
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        a = attention(q, k, v, lay, self.local, cfg.window, cfg.attn_dropout if drop else 0.0, backend)
+        a = F.dropout(self.attn_out(a.flatten(-2)), cfg.resid_dropout, drop)
+        x = x + a if cfg.prenorm else self.attn_norm(x + a)
+        h = self.mlp_norm(x) if cfg.prenorm else x
+        u = self.mlp_in(h)                                     # (..., I) or (..., 2I)
+        if cfg.glu:
+            u, gate = u.chunk(2, -1)
+            u = ACTS[cfg.act](u) * gate
+        else:
+            u = ACTS[cfg.act](u)
+        m = F.dropout(self.mlp_out(F.dropout(u, cfg.mlp_dropout, drop)), cfg.resid_dropout, drop)
+        return x + m if cfg.prenorm else self.mlp_norm(x + m)
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor                       # (B, T, V), or (labelled rows, V) with sparse prediction
+    loss: Optional[torch.Tensor] = None
+    hidden: Optional[torch.Tensor] = None      # (B, T, H) final hidden states; zeros at padding when unpadded
+    nsp_logits: Optional[torch.Tensor] = None  # (B, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+class TinyEncoder(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden
+        self.tok = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_id)
+        self.pos = nn.Embedding(cfg.max_len + cfg.pos_offset, H) if cfg.positions == "learned" else None
+        self.seg = nn.Embedding(cfg.type_vocab, H) if cfg.type_vocab else None
+        self.emb_norm = norm(cfg)
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.layers))
+        self.final_norm = norm(cfg) if cfg.prenorm else nn.Identity()
+        self.head_dense = nn.Linear(H, H, bias=cfg.head_bias)
+        self.head_norm = norm(cfg)
+        self.decoder_bias = nn.Parameter(torch.zeros(cfg.vocab_size))   # decoder weight is self.tok.weight
+        self.pooler = nn.Linear(H, H) if cfg.nsp else None
+        self.nsp_head = nn.Linear(H, 2) if cfg.nsp else None
+        self.apply(self._init)
+
+    def _init(self, m: nn.Module):
+        cfg, std = self.cfg, self.cfg.init_std
+        if cfg.init == "megatron":                             # truncated at 2 std; output projections depth-scaled
+            out = any(m is getattr(layer, n) for layer in self.layers for n in ("attn_out", "mlp_out"))
+            s = std / math.sqrt(2 * cfg.layers) if out or m is self.head_dense else std
+            fill = lambda w: nn.init.trunc_normal_(w, 0.0, s, -2 * s, 2 * s)
+        else:
+            fill = lambda w: nn.init.normal_(w, 0.0, std)
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            fill(m.weight)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if m is self.tok and cfg.init == "normal":         # ModernBERT leaves its pad row random
+                m.weight.data[cfg.pad_id].zero_()
+            if m is self.pos and cfg.pos_offset:               # RoBERTa's position padding row
+                m.weight.data[cfg.pad_id].zero_()
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.tok.weight.numel() - (self.pos.weight.numel() if self.pos else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight (forward + backward) plus attention's 12 * layers * H * T."""
+        return 6 * self.num_params(embeddings=False) + 12 * self.cfg.layers * self.cfg.hidden * seq_len
+
+    def check_inputs(self, ids, attention_mask, labels):
+        cfg = self.cfg
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}); got values from {lo} to {hi}")
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is not None and t.shape != ids.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(ids.shape)}")
+        if cfg.positions == "learned" and ids.shape[1] > cfg.max_len:
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len={cfg.max_len}, the number of "
+                             f"learned positions; split the input into pieces of at most {cfg.max_len} tokens")
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None):
+        cfg = self.cfg
+        self.check_inputs(input_ids, attention_mask, labels)
+        B, T = input_ids.shape
+        dev = input_ids.device
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.tok.weight.dtype
+        backend = pick_backend(cfg.attn_backend, dev, dtype, cfg.attn_dropout if self.training else 0.0)
+        unpad = cfg.unpad or backend == "flash"                # the flash kernels only take unpadded tokens
+        doc = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        pos, keep, lay = make_layout(doc, unpad, cfg.window, backend != "flash")
+        gather = (lambda t: t.flatten()[keep]) if unpad else (lambda t: t)   # (B, T) -> (N,) when unpadded
+        ids, pos = gather(input_ids), gather(pos)
+
+        # Embeddings: (B, T, H) or (N, H)
+        x = self.tok(ids)
+        if self.seg is not None:
+            x = x + self.seg(gather(token_type_ids) if token_type_ids is not None else torch.zeros_like(ids))
+        if self.pos is not None:
+            x = x + self.pos(pos + cfg.pos_offset)
+        x = F.dropout(self.emb_norm(x), cfg.embed_dropout, self.training)
+        rope = None
+        if cfg.positions == "rope":                            # indexed by Layer.local: [global, local]
+            rope = [rope_tables(pos, cfg.head_dim, th, x.dtype) for th in (cfg.rope_theta, cfg.rope_theta_local)]
+
+        for layer in self.layers:
+            x = layer(x, lay, rope, backend)
+        x = self.final_norm(x)
+        hidden = x
+        if unpad:                                              # back to (B, T, H), zeros at padding
+            hidden = x.new_zeros(B * T, cfg.hidden).index_copy(0, keep, x).view(B, T, cfg.hidden)
+
+        # MLM head: only on labelled rows with sparse prediction, else everywhere
+        flat = x.flatten(0, -2)                                # (tokens, H)
+        tgt = None if labels is None else gather(labels).flatten()
+        if tgt is not None and cfg.sparse_prediction:
+            rows = (tgt != -100).nonzero().squeeze(1)
+            flat, tgt = flat[rows], tgt[rows]
+        h = self.head_norm(ACTS[cfg.act](self.head_dense(flat)))
+        logits = F.linear(h, self.tok.weight, self.decoder_bias)  # decoder tied to the token embedding
+        loss = None if tgt is None else F.cross_entropy(logits.float(), tgt, ignore_index=-100)
+        if not (tgt is not None and cfg.sparse_prediction):
+            logits = (logits if not unpad else
+                      logits.new_zeros(B * T, cfg.vocab_size).index_copy(0, keep, logits)).view(B, T, -1)
+
+        nsp_logits = None
+        if self.nsp_head is not None:                          # BERT pools the first token of each row
+            nsp_logits = self.nsp_head(torch.tanh(self.pooler(hidden[:, 0])))
+            if next_sentence_label is not None:
+                nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
+                loss = nsp_loss if loss is None else loss + nsp_loss
+        return Output(logits=logits, loss=loss, hidden=hidden, nsp_logits=nsp_logits)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Interop with transformers: a config translation and one name map, used in both directions.
+    @classmethod
+    def from_pretrained(cls, path: str) -> "TinyEncoder":
+        """Load a directory written by transformers' save_pretrained (Bert/Roberta/ModernBert, MLM or base model)."""
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        kind = (hf.get("architectures") or [None])[0] or {"bert": "BertModel", "roberta": "RobertaModel",
+                                                          "modernbert": "ModernBertModel"}.get(hf.get("model_type"))
+        if kind not in HF_CLASSES:
+            raise ValueError(f"{path}: architecture {kind!r} is not supported; supported: {sorted(HF_CLASSES)}")
+        model = cls(config_from_hf(hf, nsp=kind == "BertForPreTraining"))
+        sd = _read_weights(path)
+        names = hf_names(model, base=kind.endswith("Model") and not any(k.startswith(("bert.", "roberta.",
+                         "model.")) for k in sd))
+        missing = [n for group in names.values() for n in group if n not in sd]
+        if kind.endswith("Model"):                             # a base model has no MLM head: keep it freshly made
+            missing = [n for n in missing if not n.startswith(("cls.", "lm_head.", "head.", "decoder."))]
+        tied_or_buffers = ("decoder.weight", "decoder.bias", "position_ids", "token_type_ids", "pooler.dense")
+        unexpected = [k for k in sd if k not in {n for g in names.values() for n in g} and not k.endswith(
+            tied_or_buffers) and not (kind.endswith("Model") and "pooler" in k)]
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not match {kind}: missing {missing[:8]}, unexpected {unexpected[:8]}"
+                             f" ({len(missing)} missing, {len(unexpected)} unexpected)")
+        with torch.no_grad():
+            for ours, theirs in names.items():
+                if all(n in sd for n in theirs):
+                    p = model.get_parameter(ours)
+                    w = torch.cat([sd[n] for n in theirs])       # q, k, v stack into one fused projection
+                    if w.shape != p.shape:
+                        raise ValueError(f"{path}: {theirs[0]} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
+                    p.copy_(w)
+        return model
+
+    def save_pretrained(self, path: str):
+        """Write config.json and model.safetensors that transformers' AutoModelForMaskedLM loads."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config_to_hf(self.cfg), f, indent=2)
+        sd = {}
+        for ours, theirs in hf_names(self).items():
+            for n, w in zip(theirs, self.get_parameter(ours).detach().chunk(len(theirs))):
+                sd[n] = w.contiguous().cpu().clone()
+        save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+HF_CLASSES = {"BertForMaskedLM", "BertForPreTraining", "BertModel", "RobertaForMaskedLM", "RobertaModel",
+              "ModernBertForMaskedLM", "ModernBertModel"}
+HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def hf_names(model: TinyEncoder, base: bool = False) -> dict[str, tuple[str, ...]]:
+    """Our parameter name -> the transformers state-dict key(s) holding it (three for the fused q/k/v)."""
+    cfg = model.cfg
+    if cfg.arch == "modernbert":
+        p = "" if base else "model."
+        mods = {"tok": p + "embeddings.tok_embeddings", "emb_norm": p + "embeddings.norm", "final_norm": p +
+                "final_norm", "head_dense": "head.dense", "head_norm": "head.norm", "decoder_bias": "decoder"}
+        layer = {"qkv": "attn.Wqkv", "attn_out": "attn.Wo", "attn_norm": "attn_norm", "mlp_norm": "mlp_norm",
+                 "mlp_in": "mlp.Wi", "mlp_out": "mlp.Wo"}
+        stem = p + "layers."
+    else:
+        p = "" if base else cfg.arch + "."
+        head = "cls.predictions." if cfg.arch == "bert" else "lm_head."
+        mods = {"tok": p + "embeddings.word_embeddings", "pos": p + "embeddings.position_embeddings",
+                "seg": p + "embeddings.token_type_embeddings", "emb_norm": p + "embeddings.LayerNorm",
+                "head_dense": head + ("transform.dense" if cfg.arch == "bert" else "dense"),
+                "head_norm": head + ("transform.LayerNorm" if cfg.arch == "bert" else "layer_norm"),
+                "decoder_bias": head[:-1], "pooler": p + "pooler.dense", "nsp_head": "cls.seq_relationship"}
+        layer = {"qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+                 "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+                 "mlp_in": "intermediate.dense", "mlp_out": "output.dense", "mlp_norm": "output.LayerNorm"}
+        stem = p + "encoder.layer."
+    for i in range(cfg.layers):
+        mods.update({f"layers.{i}.{a}": tuple(f"{stem}{i}.{n}" for n in (b if isinstance(b, tuple) else (b,)))
+                     for a, b in layer.items()})
+    names = {}
+    for name, _ in model.named_parameters():                   # the tied decoder weight appears once, as tok
+        mod, leaf = ("decoder_bias", "bias") if name == "decoder_bias" else name.rsplit(".", 1)
+        target = mods[mod]
+        names[name] = tuple(f"{t}.{leaf}" for t in (target if isinstance(target, tuple) else (target,)))
+    return names
+
+
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(st):
+        from safetensors.torch import load_file
+        return load_file(st)
+    if os.path.exists(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)   # weights only: no code runs on load
+    raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def config_from_hf(hf: dict, nsp: bool = False) -> Config:
+    """Translate a transformers config.json (including the hub's legacy ModernBERT keys) into a Config."""
+    arch = hf.get("model_type")
+    if arch not in PRESETS:
+        raise ValueError(f"model_type {arch!r} is not supported; supported: {list(PRESETS)}")
+    get = lambda k, d=None: hf[k] if hf.get(k) is not None else d
+    act = get("hidden_activation" if arch == "modernbert" else "hidden_act", "gelu")
+    if act not in HF_ACTS:
+        raise ValueError(f"activation {act!r} is not supported; supported: {list(HF_ACTS)}")
+    kw = dict(PRESETS[arch], vocab_size=hf["vocab_size"], hidden=hf["hidden_size"], layers=hf["num_hidden_layers"],
+              heads=hf["num_attention_heads"], intermediate=hf["intermediate_size"], act=HF_ACTS[act],
+              cls_id=get("cls_token_id", get("bos_token_id", CLS)), sep_id=get("sep_token_id", get("eos_token_id",
+              SEP)), mask_id=get("mask_token_id", MASK), attn_backend="auto")
+    if arch == "modernbert":
+        n, types = hf["num_hidden_layers"], get("layer_types")
+        every = get("global_attn_every_n_layers", 3)
+        if types:                                               # recover n from the pattern, then insist it fits
+            every = next((i for i in range(1, n) if types[i] == "full_attention"), n)
+            if types != ["sliding_attention" if i % every else "full_attention" for i in range(n)]:
+                raise ValueError(f"layer_types {types} is not 'global every n-th layer', the only pattern supported")
+        rope = get("rope_parameters") or {}
+        if get("attention_bias", False) != get("mlp_bias", False) or not get("decoder_bias", True):
+            raise ValueError("attention_bias must equal mlp_bias and decoder_bias must be true")
+        if HF_ACTS.get(get("classifier_activation", "gelu")) != HF_ACTS[act]:
+            raise ValueError("classifier_activation must equal hidden_activation")
+        kw.update(pad_id=get("pad_token_id", 50283), max_len=hf["max_position_embeddings"],
+                  norm_eps=get("norm_eps", 1e-5), bias=get("attention_bias", False), norm_bias=get("norm_bias", False),
+                  head_bias=get("classifier_bias", False), window=get("local_attention", 128), global_every=every,
+                  rope_theta=rope.get("full_attention", {}).get("rope_theta", get("global_rope_theta", 160000.0)),
+                  rope_theta_local=rope.get("sliding_attention", {}).get("rope_theta",
+                                                                          get("local_rope_theta", 10000.0)),
+                  embed_dropout=get("embedding_dropout", 0.0), attn_dropout=get("attention_dropout", 0.0),
+                  resid_dropout=get("attention_dropout", 0.0), mlp_dropout=get("mlp_dropout", 0.0))
+        return Config(**kw)
+    if get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"position_embedding_type {hf['position_embedding_type']!r} is not supported; only 'absolute'")
+    pad = get("pad_token_id", 0 if arch == "bert" else 1)
+    offset = pad + 1 if arch == "roberta" else 0
+    kw.update(nsp=nsp, pad_id=pad, pos_offset=offset, max_len=hf["max_position_embeddings"] - offset,
+              type_vocab=get("type_vocab_size", 2), norm_eps=get("layer_norm_eps", 1e-12),
+              embed_dropout=get("hidden_dropout_prob", 0.1), resid_dropout=get("hidden_dropout_prob", 0.1),
+              attn_dropout=get("attention_probs_dropout_prob", 0.1))
+    return Config(**kw)
+
+
+def config_to_hf(cfg: Config) -> dict:
+    """The transformers config.json for cfg; refuses configs that no transformers class can express."""
+    ours = {"modernbert": dict(positions="rope", prenorm=True, glu=True, type_vocab=0, pos_offset=0,
+                               resid_dropout=cfg.attn_dropout, bias=cfg.bias),
+            "bert": dict(positions="learned", prenorm=False, glu=False, bias=True, norm_bias=True, head_bias=True,
+                         window=0, mlp_dropout=0.0, embed_dropout=cfg.resid_dropout, pos_offset=0)}
+    ours["roberta"] = {**ours["bert"], "pos_offset": cfg.pad_id + 1}
+    bad = {k: getattr(cfg, k) for k, v in ours[cfg.arch].items() if getattr(cfg, k) != v}
+    if bad or (cfg.arch != "modernbert" and cfg.type_vocab < 1):
+        raise ValueError(f"this {cfg.arch} config has no transformers equivalent; offending fields: {bad or 'type_vocab'}")
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.act]
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+                  num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate, pad_token_id=cfg.pad_id,
+                  initializer_range=cfg.init_std, tie_word_embeddings=True)
+    if cfg.arch == "modernbert":
+        return dict(common, architectures=["ModernBertForMaskedLM"], model_type="modernbert", hidden_activation=act,
+                    classifier_activation=act, max_position_embeddings=cfg.max_len, norm_eps=cfg.norm_eps,
+                    norm_bias=cfg.norm_bias, attention_bias=cfg.bias, mlp_bias=cfg.bias, classifier_bias=cfg.head_bias,
+                    decoder_bias=True, local_attention=cfg.window or 2 * cfg.max_len, global_attn_every_n_layers=
+                    cfg.global_every, layer_types=["sliding_attention" if cfg.window and i % cfg.global_every else
+                                                   "full_attention" for i in range(cfg.layers)],
+                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta_local}},
+                    global_rope_theta=cfg.rope_theta, local_rope_theta=cfg.rope_theta_local,
+                    embedding_dropout=cfg.embed_dropout, attention_dropout=cfg.attn_dropout,
+                    mlp_dropout=cfg.mlp_dropout, bos_token_id=cfg.cls_id, cls_token_id=cfg.cls_id,
+                    eos_token_id=cfg.sep_id, sep_token_id=cfg.sep_id)
+    return dict(common, architectures=["BertForPreTraining" if cfg.nsp else {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}[cfg.arch]],
+                model_type=cfg.arch, hidden_act=act, max_position_embeddings=cfg.max_len + cfg.pos_offset,
+                type_vocab_size=cfg.type_vocab, layer_norm_eps=cfg.norm_eps, hidden_dropout_prob=cfg.resid_dropout,
+                attention_probs_dropout_prob=cfg.attn_dropout, position_embedding_type="absolute")
