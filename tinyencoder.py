@@ -5,11 +5,13 @@ the blocks, the model, and interop with transformers checkpoints. Needs torch al
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -70,7 +72,7 @@ class Config:
     mlm_rate: float = 0.15
     nsp: bool = False                 # next-sentence prediction head (pooler + 2-way classifier)
     static_masking: bool = False      # BERT fixes each example's masks ahead of time; the others draw anew
-    sparse_prediction: bool = False   # run the MLM head only on labelled rows
+    sparse_prediction: bool = True    # run the MLM head only on labelled rows, as the original BERT and fairseq do
     unpad: bool = False               # strip padding once and run every layer on (tokens, hidden)
     attn_backend: str = "auto"        # auto | flash | sdpa | eager
 
@@ -110,7 +112,7 @@ PRESETS = {
     "modernbert": dict(arch="modernbert", layers=22, max_len=8192, positions="rope", type_vocab=0, prenorm=True,
                        glu=True, bias=False, norm_bias=False, head_bias=False, norm_eps=1e-5, rope_theta=160000.0,
                        window=128, global_every=3, embed_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0,
-                       init="megatron", mlm_rate=0.30, sparse_prediction=True, unpad=True),
+                       init="megatron", mlm_rate=0.30, unpad=True),
 }
 ACTS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 BACKENDS = ("auto", "flash", "sdpa", "eager")
@@ -146,21 +148,21 @@ class Layout:
     max_len: int = 0                           # unpadded: longest document
 
 
+@functools.lru_cache(None)
 def _flash_kernel():
-    """The varlen flash kernel to use: flash-attn's when it imports, else PyTorch's own (2.10+), else None."""
+    """(kernel, takes_dropout): flash-attn's varlen kernel if it imports, else PyTorch's own (2.10+), else None."""
     try:
-        from flash_attn import flash_attn_varlen_func
-        return lambda q, k, v, cu, n, p, w: flash_attn_varlen_func(q, k, v, cu, cu, n, n, p, window_size=(w, w))
+        from flash_attn import flash_attn_varlen_func as f
+        return (lambda q, k, v, cu, n, p, w: f(q, k, v, cu, cu, n, n, p, window_size=(w, w))), True
     except ImportError:
         pass
     try:
-        import inspect
-        from torch.nn.attention.varlen import varlen_attn
-        if "window_size" in inspect.signature(varlen_attn).parameters:
-            return lambda q, k, v, cu, n, p, w: varlen_attn(q, k, v, cu, cu, n, n, window_size=(w, w))
+        from torch.nn.attention.varlen import varlen_attn as f
+        if "window_size" in inspect.signature(f).parameters:
+            return (lambda q, k, v, cu, n, p, w: f(q, k, v, cu, cu, n, n, window_size=(w, w))), False
     except ImportError:
         pass
-    return None
+    return None, False
 
 
 _said = set()
@@ -168,12 +170,13 @@ _said = set()
 
 def pick_backend(want: str, device: torch.device, dtype: torch.dtype, dropout: float) -> str:
     """Resolve cfg.attn_backend for this device and dtype. A backend asked for by name must be usable here."""
+    kernel, takes_dropout = _flash_kernel()
     why = None
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         why = f"flash needs a CUDA device and fp16/bf16, got {device.type} {dtype}"
-    elif _flash_kernel() is None:
+    elif kernel is None:
         why = "flash needs the flash-attn package or torch>=2.10 (torch.nn.attention.varlen with window_size)"
-    elif dropout > 0 and not _has_flash_attn_pkg():
+    elif dropout > 0 and not takes_dropout:
         why = "torch's varlen flash kernel has no attention dropout; set attn_dropout=0 or install flash-attn"
     if want == "flash" and why:
         raise ValueError(f"attn_backend='flash' is not available: {why}")
@@ -185,19 +188,12 @@ def pick_backend(want: str, device: torch.device, dtype: torch.dtype, dropout: f
     return choice
 
 
-def _has_flash_attn_pkg() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def attention(q, k, v, lay: Layout, local: bool, window: int, dropout: float, backend: str) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over the keys each query may see; local layers see +-window/2 positions."""
     w = window // 2 if local else -1
     if lay.cu is not None and backend == "flash":               # unpadded tokens, one kernel for the whole batch
-        return _flash_kernel()(q, k, v, lay.cu, lay.max_len, dropout, w)
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        return _flash_kernel()[0](q, k, v, lay.cu, lay.max_len, dropout, w)
     if lay.cu is not None:                                      # unpadded on CPU: one call per document, no padding
         outs = []
         for s, e in zip(lay.spans[:-1], lay.spans[1:]):
