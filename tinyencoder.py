@@ -437,19 +437,20 @@ class TinyEncoder(nn.Module):
                                                           "modernbert": "ModernBertModel"}.get(hf.get("model_type"))
         if kind not in HF_CLASSES:
             raise ValueError(f"{path}: architecture {kind!r} is not supported; supported: {sorted(HF_CLASSES)}")
-        model = cls(config_from_hf(hf, nsp=kind == "BertForPreTraining"))
-        sd = _read_weights(path)
-        names = hf_names(model, base=kind.endswith("Model") and not any(k.startswith(("bert.", "roberta.",
-                         "model.")) for k in sd))
-        missing = [n for group in names.values() for n in group if n not in sd]
-        if kind.endswith("Model"):                             # a base model has no MLM head: keep it freshly made
-            missing = [n for n in missing if not n.startswith(("cls.", "lm_head.", "head.", "decoder."))]
-        tied_or_buffers = ("decoder.weight", "decoder.bias", "position_ids", "token_type_ids", "pooler.dense")
-        unexpected = [k for k in sd if k not in {n for g in names.values() for n in g} and not k.endswith(
-            tied_or_buffers) and not (kind.endswith("Model") and "pooler" in k)]
+        sd = {k.removesuffix(".gamma") + ".weight" if k.endswith(".gamma") else k.removesuffix(".beta") + ".bias"
+              if k.endswith(".beta") else k: v for k, v in _read_weights(path).items()}   # old TF-era LN names
+        model = cls(config_from_hf(hf, nsp="cls.seq_relationship.weight" in sd))
+        base = not any(k.startswith(("bert.", "roberta.", "model.")) for k in sd)   # BertModel & co: no prefix
+        names = hf_names(model, base)
+        wanted = {n for group in names.values() for n in group}
+        # a base model has no MLM head (ours stays freshly made); tied copies, buffers and an unused pooler are skipped
+        missing = [n for n in wanted if n not in sd and not (base and n.startswith(("cls.", "lm_head.", "head.",
+                                                                                      "decoder.")))]
+        unexpected = [k for k in sd if k not in wanted and not k.endswith(("position_ids", "token_type_ids",
+                      "decoder.weight", "decoder.bias", "pooler.dense.weight", "pooler.dense.bias"))]
         if missing or unexpected:
-            raise ValueError(f"{path}: weights do not match {kind}: missing {missing[:8]}, unexpected {unexpected[:8]}"
-                             f" ({len(missing)} missing, {len(unexpected)} unexpected)")
+            raise ValueError(f"{path}: weights do not match {kind}: missing {sorted(missing)[:8]}, unexpected "
+                             f"{unexpected[:8]} ({len(missing)} missing, {len(unexpected)} unexpected)")
         with torch.no_grad():
             for ours, theirs in names.items():
                 if all(n in sd for n in theirs):
