@@ -360,23 +360,21 @@ class TinyEncoder(nn.Module):
         """Training FLOPs per token: 6 per weight (forward + backward) plus attention's 12 * layers * H * T."""
         return 6 * self.num_params(embeddings=False) + 12 * self.cfg.layers * self.cfg.hidden * seq_len
 
-    def check_inputs(self, ids, attention_mask, labels):
+    def check_inputs(self, ids, **others):
         cfg = self.cfg
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}); got values from {lo} to {hi}")
-        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+        for name, t, top in (("input_ids", ids, cfg.vocab_size), ("token_type_ids", others["token_type_ids"],
+                                                                  cfg.type_vocab)):
+            if t is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= top):
+                raise ValueError(f"{name} must lie in [0, {top}); got values from {int(t.min())} to {int(t.max())}")
+        for name, t in others.items():
             if t is not None and t.shape != ids.shape:
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(ids.shape)}")
-        if cfg.positions == "learned" and ids.shape[1] > cfg.max_len:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len={cfg.max_len}, the number of "
-                             f"learned positions; split the input into pieces of at most {cfg.max_len} tokens")
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None):
         cfg = self.cfg
-        self.check_inputs(input_ids, attention_mask, labels)
+        self.check_inputs(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
         B, T = input_ids.shape
         dev = input_ids.device
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.tok.weight.dtype
@@ -384,6 +382,9 @@ class TinyEncoder(nn.Module):
         unpad = cfg.unpad or backend == "flash"                # the flash kernels only take unpadded tokens
         doc = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         pos, keep, lay = make_layout(doc, unpad, cfg.window, backend != "flash")
+        if self.pos is not None and int(pos.max()) >= cfg.max_len:
+            raise ValueError(f"a document of {int(pos.max()) + 1} tokens exceeds max_len={cfg.max_len}, the number of "
+                             f"learned positions; split it into pieces of at most {cfg.max_len} tokens")
         gather = (lambda t: t.flatten()[keep]) if unpad else (lambda t: t)   # (B, T) -> (N,) when unpadded
         ids, pos = gather(input_ids), gather(pos)
 
@@ -407,7 +408,7 @@ class TinyEncoder(nn.Module):
 
         # MLM head: only on labelled rows with sparse prediction, else everywhere
         flat = x.flatten(0, -2)                                # (tokens, H)
-        tgt = None if labels is None else gather(labels).flatten()
+        tgt = None if labels is None else gather(labels.masked_fill(doc == 0, -100)).flatten()   # never at padding
         if tgt is not None and cfg.sparse_prediction:
             rows = (tgt != -100).nonzero().squeeze(1)
             flat, tgt = flat[rows], tgt[rows]
