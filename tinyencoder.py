@@ -194,19 +194,26 @@ def attention(q, k, v, lay: Layout, local: bool, window: int, dropout: float, ba
     if lay.cu is not None and backend == "flash":               # unpadded tokens, one kernel for the whole batch
         q, k, v = (t.contiguous() for t in (q, k, v))
         return _flash_kernel()[0](q, k, v, lay.cu, lay.max_len, dropout, w)
-    if lay.cu is not None:                                      # unpadded on CPU: one call per document, no padding
-        outs = []
-        for s, e in zip(lay.spans[:-1], lay.spans[1:]):
-            band = _band(e - s, w, q.device)
-            qd, kd, vd = (t[s:e].transpose(0, 1) for t in (q, k, v))   # (heads, L, head_dim)
-            outs.append(_attend(qd, kd, vd, band, dropout, backend).transpose(0, 1))
+    if lay.cu is not None:                                      # unpadded, CPU backends: no padding computed
+        sizes = [e - s for s, e in zip(lay.spans[:-1], lay.spans[1:])]
+        full = _band(lay.max_len, w, q.device)                  # one band per batch, sliced per document
+        if len(set(sizes)) == 1:                                # equal lengths (full rows): one batched call
+            qb, kb, vb = (t.view(-1, sizes[0], *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+            return _attend(qb, kb, vb, full, dropout, backend, w).transpose(1, 2).flatten(0, 1)
+        outs = []                                               # else one call per document; split, not t[s:e]:
+        for n, qd, kd, vd in zip(sizes, *(t.split(sizes) for t in (q, k, v))):   # a slice's backward zero-fills N rows
+            band = None if full is None or n <= w + 1 else full[:n, :n]
+            qd, kd, vd = (t.transpose(0, 1)[None] for t in (qd, kd, vd))   # (1, heads, L, head_dim): SDPA's CPU
+            outs.append(_attend(qd, kd, vd, band, dropout, backend, w).squeeze(0).transpose(0, 1))   # flash is 4-D
         return torch.cat(outs)
     mask = lay.local_mask if local else lay.mask                # padded: (B, T, heads, head_dim)
-    out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout, backend)
+    out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout, backend, w)
     return out.transpose(1, 2)
 
 
-def _attend(q, k, v, mask, dropout, backend):
+def _attend(q, k, v, mask, dropout, backend, w=-1):
+    if backend == "sdpa" and w > 0 and mask is not None and q.shape[-2] > 4 * w:
+        return _local_sdpa(q, k, v, mask, w, dropout)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # eager: the readable definition
@@ -216,6 +223,18 @@ def _attend(q, k, v, mask, dropout, backend):
     return probs @ v
 
 
+def _local_sdpa(q, k, v, mask, w, dropout):
+    """Sliding-window SDPA in blocks of w queries: block i only needs key blocks i-1, i, i+1 (exact: the mask)."""
+    ks, vs, outs = k.split(w, -2), v.split(w, -2), []
+    for i, qi in enumerate(q.split(w, -2)):
+        lo, hi = max(i - 1, 0), min(i + 2, len(ks))
+        m = mask[..., i * w:i * w + qi.shape[-2], lo * w:hi * w]
+        outs.append(F.scaled_dot_product_attention(qi, torch.cat(ks[lo:hi], -2), torch.cat(vs[lo:hi], -2),
+                                                   attn_mask=m, dropout_p=dropout))
+    return torch.cat(outs, -2)
+
+
+@functools.lru_cache(4)
 def _band(n: int, w: int, device) -> Optional[torch.Tensor]:
     """(n, n) True where |i - j| <= w; None when the window covers the whole document."""
     if w < 0 or n <= w + 1:
@@ -289,10 +308,13 @@ class Layer(nn.Module):
         cfg, drop = self.cfg, self.training
         # x: (B, T, H) padded or (N, H) unpadded; every op below is shape-agnostic over the leading dims
         h = x if not cfg.prenorm else self.attn_norm(x)
-        q, k, v = self.qkv(h).unflatten(-1, (3, cfg.heads, cfg.head_dim)).unbind(-3)   # each (..., heads, head_dim)
-        if rope is not None:
-            cos, sin = rope[self.local]
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        qkv = self.qkv(h).unflatten(-1, (3, cfg.heads, cfg.head_dim))   # (..., 3, heads, head_dim)
+        if rope is not None:                                   # rotate q and k in one go; split's backward is a cat
+            qk, v = qkv.split([2, 1], -3)
+            q, k = rotate(qk, *(t.unsqueeze(-3) for t in rope[self.local])).unbind(-3)
+            v = v.squeeze(-3)
+        else:
+            q, k, v = qkv.unbind(-3)                           # each (..., heads, head_dim)
         a = attention(q, k, v, lay, self.local, cfg.window, cfg.attn_dropout if drop else 0.0, backend)
         a = F.dropout(self.attn_out(a.flatten(-2)), cfg.resid_dropout, drop)
         x = x + a if cfg.prenorm else self.attn_norm(x + a)
