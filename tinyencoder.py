@@ -11,7 +11,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -93,14 +93,7 @@ class Config:
     def from_preset(cls, name: str, **overrides) -> "Config":
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown Config fields {sorted(unknown)}")
         return cls(**{**PRESETS[name], **overrides})
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
 
 
 PRESETS = {
@@ -111,8 +104,8 @@ PRESETS = {
     # ModernBERT-base (Warner et al. 2024): pre-LN, RoPE, GeGLU, no biases, alternating global/local attention.
     "modernbert": dict(arch="modernbert", layers=22, max_len=8192, positions="rope", type_vocab=0, prenorm=True,
                        glu=True, bias=False, norm_bias=False, head_bias=False, norm_eps=1e-5, rope_theta=160000.0,
-                       window=128, global_every=3, embed_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0,
-                       init="megatron", mlm_rate=0.30, unpad=True),
+                       rope_theta_local=10000.0, window=128, global_every=3, embed_dropout=0.0, attn_dropout=0.0,
+                       resid_dropout=0.0, init="megatron", mlm_rate=0.30, unpad=True),
 }
 ACTS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 BACKENDS = ("auto", "flash", "sdpa", "eager")
@@ -136,15 +129,15 @@ def mask_tokens(ids: torch.Tensor, cfg: Config, generator: Optional[torch.Genera
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Attention. Everything that depends on the backend lives in this section. A batch reaches attention in one of two
-# layouts, described by Layout: padded (B, T, heads, head_dim) with a boolean mask, or unpadded (tokens, heads, head_dim)
-# with cu_seqlens, the document boundaries. The eager branch is the definition; the others are tested equal to it.
+# Attention. Everything that depends on the backend lives in this section. A batch arrives in one of two layouts
+# (Layout): padded (B, T, heads, head_dim) with a boolean mask, or unpadded (tokens, heads, head_dim) with cu_seqlens,
+# the document boundaries. The eager branch is the definition; the others are tested equal to it.
 @dataclass
 class Layout:
     mask: Optional[torch.Tensor] = None        # padded: (B, 1, T, T) True where a query may see a key; None = all
     local_mask: Optional[torch.Tensor] = None  # padded: the same, ANDed with the sliding window
     cu: Optional[torch.Tensor] = None          # unpadded: (docs + 1,) int32 offsets of each document
-    spans: Optional[list] = None               # unpadded, CPU backends: the same offsets as Python ints
+    spans: Optional[list] = None               # unpadded: the same offsets as Python ints
     max_len: int = 0                           # unpadded: longest document
 
 
@@ -243,7 +236,7 @@ def _band(n: int, w: int, device) -> Optional[torch.Tensor]:
     return (i[:, None] - i[None, :]).abs() <= w
 
 
-def make_layout(doc: Optional[torch.Tensor], unpad: bool, window: int, spans_needed: bool):
+def make_layout(doc: torch.Tensor, unpad: bool, window: int):
     """From attention_mask (B, T) (0 = padding, runs of equal nonzero ids = documents) build positions and Layout.
 
     Returns (positions (B, T), keep (flat indices of real tokens) or None, Layout)."""
@@ -257,7 +250,7 @@ def make_layout(doc: Optional[torch.Tensor], unpad: bool, window: int, spans_nee
         cu = F.pad(first, (0, 1), value=keep.numel()).to(torch.int32)
         spans = cu.tolist()
         n = max((e - s for s, e in zip(spans[:-1], spans[1:])), default=0)
-        return pos, keep, Layout(cu=cu, spans=spans if spans_needed else None, max_len=n)
+        return pos, keep, Layout(cu=cu, spans=spans, max_len=n)
     if bool((doc != 0).all()) and bool((starts.sum(1) == 1).all()):   # one whole document per row: no mask
         mask = None
     else:
@@ -308,7 +301,7 @@ class Layer(nn.Module):
         cfg, drop = self.cfg, self.training
         # x: (B, T, H) padded or (N, H) unpadded; every op below is shape-agnostic over the leading dims
         h = x if not cfg.prenorm else self.attn_norm(x)
-        qkv = self.qkv(h).unflatten(-1, (3, cfg.heads, cfg.head_dim))   # (..., 3, heads, head_dim)
+        qkv = self.qkv(h).unflatten(-1, (3, cfg.heads, -1))   # (..., 3, heads, head_dim)
         if rope is not None:                                   # rotate q and k in one go; split's backward is a cat
             qk, v = qkv.split([2, 1], -3)
             q, k = rotate(qk, *(t.unsqueeze(-3) for t in rope[self.local])).unbind(-3)
@@ -359,20 +352,18 @@ class TinyEncoder(nn.Module):
 
     def _init(self, m: nn.Module):
         cfg, std = self.cfg, self.cfg.init_std
+        if not isinstance(m, (nn.Linear, nn.Embedding)):
+            return
         if cfg.init == "megatron":                             # truncated at 2 std; output projections depth-scaled
-            out = any(m is getattr(layer, n) for layer in self.layers for n in ("attn_out", "mlp_out"))
-            s = std / math.sqrt(2 * cfg.layers) if out or m is self.head_dense else std
-            fill = lambda w: nn.init.trunc_normal_(w, 0.0, s, -2 * s, 2 * s)
+            out = m is self.head_dense or any(m is l.attn_out or m is l.mlp_out for l in self.layers)
+            s = std / math.sqrt(2 * cfg.layers) if out else std
+            nn.init.trunc_normal_(m.weight, 0.0, s, -2 * s, 2 * s)
         else:
-            fill = lambda w: nn.init.normal_(w, 0.0, std)
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            fill(m.weight)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-            if m is self.tok and cfg.init == "normal":         # ModernBERT leaves its pad row random
+            nn.init.normal_(m.weight, 0.0, std)
+            if m is self.tok or (m is self.pos and cfg.pos_offset):   # pad rows start at zero (ModernBERT's do not)
                 m.weight.data[cfg.pad_id].zero_()
-            if m is self.pos and cfg.pos_offset:               # RoBERTa's position padding row
-                m.weight.data[cfg.pad_id].zero_()
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -403,11 +394,14 @@ class TinyEncoder(nn.Module):
         backend = pick_backend(cfg.attn_backend, dev, dtype, cfg.attn_dropout if self.training else 0.0)
         unpad = cfg.unpad or backend == "flash"                # the flash kernels only take unpadded tokens
         doc = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        pos, keep, lay = make_layout(doc, unpad, cfg.window, backend != "flash")
+        pos, keep, lay = make_layout(doc, unpad, cfg.window)
         if self.pos is not None and int(pos.max()) >= cfg.max_len:
             raise ValueError(f"a document of {int(pos.max()) + 1} tokens exceeds max_len={cfg.max_len}, the number of "
                              f"learned positions; split it into pieces of at most {cfg.max_len} tokens")
-        gather = (lambda t: t.flatten()[keep]) if unpad else (lambda t: t)   # (B, T) -> (N,) when unpadded
+        # (B, T, ...) <-> (N, ...) when unpadded; padding comes back as zeros
+        gather = (lambda t: t.flatten(0, 1)[keep]) if unpad else (lambda t: t)
+        scatter = (lambda t: t.new_zeros(B * T, t.shape[-1]).index_copy(0, keep, t).view(B, T, -1)) if unpad else (
+            lambda t: t)
         ids, pos = gather(input_ids), gather(pos)
 
         # Embeddings: (B, T, H) or (N, H)
@@ -417,16 +411,13 @@ class TinyEncoder(nn.Module):
         if self.pos is not None:
             x = x + self.pos(pos + cfg.pos_offset)
         x = F.dropout(self.emb_norm(x), cfg.embed_dropout, self.training)
-        rope = None
-        if cfg.positions == "rope":                            # indexed by Layer.local: [global, local]
-            rope = [rope_tables(pos, cfg.head_dim, th, x.dtype) for th in (cfg.rope_theta, cfg.rope_theta_local)]
+        rope = None if cfg.positions != "rope" else [                                   # indexed by Layer.local
+            rope_tables(pos, cfg.hidden // cfg.heads, t, x.dtype) for t in (cfg.rope_theta, cfg.rope_theta_local)]
 
         for layer in self.layers:
             x = layer(x, lay, rope, backend)
         x = self.final_norm(x)
-        hidden = x
-        if unpad:                                              # back to (B, T, H), zeros at padding
-            hidden = x.new_zeros(B * T, cfg.hidden).index_copy(0, keep, x).view(B, T, cfg.hidden)
+        hidden = scatter(x)                                    # (B, T, H)
 
         # MLM head: only on labelled rows with sparse prediction, else everywhere
         flat = x.flatten(0, -2)                                # (tokens, H)
@@ -438,8 +429,7 @@ class TinyEncoder(nn.Module):
         logits = F.linear(h, self.tok.weight, self.decoder_bias)  # decoder tied to the token embedding
         loss = None if tgt is None else F.cross_entropy(logits.float(), tgt, ignore_index=-100)
         if not (tgt is not None and cfg.sparse_prediction):
-            logits = (logits if not unpad else
-                      logits.new_zeros(B * T, cfg.vocab_size).index_copy(0, keep, logits)).view(B, T, -1)
+            logits = scatter(logits).view(B, T, -1)            # (B, T, V)
 
         nsp_logits = None
         if self.nsp_head is not None:                          # BERT pools the first token of each row
@@ -545,48 +535,51 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
 
 
+# Config field -> transformers config key. The few keys that need arithmetic or a pattern are handled in the functions.
+HF_KEYS = dict(vocab_size="vocab_size", hidden="hidden_size", layers="num_hidden_layers", heads="num_attention_heads",
+               intermediate="intermediate_size", pad_id="pad_token_id", init_std="initializer_range")
+HF_KEYS = {"bert": dict(HF_KEYS, type_vocab="type_vocab_size", norm_eps="layer_norm_eps", cls_id="bos_token_id",
+                        sep_id="eos_token_id", resid_dropout="hidden_dropout_prob",
+                        attn_dropout="attention_probs_dropout_prob"),
+           "modernbert": dict(HF_KEYS, max_len="max_position_embeddings", norm_eps="norm_eps", bias="attention_bias",
+                              norm_bias="norm_bias", head_bias="classifier_bias", window="local_attention",
+                              global_every="global_attn_every_n_layers", rope_theta="global_rope_theta",
+                              rope_theta_local="local_rope_theta", embed_dropout="embedding_dropout",
+                              attn_dropout="attention_dropout", mlp_dropout="mlp_dropout", cls_id="cls_token_id",
+                              sep_id="sep_token_id")}
+HF_KEYS["roberta"] = HF_KEYS["bert"]
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 def config_from_hf(hf: dict, nsp: bool = False) -> Config:
     """Translate a transformers config.json (including the hub's legacy ModernBERT keys) into a Config."""
     arch = hf.get("model_type")
     if arch not in PRESETS:
         raise ValueError(f"model_type {arch!r} is not supported; supported: {list(PRESETS)}")
-    get = lambda k, d=None: hf[k] if hf.get(k) is not None else d
-    act = get("hidden_activation" if arch == "modernbert" else "hidden_act", "gelu")
+    kw = dict(PRESETS[arch], nsp=nsp, pad_id={"bert": 0, "roberta": 1, "modernbert": 50283}[arch])
+    kw.update({ours: hf[theirs] for ours, theirs in HF_KEYS[arch].items() if hf.get(theirs) is not None})
+    act = hf.get("hidden_activation" if arch == "modernbert" else "hidden_act") or "gelu"
     if act not in HF_ACTS:
         raise ValueError(f"activation {act!r} is not supported; supported: {list(HF_ACTS)}")
-    kw = dict(PRESETS[arch], vocab_size=hf["vocab_size"], hidden=hf["hidden_size"], layers=hf["num_hidden_layers"],
-              heads=hf["num_attention_heads"], intermediate=hf["intermediate_size"], act=HF_ACTS[act],
-              cls_id=get("cls_token_id", get("bos_token_id", CLS)), sep_id=get("sep_token_id", get("eos_token_id",
-              SEP)), mask_id=get("mask_token_id", MASK), attn_backend="auto")
+    kw["act"] = HF_ACTS[act]
     if arch == "modernbert":
-        n, types = hf["num_hidden_layers"], get("layer_types")
-        every = get("global_attn_every_n_layers", 3)
+        n, types = kw["layers"], hf.get("layer_types")
         if types:                                               # recover n from the pattern, then insist it fits
-            every = next((i for i in range(1, n) if types[i] == "full_attention"), n)
-            if types != ["sliding_attention" if i % every else "full_attention" for i in range(n)]:
+            kw["global_every"] = next((i for i in range(1, n) if types[i] == LAYER_TYPES[0]), n)
+            if types != [LAYER_TYPES[bool(i % kw["global_every"])] for i in range(n)]:
                 raise ValueError(f"layer_types {types} is not 'global every n-th layer', the only pattern supported")
-        rope = get("rope_parameters") or {}
-        if get("attention_bias", False) != get("mlp_bias", False) or not get("decoder_bias", True):
+        for field, kind in zip(("rope_theta", "rope_theta_local"), LAYER_TYPES):
+            kw[field] = (hf.get("rope_parameters") or {}).get(kind, {}).get("rope_theta", kw[field])
+        if bool(hf.get("mlp_bias")) != kw["bias"] or not hf.get("decoder_bias", True):
             raise ValueError("attention_bias must equal mlp_bias and decoder_bias must be true")
-        if HF_ACTS.get(get("classifier_activation", "gelu")) != HF_ACTS[act]:
+        if HF_ACTS.get(hf.get("classifier_activation") or "gelu") != kw["act"]:
             raise ValueError("classifier_activation must equal hidden_activation")
-        kw.update(pad_id=get("pad_token_id", 50283), max_len=hf["max_position_embeddings"],
-                  norm_eps=get("norm_eps", 1e-5), bias=get("attention_bias", False), norm_bias=get("norm_bias", False),
-                  head_bias=get("classifier_bias", False), window=get("local_attention", 128), global_every=every,
-                  rope_theta=rope.get("full_attention", {}).get("rope_theta", get("global_rope_theta", 160000.0)),
-                  rope_theta_local=rope.get("sliding_attention", {}).get("rope_theta",
-                                                                          get("local_rope_theta", 10000.0)),
-                  embed_dropout=get("embedding_dropout", 0.0), attn_dropout=get("attention_dropout", 0.0),
-                  resid_dropout=get("attention_dropout", 0.0), mlp_dropout=get("mlp_dropout", 0.0))
+        kw["resid_dropout"] = kw["attn_dropout"]               # one knob drives both in transformers
         return Config(**kw)
-    if get("position_embedding_type", "absolute") != "absolute":
+    if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"position_embedding_type {hf['position_embedding_type']!r} is not supported; only 'absolute'")
-    pad = get("pad_token_id", 0 if arch == "bert" else 1)
-    offset = pad + 1 if arch == "roberta" else 0
-    kw.update(nsp=nsp, pad_id=pad, pos_offset=offset, max_len=hf["max_position_embeddings"] - offset,
-              type_vocab=get("type_vocab_size", 2), norm_eps=get("layer_norm_eps", 1e-12),
-              embed_dropout=get("hidden_dropout_prob", 0.1), resid_dropout=get("hidden_dropout_prob", 0.1),
-              attn_dropout=get("attention_probs_dropout_prob", 0.1))
+    kw["pos_offset"] = kw["pad_id"] + 1 if arch == "roberta" else 0
+    kw.update(max_len=hf["max_position_embeddings"] - kw["pos_offset"], embed_dropout=kw["resid_dropout"])
     return Config(**kw)
 
 
@@ -599,25 +592,17 @@ def config_to_hf(cfg: Config) -> dict:
     ours["roberta"] = {**ours["bert"], "pos_offset": cfg.pad_id + 1}
     bad = {k: getattr(cfg, k) for k, v in ours[cfg.arch].items() if getattr(cfg, k) != v}
     if bad or (cfg.arch != "modernbert" and cfg.type_vocab < 1):
-        raise ValueError(f"this {cfg.arch} config has no transformers equivalent; offending fields: {bad or 'type_vocab'}")
+        raise ValueError(f"this {cfg.arch} config has no transformers equivalent; offending: {bad or 'type_vocab'}")
     act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.act]
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
-                  num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate, pad_token_id=cfg.pad_id,
-                  initializer_range=cfg.init_std, tie_word_embeddings=True)
+    hf = {theirs: getattr(cfg, ours) for ours, theirs in HF_KEYS[cfg.arch].items()}
+    hf.update(model_type=cfg.arch, tie_word_embeddings=True)
     if cfg.arch == "modernbert":
-        return dict(common, architectures=["ModernBertForMaskedLM"], model_type="modernbert", hidden_activation=act,
-                    classifier_activation=act, max_position_embeddings=cfg.max_len, norm_eps=cfg.norm_eps,
-                    norm_bias=cfg.norm_bias, attention_bias=cfg.bias, mlp_bias=cfg.bias, classifier_bias=cfg.head_bias,
-                    decoder_bias=True, local_attention=cfg.window or 2 * cfg.max_len, global_attn_every_n_layers=
-                    cfg.global_every, layer_types=["sliding_attention" if cfg.window and i % cfg.global_every else
-                                                   "full_attention" for i in range(cfg.layers)],
-                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-                                     "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta_local}},
-                    global_rope_theta=cfg.rope_theta, local_rope_theta=cfg.rope_theta_local,
-                    embedding_dropout=cfg.embed_dropout, attention_dropout=cfg.attn_dropout,
-                    mlp_dropout=cfg.mlp_dropout, bos_token_id=cfg.cls_id, cls_token_id=cfg.cls_id,
-                    eos_token_id=cfg.sep_id, sep_token_id=cfg.sep_id)
-    return dict(common, architectures=["BertForPreTraining" if cfg.nsp else {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}[cfg.arch]],
-                model_type=cfg.arch, hidden_act=act, max_position_embeddings=cfg.max_len + cfg.pos_offset,
-                type_vocab_size=cfg.type_vocab, layer_norm_eps=cfg.norm_eps, hidden_dropout_prob=cfg.resid_dropout,
-                attention_probs_dropout_prob=cfg.attn_dropout, position_embedding_type="absolute")
+        return dict(hf, architectures=["ModernBertForMaskedLM"], hidden_activation=act, classifier_activation=act,
+                    mlp_bias=cfg.bias, decoder_bias=True, local_attention=cfg.window or 2 * cfg.max_len,
+                    layer_types=[LAYER_TYPES[bool(cfg.window and i % cfg.global_every)] for i in range(cfg.layers)],
+                    rope_parameters={kind: {"rope_type": "default", "rope_theta": theta} for kind, theta in
+                                     zip(LAYER_TYPES, (cfg.rope_theta, cfg.rope_theta_local))},
+                    bos_token_id=cfg.cls_id, eos_token_id=cfg.sep_id)
+    name = "BertForPreTraining" if cfg.nsp else {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}[cfg.arch]
+    return dict(hf, architectures=[name], hidden_act=act, max_position_embeddings=cfg.max_len + cfg.pos_offset,
+                position_embedding_type="absolute")
