@@ -23,7 +23,8 @@ import tinyencoder as te
 # Arguments. Those left None depend on the device, size or architecture and are filled in below.
 SIZES = {"tiny": dict(hidden=128, layers=4, heads=4), "small": dict(hidden=256, layers=6, heads=4), "base": {},
          "large": dict(hidden=1024, layers=24, heads=16)}
-LR = {"base": dict(bert=1e-4, roberta=6e-4, modernbert=8e-4), "large": dict(bert=1e-4, roberta=4e-4, modernbert=5e-4)}
+LR = {"base": dict(bert=1e-4, roberta=6e-4, modernbert=8e-4), "large": dict(bert=1e-4, roberta=4e-4, modernbert=5e-4),
+      **dict.fromkeys(("tiny", "small"), dict(bert=1e-3, roberta=1e-3, modernbert=2e-3))}   # post-LN fails at 2e-3
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--arch", choices=list(te.PRESETS), default="modernbert")
 p.add_argument("--size", choices=list(SIZES), help="base is the paper's size (default: base on GPU, tiny on CPU)")
@@ -72,7 +73,7 @@ args.size = args.size or ("base" if gpu else "tiny")
 args.context = args.context or ((1024 if mb else 512) if gpu else 128)
 ext = mb and args.context > 1024
 args.batch_size = args.batch_size or max(1, (32768 if gpu else 2048) // args.context)   # CPU: many small steps
-args.lr = args.lr or (3e-4 if ext else LR[args.size][args.arch] if args.size in LR else 2e-3)
+args.lr = args.lr or (3e-4 if ext else LR[args.size][args.arch])
 args.warmup = (0.01 if args.arch == "bert" else 0.05) if args.warmup is None else args.warmup   # 10k/1M, 24k/500k
 args.decay = (1 / 6 if ext else 0.2) if args.decay is None else args.decay
 T, B, A = args.context, args.batch_size, args.grad_accum
