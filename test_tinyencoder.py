@@ -1,6 +1,7 @@
 """Tests for tinyencoder: transformers parity and interop, attention backends, packing, masking, sparse prediction,
 training, input validation, presets, import hygiene, byte codec and initialisation. Tiny models, fixed seeds, CPU."""
 import json
+from pathlib import Path
 import math
 import subprocess
 import sys
@@ -504,3 +505,35 @@ def test_packed_row_longer_than_learned_positions():
     out = model(ids, docs).logits
     alone = model(ids[:, 40:]).logits
     assert torch.allclose(out[:, 40:], alone, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train.py end to end: exact resume, and two processes under torchrun match one process with the same global batch
+def _train(tmp_path, *args, torchrun=False):
+    import re
+    import shutil
+    corpus = tmp_path / "corpus"
+    if not corpus.exists():
+        corpus.mkdir()
+        for i in range(6):                                     # six small documents; train.py holds some out
+            (corpus / f"doc{i}.txt").write_bytes((f"document {i}: " + "the quick brown fox. " * 60).encode())
+    launcher = [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc_per_node=2"] if torchrun else \
+        [sys.executable]
+    cmd = launcher + ["train.py", "--arch", "roberta", "--data", str(corpus), "--log-interval", "1",
+                      "--eval-seqs", "4", *map(str, args)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).parent))
+    assert run.returncode == 0, run.stderr[-2000:]
+    return [float(x) for x in re.findall(r"^step\s+\d+/\d+ \| loss (\S+)", run.stdout, re.M)]
+
+
+def test_train_resume_is_exact(tmp_path):
+    whole = _train(tmp_path, "--max-steps", 4, "--out-dir", tmp_path / "a")
+    first = _train(tmp_path, "--max-steps", 2, "--out-dir", tmp_path / "b")
+    rest = _train(tmp_path, "--max-steps", 4, "--out-dir", tmp_path / "b", "--resume")
+    assert len(whole) == 4 and first + rest == whole
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    one = _train(tmp_path, "--max-steps", 2, "--batch-size", 8, "--out-dir", tmp_path / "a")
+    two = _train(tmp_path, "--max-steps", 2, "--batch-size", 4, "--out-dir", tmp_path / "b", torchrun=True)
+    assert len(one) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(one, two)), (one, two)
