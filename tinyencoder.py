@@ -30,8 +30,7 @@ def encode(text: str | bytes) -> list[int]:
 
 
 def decode(ids) -> str:
-    ids = ids.tolist() if torch.is_tensor(ids) else ids
-    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+    return bytes(i for i in (ids.tolist() if torch.is_tensor(ids) else ids) if 0 <= i < 256).decode(errors="replace")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -121,8 +120,7 @@ def mask_tokens(ids: torch.Tensor, cfg: Config, generator: Optional[torch.Genera
     special = torch.isin(ids, torch.tensor([cfg.pad_id, cfg.cls_id, cfg.sep_id, cfg.mask_id], device=ids.device))
     picked = (draw() < rate) & ~special
     labels = torch.where(picked, ids, -100)
-    roll = draw()
-    random_bytes = torch.randint(0, 256, ids.shape, generator=generator, device=ids.device)
+    roll, random_bytes = draw(), torch.randint(0, 256, ids.shape, generator=generator, device=ids.device)
     inputs = torch.where(picked & (roll < 0.8), cfg.mask_id, ids)
     inputs = torch.where(picked & (roll >= 0.8) & (roll < 0.9), random_bytes, inputs)
     return inputs, labels
@@ -163,8 +161,7 @@ _said = set()
 
 def pick_backend(want: str, device: torch.device, dtype: torch.dtype, dropout: float) -> str:
     """Resolve cfg.attn_backend for this device and dtype. A backend asked for by name must be usable here."""
-    kernel, takes_dropout = _flash_kernel()
-    why = None
+    (kernel, takes_dropout), why = _flash_kernel(), None
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         why = f"flash needs a CUDA device and fp16/bf16, got {device.type} {dtype}"
     elif kernel is None:
@@ -311,13 +308,10 @@ class Layer(nn.Module):
         a = attention(q, k, v, lay, self.local, cfg.window, cfg.attn_dropout if drop else 0.0, backend)
         a = F.dropout(self.attn_out(a.flatten(-2)), cfg.resid_dropout, drop)
         x = x + a if cfg.prenorm else self.attn_norm(x + a)
-        h = self.mlp_norm(x) if cfg.prenorm else x
-        u = self.mlp_in(h)                                     # (..., I) or (..., 2I)
-        if cfg.glu:
+        u = self.mlp_in(self.mlp_norm(x) if cfg.prenorm else x)   # (..., I) or (..., 2I)
+        if cfg.glu:                                            # GeGLU: the first half is activated, the second gates
             u, gate = u.chunk(2, -1)
-            u = ACTS[cfg.act](u) * gate
-        else:
-            u = ACTS[cfg.act](u)
+        u = ACTS[cfg.act](u) * gate if cfg.glu else ACTS[cfg.act](u)
         m = F.dropout(self.mlp_out(F.dropout(u, cfg.mlp_dropout, drop)), cfg.resid_dropout, drop)
         return x + m if cfg.prenorm else self.mlp_norm(x + m)
 
@@ -374,11 +368,10 @@ class TinyEncoder(nn.Module):
         return 6 * self.num_params(embeddings=False) + 12 * self.cfg.layers * self.cfg.hidden * seq_len
 
     def check_inputs(self, ids, **others):
-        cfg = self.cfg
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
-        for name, t, top in (("input_ids", ids, cfg.vocab_size), ("token_type_ids", others["token_type_ids"],
-                                                                  cfg.type_vocab)):
+        for name, t, top in (("input_ids", ids, self.cfg.vocab_size), ("token_type_ids", others["token_type_ids"],
+                                                                       self.cfg.type_vocab)):
             if t is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= top):
                 raise ValueError(f"{name} must lie in [0, {top}); got values from {int(t.min())} to {int(t.max())}")
         for name, t in others.items():
@@ -388,8 +381,7 @@ class TinyEncoder(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None):
         cfg = self.cfg
         self.check_inputs(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
-        B, T = input_ids.shape
-        dev = input_ids.device
+        (B, T), dev = input_ids.shape, input_ids.device
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.tok.weight.dtype
         backend = pick_backend(cfg.attn_backend, dev, dtype, cfg.attn_dropout if self.training else 0.0)
         unpad = cfg.unpad or backend == "flash"                # the flash kernels only take unpadded tokens
