@@ -537,3 +537,18 @@ def test_torchrun_two_processes_match_one(tmp_path):
     one = _train(tmp_path, "--max-steps", 2, "--batch-size", 8, "--out-dir", tmp_path / "a")
     two = _train(tmp_path, "--max-steps", 2, "--batch-size", 4, "--out-dir", tmp_path / "b", torchrun=True)
     assert len(one) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(one, two)), (one, two)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{tmp}/missing"], "no such file or folder"),
+    (["--data", "{tmp}/empty.txt"], "every file is empty"),
+    (["--data", "{tmp}/tiny.txt"], "too little to train on"),
+    (["--data", "{tmp}/ok.txt", "--resume", "--out-dir", "{tmp}/none"], "no checkpoint"),
+])
+def test_train_bad_input_is_one_line(tmp_path, args, message):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "tiny.txt").write_bytes(b"hello world, this is a tiny file.\n")
+    (tmp_path / "ok.txt").write_bytes(b"the quick brown fox. " * 200)
+    cmd = [sys.executable, "train.py", *(a.format(tmp=tmp_path) for a in args)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).parent))
+    assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]

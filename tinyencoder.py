@@ -264,16 +264,15 @@ def make_layout(doc: torch.Tensor, unpad: bool, window: int):
 # ----------------------------------------------------------------------------------------------------------------------
 # Blocks
 def rope_tables(pos: torch.Tensor, head_dim: int, theta: float, dtype):
-    """cos and sin for NeoX-style rotation (dim i pairs with i + head_dim/2), computed in fp32."""
+    """cos and sin (..., 1, head_dim/2) for NeoX-style rotation: dim i pairs with i + head_dim/2. Angles in fp32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    ang = pos.float()[..., None] * inv_freq
-    ang = torch.cat([ang, ang], -1)[..., None, :]              # (..., 1, head_dim): broadcast over heads
+    ang = (pos.float()[..., None] * inv_freq)[..., None, :]   # broadcast over heads
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def rotate(x, cos, sin):
-    x1, x2 = x.float().chunk(2, -1)
-    return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+    x1, x2 = x.float().chunk(2, -1)                            # each pair (x1_i, x2_i) turns by its angle
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
 def norm(cfg: Config) -> nn.LayerNorm:

@@ -106,6 +106,8 @@ def split(docs):
         parts = dict(train=[b[:len(b) * 9 // 10] for _, b in docs], val=[b[len(b) * 9 // 10:] for _, b in docs])
     else:
         parts = dict(train=[b for (_, b), h in zip(docs, held) if not h], val=[b for (_, b), h in zip(docs, held) if h])
+    if sum(map(len, parts["val"])) < 100:                      # 15% of fewer bytes scores too few to mean anything
+        die(f"--data {args.data}: {sum(len(b) for _, b in docs)} bytes is too little to train on and hold out; give 1 KB+")
     return {k: (np.frombuffer(b"".join(v), np.uint8), np.cumsum([0, *map(len, v)])) for k, v in parts.items()}
 
 def load_corpus():
@@ -276,8 +278,7 @@ if ck:
     torch.set_rng_state(r["torch"])
     np.random.set_state(("MT19937", r["numpy"].numpy().astype(np.uint32), r["numpy_pos"]))
     random.setstate((3, tuple(r["python"].tolist()), None))
-    if r["cuda"]:
-        torch.cuda.set_rng_state_all(r["cuda"])
+    torch.cuda.set_rng_state_all(r["cuda"])                    # an empty list on CPU runs
     log(f"resumed at step {step} from {ck_path}")
 os.makedirs(args.out_dir, exist_ok=True)
 
@@ -330,8 +331,7 @@ if not peak and device.type == "cuda":
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), 0)
 elif not peak and device.type == "cpu":                        # the fastest of ten fp32 matmuls on this machine
-    a = torch.randn(1024, 1024)
-    peak = 2 * 1024**3 / min(timeit.repeat(lambda: a @ a, number=1, repeat=10))
+    peak = 2 * 1024**3 / min(timeit.repeat(lambda a=torch.randn(1024, 1024): a @ a, number=1, repeat=10))
 log(f"training steps {step + 1}..{max_steps}, peak lr {args.lr:g} on a {H}-step schedule; MFU against "
     f"{peak / 1e12:.2f} TFLOP/s per process")
 dt_avg = None
