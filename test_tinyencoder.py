@@ -410,6 +410,14 @@ def test_presets_default_to_paper_base_size(preset):
     assert [layer.local for layer in model.layers] == [preset == "modernbert" and i % 3 != 0 for i in range(cfg.layers)]
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_flops_per_token_counts_weights_and_attended_keys(preset):
+    model = TinyEncoder(Config.from_preset(preset, hidden=64, heads=2, layers=3))
+    n = sum(p.numel() for name, p in model.named_parameters() if name not in ("tok.weight", "pos.weight"))
+    keys = 512 + 2 * 129 if preset == "modernbert" else 3 * 512   # sliding layers: 64 keys each side and itself
+    assert model.flops_per_token(512) == 6 * n + 12 * 64 * keys
+
+
 @pytest.mark.parametrize("preset,hidden,intermediate", [("bert", 96, 384), ("roberta", 384, 1536), ("modernbert", 96, 144)])
 def test_hidden_override_derives_intermediate(preset, hidden, intermediate):
     assert Config.from_preset(preset, hidden=hidden).intermediate == intermediate

@@ -363,8 +363,9 @@ class TinyEncoder(nn.Module):
         return n if embeddings else n - self.tok.weight.numel() - (self.pos.weight.numel() if self.pos else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 per weight (forward + backward) plus attention's 12 * layers * H * T."""
-        return 6 * self.num_params(embeddings=False) + 12 * self.cfg.layers * self.cfg.hidden * seq_len
+        """Training FLOPs per token: 6 per weight (forward + backward), plus 12 * H per key that each layer attends."""
+        keys = sum(min(seq_len, self.cfg.window + 1) if l.local else seq_len for l in self.layers)
+        return 6 * self.num_params(embeddings=False) + 12 * self.cfg.hidden * keys
 
     def check_inputs(self, ids, **others):
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
