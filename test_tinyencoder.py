@@ -218,6 +218,8 @@ def test_left_padding_and_empty_rows(preset, unpad):
         right, left, gone = (model(ids, m).logits for ids, m in ((ids, mask), (left_ids, left_mask), (ids, empty)))
     assert_close(left[1, -n:], right[1, :n])                      # positions count from the first real token
     assert gone.isfinite().all() and torch.equal(gone[:2], right[:2])
+    with torch.no_grad():                                         # a batch of nothing but padding still runs
+        assert model(ids, torch.zeros_like(mask)).logits.isfinite().all()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -534,9 +536,9 @@ def _train(tmp_path, *args, torchrun=False):
     return [float(x) for x in re.findall(r"^step\s+\d+/\d+ \| loss (\S+)", run.stdout, re.M)]
 
 
-def test_train_resume_is_exact(tmp_path):
-    whole = _train(tmp_path, "--max-steps", 4, "--out-dir", tmp_path / "a")
-    first = _train(tmp_path, "--max-steps", 2, "--out-dir", tmp_path / "b")
+def test_train_resume_is_exact(tmp_path):                       # with dropout on: its masks must replay too
+    whole = _train(tmp_path, "--max-steps", 4, "--dropout", 0.1, "--out-dir", tmp_path / "a")
+    first = _train(tmp_path, "--max-steps", 2, "--dropout", 0.1, "--out-dir", tmp_path / "b")
     rest = _train(tmp_path, "--max-steps", 4, "--out-dir", tmp_path / "b", "--resume")
     assert len(whole) == 4 and first + rest == whole
 

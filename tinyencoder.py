@@ -159,11 +159,13 @@ def _flash_kernel():
 _said = set()
 
 
-def pick_backend(want: str, device: torch.device, dtype: torch.dtype, dropout: float) -> str:
+def pick_backend(want: str, device: torch.device, dtype: torch.dtype, dropout: float, head_dim: int) -> str:
     """Resolve cfg.attn_backend for this device and dtype. A backend asked for by name must be usable here."""
     (kernel, takes_dropout), why = _flash_kernel(), None
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         why = f"flash needs a CUDA device and fp16/bf16, got {device.type} {dtype}"
+    elif torch.cuda.get_device_capability(device) < (8, 0) or head_dim % 8 or head_dim > 256:
+        why = f"flash needs an sm80+ GPU and a head_dim that is a multiple of 8 up to 256 (head_dim {head_dim})"
     elif kernel is None:
         why = "flash needs the flash-attn package or torch>=2.10 (torch.nn.attention.varlen with window_size)"
     elif dropout > 0 and not takes_dropout:
@@ -181,7 +183,7 @@ def pick_backend(want: str, device: torch.device, dtype: torch.dtype, dropout: f
 def attention(q, k, v, lay: Layout, local: bool, window: int, dropout: float, backend: str) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over the keys each query may see; local layers see +-window/2 positions."""
     w = window // 2 if local else -1
-    if lay.cu is not None and backend == "flash":               # unpadded tokens, one kernel for the whole batch
+    if lay.cu is not None and backend == "flash" and len(q):   # unpadded tokens, one kernel for the whole batch
         q, k, v = (t.contiguous() for t in (q, k, v))
         return _flash_kernel()[0](q, k, v, lay.cu, lay.max_len, dropout, w)
     if lay.cu is not None:                                      # unpadded, CPU backends: no padding computed
@@ -195,7 +197,7 @@ def attention(q, k, v, lay: Layout, local: bool, window: int, dropout: float, ba
             band = None if full is None or n <= w + 1 else full[:n, :n]
             qd, kd, vd = (t.transpose(0, 1)[None] for t in (qd, kd, vd))   # (1, heads, L, head_dim): SDPA's CPU
             outs.append(_attend(qd, kd, vd, band, dropout, backend, w).squeeze(0).transpose(0, 1))   # flash is 4-D
-        return torch.cat(outs)
+        return torch.cat(outs) if outs else q                   # an all-padding batch has no tokens
     mask = lay.local_mask if local else lay.mask                # padded: (B, T, heads, head_dim)
     out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout, backend, w)
     return out.transpose(1, 2)
@@ -383,7 +385,7 @@ class TinyEncoder(nn.Module):
         self.check_inputs(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
         (B, T), dev = input_ids.shape, input_ids.device
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.tok.weight.dtype
-        backend = pick_backend(cfg.attn_backend, dev, dtype, cfg.attn_dropout if self.training else 0.0)
+        backend = pick_backend(cfg.attn_backend, dev, dtype, cfg.attn_dropout * self.training, cfg.hidden // cfg.heads)
         unpad = cfg.unpad or backend == "flash"                # the flash kernels only take unpadded tokens
         doc = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         pos, keep, lay = make_layout(doc, unpad, cfg.window)
@@ -472,10 +474,8 @@ class TinyEncoder(nn.Module):
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config_to_hf(self.cfg), f, indent=2)
-        sd = {}
-        for ours, theirs in hf_names(self).items():
-            for n, w in zip(theirs, self.get_parameter(ours).detach().chunk(len(theirs))):
-                sd[n] = w.contiguous().cpu().clone()
+        sd = {n: w.contiguous().cpu().clone() for ours, theirs in hf_names(self).items()   # fused q/k/v split in 3
+              for n, w in zip(theirs, self.get_parameter(ours).detach().chunk(len(theirs)))}
         save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 

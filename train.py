@@ -4,7 +4,7 @@ Top to bottom: arguments, data, model, optimizer and schedule, the loop (log, ev
   torchrun --standalone --nproc_per_node=2 train.py --arch bert --data 'notes/*.txt' --max-steps 2000 --out-dir b
 """
 import time; t0 = time.time()                                   # the time budget counts the imports too
-import argparse, functools, glob, hashlib, json, math, os, random, signal, sys, sysconfig, timeit
+import argparse, functools, glob, hashlib, json, math, os, signal, sys, sysconfig, timeit
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
@@ -67,6 +67,8 @@ if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mp
     die(f"--device {args.device} is not available here")
 device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0)) if args.device == "cuda" else None)
 if ddp:
+    if device.type == "cuda":                                  # one GPU per process, chosen before NCCL starts
+        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 gpu, mb = device.type != "cpu", args.arch == "modernbert"
 args.size = args.size or ("base" if gpu else "tiny")
@@ -107,7 +109,8 @@ def split(docs):
     else:
         parts = dict(train=[b for (_, b), h in zip(docs, held) if not h], val=[b for (_, b), h in zip(docs, held) if h])
     if sum(map(len, parts["val"])) < 100:                      # 15% of fewer bytes scores too few to mean anything
-        die(f"--data {args.data}: {sum(len(b) for _, b in docs)} bytes is too little to train on and hold out; give 1 KB+")
+        die(f"--data {args.data}: {sum(len(b) for _, b in docs)} bytes is too little to train on and hold some "
+            "out; give it 1 KB or more")
     return {k: (np.frombuffer(b"".join(v), np.uint8), np.cumsum([0, *map(len, v)])) for k, v in parts.items()}
 
 def load_corpus():
@@ -257,11 +260,8 @@ def evaluate():
 
 def save(path):
     """Atomic: a kill at any moment leaves the previous file whole. Only tensors and plain values (weights_only)."""
-    rng = dict(torch=torch.get_rng_state(), numpy=torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-               numpy_pos=np.random.get_state()[2], python=torch.tensor(random.getstate()[1]),
-               cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
     state = dict(model=raw.state_dict(), optim=opt.state_dict(), step=step, lr_steps=H, max_steps=max_steps,
-                 best=best, cfg=asdict(cfg), args=vars(args), rng=rng)
+                 best=best, cfg=asdict(cfg), args=vars(args))
     with open(path + ".tmp", "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -269,16 +269,10 @@ def save(path):
     os.replace(path + ".tmp", path)
 
 step, best, max_steps, H = 0, float("inf"), args.max_steps, args.lr_steps
-random.seed(args.seed)
-np.random.seed(args.seed)
 if ck:
     raw.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optim"])
-    step, best, H, max_steps, r = ck["step"], ck["best"], ck["lr_steps"], max_steps or ck["max_steps"], ck["rng"]
-    torch.set_rng_state(r["torch"])
-    np.random.set_state(("MT19937", r["numpy"].numpy().astype(np.uint32), r["numpy_pos"]))
-    random.setstate((3, tuple(r["python"].tolist()), None))
-    torch.cuda.set_rng_state_all(r["cuda"])                    # an empty list on CPU runs
+    step, best, H, max_steps = ck["step"], ck["best"], ck["lr_steps"], max_steps or ck["max_steps"]
     log(f"resumed at step {step} from {ck_path}")
 os.makedirs(args.out_dir, exist_ok=True)
 
@@ -290,7 +284,8 @@ for sig in (signal.SIGINT, signal.SIGTERM):                    # a second one st
     signal.signal(sig, lambda s, frame: (stop.append(s), signal.signal(s, signal.SIG_DFL)))
 
 def train_step(step):
-    batches = [get_batch(step, m) for m in range(A)]
+    torch.manual_seed(args.seed + 1_000_003 * step + rank)     # dropout, like the data, is a function of the step
+    batches = [get_batch(step, m) for m in range(A)]           # (and here of the process): resumes draw the same
     n = sum((b[3] != -100).sum() for b in batches).float()
     if ddp:
         dist.all_reduce(n)
