@@ -141,7 +141,7 @@ class Layout:
 
 @functools.lru_cache(None)
 def _flash_kernel():
-    """(kernel, takes_dropout): flash-attn's varlen kernel if it imports, else PyTorch's own (2.10+), else None."""
+    """(kernel, takes_dropout): flash-attn's varlen kernel if it imports, else PyTorch's own if windowed, else None."""
     try:
         from flash_attn import flash_attn_varlen_func as f
         return (lambda q, k, v, cu, n, p, w: f(q, k, v, cu, cu, n, n, p, window_size=(w, w))), True
@@ -167,7 +167,7 @@ def pick_backend(want: str, device: torch.device, dtype: torch.dtype, dropout: f
     elif torch.cuda.get_device_capability(device) < (8, 0) or head_dim % 8 or head_dim > 256:
         why = f"flash needs an sm80+ GPU and a head_dim that is a multiple of 8 up to 256 (head_dim {head_dim})"
     elif kernel is None:
-        why = "flash needs the flash-attn package or torch>=2.10 (torch.nn.attention.varlen with window_size)"
+        why = "flash needs the flash-attn package or a torch whose nn.attention.varlen.varlen_attn takes window_size"
     elif dropout > 0 and not takes_dropout:
         why = "torch's varlen flash kernel has no attention dropout; set attn_dropout=0 or install flash-attn"
     if want == "flash" and why:
