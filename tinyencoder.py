@@ -135,7 +135,7 @@ class Layout:
     mask: Optional[torch.Tensor] = None        # padded: (B, 1, T, T) True where a query may see a key; None = all
     local_mask: Optional[torch.Tensor] = None  # padded: the same, ANDed with the sliding window
     cu: Optional[torch.Tensor] = None          # unpadded: (docs + 1,) int32 offsets of each document
-    spans: Optional[list] = None               # unpadded: the same offsets as Python ints
+    sizes: Optional[list] = None               # unpadded: each document's length, as Python ints
     max_len: int = 0                           # unpadded: longest document
 
 
@@ -187,8 +187,7 @@ def attention(q, k, v, lay: Layout, local: bool, window: int, dropout: float, ba
         q, k, v = (t.contiguous() for t in (q, k, v))
         return _flash_kernel()[0](q, k, v, lay.cu, lay.max_len, dropout, w)
     if lay.cu is not None:                                      # unpadded, CPU backends: no padding computed
-        sizes = [e - s for s, e in zip(lay.spans[:-1], lay.spans[1:])]
-        full = _band(lay.max_len, w, q.device)                  # one band per batch, sliced per document
+        sizes, full = lay.sizes, _band(lay.max_len, w, q.device)   # one band per batch, sliced per document
         if len(set(sizes)) == 1:                                # equal lengths (full rows): one batched call
             qb, kb, vb = (t.view(-1, sizes[0], *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
             return _attend(qb, kb, vb, full, dropout, backend, w).transpose(1, 2).flatten(0, 1)
@@ -247,9 +246,8 @@ def make_layout(doc: torch.Tensor, unpad: bool, window: int):
         keep = (doc.flatten() != 0).nonzero().squeeze(1)
         first = starts.flatten()[keep].nonzero().squeeze(1)
         cu = F.pad(first, (0, 1), value=keep.numel()).to(torch.int32)
-        spans = cu.tolist()
-        n = max((e - s for s, e in zip(spans[:-1], spans[1:])), default=0)
-        return pos, keep, Layout(cu=cu, spans=spans, max_len=n)
+        sizes = cu.diff().tolist()                             # a host sync: max_len and the CPU loop need ints
+        return pos, keep, Layout(cu=cu, sizes=sizes, max_len=max(sizes, default=0))
     if bool((doc != 0).all()) and bool((starts.sum(1) == 1).all()):   # one whole document per row: no mask
         mask = None
     else:
@@ -266,9 +264,9 @@ def make_layout(doc: torch.Tensor, unpad: bool, window: int):
 # ----------------------------------------------------------------------------------------------------------------------
 # Blocks
 def rope_tables(pos: torch.Tensor, head_dim: int, theta: float, dtype):
-    """cos and sin (..., 1, head_dim/2) for NeoX-style rotation: dim i pairs with i + head_dim/2. Angles in fp32."""
+    """cos, sin (..., 1, 1, head_dim/2) for NeoX-style rotation: dim i pairs with i + head_dim/2. Angles in fp32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    ang = (pos.float()[..., None] * inv_freq)[..., None, :]   # broadcast over heads
+    ang = (pos.float()[..., None] * inv_freq)[..., None, None, :]   # broadcast over (q, k) and heads
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
@@ -302,7 +300,7 @@ class Layer(nn.Module):
         qkv = self.qkv(h).unflatten(-1, (3, cfg.heads, -1))   # (..., 3, heads, head_dim)
         if rope is not None:                                   # rotate q and k in one go; split's backward is a cat
             qk, v = qkv.split([2, 1], -3)
-            q, k = rotate(qk, *(t.unsqueeze(-3) for t in rope[self.local])).unbind(-3)
+            q, k = rotate(qk, *rope[self.local]).unbind(-3)
             v = v.squeeze(-3)
         else:
             q, k, v = qkv.unbind(-3)                           # each (..., heads, head_dim)
