@@ -1,598 +1,697 @@
 """tinyencoder: BERT, RoBERTa and ModernBERT as flags of one byte-level encoder.
 
-Read top to bottom: vocabulary, config and presets, masking, attention (the only place that knows about backends),
-the blocks, the model, and interop with transformers checkpoints. Needs torch alone.
+Read top to bottom, each idea before any faster form of it: 1. byte vocabulary; 2. Config and
+PRESETS; 3. attention as defined, with document positions and masks; 4. blocks; 5. the model; 6. the
+masking objective; 7. fast paths (optional reading), each tested equal to section 3. Needs torch
+alone; tinyencoder_hf.py converts checkpoints to and from transformers.
 """
+
 from __future__ import annotations
 
 import functools
-import inspect
-import json
 import math
-import os
 import sys
 from dataclasses import dataclass
+from inspect import signature
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Vocabulary: a token is a byte. Four special ids follow the 256 bytes; the table is padded to a multiple of 64 so the
-# decoder matmul stays aligned.
+# -------------------------------------------------------------------------------------------------
+# 1. Vocabulary. A token is a byte. Four special ids follow the 256 bytes; the table is padded to a
+# multiple of 64 rows so that the decoder's matmul stays aligned.
 PAD, CLS, SEP, MASK = 256, 257, 258, 259
 VOCAB_SIZE = 320
+IGNORE_INDEX = -100  # a label that no loss counts (PyTorch's and transformers' convention)
 
 
 def encode(text: str | bytes) -> list[int]:
-    return list(text.encode("utf-8") if isinstance(text, str) else bytes(text))
+    """Text to ids: its UTF-8 bytes. Bytes pass through as they are."""
+    if isinstance(text, str):
+        text = text.encode("utf-8")
+    return list(text)
 
 
 def decode(ids) -> str:
-    return bytes(i for i in (ids.tolist() if torch.is_tensor(ids) else ids) if 0 <= i < 256).decode(errors="replace")
+    """Ids back to text. Special ids are dropped; bytes that are not valid UTF-8 become U+FFFD."""
+    if torch.is_tensor(ids):
+        ids = ids.tolist()
+    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Config. Every architectural difference between the three papers is a field; PRESETS below is the whole diff.
+# -------------------------------------------------------------------------------------------------
+# 2. Config. Every architectural difference between the three papers is a field.
+
+# Activation names, as Config.act spells them. "gelu" is the exact (erf) form all three papers use.
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+# The values each string field of Config may take.
+CHOICES = {
+    "arch": ("bert", "roberta", "modernbert"),
+    "positions": ("learned", "rope"),
+    "act": tuple(ACTIVATIONS),
+    "init": ("normal", "megatron"),
+    "attn_backend": ("auto", "flash", "sdpa", "eager"),
+}
+
+
 @dataclass
 class Config:
-    arch: str = "bert"                # the transformers class family to save as: bert | roberta | modernbert
+    arch: str = "bert"  # the family to save as: bert | roberta | modernbert
+    # size
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 0  # 0: 4 * hidden for GELU, 1.5 * hidden for GeGLU (ModernBERT-base's)
+    # vocabulary
     vocab_size: int = VOCAB_SIZE
     pad_id: int = PAD
     cls_id: int = CLS
     sep_id: int = SEP
     mask_id: int = MASK
-    hidden: int = 768
-    layers: int = 12
-    heads: int = 12
-    intermediate: int = 0             # 0: 4*hidden for GELU, 1.5*hidden for GeGLU (ModernBERT-base's ratio)
-    max_len: int = 512                # longest document; bounds the learned position table
-    positions: str = "learned"        # learned (absolute table) | rope
-    pos_offset: int = 0               # RoBERTa counts positions from pad_id+1, so its table has pad_id+1 leading rows
-    type_vocab: int = 2               # token-type (segment) embeddings; 0 = none
-    prenorm: bool = False             # pre-LN adds a final norm; layer 0 reuses the embedding norm
-    glu: bool = False                 # GeGLU MLP: gelu(first half) * second half
-    act: str = "gelu"                 # gelu (erf) | gelu_tanh
-    bias: bool = True                 # biases on the attention and MLP linears
+    # positions
+    positions: str = "learned"  # learned (an absolute table) | rope
+    max_len: int = 512  # the longest document; sizes the learned table
+    pos_offset: int = 0  # RoBERTa counts from pad_id + 1, so its table has pad_id + 1 extra rows
+    type_vocab: int = 2  # token-type (segment) embeddings; 0 = none
+    rope_theta: float = 10000.0  # global layers
+    rope_theta_local: float = 10000.0  # local (sliding-window) layers
+    # layer
+    prenorm: bool = False  # pre-LN (norm before each branch, plus a final norm) | post-LN
+    glu: bool = False  # GeGLU MLP: act(first half) * second half
+    act: str = "gelu"  # gelu (erf) | gelu_tanh
+    bias: bool = True  # biases on the attention and MLP linears
     norm_bias: bool = True
-    head_bias: bool = True            # bias of the MLM head's dense layer (the decoder always has one)
+    head_bias: bool = True  # bias of the MLM head's dense layer (the decoder always has one)
     norm_eps: float = 1e-12
-    rope_theta: float = 10000.0       # global layers
-    rope_theta_local: float = 10000.0
-    window: int = 0                   # local layers see +-window/2 keys, inclusive; 0 = every layer global
-    global_every: int = 1             # layer i is global iff i % global_every == 0
+    # attention pattern
+    window: int = 0  # local layers see keys within window / 2 on each side; 0 = all global
+    global_every: int = 1  # layer i is global when i % global_every == 0
+    # dropout
     embed_dropout: float = 0.1
-    attn_dropout: float = 0.1         # on attention probabilities
-    resid_dropout: float = 0.1        # on each branch before the residual add
-    mlp_dropout: float = 0.0          # inside the MLP, before its output projection
-    init: str = "normal"              # normal (HF BERT: N(0, 0.02)) | megatron (ModernBERT: truncated, depth-scaled)
+    attn_dropout: float = 0.1  # on the attention probabilities
+    resid_dropout: float = 0.1  # on each branch, before the residual add
+    mlp_dropout: float = 0.0  # inside the MLP, before its down projection
+    # init
+    init: str = "normal"  # normal (BERT: N(0, 0.02)) | megatron (ModernBERT: truncated, scaled)
     init_std: float = 0.02
+    # objective
     mlm_rate: float = 0.15
-    nsp: bool = False                 # next-sentence prediction head (pooler + 2-way classifier)
-    static_masking: bool = False      # BERT fixes each example's masks ahead of time; the others draw anew
-    sparse_prediction: bool = True    # run the MLM head only on labelled rows, as the original BERT and fairseq do
-    unpad: bool = False               # strip padding once and run every layer on (tokens, hidden)
-    attn_backend: str = "auto"        # auto | flash | sdpa | eager
+    nsp: bool = False  # next-sentence prediction head (pooler + two-way classifier)
+    static_masking: bool = False  # BERT fixes each example's masks ahead of training
+    # execution: these change the speed, never the numbers
+    sparse_prediction: bool = True  # run the MLM head on labelled tokens only
+    unpad: bool = False  # drop the padding once and run every layer on (tokens, hidden)
+    attn_backend: str = "auto"  # auto | flash | sdpa | eager
 
     def __post_init__(self):
         if not self.intermediate:
             self.intermediate = self.hidden * 3 // 2 if self.glu else 4 * self.hidden
-        checks = {"positions": ("learned", "rope"), "act": tuple(ACTS), "init": ("normal", "megatron"),
-                  "attn_backend": BACKENDS, "arch": tuple(PRESETS)}
-        for name, allowed in checks.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"Config.{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"Config.{name}={value!r} is not one of {list(allowed)}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
         if self.window % 2:
-            raise ValueError(f"window={self.window} must be even: it spans window/2 keys on each side")
+            raise ValueError(f"window={self.window} must be even: it spans window/2 keys each side")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def half_window(self) -> Optional[int]:
+        """Keys a local layer sees on each side of a query (128 -> 64); None when all are global."""
+        return self.window // 2 if self.window else None
+
+    def is_local(self, layer: int) -> bool:
+        """Whether layer attends within the sliding window (ModernBERT: all but every third)."""
+        return self.window > 0 and layer % self.global_every != 0
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "Config":
+    def from_preset(cls, name: str, **overrides) -> Config:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
 
+# Each preset is its paper's base model: compare two rows to see how two papers differ.
 PRESETS = {
     # BERT-base (Devlin et al. 2018): post-LN, learned positions, segments, NSP, static masks.
     "bert": dict(arch="bert", nsp=True, static_masking=True),
-    # RoBERTa-base (Liu et al. 2019): BERT's network with offset positions, one segment, eps 1e-5, no NSP.
+    # RoBERTa-base (Liu et al. 2019): positions offset past the pad id, one segment, no NSP.
     "roberta": dict(arch="roberta", pos_offset=PAD + 1, type_vocab=1, norm_eps=1e-5),
-    # ModernBERT-base (Warner et al. 2024): pre-LN, RoPE, GeGLU, no biases, alternating global/local attention.
-    "modernbert": dict(arch="modernbert", layers=22, max_len=8192, positions="rope", type_vocab=0, prenorm=True,
-                       glu=True, bias=False, norm_bias=False, head_bias=False, norm_eps=1e-5, rope_theta=160000.0,
-                       rope_theta_local=10000.0, window=128, global_every=3, embed_dropout=0.0, attn_dropout=0.0,
-                       resid_dropout=0.0, init="megatron", mlm_rate=0.30, unpad=True),
+    # ModernBERT-base (Warner et al. 2024): pre-LN, RoPE, GeGLU, no biases, local attention.
+    "modernbert": dict(
+        arch="modernbert",
+        layers=22,
+        max_len=8192,
+        positions="rope",
+        type_vocab=0,
+        prenorm=True,
+        glu=True,
+        bias=False,
+        norm_bias=False,
+        head_bias=False,
+        norm_eps=1e-5,
+        rope_theta=160000.0,
+        rope_theta_local=10000.0,
+        window=128,
+        global_every=3,
+        embed_dropout=0.0,
+        attn_dropout=0.0,
+        resid_dropout=0.0,
+        init="megatron",
+        mlm_rate=0.30,
+        unpad=True,
+    ),
 }
-ACTS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
-BACKENDS = ("auto", "flash", "sdpa", "eager")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Masking: pick cfg.mlm_rate of the ordinary tokens; of those, 80% become [MASK], 10% a random byte, 10% stay.
-# The generator decides static versus dynamic: reseed it per example for fixed masks, keep one running for fresh ones.
-def mask_tokens(ids: torch.Tensor, cfg: Config, generator: Optional[torch.Generator] = None,
-                rate: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    rate = cfg.mlm_rate if rate is None else rate
-    draw = lambda: torch.rand(ids.shape, generator=generator, device=ids.device)
-    special = torch.isin(ids, torch.tensor([cfg.pad_id, cfg.cls_id, cfg.sep_id, cfg.mask_id], device=ids.device))
-    picked = (draw() < rate) & ~special
-    labels = torch.where(picked, ids, -100)
-    roll, random_bytes = draw(), torch.randint(0, 256, ids.shape, generator=generator, device=ids.device)
-    inputs = torch.where(picked & (roll < 0.8), cfg.mask_id, ids)
-    inputs = torch.where(picked & (roll >= 0.8) & (roll < 0.9), random_bytes, inputs)
-    return inputs, labels
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Attention. Everything that depends on the backend lives in this section. A batch arrives in one of two layouts
-# (Layout): padded (B, T, heads, head_dim) with a boolean mask, or unpadded (tokens, heads, head_dim) with cu_seqlens,
-# the document boundaries. The eager branch is the definition; the others are tested equal to it.
-@dataclass
-class Layout:
-    mask: Optional[torch.Tensor] = None        # padded: (B, 1, T, T) True where a query may see a key; None = all
-    local_mask: Optional[torch.Tensor] = None  # padded: the same, ANDed with the sliding window
-    cu: Optional[torch.Tensor] = None          # unpadded: (docs + 1,) int32 offsets of each document
-    sizes: Optional[list] = None               # unpadded: each document's length, as Python ints
-    max_len: int = 0                           # unpadded: longest document
-
-
-@functools.lru_cache(None)
-def _flash_kernel():
-    """(kernel, takes_dropout): flash-attn's varlen kernel if it imports, else PyTorch's own if windowed, else None."""
-    try:
-        from flash_attn import flash_attn_varlen_func as f
-        return (lambda q, k, v, cu, n, p, w: f(q, k, v, cu, cu, n, n, p, window_size=(w, w))), True
-    except ImportError:
-        pass
-    try:
-        from torch.nn.attention.varlen import varlen_attn as f
-        if "window_size" in inspect.signature(f).parameters:
-            return (lambda q, k, v, cu, n, p, w: f(q, k, v, cu, cu, n, n, window_size=(w, w))), False
-    except ImportError:
-        pass
-    return None, False
-
-
-_said = set()
-
-
-def pick_backend(want: str, device: torch.device, dtype: torch.dtype, dropout: float, head_dim: int) -> str:
-    """Resolve cfg.attn_backend for this device and dtype. A backend asked for by name must be usable here."""
-    (kernel, takes_dropout), why = _flash_kernel(), None
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        why = f"flash needs a CUDA device and fp16/bf16, got {device.type} {dtype}"
-    elif torch.cuda.get_device_capability(device) < (8, 0) or head_dim % 8 or head_dim > 256:
-        why = f"flash needs an sm80+ GPU and a head_dim that is a multiple of 8 up to 256 (head_dim {head_dim})"
-    elif kernel is None:
-        why = "flash needs the flash-attn package or a torch whose nn.attention.varlen.varlen_attn takes window_size"
-    elif dropout > 0 and not takes_dropout:
-        why = "torch's varlen flash kernel has no attention dropout; set attn_dropout=0 or install flash-attn"
-    if want == "flash" and why:
-        raise ValueError(f"attn_backend='flash' is not available: {why}")
-    choice = want if want != "auto" else ("flash" if why is None else "sdpa")
-    if want == "auto" and (device.type, choice) not in _said:
-        _said.add((device.type, choice))
-        print(f"tinyencoder: attention backend {choice} on {device.type}" + (f" ({why})" if why else ""),
-              file=sys.stderr)
-    return choice
-
-
-def attention(q, k, v, lay: Layout, local: bool, window: int, dropout: float, backend: str) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over the keys each query may see; local layers see +-window/2 positions."""
-    w = window // 2 if local else -1
-    if lay.cu is not None and backend == "flash" and len(q):   # unpadded tokens, one kernel for the whole batch
-        q, k, v = (t.contiguous() for t in (q, k, v))
-        return _flash_kernel()[0](q, k, v, lay.cu, lay.max_len, dropout, w)
-    if lay.cu is not None:                                      # unpadded, CPU backends: no padding computed
-        sizes, full = lay.sizes, _band(lay.max_len, w, q.device)   # one band per batch, sliced per document
-        if len(set(sizes)) == 1:                                # equal lengths (full rows): one batched call
-            qb, kb, vb = (t.view(-1, sizes[0], *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-            return _attend(qb, kb, vb, full, dropout, backend, w).transpose(1, 2).flatten(0, 1)
-        outs = []                                               # else one call per document; split, not t[s:e]:
-        for n, qd, kd, vd in zip(sizes, *(t.split(sizes) for t in (q, k, v))):   # a slice's backward zero-fills N rows
-            band = None if full is None or n <= w + 1 else full[:n, :n]
-            qd, kd, vd = (t.transpose(0, 1)[None] for t in (qd, kd, vd))   # (1, heads, L, head_dim): SDPA's CPU
-            outs.append(_attend(qd, kd, vd, band, dropout, backend, w).squeeze(0).transpose(0, 1))   # flash is 4-D
-        return torch.cat(outs) if outs else q                   # an all-padding batch has no tokens
-    mask = lay.local_mask if local else lay.mask                # padded: (B, T, heads, head_dim)
-    out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout, backend, w)
-    return out.transpose(1, 2)
-
-
-def _attend(q, k, v, mask, dropout, backend, w=-1):
-    if backend == "sdpa" and w > 0 and mask is not None and q.shape[-2] > 4 * w:
-        return _local_sdpa(q, k, v, mask, w, dropout)
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # eager: the readable definition
+# -------------------------------------------------------------------------------------------------
+# 3. Attention, the definition. A batch is B rows of T tokens. attention_mask gives each token a
+# document id: 0 is padding, and a run of equal ids is one document. A row may pack several
+# documents; each attends only to itself and counts its positions from 0.
+def eager_attention(q, k, v, mask: Optional[torch.Tensor], dropout: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v. q, k, v: (B, heads, T, head_dim). mask: True where a
+    query may see a key, (B, 1, T, T) or (T, T), None for all. Softmax in fp32, as ModernBERT's."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, heads, T, T)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = F.dropout(scores.float().softmax(-1).to(q.dtype), dropout)
-    return probs @ v
+    probs = scores.float().softmax(dim=-1).to(q.dtype)
+    probs = F.dropout(probs, dropout)
+    return probs @ v  # (B, heads, T, head_dim)
 
 
-def _local_sdpa(q, k, v, mask, w, dropout):
-    """Sliding-window SDPA in blocks of w queries: block i only needs key blocks i-1, i, i+1 (exact: the mask)."""
-    ks, vs, outs = k.split(w, -2), v.split(w, -2), []
-    for i, qi in enumerate(q.split(w, -2)):
-        lo, hi = max(i - 1, 0), min(i + 2, len(ks))
-        m = mask[..., i * w:i * w + qi.shape[-2], lo * w:hi * w]
-        outs.append(F.scaled_dot_product_attention(qi, torch.cat(ks[lo:hi], -2), torch.cat(vs[lo:hi], -2),
-                                                   attn_mask=m, dropout_p=dropout))
-    return torch.cat(outs, -2)
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) True where a run of equal ids starts: doc ids 1 1 1 2 2 0 -> 1 0 0 1 0 1."""
+    left_neighbour = F.pad(doc_ids, (1, 0), value=-1)[:, :-1]
+    return doc_ids != left_neighbour
 
 
-@functools.lru_cache(4)
-def _band(n: int, w: int, device) -> Optional[torch.Tensor]:
-    """(n, n) True where |i - j| <= w; None when the window covers the whole document."""
-    if w < 0 or n <= w + 1:
+def document_positions(starts: torch.Tensor) -> torch.Tensor:
+    """(B, T) each token's index in its document: doc ids 1 1 1 2 2 0 -> positions 0 1 2 0 1 0."""
+    B, T = starts.shape
+    index = torch.arange(T, device=starts.device).expand(B, T)
+    start_index = torch.where(starts, index, 0).cummax(dim=1).values  # 0 0 0 3 3 5
+    return index - start_index
+
+
+def document_mask(doc_ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) True where query i and key j share a document and j is not padding. A padding
+    query sees itself only, so that its softmax has a key; its output is never used."""
+    T = doc_ids.shape[1]
+    run = starts.cumsum(dim=1)  # (B, T) 1 1 1 2 2 3: which run each token belongs to
+    same_document = run[:, :, None] == run[:, None, :]  # (B, T, T)
+    real_key = (doc_ids != 0)[:, None, :]  # (B, 1, T)
+    itself = torch.eye(T, dtype=torch.bool, device=doc_ids.device)
+    return ((same_document & real_key) | itself)[:, None]
+
+
+@functools.lru_cache(maxsize=4)
+def band_mask(n: int, half_window: Optional[int], device) -> Optional[torch.Tensor]:
+    """(n, n) True where |i - j| <= half_window (window 128: 64 keys each side, and itself)."""
+    if half_window is None or n <= half_window + 1:
         return None
     i = torch.arange(n, device=device)
-    return (i[:, None] - i[None, :]).abs() <= w
+    return (i[:, None] - i[None, :]).abs() <= half_window
 
 
-def make_layout(doc: torch.Tensor, unpad: bool, window: int):
-    """From attention_mask (B, T) (0 = padding, runs of equal nonzero ids = documents) build positions and Layout.
+@dataclass
+class Padded:
+    """A batch as given, B rows of T tokens, its documents kept apart by masks: mask for global
+    layers, local_mask for local ones. None when each row is one document with no padding."""
 
-    Returns (positions (B, T), keep (flat indices of real tokens) or None, Layout)."""
-    B, T = doc.shape
-    idx = torch.arange(T, device=doc.device).expand(B, T)
-    starts = doc != F.pad(doc, (1, 0), value=-1)[:, :-1]       # first token of every run, and of every row
-    pos = idx - torch.where(starts, idx, 0).cummax(1).values   # index within the document
-    if unpad:
-        keep = (doc.flatten() != 0).nonzero().squeeze(1)
-        first = starts.flatten()[keep].nonzero().squeeze(1)
-        cu = F.pad(first, (0, 1), value=keep.numel()).to(torch.int32)
-        sizes = cu.diff().tolist()                             # a host sync: max_len and the CPU loop need ints
-        return pos, keep, Layout(cu=cu, sizes=sizes, max_len=max(sizes, default=0))
-    if bool((doc != 0).all()) and bool((starts.sum(1) == 1).all()):   # one whole document per row: no mask
-        mask = None
-    else:
-        run = starts.cumsum(1)
-        mask = (run[:, :, None] == run[:, None, :]) & (doc != 0)[:, None, :]
-        mask = (mask | torch.eye(T, dtype=torch.bool, device=doc.device))[:, None]   # pad queries see themselves
-    local = None
-    if window:
-        band = _band(T, window // 2, doc.device)
-        local = mask if band is None else (band if mask is None else mask & band)
-    return pos, None, Layout(mask=mask, local_mask=local)
+    mask: Optional[torch.Tensor]
+    local_mask: Optional[torch.Tensor]
+
+    @classmethod
+    def from_doc_ids(cls, doc_ids, starts, half_window: Optional[int]) -> Padded:
+        one_document_per_row = bool((doc_ids != 0).all()) and bool((starts.sum(1) == 1).all())
+        mask = None if one_document_per_row else document_mask(doc_ids, starts)
+        band = band_mask(doc_ids.shape[1], half_window, doc_ids.device)
+        if band is None:
+            return cls(mask, local_mask=mask)
+        return cls(mask, local_mask=band if mask is None else mask & band)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return t  # rows stay (B, T, ...): nothing is taken out
+
+    def scatter(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Blocks
-def rope_tables(pos: torch.Tensor, head_dim: int, theta: float, dtype):
-    """cos, sin (..., 1, 1, head_dim/2) for NeoX-style rotation: dim i pairs with i + head_dim/2. Angles in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    ang = (pos.float()[..., None] * inv_freq)[..., None, None, :]   # broadcast over (q, k) and heads
-    return ang.cos().to(dtype), ang.sin().to(dtype)
+# -------------------------------------------------------------------------------------------------
+# 4. Blocks. Each works on (B, T, hidden) rows or on (N, hidden) unpadded tokens alike: every
+# operation acts on the last dimensions only, and attention is told which layout it has.
+def rope_tables(positions, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position's angles, each (..., 1, 1, head_dim / 2) so that they broadcast
+    over (q, k) and heads. Pair i turns at rate theta^(-2i / head_dim); the angles are fp32."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / theta ** (exponents / head_dim)  # (head_dim / 2,)
+    angles = (positions.float()[..., None] * inv_freq)[..., None, None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def rotate(x, cos, sin):
-    x1, x2 = x.float().chunk(2, -1)                            # each pair (x1_i, x2_i) turns by its angle
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: turn each pair (x_i, x_{i + head_dim/2}) by its angle, in fp32 (GPT-NeoX layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def norm(cfg: Config) -> nn.LayerNorm:
+def layer_norm(cfg: Config) -> nn.LayerNorm:
     return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
-class Layer(nn.Module):
-    def __init__(self, cfg: Config, i: int):
+class MLP(nn.Module):
+    """GELU: down(act(up(x))). GeGLU: up makes two halves; act(first) * second goes down."""
+
+    def __init__(self, cfg: Config):
         super().__init__()
-        self.cfg, self.local = cfg, bool(cfg.window) and i % cfg.global_every != 0
-        H, I = cfg.hidden, cfg.intermediate
-        self.qkv = nn.Linear(H, 3 * H, bias=cfg.bias)
-        self.attn_out = nn.Linear(H, H, bias=cfg.bias)
-        self.mlp_in = nn.Linear(H, 2 * I if cfg.glu else I, bias=cfg.bias)
-        self.mlp_out = nn.Linear(I, H, bias=cfg.bias)
-        # Post-LN normalises after each residual add; pre-LN before each branch, where layer 0 already gets a
-        # normalised input from the embeddings.
-        self.attn_norm = nn.Identity() if cfg.prenorm and i == 0 else norm(cfg)
-        self.mlp_norm = norm(cfg)
+        up_width = 2 * cfg.intermediate if cfg.glu else cfg.intermediate
+        self.up = nn.Linear(cfg.hidden, up_width, bias=cfg.bias)
+        self.down = nn.Linear(cfg.intermediate, cfg.hidden, bias=cfg.bias)
+        self.act = ACTIVATIONS[cfg.act]
+        self.glu = cfg.glu
+        self.dropout = nn.Dropout(cfg.mlp_dropout)
 
-    def forward(self, x, lay: Layout, rope, backend: str):
-        cfg, drop = self.cfg, self.training
-        # x: (B, T, H) padded or (N, H) unpadded; every op below is shape-agnostic over the leading dims
-        h = x if not cfg.prenorm else self.attn_norm(x)
-        qkv = self.qkv(h).unflatten(-1, (3, cfg.heads, -1))   # (..., 3, heads, head_dim)
-        if rope is not None:                                   # rotate q and k in one go; split's backward is a cat
-            qk, v = qkv.split([2, 1], -3)
-            q, k = rotate(qk, *rope[self.local]).unbind(-3)
-            v = v.squeeze(-3)
+    def forward(self, x):
+        h = self.up(x)  # (..., intermediate), or (..., 2 * intermediate) for GeGLU
+        if self.glu:
+            h, gate = h.chunk(2, dim=-1)
+            return self.down(self.dropout(self.act(h) * gate))
+        return self.down(self.dropout(self.act(h)))
+
+
+class SelfAttention(nn.Module):
+    """Fused q, k, v projection, RoPE where the config asks, attention, output projection."""
+
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.heads = cfg.heads
+        self.dropout = cfg.attn_dropout
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=cfg.bias)
+        self.out = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
+        self.half_window = None  # a global layer sees every key of its document
+        self.rope_theta = cfg.rope_theta
+        if cfg.is_local(layer):  # a local one only those within its window
+            self.half_window = cfg.half_window
+            self.rope_theta = cfg.rope_theta_local
+
+    def forward(self, x, layout, rope: Optional[dict], backend: str):
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))  # (..., 3, heads, head_dim)
+        if rope is None:
+            q, k, v = qkv.unbind(dim=-3)  # each (..., heads, head_dim)
         else:
-            q, k, v = qkv.unbind(-3)                           # each (..., heads, head_dim)
-        a = attention(q, k, v, lay, self.local, cfg.window, cfg.attn_dropout if drop else 0.0, backend)
-        a = F.dropout(self.attn_out(a.flatten(-2)), cfg.resid_dropout, drop)
-        x = x + a if cfg.prenorm else self.attn_norm(x + a)
-        u = self.mlp_in(self.mlp_norm(x) if cfg.prenorm else x)   # (..., I) or (..., 2I)
-        if cfg.glu:                                            # GeGLU: the first half is activated, the second gates
-            u, gate = u.chunk(2, -1)
-        u = ACTS[cfg.act](u) * gate if cfg.glu else ACTS[cfg.act](u)
-        m = F.dropout(self.mlp_out(F.dropout(u, cfg.mlp_dropout, drop)), cfg.resid_dropout, drop)
-        return x + m if cfg.prenorm else self.mlp_norm(x + m)
+            # q and k turn in one call: half the passes, and the backward of split is one cat
+            qk, v = qkv.split([2, 1], dim=-3)
+            q, k = rotate(qk, *rope[self.rope_theta]).unbind(dim=-3)
+            v = v.squeeze(-3)
+        dropout = self.dropout if self.training else 0.0
+        # On padded rows with the eager backend this is eager_attention(q, k, v, mask, dropout).
+        a = attend(q, k, v, layout, self.half_window, dropout, backend)  # (..., heads, head_dim)
+        return self.out(a.flatten(-2))
 
 
+class Layer(nn.Module):
+    """One encoder layer: attention, then the MLP, each a residual branch."""
+
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.prenorm = cfg.prenorm
+        # Pre-LN layer 0 takes the embedding norm's output: a second norm would repeat it.
+        self.attn_norm = nn.Identity() if cfg.prenorm and layer == 0 else layer_norm(cfg)
+        self.attn = SelfAttention(cfg, layer)
+        self.mlp_norm = layer_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.resid_dropout)
+
+    def forward(self, x, layout, rope: Optional[dict], backend: str):
+        if self.prenorm:  # ModernBERT: normalise each branch's input
+            x = x + self.dropout(self.attn(self.attn_norm(x), layout, rope, backend))
+            x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        else:  # BERT, RoBERTa: normalise after each residual add
+            x = self.attn_norm(x + self.dropout(self.attn(x, layout, rope, backend)))
+            x = self.mlp_norm(x + self.dropout(self.mlp(x)))
+        return x
+
+
+class MLMHead(nn.Module):
+    """dense -> act -> norm, then the decoder: the token embedding (tied weights) plus a bias."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.head_bias)
+        self.norm = layer_norm(cfg)
+        self.act = ACTIVATIONS[cfg.act]
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, x, token_embedding: torch.Tensor):
+        h = self.norm(self.act(self.dense(x)))
+        return F.linear(h, token_embedding, self.bias)  # (..., vocab)
+
+
+# -------------------------------------------------------------------------------------------------
+# 5. The model
 @dataclass
 class Output:
-    logits: torch.Tensor                       # (B, T, V), or (labelled rows, V) with sparse prediction
+    logits: torch.Tensor  # (B, T, vocab), or (labelled tokens, vocab) with sparse prediction
     loss: Optional[torch.Tensor] = None
-    hidden: Optional[torch.Tensor] = None      # (B, T, H) final hidden states; zeros at padding when unpadded
+    hidden: Optional[torch.Tensor] = None  # (B, T, hidden); zeros at padding when unpadded
     nsp_logits: Optional[torch.Tensor] = None  # (B, 2)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The model
+OUTPUT_PROJECTIONS = ("attn.out", "mlp.down", "mlm_head.dense")  # scaled by depth in megatron init
+
+
 class TinyEncoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
         H = cfg.hidden
-        self.tok = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_id)
-        self.pos = nn.Embedding(cfg.max_len + cfg.pos_offset, H) if cfg.positions == "learned" else None
-        self.seg = nn.Embedding(cfg.type_vocab, H) if cfg.type_vocab else None
-        self.emb_norm = norm(cfg)
+        self.tok_embed = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_id)
+        self.pos_embed = None  # RoPE instead
+        if cfg.positions == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_len + cfg.pos_offset, H)
+        self.type_embed = nn.Embedding(cfg.type_vocab, H) if cfg.type_vocab else None
+        self.embed_norm = layer_norm(cfg)
+        self.embed_dropout = nn.Dropout(cfg.embed_dropout)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.layers))
-        self.final_norm = norm(cfg) if cfg.prenorm else nn.Identity()
-        self.head_dense = nn.Linear(H, H, bias=cfg.head_bias)
-        self.head_norm = norm(cfg)
-        self.decoder_bias = nn.Parameter(torch.zeros(cfg.vocab_size))   # decoder weight is self.tok.weight
+        self.final_norm = layer_norm(cfg) if cfg.prenorm else nn.Identity()
+        self.mlm_head = MLMHead(cfg)
         self.pooler = nn.Linear(H, H) if cfg.nsp else None
         self.nsp_head = nn.Linear(H, 2) if cfg.nsp else None
-        self.apply(self._init)
+        self.init_weights()
 
-    def _init(self, m: nn.Module):
-        cfg, std = self.cfg, self.cfg.init_std
-        if not isinstance(m, (nn.Linear, nn.Embedding)):
-            return
-        if cfg.init == "megatron":                             # truncated at 2 std; output projections depth-scaled
-            out = m is self.head_dense or any(m is l.attn_out or m is l.mlp_out for l in self.layers)
-            s = std / math.sqrt(2 * cfg.layers) if out else std
-            nn.init.trunc_normal_(m.weight, 0.0, s, -2 * s, 2 * s)
-        else:
-            nn.init.normal_(m.weight, 0.0, std)
-            if m is self.tok or (m is self.pos and cfg.pos_offset):   # pad rows start at zero (ModernBERT's do not)
-                m.weight.data[cfg.pad_id].zero_()
-        if getattr(m, "bias", None) is not None:
-            nn.init.zeros_(m.bias)
+    def init_weights(self):
+        """normal: N(0, std), pad rows zero. megatron: truncated at 2 std, outputs depth-scaled."""
+        cfg = self.cfg
+        for name, module in self.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Embedding)):
+                continue
+            std = cfg.init_std
+            if cfg.init == "megatron" and name.endswith(OUTPUT_PROJECTIONS):
+                std = std / math.sqrt(2 * cfg.layers)
+            if cfg.init == "megatron":
+                nn.init.trunc_normal_(module.weight, 0.0, std, -2 * std, 2 * std)
+            else:
+                nn.init.normal_(module.weight, 0.0, std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        if cfg.init == "normal":
+            with torch.no_grad():
+                self.tok_embed.weight[cfg.pad_id].zero_()
+                if self.pos_embed is not None and cfg.pos_offset:  # RoBERTa's has a pad row too
+                    self.pos_embed.weight[cfg.pad_id].zero_()
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n if embeddings else n - self.tok.weight.numel() - (self.pos.weight.numel() if self.pos else 0)
+        if not embeddings:
+            n -= self.tok_embed.weight.numel()
+            if self.pos_embed is not None:
+                n -= self.pos_embed.weight.numel()
+        return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 per weight (forward + backward), plus 12 * H per key that each layer attends."""
-        keys = sum(min(seq_len, self.cfg.window + 1) if l.local else seq_len for l in self.layers)
+        """Training FLOPs per token: 6 per weight, plus 12 * hidden per key each layer attends."""
+        keys = 0
+        for layer in self.layers:
+            window = layer.attn.half_window
+            keys += seq_len if window is None else min(seq_len, 2 * window + 1)
         return 6 * self.num_params(embeddings=False) + 12 * self.cfg.hidden * keys
 
-    def check_inputs(self, ids, **others):
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
-        for name, t, top in (("input_ids", ids, self.cfg.vocab_size), ("token_type_ids", others["token_type_ids"],
-                                                                       self.cfg.type_vocab)):
-            if t is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= top):
-                raise ValueError(f"{name} must lie in [0, {top}); got values from {int(t.min())} to {int(t.max())}")
+    def check_inputs(self, input_ids, **others):
+        """A clear ValueError for a call that would otherwise fail deep inside torch."""
+        shape = tuple(input_ids.shape)
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"input_ids must be (batch, seq) integers, got {shape} {input_ids.dtype}"
+            )
+        ranges = {
+            "input_ids": (input_ids, self.cfg.vocab_size),
+            "token_type_ids": (others["token_type_ids"], self.cfg.type_vocab),
+        }
+        for name, (t, top) in ranges.items():
+            if t is None or t.numel() == 0:
+                continue
+            low, high = int(t.min()), int(t.max())
+            if low < 0 or high >= top:
+                raise ValueError(f"{name} must lie in [0, {top}); got values from {low} to {high}")
         for name, t in others.items():
-            if t is not None and t.shape != ids.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(ids.shape)}")
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {shape}")
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        next_sentence_label=None,
+    ) -> Output:
+        """input_ids: (B, T) byte ids. attention_mask: (B, T) document ids, 0 for padding (a 0/1
+        mask is one document per row). labels: (B, T) ids to predict, IGNORE_INDEX elsewhere."""
         cfg = self.cfg
-        self.check_inputs(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
-        (B, T), dev = input_ids.shape, input_ids.device
-        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.tok.weight.dtype
-        backend = pick_backend(cfg.attn_backend, dev, dtype, cfg.attn_dropout * self.training, cfg.hidden // cfg.heads)
-        unpad = cfg.unpad or backend == "flash"                # the flash kernels only take unpadded tokens
-        doc = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        pos, keep, lay = make_layout(doc, unpad, cfg.window)
-        if self.pos is not None and int(pos.max()) >= cfg.max_len:
-            raise ValueError(f"a document of {int(pos.max()) + 1} tokens exceeds max_len={cfg.max_len}, the number of "
-                             f"learned positions; split it into pieces of at most {cfg.max_len} tokens")
-        # (B, T, ...) <-> (N, ...) when unpadded; padding comes back as zeros
-        gather = (lambda t: t.flatten(0, 1)[keep]) if unpad else (lambda t: t)
-        scatter = (lambda t: t.new_zeros(B * T, t.shape[-1]).index_copy(0, keep, t).view(B, T, -1)) if unpad else (
-            lambda t: t)
-        ids, pos = gather(input_ids), gather(pos)
+        shaped = dict(attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
+        self.check_inputs(input_ids, **shaped)
+        doc_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
 
-        # Embeddings: (B, T, H) or (N, H)
-        x = self.tok(ids)
-        if self.seg is not None:
-            x = x + self.seg(gather(token_type_ids) if token_type_ids is not None else torch.zeros_like(ids))
-        if self.pos is not None:
-            x = x + self.pos(pos + cfg.pos_offset)
-        x = F.dropout(self.emb_norm(x), cfg.embed_dropout, self.training)
-        rope = None if cfg.positions != "rope" else [                                   # indexed by Layer.local
-            rope_tables(pos, cfg.hidden // cfg.heads, t, x.dtype) for t in (cfg.rope_theta, cfg.rope_theta_local)]
+        # Layout: where the documents are, and the layout attention runs on
+        starts = document_starts(doc_ids)  # (B, T)
+        positions = document_positions(starts)  # (B, T)
+        if self.pos_embed is not None and int(positions.max()) >= cfg.max_len:
+            raise ValueError(
+                f"a document of {int(positions.max()) + 1} tokens exceeds max_len={cfg.max_len}, "
+                f"the number of learned positions; split it into pieces of at most {cfg.max_len}"
+            )
+        backend = pick_backend(cfg, input_ids.device, self.tok_embed.weight.dtype, self.training)
+        if cfg.unpad or backend == "flash":  # the flash kernels take unpadded tokens only
+            layout = Unpadded.from_doc_ids(doc_ids, starts)
+        else:
+            layout = Padded.from_doc_ids(doc_ids, starts, cfg.half_window)
+        positions = layout.gather(positions)  # (B, T), or (N,) for the N real tokens
 
+        # Embed: x is (B, T, H), or (N, H) when unpadded
+        x = self.tok_embed(layout.gather(input_ids))
+        if self.type_embed is not None:
+            x = x + self.type_embed(layout.gather(token_type_ids))
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions + cfg.pos_offset)
+        x = self.embed_dropout(self.embed_norm(x))
+
+        rope = None  # {theta: (cos, sin)} for each theta the layers use
+        if cfg.positions == "rope":
+            thetas = {layer.attn.rope_theta for layer in self.layers}
+            rope = {t: rope_tables(positions, cfg.head_dim, t, x.dtype) for t in thetas}
         for layer in self.layers:
-            x = layer(x, lay, rope, backend)
+            x = layer(x, layout, rope, backend)
         x = self.final_norm(x)
-        hidden = scatter(x)                                    # (B, T, H)
+        hidden = layout.scatter(x)  # (B, T, H)
 
-        # MLM head: only on labelled rows with sparse prediction, else everywhere
-        flat = x.flatten(0, -2)                                # (tokens, H)
-        tgt = None if labels is None else gather(labels.masked_fill(doc == 0, -100)).flatten()   # never at padding
-        if tgt is not None and cfg.sparse_prediction:
-            rows = (tgt != -100).nonzero().squeeze(1)
-            flat, tgt = flat[rows], tgt[rows]
-        h = self.head_norm(ACTS[cfg.act](self.head_dense(flat)))
-        logits = F.linear(h, self.tok.weight, self.decoder_bias)  # decoder tied to the token embedding
-        loss = None if tgt is None else F.cross_entropy(logits.float(), tgt, ignore_index=-100)
-        if not (tgt is not None and cfg.sparse_prediction):
-            logits = scatter(logits).view(B, T, -1)            # (B, T, V)
+        # MLM head, on every token, or on the labelled ones only (sparse prediction)
+        logits, loss = None, None
+        if labels is None or not cfg.sparse_prediction:
+            logits = layout.scatter(self.mlm_head(x, self.tok_embed.weight))  # (B, T, V)
+        if labels is not None:
+            labels = labels.masked_fill(doc_ids == 0, IGNORE_INDEX)  # padding never counts
+            if cfg.sparse_prediction:
+                targets = layout.gather(labels).flatten()  # (tokens,) in x's order
+                labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+                targets = targets[labelled]
+                logits = self.mlm_head(x.flatten(0, -2)[labelled], self.tok_embed.weight)
+                loss = F.cross_entropy(logits.float(), targets)  # logits: (labelled, V)
+            else:
+                flat_logits = logits.flatten(0, 1).float()  # (B * T, V)
+                loss = F.cross_entropy(flat_logits, labels.flatten(), ignore_index=IGNORE_INDEX)
 
+        # BERT's next-sentence prediction, from each row's first token
         nsp_logits = None
-        if self.nsp_head is not None:                          # BERT pools the first token of each row
-            nsp_logits = self.nsp_head(torch.tanh(self.pooler(hidden[:, 0])))
-            if next_sentence_label is not None:
-                nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
-                loss = nsp_loss if loss is None else loss + nsp_loss
+        if cfg.nsp:
+            pooled = torch.tanh(self.pooler(hidden[:, 0]))  # (B, H)
+            nsp_logits = self.nsp_head(pooled)  # (B, 2)
+        if cfg.nsp and next_sentence_label is not None:
+            nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
+            loss = nsp_loss if loss is None else loss + nsp_loss
         return Output(logits=logits, loss=loss, hidden=hidden, nsp_logits=nsp_logits)
 
-    # ------------------------------------------------------------------------------------------------------------------
-    # Interop with transformers: a config translation and one name map, used in both directions.
     @classmethod
-    def from_pretrained(cls, path: str) -> "TinyEncoder":
-        """Load a directory written by transformers' save_pretrained (Bert/Roberta/ModernBert, MLM or base model)."""
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-        kind = (hf.get("architectures") or [None])[0] or {"bert": "BertModel", "roberta": "RobertaModel",
-                                                          "modernbert": "ModernBertModel"}.get(hf.get("model_type"))
-        if kind not in HF_CLASSES:
-            raise ValueError(f"{path}: architecture {kind!r} is not supported; supported: {sorted(HF_CLASSES)}")
-        sd = {k.removesuffix(".gamma") + ".weight" if k.endswith(".gamma") else k.removesuffix(".beta") + ".bias"
-              if k.endswith(".beta") else k: v for k, v in _read_weights(path).items()}   # old TF-era LN names
-        model = cls(config_from_hf(hf, nsp="cls.seq_relationship.weight" in sd))
-        base = not any(k.startswith(("bert.", "roberta.", "model.")) for k in sd)   # BertModel & co: no prefix
-        names = hf_names(model, base)
-        wanted = {n for group in names.values() for n in group}
-        # a base model has no MLM head (ours stays freshly made); tied copies, buffers and an unused pooler are skipped
-        missing = [n for n in wanted if n not in sd and not (base and n.startswith(("cls.", "lm_head.", "head.",
-                                                                                      "decoder.")))]
-        unexpected = [k for k in sd if k not in wanted and not k.endswith(("position_ids", "token_type_ids",
-                      "decoder.weight", "decoder.bias", "pooler.dense.weight", "pooler.dense.bias"))]
-        if missing or unexpected:
-            raise ValueError(f"{path}: weights do not match {kind}: missing {sorted(missing)[:8]}, unexpected "
-                             f"{unexpected[:8]} ({len(missing)} missing, {len(unexpected)} unexpected)")
-        with torch.no_grad():
-            for ours, theirs in names.items():
-                if all(n in sd for n in theirs):
-                    p = model.get_parameter(ours)
-                    w = torch.cat([sd[n] for n in theirs])       # q, k, v stack into one fused projection
-                    if w.shape != p.shape:
-                        raise ValueError(f"{path}: {theirs[0]} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
-                    p.copy_(w)
-        return model
+    def from_pretrained(cls, path: str) -> TinyEncoder:
+        """Load a transformers checkpoint directory (BERT, RoBERTa or ModernBERT; MLM or base)."""
+        return conversion_module().load(path)
 
     def save_pretrained(self, path: str):
-        """Write config.json and model.safetensors that transformers' AutoModelForMaskedLM loads."""
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config_to_hf(self.cfg), f, indent=2)
-        sd = {n: w.contiguous().cpu().clone() for ours, theirs in hf_names(self).items()   # fused q/k/v split in 3
-              for n, w in zip(theirs, self.get_parameter(ours).detach().chunk(len(theirs)))}
-        save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        """Write config.json and model.safetensors, which transformers' Auto classes load."""
+        conversion_module().save(self, path)
 
 
-HF_CLASSES = {"BertForMaskedLM", "BertForPreTraining", "BertModel", "RobertaForMaskedLM", "RobertaModel",
-              "ModernBertForMaskedLM", "ModernBertModel"}
-HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+def conversion_module():
+    try:
+        import tinyencoder_hf
+    except ModuleNotFoundError:
+        needs = "from_pretrained and save_pretrained need tinyencoder_hf.py beside tinyencoder.py"
+        raise ImportError(needs) from None
+    return tinyencoder_hf
 
 
-def hf_names(model: TinyEncoder, base: bool = False) -> dict[str, tuple[str, ...]]:
-    """Our parameter name -> the transformers state-dict key(s) holding it (three for the fused q/k/v)."""
-    cfg = model.cfg
-    if cfg.arch == "modernbert":
-        p = "" if base else "model."
-        mods = {"tok": p + "embeddings.tok_embeddings", "emb_norm": p + "embeddings.norm", "final_norm": p +
-                "final_norm", "head_dense": "head.dense", "head_norm": "head.norm", "decoder_bias": "decoder"}
-        layer = {"qkv": "attn.Wqkv", "attn_out": "attn.Wo", "attn_norm": "attn_norm", "mlp_norm": "mlp_norm",
-                 "mlp_in": "mlp.Wi", "mlp_out": "mlp.Wo"}
-        stem = p + "layers."
-    else:
-        p = "" if base else cfg.arch + "."
-        head = "cls.predictions." if cfg.arch == "bert" else "lm_head."
-        mods = {"tok": p + "embeddings.word_embeddings", "pos": p + "embeddings.position_embeddings",
-                "seg": p + "embeddings.token_type_embeddings", "emb_norm": p + "embeddings.LayerNorm",
-                "head_dense": head + ("transform.dense" if cfg.arch == "bert" else "dense"),
-                "head_norm": head + ("transform.LayerNorm" if cfg.arch == "bert" else "layer_norm"),
-                "decoder_bias": head[:-1], "pooler": p + "pooler.dense", "nsp_head": "cls.seq_relationship"}
-        layer = {"qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
-                 "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
-                 "mlp_in": "intermediate.dense", "mlp_out": "output.dense", "mlp_norm": "output.LayerNorm"}
-        stem = p + "encoder.layer."
-    for i in range(cfg.layers):
-        mods.update({f"layers.{i}.{a}": tuple(f"{stem}{i}.{n}" for n in (b if isinstance(b, tuple) else (b,)))
-                     for a, b in layer.items()})
-    names = {}
-    for name, _ in model.named_parameters():                   # the tied decoder weight appears once, as tok
-        mod, leaf = ("decoder_bias", "bias") if name == "decoder_bias" else name.rsplit(".", 1)
-        target = mods[mod]
-        names[name] = tuple(f"{t}.{leaf}" for t in (target if isinstance(target, tuple) else (target,)))
-    return names
+# -------------------------------------------------------------------------------------------------
+# 6. The objective: masked-language modelling
+def mask_tokens(ids, cfg: Config, generator=None, rate=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's rule: pick `rate` (default cfg.mlm_rate) of the ordinary tokens to predict; of those,
+    80 % become [MASK], 10 % a random byte and 10 % stay. Returns (inputs, labels); labels are
+    IGNORE_INDEX where nothing was picked. Static or dynamic masking is the generator's choice:
+    reseed it per example for fixed masks (BERT), keep one running for fresh ones (RoBERTa)."""
+    if rate is None:
+        rate = cfg.mlm_rate
+    specials = torch.tensor([cfg.pad_id, cfg.cls_id, cfg.sep_id, cfg.mask_id], device=ids.device)
+    picked = torch.rand(ids.shape, generator=generator, device=ids.device) < rate
+    picked = picked & ~torch.isin(ids, specials)
+    labels = torch.where(picked, ids, IGNORE_INDEX)
+    roll = torch.rand(ids.shape, generator=generator, device=ids.device)
+    random_bytes = torch.randint(0, 256, ids.shape, generator=generator, device=ids.device)
+    inputs = torch.where(picked & (roll < 0.8), cfg.mask_id, ids)
+    inputs = torch.where(picked & (roll >= 0.8) & (roll < 0.9), random_bytes, inputs)
+    return inputs, labels
 
 
-def _read_weights(path: str) -> dict[str, torch.Tensor]:
-    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(st):
-        from safetensors.torch import load_file
-        return load_file(st)
-    if os.path.exists(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)   # weights only: no code runs on load
-    raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
+# -------------------------------------------------------------------------------------------------
+# 7. Fast paths (optional reading). Each computes what section 3 defines, faster; the tests hold
+# each one equal to eager attention on padded rows.
+
+# Flash kernels, looked up once: the flash-attn package, else PyTorch's own varlen kernel where it
+# takes a sliding window (torch 2.11 and later). Both take unpadded tokens and cu_seqlens.
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+TORCH_VARLEN_WINDOW = varlen_attn is not None and "window_size" in signature(varlen_attn).parameters
 
 
-# Config field -> transformers config key. The few keys that need arithmetic or a pattern are handled in the functions.
-HF_KEYS = dict(vocab_size="vocab_size", hidden="hidden_size", layers="num_hidden_layers", heads="num_attention_heads",
-               intermediate="intermediate_size", pad_id="pad_token_id", init_std="initializer_range")
-HF_KEYS = {"bert": dict(HF_KEYS, type_vocab="type_vocab_size", norm_eps="layer_norm_eps", cls_id="bos_token_id",
-                        sep_id="eos_token_id", resid_dropout="hidden_dropout_prob",
-                        attn_dropout="attention_probs_dropout_prob"),
-           "modernbert": dict(HF_KEYS, max_len="max_position_embeddings", norm_eps="norm_eps", bias="attention_bias",
-                              norm_bias="norm_bias", head_bias="classifier_bias", window="local_attention",
-                              global_every="global_attn_every_n_layers", rope_theta="global_rope_theta",
-                              rope_theta_local="local_rope_theta", embed_dropout="embedding_dropout",
-                              attn_dropout="attention_dropout", mlp_dropout="mlp_dropout", cls_id="cls_token_id",
-                              sep_id="sep_token_id")}
-HF_KEYS["roberta"] = HF_KEYS["bert"]
-LAYER_TYPES = ("full_attention", "sliding_attention")
+@dataclass
+class Unpadded:
+    """The N real tokens side by side, (N, ...): padding dropped once, before the first layer."""
+
+    indices: torch.Tensor  # (N,) where each real token sits in the flattened (B * T) batch
+    cu_seqlens: torch.Tensor  # (documents + 1,) int32: document d is tokens cu[d] to cu[d + 1]
+    seqlens: list  # each document's length as a Python int
+    max_seqlen: int
+    batch_shape: torch.Size  # (B, T)
+
+    @classmethod
+    def from_doc_ids(cls, doc_ids, starts) -> Unpadded:
+        indices = (doc_ids.flatten() != 0).nonzero().squeeze(1)
+        first_tokens = starts.flatten()[indices].nonzero().squeeze(1)  # each document's first
+        cu_seqlens = F.pad(first_tokens, (0, 1), value=indices.numel()).to(torch.int32)
+        seqlens = cu_seqlens.diff().tolist()  # a host sync: the CPU loop and flash need ints
+        return cls(indices, cu_seqlens, seqlens, max(seqlens, default=0), doc_ids.shape)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(0, 1)[self.indices]  # (B, T, ...) -> (N, ...)
+
+    def scatter(self, t: torch.Tensor) -> torch.Tensor:
+        B, T = self.batch_shape  # (N, ...) -> (B, T, ...), zeros at padding
+        rows = t.new_zeros(B * T, *t.shape[1:]).index_copy(0, self.indices, t)
+        return rows.unflatten(0, (B, T))
 
 
-def config_from_hf(hf: dict, nsp: bool = False) -> Config:
-    """Translate a transformers config.json (including the hub's legacy ModernBERT keys) into a Config."""
-    arch = hf.get("model_type")
-    if arch not in PRESETS:
-        raise ValueError(f"model_type {arch!r} is not supported; supported: {list(PRESETS)}")
-    kw = dict(PRESETS[arch], nsp=nsp, pad_id={"bert": 0, "roberta": 1, "modernbert": 50283}[arch])
-    kw.update({ours: hf[theirs] for ours, theirs in HF_KEYS[arch].items() if hf.get(theirs) is not None})
-    act = hf.get("hidden_activation" if arch == "modernbert" else "hidden_act") or "gelu"
-    if act not in HF_ACTS:
-        raise ValueError(f"activation {act!r} is not supported; supported: {list(HF_ACTS)}")
-    kw["act"] = HF_ACTS[act]
-    if arch == "modernbert":
-        n, types = kw["layers"], hf.get("layer_types")
-        if types:                                               # recover n from the pattern, then insist it fits
-            kw["global_every"] = next((i for i in range(1, n) if types[i] == LAYER_TYPES[0]), n)
-            if types != [LAYER_TYPES[bool(i % kw["global_every"])] for i in range(n)]:
-                raise ValueError(f"layer_types {types} is not 'global every n-th layer', the only pattern supported")
-        for field, kind in zip(("rope_theta", "rope_theta_local"), LAYER_TYPES):
-            kw[field] = (hf.get("rope_parameters") or {}).get(kind, {}).get("rope_theta", kw[field])
-        if bool(hf.get("mlp_bias")) != kw["bias"] or not hf.get("decoder_bias", True):
-            raise ValueError("attention_bias must equal mlp_bias and decoder_bias must be true")
-        if HF_ACTS.get(hf.get("classifier_activation") or "gelu") != kw["act"]:
-            raise ValueError("classifier_activation must equal hidden_activation")
-        kw["resid_dropout"] = kw["attn_dropout"]               # one knob drives both in transformers
-        return Config(**kw)
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"position_embedding_type {hf['position_embedding_type']!r} is not supported; only 'absolute'")
-    kw["pos_offset"] = kw["pad_id"] + 1 if arch == "roberta" else 0
-    kw.update(max_len=hf["max_position_embeddings"] - kw["pos_offset"], embed_dropout=kw["resid_dropout"])
-    return Config(**kw)
+def local_sdpa(q, k, v, mask, half_window: int, dropout: float) -> torch.Tensor:
+    """Sliding-window SDPA in blocks of half_window queries: block i sees key blocks i-1 to i+1."""
+    w = half_window
+    key_blocks, value_blocks = k.split(w, dim=-2), v.split(w, dim=-2)
+    outs = []
+    for i, q_block in enumerate(q.split(w, dim=-2)):
+        lo, hi = max(i - 1, 0), min(i + 2, len(key_blocks))
+        block_mask = mask[..., i * w : i * w + q_block.shape[-2], lo * w : hi * w]
+        keys = torch.cat(key_blocks[lo:hi], dim=-2)
+        values = torch.cat(value_blocks[lo:hi], dim=-2)
+        outs.append(F.scaled_dot_product_attention(q_block, keys, values, block_mask, dropout))
+    return torch.cat(outs, dim=-2)
 
 
-def config_to_hf(cfg: Config) -> dict:
-    """The transformers config.json for cfg; refuses configs that no transformers class can express."""
-    ours = {"modernbert": dict(positions="rope", prenorm=True, glu=True, type_vocab=0, pos_offset=0,
-                               resid_dropout=cfg.attn_dropout, bias=cfg.bias),
-            "bert": dict(positions="learned", prenorm=False, glu=False, bias=True, norm_bias=True, head_bias=True,
-                         window=0, mlp_dropout=0.0, embed_dropout=cfg.resid_dropout, pos_offset=0)}
-    ours["roberta"] = {**ours["bert"], "pos_offset": cfg.pad_id + 1}
-    bad = {k: getattr(cfg, k) for k, v in ours[cfg.arch].items() if getattr(cfg, k) != v}
-    if bad or (cfg.arch != "modernbert" and cfg.type_vocab < 1):
-        raise ValueError(f"this {cfg.arch} config has no transformers equivalent; offending: {bad or 'type_vocab'}")
-    act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.act]
-    hf = {theirs: getattr(cfg, ours) for ours, theirs in HF_KEYS[cfg.arch].items()}
-    hf.update(model_type=cfg.arch, tie_word_embeddings=True)
-    if cfg.arch == "modernbert":
-        return dict(hf, architectures=["ModernBertForMaskedLM"], hidden_activation=act, classifier_activation=act,
-                    mlp_bias=cfg.bias, decoder_bias=True, local_attention=cfg.window or 2 * cfg.max_len,
-                    layer_types=[LAYER_TYPES[bool(cfg.window and i % cfg.global_every)] for i in range(cfg.layers)],
-                    rope_parameters={kind: {"rope_type": "default", "rope_theta": theta} for kind, theta in
-                                     zip(LAYER_TYPES, (cfg.rope_theta, cfg.rope_theta_local))},
-                    bos_token_id=cfg.cls_id, eos_token_id=cfg.sep_id)
-    name = "BertForPreTraining" if cfg.nsp else {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}[cfg.arch]
-    return dict(hf, architectures=[name], hidden_act=act, max_position_embeddings=cfg.max_len + cfg.pos_offset,
-                position_embedding_type="absolute")
+def dense_attention(q, k, v, mask, half_window, dropout: float, backend: str) -> torch.Tensor:
+    """Attention over (B, heads, T, head_dim) with a boolean mask: eager, or PyTorch's SDPA."""
+    if backend == "eager":
+        return eager_attention(q, k, v, mask, dropout)
+    if mask is not None and half_window is not None and q.shape[-2] > 4 * half_window:
+        return local_sdpa(q, k, v, mask, half_window, dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+def attend_documents(q, k, v, layout: Unpadded, half_window, dropout, backend) -> torch.Tensor:
+    """Unpadded tokens (N, heads, head_dim) on eager or SDPA, one call per document."""
+    seqlens = layout.seqlens
+    band = band_mask(layout.max_seqlen, half_window, q.device)  # one band, sliced per document
+    outs = []
+    # split rather than slices: the backward of a slice zero-fills all N rows for every document
+    for n, qd, kd, vd in zip(seqlens, q.split(seqlens), k.split(seqlens), v.split(seqlens)):
+        doc_band = band[:n, :n] if band is not None and n > half_window + 1 else None
+        # (1, heads, n, head_dim): SDPA's CPU flash kernel takes 4-D input only
+        qd, kd, vd = (t.transpose(0, 1)[None] for t in (qd, kd, vd))
+        out = dense_attention(qd, kd, vd, doc_band, half_window, dropout, backend)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def flash_attention(q, k, v, layout: Unpadded, half_window, dropout: float) -> torch.Tensor:
+    """Unpadded tokens through a varlen flash kernel, (N, heads, head_dim) in and out."""
+    window = -1 if half_window is None else half_window  # -1: the kernels' "no window"
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    lengths = (layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen)
+    if flash_attn_varlen_func is not None:
+        return flash_attn_varlen_func(q, k, v, *lengths, dropout, window_size=(window, window))
+    # torch's kernel has no dropout: why_no_flash rules it out while attention dropout is on
+    return varlen_attn(q, k, v, *lengths, window_size=(window, window))
+
+
+def why_no_flash(device: torch.device, dtype, dropout: bool, head_dim: int) -> Optional[str]:
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return f"flash needs a CUDA device and fp16/bf16, got {device.type} {dtype}"
+    if torch.cuda.get_device_capability(device) < (8, 0) or head_dim % 8 or head_dim > 256:
+        return f"flash needs an sm80+ GPU and a head_dim in 8, 16, ..., 256 (got {head_dim})"
+    if flash_attn_varlen_func is None and not TORCH_VARLEN_WINDOW:
+        return "flash needs flash-attn, or a torch whose varlen_attn takes window_size"
+    if flash_attn_varlen_func is None and dropout:
+        return "torch's varlen kernel has no attention dropout: set attn_dropout=0"
+    return None
+
+
+_announced = set()  # (device type, backend) pairs already reported once
+
+
+def pick_backend(cfg: Config, device: torch.device, dtype, training: bool) -> str:
+    """cfg.attn_backend for this call: auto means flash where it can run, else sdpa."""
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)  # what the matmuls compute in
+    why_not = why_no_flash(device, dtype, training and cfg.attn_dropout > 0, cfg.head_dim)
+    if cfg.attn_backend == "flash" and why_not:
+        raise ValueError(f"attn_backend='flash' is not available: {why_not}")
+    if cfg.attn_backend != "auto":
+        return cfg.attn_backend
+    choice = "sdpa" if why_not else "flash"
+    if (device.type, choice) not in _announced:
+        _announced.add((device.type, choice))
+        reason = why_not or "flash runs here"
+        print(f"tinyencoder: {choice} attention on {device.type} ({reason})", file=sys.stderr)
+    return choice
+
+
+def attend(q, k, v, layout, half_window: Optional[int], dropout: float, backend: str):
+    """The one dispatch: attention for any layout and backend. q, k, v are (B, T, heads, head_dim)
+    on Padded rows or (N, heads, head_dim) on Unpadded tokens; the output has the same shape."""
+    if isinstance(layout, Unpadded) and not layout.seqlens:
+        return q  # an all-padding batch has no tokens
+    if isinstance(layout, Unpadded) and backend == "flash":
+        return flash_attention(q, k, v, layout, half_window, dropout)
+    if isinstance(layout, Unpadded):
+        return attend_documents(q, k, v, layout, half_window, dropout, backend)
+    mask = layout.mask if half_window is None else layout.local_mask
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+    return dense_attention(q, k, v, mask, half_window, dropout, backend).transpose(1, 2)

@@ -1,0 +1,99 @@
+"""Shared pieces of the test suite: tiny configs, batches, model variants, and a spy on the
+attention kernels that actually run. Tiny models, fixed seeds, CPU."""
+
+import collections
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tinyencoder
+from tinyencoder import CLS, MASK, PAD, SEP, Config, TinyEncoder
+
+PRESETS = ("bert", "roberta", "modernbert")
+CPU_BACKENDS = ("eager", "sdpa")
+SPECIALS = torch.tensor([PAD, CLS, SEP, MASK])
+TRUNC2 = 0.8796  # std of N(0, 1) truncated to [-2, 2]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny(preset, **kw):
+    """A small config of a preset. ModernBERT gets a window shorter than the test sequences
+    and a global layer every 2nd."""
+    small = dict(hidden=32, layers=2, heads=4, max_len=64)
+    if preset == "modernbert":
+        small.update(layers=3, window=8, global_every=2)
+    return Config.from_preset(preset, **{**small, **kw})
+
+
+@torch.no_grad()
+def perturb(model, scale=0.2, seed=0):
+    """Move every parameter (norms, biases, pad rows included) well away from its init."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def batch(lens=(24, 19, 11), T=24, lo=0, hi=256, pad=PAD, seed=0):
+    """Right-padded rows of random ids in [lo, hi) starting with CLS; ids and the 0/1 mask."""
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(T) < torch.tensor(lens)[:, None]).long()
+    ids = torch.randint(lo, hi, (len(lens), T), generator=g).masked_fill(mask == 0, pad)
+    ids[:, 0] = CLS
+    return ids, mask
+
+
+def packed_batch():
+    """Row 0 packs three documents and padding; row 1 is one document; row 2 one plus padding."""
+    doc = torch.tensor([[1] * 11 + [2] * 6 + [3] * 5 + [0] * 2, [1] * 24, [7] * 14 + [0] * 10])
+    ids = torch.randint(0, 256, doc.shape).masked_fill(doc == 0, PAD)
+    return ids, doc
+
+
+def variant(model, **changes):
+    """A new model with the same weights whose Config differs by changes (backend, unpadding)."""
+    twin = TinyEncoder(dataclasses.replace(model.cfg, **changes))
+    twin.load_state_dict(model.state_dict())
+    return twin.train(model.training)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Counts the attention calls that actually run: eager, SDPA, and the unpadded CPU path."""
+    calls = collections.Counter()
+
+    def spy(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(tinyencoder, "eager_attention", spy("eager", tinyencoder.eager_attention))
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", spy("sdpa", F.scaled_dot_product_attention)
+    )
+    monkeypatch.setattr(
+        tinyencoder, "attend_documents", spy("unpadded", tinyencoder.attend_documents)
+    )
+    return calls
+
+
+def assert_ran(calls, backend, unpad):
+    """The backend asked for ran, the other did not, and unpadding ran exactly when asked for."""
+    other = {"eager": "sdpa", "sdpa": "eager"}[backend]
+    assert calls[backend] > 0 and calls[other] == 0, (backend, dict(calls))
+    assert (calls["unpadded"] > 0) == unpad, (unpad, dict(calls))
+    calls.clear()
+
+
+def assert_close(a, b, tol=1e-4):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a.float() - b.float()).abs().max().item()
+    assert err <= tol, f"max abs diff {err:.3g} > {tol:g}"

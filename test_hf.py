@@ -1,0 +1,242 @@
+"""Interop with transformers: parity of every supported class on every CPU backend, padded and
+unpadded; save_pretrained read back by transformers' Auto classes; checkpoint quirks and errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CPU_BACKENDS, assert_close, assert_ran, batch, perturb, tiny, variant
+from tinyencoder import CLS, SEP, VOCAB_SIZE, TinyEncoder
+
+# -------------------------------------------------------------------------------------------------
+# 1. Parity with transformers on random weights: their save_pretrained -> our from_pretrained
+HF_CLASSES = (
+    "BertForMaskedLM",
+    "BertForPreTraining",
+    "BertModel",
+    "RobertaForMaskedLM",
+    "ModernBertForMaskedLM",
+    "ModernBertModel",
+)
+
+
+def hf_model(transformers, name, attn):
+    common = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        attn_implementation=attn,
+    )
+    if name.startswith(
+        "ModernBert"
+    ):  # 4 layers: global 0, 2; window 8 < sequence 24; pad id not 50283
+        cfg = transformers.ModernBertConfig(
+            **{**common, "num_hidden_layers": 4},
+            max_position_embeddings=256,
+            local_attention=8,
+            global_attn_every_n_layers=2,
+            pad_token_id=300,
+            bos_token_id=CLS,
+            cls_token_id=CLS,
+            eos_token_id=SEP,
+            sep_token_id=SEP,
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 20000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+            },
+        )
+    elif name.startswith("Roberta"):
+        cfg = transformers.RobertaConfig(
+            **common,
+            max_position_embeddings=66,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            type_vocab_size=1,
+            layer_norm_eps=1e-5,
+        )
+    else:
+        cfg = transformers.BertConfig(**common, max_position_embeddings=64, pad_token_id=0)
+    return perturb(getattr(transformers, name)(cfg)).eval()
+
+
+@pytest.mark.parametrize("attn", CPU_BACKENDS)
+@pytest.mark.parametrize("name", HF_CLASSES)
+def test_parity_with_transformers(name, attn, tmp_path, kernels):
+    transformers = pytest.importorskip(
+        "transformers", reason="parity tests compare against transformers"
+    )
+    hf = hf_model(transformers, name, attn)
+    hf.save_pretrained(tmp_path)
+    pad = hf.config.pad_token_id
+    ids, mask = batch(lo=2, hi=VOCAB_SIZE, pad=pad)  # lo=2: no RoBERTa pad id (1) among real tokens
+    kw = dict(attention_mask=mask)
+    if name.startswith("Bert"):
+        kw["token_type_ids"] = (torch.arange(ids.shape[1]) >= 9).long().expand_as(ids)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, **kw)
+    loaded = TinyEncoder.from_pretrained(str(tmp_path)).eval()
+    assert loaded.cfg.nsp == (name == "BertForPreTraining")
+    keep = mask.bool()
+    kernels.clear()  # transformers' own calls do not count
+    for unpad in (False, True):
+        model = variant(loaded, attn_backend=attn, unpad=unpad)
+        with torch.no_grad():
+            out = model(ids, **kw)
+        assert_ran(kernels, attn, unpad)
+        if name.endswith("Model"):
+            assert_close(out.hidden[keep], ref.last_hidden_state[keep])
+        else:
+            assert_close(
+                out.logits[keep],
+                (ref.prediction_logits if name == "BertForPreTraining" else ref.logits)[keep],
+            )
+        if name == "BertForPreTraining":
+            assert_close(out.nsp_logits, ref.seq_relationship_logits)
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. TinyEncoder.save_pretrained -> transformers Auto classes, and back
+@pytest.mark.parametrize(
+    "preset,over", [("bert", {}), ("bert", {"nsp": False}), ("roberta", {}), ("modernbert", {})]
+)
+def test_save_pretrained_round_trip(preset, over, tmp_path):
+    transformers = pytest.importorskip(
+        "transformers", reason="round trip loads the checkpoint with transformers"
+    )
+    model = perturb(TinyEncoder(tiny(preset, **over))).eval()
+    model.save_pretrained(str(tmp_path))
+    auto = (
+        transformers.AutoModelForPreTraining if model.cfg.nsp else transformers.AutoModelForMaskedLM
+    )
+    hf = auto.from_pretrained(str(tmp_path)).eval()
+    assert (
+        type(hf).__name__ == json.loads((tmp_path / "config.json").read_text())["architectures"][0]
+    )
+    ids, mask = batch()
+    kw = dict(attention_mask=mask)
+    if model.cfg.type_vocab > 1:
+        kw["token_type_ids"] = (torch.arange(ids.shape[1]) >= 9).long().expand_as(ids)
+    with torch.no_grad():
+        out, ref = model(ids, **kw), hf(input_ids=ids, **kw)
+    keep = mask.bool()
+    assert_close(
+        out.logits[keep], (ref.prediction_logits if model.cfg.nsp else ref.logits)[keep], 1e-5
+    )
+    if model.cfg.nsp:
+        assert_close(out.nsp_logits, ref.seq_relationship_logits, 1e-5)
+    again = TinyEncoder.from_pretrained(str(tmp_path)).eval()
+    assert again.cfg == model.cfg
+    with torch.no_grad():
+        back = again(ids, **kw)
+    assert torch.equal(back.logits, out.logits)
+
+
+def test_from_pretrained_rejects_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"'GPT2LMHeadModel' is not supported.*BertForMaskedLM.*ModernBertForMaskedLM",
+    ):
+        TinyEncoder.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_from_pretrained_names_missing_and_unexpected_weights(change, tmp_path):
+    st = pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
+    TinyEncoder(tiny("bert", nsp=False)).save_pretrained(str(tmp_path))
+    path = str(tmp_path / "model.safetensors")
+    sd = st.load_file(path)
+    key = "bert.encoder.layer.1.output.dense.weight"
+    if change == "missing":
+        del sd[key]
+    else:
+        key = "bert.encoder.layer.0.attention.self.rotary.weight"
+        sd[key] = torch.zeros(3)
+    st.save_file(sd, path)
+    with pytest.raises(ValueError, match=rf"{change} \[.*'{key}'"):
+        TinyEncoder.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "name,extras",
+    [
+        ("BertForMaskedLM", ("bert.pooler.dense", "cls.seq_relationship")),
+        ("RobertaForMaskedLM", ("roberta.pooler.dense",)),
+    ],
+)
+def test_from_pretrained_ignores_pretraining_extras(name, extras, tmp_path):
+    """Hub MLM checkpoints (bert-base-uncased, roberta-base) also carry pooler / NSP weights;
+    transformers loads them with an 'UNEXPECTED, can be ignored' note, and so do we."""
+    transformers = pytest.importorskip(
+        "transformers", reason="the checkpoint is written by transformers"
+    )
+    st = pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
+    hf = hf_model(transformers, name, "eager")
+    hf.save_pretrained(tmp_path)
+    path = str(tmp_path / "model.safetensors")
+    sd = st.load_file(path)
+    for key in extras:
+        out = 2 if "seq_relationship" in key else 32
+        sd[key + ".weight"], sd[key + ".bias"] = torch.randn(out, 32), torch.randn(out)
+    st.save_file(sd, path)
+    model = TinyEncoder.from_pretrained(str(tmp_path)).eval()
+    ids, mask = batch(lo=2, hi=VOCAB_SIZE, pad=hf.config.pad_token_id)
+    with torch.no_grad():
+        assert_close(
+            model(ids, mask).logits[mask.bool()],
+            hf(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+        )
+
+
+def test_from_pretrained_reads_tf_era_layernorm_names(tmp_path):
+    st = pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
+    model = perturb(TinyEncoder(tiny("bert", nsp=False))).eval()
+    model.save_pretrained(str(tmp_path))
+    path = str(tmp_path / "model.safetensors")
+    old = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
+        for k, v in st.load_file(path).items()
+    }
+    assert (
+        sum(k.endswith(".gamma") for k in old) == 1 + 2 * 2 + 1
+    )  # embeddings, 2 per layer, MLM head
+    st.save_file(old, path)
+    ids, mask = batch()
+    with torch.no_grad():
+        assert torch.equal(
+            TinyEncoder.from_pretrained(str(tmp_path)).eval()(ids, mask).logits,
+            model(ids, mask).logits,
+        )
+
+
+def test_conversion_says_it_needs_its_module():
+    """Copied alone, tinyencoder.py runs; only from_pretrained / save_pretrained need the
+    conversion module, and say so."""
+    code = (
+        "import sys; sys.modules['tinyencoder_hf'] = None; import tinyencoder as te; "
+        "m = te.TinyEncoder(te.Config.from_preset('bert', hidden=32, layers=1, heads=2)); "
+        "m(te.torch.tensor([te.encode('hi')])); m.save_pretrained('unused')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(Path(__file__).parent),
+    )
+    assert proc.returncode != 0
+    assert (
+        "save_pretrained need tinyencoder_hf.py beside tinyencoder.py"
+        in proc.stderr.splitlines()[-1]
+    )

@@ -1,0 +1,80 @@
+"""train.py end to end: exact resume, torchrun with two processes against one, one-line errors."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+# -------------------------------------------------------------------------------------------------
+# train.py end to end: exact resume; two processes under torchrun match one with the same batch
+def _train(tmp_path, *args, torchrun=False):
+    corpus = tmp_path / "corpus"
+    if not corpus.exists():
+        corpus.mkdir()
+        for i in range(6):  # six small documents; train.py holds some out
+            (corpus / f"doc{i}.txt").write_bytes(
+                (f"document {i}: " + "the quick brown fox. " * 60).encode()
+            )
+    launcher = (
+        [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc_per_node=2"]
+        if torchrun
+        else [sys.executable]
+    )
+    cmd = launcher + [
+        "train.py",
+        "--arch",
+        "roberta",
+        "--data",
+        str(corpus),
+        "--log-interval",
+        "1",
+        "--eval-seqs",
+        "4",
+        *map(str, args),
+    ]
+    run = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).parent)
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return [float(x) for x in re.findall(r"^step\s+\d+/\d+ \| loss (\S+)", run.stdout, re.M)]
+
+
+def test_train_resume_is_exact(tmp_path):  # with dropout on: its masks must replay too
+    whole = _train(tmp_path, "--max-steps", 4, "--dropout", 0.1, "--out-dir", tmp_path / "a")
+    first = _train(tmp_path, "--max-steps", 2, "--dropout", 0.1, "--out-dir", tmp_path / "b")
+    rest = _train(tmp_path, "--max-steps", 4, "--out-dir", tmp_path / "b", "--resume")
+    assert len(whole) == 4 and first + rest == whole
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    one = _train(tmp_path, "--max-steps", 2, "--batch-size", 8, "--out-dir", tmp_path / "a")
+    two = _train(
+        tmp_path, "--max-steps", 2, "--batch-size", 4, "--out-dir", tmp_path / "b", torchrun=True
+    )
+    assert len(one) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(one, two)), (one, two)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "{tmp}/missing"], "no such file or folder"),
+        (["--data", "{tmp}/empty.txt"], "every file is empty"),
+        (["--data", "{tmp}/tiny.txt"], "too little to train on"),
+        (["--data", "{tmp}/ok.txt", "--resume", "--out-dir", "{tmp}/none"], "no checkpoint"),
+    ],
+)
+def test_train_bad_input_is_one_line(tmp_path, args, message):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "tiny.txt").write_bytes(b"hello world, this is a tiny file.\n")
+    (tmp_path / "ok.txt").write_bytes(b"the quick brown fox. " * 200)
+    cmd = [sys.executable, "train.py", *(a.format(tmp=tmp_path) for a in args)]
+    run = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).parent)
+    )
+    assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, (
+        run.stderr[-2000:]
+    )

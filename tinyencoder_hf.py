@@ -1,0 +1,396 @@
+"""Conversion between tinyencoder and transformers checkpoints, written as tables.
+
+    model = TinyEncoder.from_pretrained("path/to/ModernBERT-base")  # load() below
+    model.save_pretrained("out/hf")  # save() below: AutoModelForMaskedLM loads it
+
+A transformers directory holds config.json and model.safetensors (or pytorch_model.bin). Reading
+and writing .safetensors needs the safetensors package; transformers itself is not needed here.
+"""
+
+import json
+import os
+
+import torch
+
+import tinyencoder as te
+
+# The transformers classes that load, and their family. A directory without "architectures" is
+# read as its family's base model.
+CLASSES = {
+    "BertForMaskedLM": "bert",
+    "BertForPreTraining": "bert",
+    "BertModel": "bert",
+    "RobertaForMaskedLM": "roberta",
+    "RobertaModel": "roberta",
+    "ModernBertForMaskedLM": "modernbert",
+    "ModernBertModel": "modernbert",
+}
+BASE_CLASSES = {
+    "bert": "BertModel",
+    "roberta": "RobertaModel",
+    "modernbert": "ModernBertModel",
+}
+
+# Our activation name -> transformers' names for it: the first is written, all are read.
+ACTIVATIONS = {
+    "gelu": ("gelu",),
+    "gelu_tanh": ("gelu_pytorch_tanh", "gelu_new"),
+}
+
+# -------------------------------------------------------------------------------------------------
+# Config: our field -> transformers' key, for the fields that carry over as they are.
+COMMON_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden": "hidden_size",
+    "layers": "num_hidden_layers",
+    "heads": "num_attention_heads",
+    "intermediate": "intermediate_size",
+    "pad_id": "pad_token_id",
+    "init_std": "initializer_range",
+}
+BERT_KEYS = {
+    **COMMON_KEYS,
+    "type_vocab": "type_vocab_size",
+    "norm_eps": "layer_norm_eps",
+    "cls_id": "bos_token_id",
+    "sep_id": "eos_token_id",
+    "resid_dropout": "hidden_dropout_prob",
+    "attn_dropout": "attention_probs_dropout_prob",
+}
+MODERNBERT_KEYS = {
+    **COMMON_KEYS,
+    "max_len": "max_position_embeddings",
+    "norm_eps": "norm_eps",
+    "bias": "attention_bias",
+    "norm_bias": "norm_bias",
+    "head_bias": "classifier_bias",
+    "window": "local_attention",
+    "global_every": "global_attn_every_n_layers",
+    "rope_theta": "global_rope_theta",
+    "rope_theta_local": "local_rope_theta",
+    "embed_dropout": "embedding_dropout",
+    "attn_dropout": "attention_dropout",
+    "mlp_dropout": "mlp_dropout",
+    "cls_id": "cls_token_id",
+    "sep_id": "sep_token_id",
+}
+CONFIG_KEYS = {
+    "bert": BERT_KEYS,
+    "roberta": BERT_KEYS,
+    "modernbert": MODERNBERT_KEYS,
+}
+ACTIVATION_KEY = {
+    "bert": "hidden_act",
+    "roberta": "hidden_act",
+    "modernbert": "hidden_activation",
+}
+DEFAULT_PAD_ID = {  # each class's default, for configs that leave pad_token_id out
+    "bert": 0,
+    "roberta": 1,
+    "modernbert": 50283,
+}
+# ModernBERT's layer_types entries
+GLOBAL, LOCAL = "full_attention", "sliding_attention"
+
+# -------------------------------------------------------------------------------------------------
+# Parameters: our module (or parameter) -> transformers', per family. {base} is the base model's
+# prefix ("bert.", "roberta.", "model."), empty in a checkpoint of the base model itself.
+MODULES = {
+    "bert": {
+        "tok_embed": "{base}embeddings.word_embeddings",
+        "pos_embed": "{base}embeddings.position_embeddings",
+        "type_embed": "{base}embeddings.token_type_embeddings",
+        "embed_norm": "{base}embeddings.LayerNorm",
+        "mlm_head.dense": "cls.predictions.transform.dense",
+        "mlm_head.norm": "cls.predictions.transform.LayerNorm",
+        "mlm_head.bias": "cls.predictions.bias",
+        "pooler": "{base}pooler.dense",
+        "nsp_head": "cls.seq_relationship",
+    },
+    "roberta": {
+        "tok_embed": "{base}embeddings.word_embeddings",
+        "pos_embed": "{base}embeddings.position_embeddings",
+        "type_embed": "{base}embeddings.token_type_embeddings",
+        "embed_norm": "{base}embeddings.LayerNorm",
+        "mlm_head.dense": "lm_head.dense",
+        "mlm_head.norm": "lm_head.layer_norm",
+        "mlm_head.bias": "lm_head.bias",
+    },
+    "modernbert": {
+        "tok_embed": "{base}embeddings.tok_embeddings",
+        "embed_norm": "{base}embeddings.norm",
+        "final_norm": "{base}final_norm",
+        "mlm_head.dense": "head.dense",
+        "mlm_head.norm": "head.norm",
+        "mlm_head.bias": "decoder.bias",
+    },
+}
+BERT_LAYER = {
+    "attn_norm": "attention.output.LayerNorm",
+    "attn.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+    "attn.out": "attention.output.dense",
+    "mlp_norm": "output.LayerNorm",
+    "mlp.up": "intermediate.dense",
+    "mlp.down": "output.dense",
+}
+MODERNBERT_LAYER = {
+    "attn_norm": "attn_norm",
+    "attn.qkv": "attn.Wqkv",
+    "attn.out": "attn.Wo",
+    "mlp_norm": "mlp_norm",
+    "mlp.up": "mlp.Wi",
+    "mlp.down": "mlp.Wo",
+}
+LAYERS = {
+    "bert": ("{base}encoder.layer.{i}.", BERT_LAYER),
+    "roberta": ("{base}encoder.layer.{i}.", BERT_LAYER),
+    "modernbert": ("{base}layers.{i}.", MODERNBERT_LAYER),
+}
+BASE_PREFIX = {
+    "bert": "bert.",
+    "roberta": "roberta.",
+    "modernbert": "model.",
+}
+# Keys a checkpoint may hold that we do not read.
+IGNORED_SUFFIXES = (
+    "position_ids",  # buffers
+    "token_type_ids",
+    "decoder.weight",  # tied to the token embedding
+    "decoder.bias",  # BERT and RoBERTa: tied to the head's bias
+    "pooler.dense.weight",  # a pooler in a checkpoint of the MLM class, which does not use it
+    "pooler.dense.bias",
+)
+HEAD_PREFIXES = ("cls.", "lm_head.", "head.", "decoder.")  # absent from a base model's checkpoint
+
+
+def as_tuple(names) -> tuple:
+    if isinstance(names, str):
+        return (names,)
+    return names
+
+
+def parameter_names(model: te.TinyEncoder, base: bool = False) -> dict[str, tuple[str, ...]]:
+    """Our parameter name -> the transformers key(s) holding it: three for the fused q, k, v."""
+    arch = model.cfg.arch
+    prefix = BASE_PREFIX[arch]
+    if base:
+        prefix = ""
+    modules = {ours: (theirs.format(base=prefix),) for ours, theirs in MODULES[arch].items()}
+    stem, layer_table = LAYERS[arch]
+    for i in range(model.cfg.layers):
+        layer_prefix = stem.format(base=prefix, i=i)
+        for ours, theirs in layer_table.items():
+            modules[f"layers.{i}.{ours}"] = tuple(layer_prefix + n for n in as_tuple(theirs))
+    names = {}
+    for name, _ in model.named_parameters():
+        if name in modules:  # a parameter named outright, such as the decoder's bias
+            names[name] = modules[name]
+        else:
+            module, leaf = name.rsplit(".", 1)
+            names[name] = tuple(f"{m}.{leaf}" for m in modules[module])
+    return names
+
+
+# -------------------------------------------------------------------------------------------------
+# Config translation
+def activation_from_hf(name: str) -> str:
+    for ours, theirs in ACTIVATIONS.items():
+        if name in theirs:
+            return ours
+    supported = [n for names in ACTIVATIONS.values() for n in names]
+    raise ValueError(f"activation {name!r} is not supported; supported: {supported}")
+
+
+def config_from_hf(hf: dict, nsp: bool = False) -> te.Config:
+    """A transformers config.json, including the hub's legacy ModernBERT keys, as a Config."""
+    arch = hf.get("model_type")
+    if arch not in te.PRESETS:
+        raise ValueError(f"model_type {arch!r} is not supported; supported: {list(te.PRESETS)}")
+    fields = dict(te.PRESETS[arch], nsp=nsp, pad_id=DEFAULT_PAD_ID[arch])
+    for ours, theirs in CONFIG_KEYS[arch].items():
+        if hf.get(theirs) is not None:
+            fields[ours] = hf[theirs]
+    fields["act"] = activation_from_hf(hf.get(ACTIVATION_KEY[arch]) or "gelu")
+    if arch == "modernbert":
+        return modernbert_config(hf, fields)
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        kind = hf["position_embedding_type"]
+        raise ValueError(f"position_embedding_type {kind!r} is not supported; only 'absolute'")
+    fields["pos_offset"] = 0
+    if arch == "roberta":
+        fields["pos_offset"] = fields["pad_id"] + 1
+    fields["max_len"] = hf["max_position_embeddings"] - fields["pos_offset"]
+    fields["embed_dropout"] = fields["resid_dropout"]  # one knob in transformers
+    return te.Config(**fields)
+
+
+def modernbert_config(hf: dict, fields: dict) -> te.Config:
+    types = hf.get("layer_types")
+    if types:  # the first global layer after layer 0 gives the period
+        later_globals = [i for i in range(1, len(types)) if types[i] == GLOBAL]
+        fields["global_every"] = min(later_globals, default=len(types))
+    thetas = hf.get("rope_parameters") or {}
+    for field, kind in (("rope_theta", GLOBAL), ("rope_theta_local", LOCAL)):
+        fields[field] = thetas.get(kind, {}).get("rope_theta", fields[field])
+    if bool(hf.get("mlp_bias")) != fields["bias"] or not hf.get("decoder_bias", True):
+        raise ValueError("attention_bias must equal mlp_bias and decoder_bias must be true")
+    if activation_from_hf(hf.get("classifier_activation") or "gelu") != fields["act"]:
+        raise ValueError("classifier_activation must equal hidden_activation")
+    fields["resid_dropout"] = fields["attn_dropout"]  # one knob drives both in transformers
+    cfg = te.Config(**fields)
+    if types and types != layer_types(cfg):
+        raise ValueError(f"layer_types {types} is not 'global every n-th layer', the one pattern")
+    return cfg
+
+
+def layer_types(cfg: te.Config) -> list[str]:
+    kinds = []
+    for i in range(cfg.layers):
+        if cfg.is_local(i):
+            kinds.append(LOCAL)
+        else:
+            kinds.append(GLOBAL)
+    return kinds
+
+
+def fixed_fields(cfg: te.Config) -> dict:
+    """What each family's transformers classes hard-code; a Config that differs cannot be saved."""
+    if cfg.arch == "modernbert":
+        return dict(
+            positions="rope",
+            prenorm=True,
+            glu=True,
+            type_vocab=0,
+            pos_offset=0,
+            resid_dropout=cfg.attn_dropout,
+        )
+    pos_offset = 0
+    if cfg.arch == "roberta":
+        pos_offset = cfg.pad_id + 1
+    return dict(
+        positions="learned",
+        prenorm=False,
+        glu=False,
+        bias=True,
+        norm_bias=True,
+        head_bias=True,
+        window=0,
+        mlp_dropout=0.0,
+        embed_dropout=cfg.resid_dropout,
+        pos_offset=pos_offset,
+    )
+
+
+def config_to_hf(cfg: te.Config) -> dict:
+    """The transformers config.json for cfg; refuses configs no transformers class expresses."""
+    bad = {k: getattr(cfg, k) for k, v in fixed_fields(cfg).items() if getattr(cfg, k) != v}
+    if cfg.arch != "modernbert" and cfg.type_vocab < 1:
+        bad["type_vocab"] = cfg.type_vocab
+    if bad:
+        raise ValueError(f"this {cfg.arch} config has no transformers equivalent; offending: {bad}")
+    act = ACTIVATIONS[cfg.act][0]
+    hf = {theirs: getattr(cfg, ours) for ours, theirs in CONFIG_KEYS[cfg.arch].items()}
+    hf.update(model_type=cfg.arch, tie_word_embeddings=True)
+    if cfg.arch == "modernbert":
+        thetas = {GLOBAL: cfg.rope_theta, LOCAL: cfg.rope_theta_local}
+        hf.update(
+            architectures=["ModernBertForMaskedLM"],
+            hidden_activation=act,
+            classifier_activation=act,
+            mlp_bias=cfg.bias,
+            decoder_bias=True,
+            local_attention=cfg.window or 2 * cfg.max_len,  # all layers global: any window
+            layer_types=layer_types(cfg),
+            rope_parameters={
+                k: {"rope_type": "default", "rope_theta": t} for k, t in thetas.items()
+            },
+            bos_token_id=cfg.cls_id,
+            eos_token_id=cfg.sep_id,
+        )
+        return hf
+    name = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}[cfg.arch]
+    if cfg.nsp:
+        name = "BertForPreTraining"
+    hf.update(
+        architectures=[name],
+        hidden_act=act,
+        max_position_embeddings=cfg.max_len + cfg.pos_offset,
+        position_embedding_type="absolute",
+    )
+    return hf
+
+
+# -------------------------------------------------------------------------------------------------
+# Weights
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """model.safetensors or pytorch_model.bin, with TF-era LayerNorm names (gamma, beta) renamed."""
+    safetensors_file = os.path.join(path, "model.safetensors")
+    pickle_file = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(safetensors_file):
+        from safetensors.torch import load_file
+
+        weights = load_file(safetensors_file)
+    elif os.path.exists(pickle_file):  # weights only: no code runs on load
+        weights = torch.load(pickle_file, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
+    renamed = {}
+    for key, value in weights.items():
+        if key.endswith(".gamma"):
+            key = key.removesuffix(".gamma") + ".weight"
+        elif key.endswith(".beta"):
+            key = key.removesuffix(".beta") + ".bias"
+        renamed[key] = value
+    return renamed
+
+
+def load(path: str) -> te.TinyEncoder:
+    """A TinyEncoder from a transformers checkpoint directory, checking every name and shape."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    kind = (hf.get("architectures") or [None])[0]
+    if kind is None:
+        kind = BASE_CLASSES.get(hf.get("model_type"))
+    if kind not in CLASSES:
+        raise ValueError(
+            f"{path}: architecture {kind!r} is not supported; supported: {list(CLASSES)}"
+        )
+    weights = read_weights(path)
+    model = te.TinyEncoder(config_from_hf(hf, nsp="cls.seq_relationship.weight" in weights))
+    base = not any(key.startswith(tuple(BASE_PREFIX.values())) for key in weights)
+    names = parameter_names(model, base)
+    wanted = {n for group in names.values() for n in group}
+    # a base model has no MLM head: ours keeps its fresh init
+    missing = [n for n in wanted if n not in weights and not (base and n.startswith(HEAD_PREFIXES))]
+    unexpected = [k for k in weights if k not in wanted and not k.endswith(IGNORED_SUFFIXES)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not match {kind}: missing {sorted(missing)[:8]}, unexpected "
+            f"{unexpected[:8]} ({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    with torch.no_grad():
+        for ours, theirs in names.items():
+            if not all(n in weights for n in theirs):
+                continue
+            param = model.get_parameter(ours)
+            value = torch.cat([weights[n] for n in theirs])  # q, k, v stack into one projection
+            if value.shape != param.shape:
+                shape, expected = tuple(value.shape), tuple(param.shape)
+                raise ValueError(f"{path}: {theirs[0]} has shape {shape}, expected {expected}")
+            param.copy_(value)
+    return model
+
+
+def save(model: te.TinyEncoder, path: str):
+    """Write config.json and model.safetensors for transformers' Auto classes."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_hf(model.cfg), f, indent=2)
+    weights = {}
+    for ours, theirs in parameter_names(model).items():
+        parts = model.get_parameter(ours).detach().chunk(len(theirs))  # our qkv splits in three
+        for name, part in zip(theirs, parts):
+            weights[name] = part.contiguous().cpu().clone()
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
