@@ -1,0 +1,1 @@
+"""Corpus preparation and the rows train.py reads; prepared corpora are written here too."""

@@ -1,0 +1,102 @@
+"""The corpora train.py reads: two byte arrays each (train, val), with their documents' offsets.
+
+A document goes to validation by a hash of its name, so the split stays put when documents come and
+go. The default corpus, Python's standard library with pydoc's topics, is prepared once into this
+folder.
+"""
+
+import glob
+import hashlib
+import os
+import sys
+import sysconfig
+
+import numpy as np
+
+# the standard library's tests and installed packages are not part of the default corpus
+SKIPPED_FOLDERS = ("site-packages", "test", "tests", "idle_test")
+HERE = os.path.dirname(os.path.abspath(__file__))
+STDLIB_STEM = os.path.join(HERE, "stdlib-py%d%d" % sys.version_info[:2])
+
+
+def die(message):
+    sys.exit(f"error: {message}")  # one line, no traceback
+
+
+def read_documents(spec):
+    """(name, bytes) for each file that spec (a file, folder or glob) names; with no spec, for
+    pydoc's topics and the stdlib's .py files."""
+    if not spec:
+        from pydoc_data.topics import topics
+
+        for key, text in sorted(topics.items()):
+            yield f"pydoc_data/{key}", text.encode()
+    pattern = spec or sysconfig.get_paths()["stdlib"]
+    roots = [pattern]
+    if glob.has_magic(pattern):
+        roots = sorted(glob.glob(pattern, recursive=True))
+    if not any(os.path.exists(root) for root in roots):
+        die(f"--data {pattern}: no such file or folder")
+    for root in roots:
+        walk = [("", [], [root])]
+        if os.path.isdir(root):
+            walk = os.walk(root)
+        # sorted, so that every machine reads the documents in the same order
+        for folder, subfolders, files in walk:
+            subfolders[:] = sorted(sub for sub in subfolders if spec or sub not in SKIPPED_FOLDERS)
+            for file in sorted(files):
+                if not spec and not file.endswith(".py"):
+                    continue
+                path = os.path.join(folder, file)
+                with open(path, "rb") as f:
+                    data = f.read()
+                # the stdlib's names do not depend on where Python is installed
+                if not spec:
+                    path = os.path.relpath(path, root)
+                yield path, data
+
+
+def split_documents(documents, spec):
+    """{"train": (bytes, offsets), "val": (bytes, offsets)}, about 4% of the documents held out."""
+    documents = [(name, data) for name, data in documents if data]
+    if not documents:
+        die(f"--data {spec}: no data, every file is empty")
+    held = [hashlib.md5(name.encode()).digest()[0] % 25 == 0 for name, _ in documents]
+    if all(held) or not any(held):
+        # too few documents to hold some out: hold out the last tenth of each
+        cuts = [len(data) * 9 // 10 for _, data in documents]
+        train = [data[:cut] for (_, data), cut in zip(documents, cuts)]
+        val = [data[cut:] for (_, data), cut in zip(documents, cuts)]
+    else:
+        train = [data for (_, data), is_held in zip(documents, held) if not is_held]
+        val = [data for (_, data), is_held in zip(documents, held) if is_held]
+    # 15% of fewer than 100 bytes is too few masked bytes to mean anything
+    if sum(map(len, val)) < 100:
+        total = sum(len(data) for _, data in documents)
+        too_little = f"{total} bytes is too little to train on and hold some out"
+        die(f"--data {spec}: {too_little}; give it 1 KB or more")
+    parts = {}
+    for part, docs in (("train", train), ("val", val)):
+        parts[part] = (np.frombuffer(b"".join(docs), np.uint8), np.cumsum([0, *map(len, docs)]))
+    return parts
+
+
+def prepare_stdlib():
+    """Split the stdlib into data/ unless done. Each file is renamed into place whole; val.idx,
+    written last, marks "done"."""
+    if os.path.exists(f"{STDLIB_STEM}-val.idx"):
+        return
+    for part, (data, offsets) in split_documents(read_documents(None), None).items():
+        for suffix, array in (("bin", data), ("idx", offsets.astype(np.int64))):
+            path = f"{STDLIB_STEM}-{part}.{suffix}"
+            array.tofile(f"{path}.tmp")
+            os.replace(f"{path}.tmp", path)
+
+
+def load_stdlib():
+    """The prepared stdlib corpus, as split_documents() returns it."""
+    parts = {}
+    for part in ("train", "val"):
+        data = np.fromfile(f"{STDLIB_STEM}-{part}.bin", np.uint8)
+        parts[part] = (data, np.fromfile(f"{STDLIB_STEM}-{part}.idx", np.int64))
+    return parts

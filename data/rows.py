@@ -1,0 +1,167 @@
+"""The rows train.py reads, cut from a corpus (see corpus.py) as each recipe says, and batched.
+
+Training example i is a pure function of i and the seed, so a resumed run, and any split of a global
+batch over processes and micro-batches, sees the same rows and masks. The held-out rows are the same
+plain rows for every recipe, masked with fixed seeds, so that the recipes' accuracies compare.
+"""
+
+from functools import lru_cache
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from tinyencoder import CLS, PAD, SEP, mask_tokens
+
+
+class Example(NamedTuple):
+    ids: np.ndarray  # (T,) bytes and special ids
+    token_types: np.ndarray  # (T,) 0 for the first segment, 1 for the second
+    doc_ids: np.ndarray  # (T,) 1, 2, ... for the documents in the row, 0 at padding
+    nsp_label: int  # 1 when the second segment is a random one, 0 when it follows; -1 without NSP
+    mask_key: list  # seeds the row's masks
+
+
+def pad(x, length, value=PAD):
+    padding = np.full(length - len(x), value)
+    return np.concatenate([x, padding]).astype(np.int64)
+
+
+def sentence_pair(data, offsets, length, slot, key):
+    """BERT's CLS A SEP B SEP from bytes slot * (length - 3) on, cut after a newline (code's nearest
+    thing to a sentence end); B follows A (label 0) or is a random span elsewhere (label 1)."""
+    rng = np.random.default_rng(key)
+    span = length - 3  # bytes of A and B
+    start = slot * span % len(data)
+    doc = np.searchsorted(offsets, start, "right") - 1
+    end = min(start + span, offsets[doc + 1])
+    chunk = data[max(offsets[doc], end - span) : end]  # near a document's end, start earlier
+    cuts = np.flatnonzero(chunk[:-1] == 10) + 1
+    if len(cuts):
+        cut = cuts[rng.integers(len(cuts))]
+    else:
+        cut = rng.integers(1, max(2, len(chunk)))
+    first, second = chunk[:cut], chunk[cut:]
+    nsp_label = int(rng.random() < 0.5)
+    if nsp_label:
+        at = rng.integers(len(data))
+        doc_end = offsets[np.searchsorted(offsets, at, "right")]
+        second = data[at : min(at + len(second), doc_end)]
+    ids = np.concatenate([[CLS], first, [SEP], second, [SEP]])
+    types = np.r_[np.zeros(len(first) + 2), np.ones(len(second) + 1)]
+    doc_ids = np.ones(len(ids))
+    return Example(
+        ids=pad(ids, length),
+        token_types=pad(types, length, 0),
+        doc_ids=pad(doc_ids, length, 0),
+        nsp_label=nsp_label,
+        mask_key=key,
+    )
+
+
+class TrainingRows:
+    """Example i of a recipe's inputs: in epoch e, slot order(e)[i mod count] of the corpus.
+
+    "pairs" (BERT): a sentence pair from each length - 3 bytes. "full-sentences" (RoBERTa) and
+    "packed" (ModernBERT) read one stream of documents, each followed by SEP: RoBERTa's rows run
+    across documents behind one CLS each; ModernBERT's documents start with CLS and pack length
+    tokens a row. "static" masking (BERT) draws dupe_factor masks per slot, once; "dynamic" masks
+    are new each time.
+    """
+
+    def __init__(self, recipe, data, offsets, length, seed, dupe_factor):
+        self.recipe = recipe
+        self.data, self.offsets = data, offsets
+        self.length = length
+        self.seed, self.dupe_factor = seed, dupe_factor
+        if recipe.inputs == "pairs":
+            self.count = max(1, len(data) // (length - 3))
+            return
+        opening, self.row_len = [], length - 1
+        if recipe.inputs == "packed":
+            opening, self.row_len = [CLS], length
+        docs = []
+        for start, end in zip(offsets, offsets[1:]):
+            doc = np.r_[opening, data[start:end], [SEP]]
+            docs.append(doc.astype(np.uint16))
+        self.stream = np.concatenate(docs)
+        self.count = max(1, len(self.stream) // self.row_len)
+
+    @lru_cache(maxsize=1)
+    def order(self, epoch):
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.permutation(self.count)
+
+    def __getitem__(self, i):
+        epoch, j = divmod(i, self.count)
+        slot = int(self.order(epoch)[j])
+        key = [self.seed, i]
+        if self.recipe.masking == "static":
+            key = [self.seed, slot, epoch % self.dupe_factor]
+        if self.recipe.inputs == "pairs":
+            return sentence_pair(self.data, self.offsets, self.length, slot, key)
+        first = slot * self.row_len
+        where = (first + np.arange(self.row_len)) % len(self.stream)
+        ids = self.stream[where].astype(np.int64)
+        no_types = np.zeros(self.length, np.int64)
+        if self.recipe.inputs == "full-sentences":  # attends across documents
+            one_doc = np.ones(self.length, np.int64)
+            return Example(np.r_[[CLS], ids], no_types, one_doc, -1, key)
+        doc_ids = np.cumsum(ids == CLS)
+        if ids[0] != CLS:  # the row starts inside a document: that is document 1 too
+            doc_ids += 1
+        return Example(ids, no_types, doc_ids, -1, key)
+
+
+def held_out_rows(data, offsets, length, count):
+    """count plain rows, spread over the held-out documents (CLS, up to 254 bytes of one, SEP), and
+    the (start, end) of their bytes."""
+    span = max(1, min(256, length) - 2)
+    spans = []
+    for doc_start, doc_end in zip(offsets, offsets[1:]):
+        for start in range(doc_start, doc_end, span):
+            spans.append((start, min(start + span, doc_end)))
+    spread = np.linspace(0, len(spans) - 1, count).round().astype(int)
+    spans = [spans[i] for i in np.unique(spread)]
+    rows = []
+    for j, (start, end) in enumerate(spans):
+        ids = np.r_[[CLS], data[start:end], [SEP]]
+        no_types = pad([], length, 0)
+        doc_ids = pad(np.ones(len(ids)), length, 0)
+        rows.append(Example(pad(ids, length), no_types, doc_ids, -1, [0, 0, 0, j]))
+    return spans, rows
+
+
+def held_out_pairs(data, offsets, length, count):
+    """count sentence pairs, spread over the held-out bytes, for next-sentence prediction."""
+    pairs = []
+    for j in range(count):
+        # 7919, a prime, spreads the slots
+        pairs.append(sentence_pair(data, offsets, length, j * 7919, [0, 0, 1, j]))
+    return pairs
+
+
+def collate(rows, cfg, rate, device):
+    """The model's keyword arguments for rows, on the device, and their NSP labels (None without).
+    Each row is masked by its own generator, seeded from its key."""
+    ids, labels = [], []
+    for row in rows:
+        seed = np.random.SeedSequence(row.mask_key).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(seed >> 1))
+        masked, label = mask_tokens(torch.from_numpy(row.ids), cfg, generator, rate)
+        ids.append(masked)
+        labels.append(label)
+    doc_ids = np.stack([row.doc_ids for row in rows])
+    batch = dict(
+        input_ids=torch.stack(ids).to(device),
+        attention_mask=torch.from_numpy(doc_ids).to(device),
+        labels=torch.stack(labels).to(device),
+        token_type_ids=None,
+    )
+    if cfg.type_vocab:  # ModernBERT has no segment embeddings
+        types = np.stack([row.token_types for row in rows])
+        batch["token_type_ids"] = torch.from_numpy(types).to(device)
+    nsp_labels = None
+    if rows[0].nsp_label >= 0:
+        nsp_labels = torch.tensor([row.nsp_label for row in rows], device=device)
+    return batch, nsp_labels
