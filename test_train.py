@@ -1,7 +1,10 @@
-"""train.py end to end: exact resume, torchrun with two processes against one, one-line errors."""
+"""train.py end to end: exact resume, torchrun against one process, one-line errors, and learned
+positions that learn word order."""
 
+import random
 import re
 import shutil
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +81,33 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
     assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, (
         run.stderr[-2000:]
     )
+
+
+# -------------------------------------------------------------------------------------------------
+# Learned positions learn word order under the default recipes
+def word_corpus(folder, documents=20, words_per_document=1000):
+    """Twenty made-up five-letter words in random order. A masked letter is decided by its
+    neighbours within the word; a model blind to order sees only letter counts and stays near
+    the unigram rate (measured: 24 % after 300 steps, where both recipes below still are)."""
+    rng = random.Random(0)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(5)) for _ in range(20)]
+    folder.mkdir()
+    for d in range(documents):
+        text = " ".join(rng.choice(words) for _ in range(words_per_document))
+        (folder / f"doc{d:02d}.txt").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_learned_positions_learn_word_order(tmp_path, arch):
+    """600 steps on 32-byte rows. With the position table starting as noise (and BERT's 1 %
+    warmup) the same runs ended at 34 % (bert) and 46-51 % (roberta)."""
+    corpus = word_corpus(tmp_path / "words")
+    flags = ["--context", 32, "--batch-size", 32, "--max-steps", 600, "--eval-interval", 600]
+    cmd = [sys.executable, "train.py", "--arch", arch, "--data", corpus, "--eval-seqs", 64]
+    cmd += flags + ["--out-dir", tmp_path / "out"]
+    here = str(Path(__file__).parent)
+    run = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=here, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    accuracy = float(re.search(r"held-out masked-byte accuracy (\S+)%", run.stdout).group(1))
+    assert accuracy >= 75, run.stdout[-1500:]

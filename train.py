@@ -52,7 +52,7 @@ class Recipe(NamedTuple):  # the defaults are BERT's
     weight_decay: float = 0.01
     decoupled_decay: bool = False  # StableAdamW's: it does not scale with the learning rate
     schedule: str = "linear"  # warmup, then down to 0; "wsd": warmup, stable, decay at the end
-    warmup: float = 0.01  # fraction of the schedule: 10k of 1M steps
+    warmup: dict = dict(tiny=0.1, small=0.1, base=0.01, large=0.01)  # 10k of 1M steps; see README
 
 
 # The papers' learning rates at base and large; at the small sizes, post-LN fails at 2e-3.
@@ -63,7 +63,7 @@ RECIPES = {
         masking="dynamic",
         lr=dict(tiny=1e-3, small=1e-3, base=6e-4, large=4e-4),
         betas=(0.9, 0.98),
-        warmup=0.05,  # 24k of 500k steps
+        warmup=dict.fromkeys(SIZES, 0.05),  # 24k of 500k steps
     ),
     "modernbert": Recipe(
         inputs="packed",
@@ -74,7 +74,7 @@ RECIPES = {
         weight_decay=1e-5,
         decoupled_decay=True,
         schedule="wsd",
-        warmup=0.05,
+        warmup=dict.fromkeys(SIZES, 0.05),
     ),
 }
 
@@ -88,18 +88,10 @@ add("--out-dir", default="out", help="checkpoints and metrics.jsonl go here")
 add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
 add("--max-steps", type=int, help="optimizer steps, exactly (default: what fits --time-budget)")
 add("--time-budget", type=float, default=9.5, help="minutes for the whole run without --max-steps")
-add(
-    "--lr-steps",
-    type=int,
-    help="length of the LR schedule (default: the run's length under --time-budget, else 2000; "
-    "never --max-steps, so a resumed run can go further on the same curve)",
-)
-add(
-    "--context",
-    type=int,
-    help="sequence length (default: 128 on CPU; 512, 1024 for modernbert, on GPU); modernbert "
-    "above 1024 is its context extension: global RoPE theta 160k, lr 3e-4, 1-sqrt decay",
-)
+# never --max-steps, so that a resumed run can go further on the same curve
+add("--lr-steps", type=int, help="LR schedule length (default: the run's, else 2000)")
+# ModernBERT above 1024 is its context extension: global RoPE theta 160k, lr 3e-4, 1-sqrt decay
+add("--context", type=int, help="sequence length (default: 128 on CPU, the paper's on GPU)")
 add("--batch-size", type=int, help="sequences per micro-batch and process")
 add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
 add("--lr", type=float, help="peak learning rate")
@@ -115,6 +107,7 @@ add("--ckpt-interval", type=int, help="steps between checkpoints (default: at ea
 add("--resume", action="store_true", help="continue exactly from ckpt_last.pt in --out-dir")
 add("--init-from", help="checkpoint to take the weights from (e.g. before a --context 8192 phase)")
 add("--compile", action="store_true")
+add("--position-init", choices=["sinusoids", "normal"], default="sinusoids", help="see README")
 add("--peak-tflops", type=float, help="peak for MFU (default: a table on CUDA, a matmul on CPU)")
 add("--seed", type=int, default=1337)
 args = parser.parse_args()
@@ -158,7 +151,7 @@ global_batch = B * world * args.grad_accum  # sequences per optimizer step, over
 extension = args.arch == "modernbert" and T > 1024
 args.lr = args.lr or (3e-4 if extension else recipe.lr[args.size])
 if args.warmup is None:
-    args.warmup = recipe.warmup
+    args.warmup = recipe.warmup[args.size]
 if args.decay is None:
     args.decay = 1 / 6 if extension else 0.2
 deadline = t0 + args.time_budget * 60 - 15  # 15 s for the demo and the last checkpoint
@@ -187,7 +180,16 @@ nsp_rows = []
 if recipe.inputs == "pairs":
     nsp_rows = held_out_pairs(val_data, val_offsets, T, len(eval_rows))
 
-# Model
+
+# Model. A learned position table starts as sinusoids, not as noise (README: "Learning word order").
+def sinusoids(table, offset, amplitude=0.1):  # Vaswani et al.'s, from row offset on
+    position = torch.arange(table.shape[0] - offset, device=table.device)[:, None]
+    rate = 10000.0 ** (-torch.arange(0, table.shape[1], 2, device=table.device) / table.shape[1])
+    with torch.no_grad():
+        table[offset:, 0::2] = amplitude * torch.sin(position * rate)
+        table[offset:, 1::2] = amplitude * torch.cos(position * rate)
+
+
 checkpoint, ckpt_path = None, os.path.join(args.out_dir, "ckpt_last.pt")
 if args.resume:
     if not os.path.exists(ckpt_path):
@@ -218,6 +220,8 @@ else:
 args.mlm_rate = args.mlm_rate or cfg.mlm_rate
 torch.manual_seed(args.seed)
 model = te.TinyEncoder(cfg).to(device)  # checkpoints hold its names, never a wrapper's
+if model.pos_embed is not None and args.position_init == "sinusoids":  # resuming loads its own
+    sinusoids(model.pos_embed.weight, cfg.pos_offset)
 if args.init_from:
     weights = torch.load(args.init_from, map_location=device, weights_only=True)["model"]
     model.load_state_dict(weights)
@@ -476,9 +480,8 @@ if master:
     n = len(ids)
     hide = torch.zeros_like(ids, dtype=torch.bool)
     # three spans of three bytes, at a fifth, a half and four fifths; never the final SEP
-    for span_start in (n // 5, n // 2, 4 * n // 5):
-        for offset in range(3):
-            hide[min(span_start + offset, n - 2)] = True
+    for start in (n // 5, n // 2, 4 * n // 5):
+        hide[start : min(start + 3, n - 1)] = True
     model.eval()
     with torch.no_grad(), amp:
         logits = model(torch.where(hide, te.MASK, ids)[None]).logits[0]

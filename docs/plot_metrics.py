@@ -1,0 +1,52 @@
+"""Held-out masked-byte accuracy against training time, one line per run, from train.py's
+metrics.jsonl files. Needs matplotlib (pip install -e ".[plot]").
+
+    python docs/plot_metrics.py out-bert out-roberta "out-noise=bert, noise start" --png curves.png
+
+Each run is a train.py --out-dir folder, optionally followed by =LABEL (default: its arch).
+"""
+
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # write a file; no screen needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(run_dir):
+    """The evaluations of one run, in order: dicts with step, arch, elapsed_s, val_acc, ..."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("runs", nargs="+", help="train.py --out-dir folders, each DIR or DIR=LABEL")
+    parser.add_argument("--png", default="docs/curves.png")
+    args = parser.parse_args()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for run in args.runs:
+        folder, _, label = run.partition("=")
+        evals = read_metrics(folder)
+        minutes = [e["elapsed_s"] / 60 for e in evals]
+        accuracy = [100 * e["val_acc"] for e in evals]
+        style = "--" if label else "-"  # labelled runs are the variants, drawn dashed
+        ax.plot(minutes, accuracy, style, marker="o", label=label or evals[-1]["arch"])
+    ax.set_xlabel("wall-clock minutes (2-core CPU)")
+    ax.set_ylabel("held-out masked-byte accuracy (%)")
+    ax.set_title("python train.py --arch ARCH, default recipes")
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 112)  # room for the legend above the curves
+    ax.set_yticks(range(0, 101, 20))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(args.png)
+    print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()
