@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import CPU_BACKENDS, assert_close, assert_ran, batch, perturb, tiny, variant
-from tinyencoder import CLS, SEP, VOCAB_SIZE, TinyEncoder
+from tinyencoder import CLS, MASK, PAD, SEP, VOCAB_SIZE, TinyEncoder, encode
 
 # -------------------------------------------------------------------------------------------------
 # 1. Parity with transformers on random weights: their save_pretrained -> our from_pretrained
@@ -240,3 +240,56 @@ def test_conversion_says_it_needs_its_module():
         "save_pretrained need tinyencoder_hf.py beside tinyencoder.py"
         in proc.stderr.splitlines()[-1]
     )
+
+
+# -------------------------------------------------------------------------------------------------
+# Exported models take raw text: transformers' tokenizer and pipeline, sentence-transformers
+MIXED_TEXT = "def f(x):\n\treturn x  # héllo, wörld ✓ 日本 \x00\x7f"
+
+
+@pytest.mark.parametrize("preset", ["bert", "roberta", "modernbert"])
+def test_saved_tokenizer_frames_text_as_tinyencoder(preset, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the tokenizer is transformers'")
+    TinyEncoder(tiny(preset)).save_pretrained(str(tmp_path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    encoded = tokenizer(MIXED_TEXT)
+    assert encoded["input_ids"] == [CLS, *encode(MIXED_TEXT), SEP]
+    assert tokenizer.decode(encoded["input_ids"], skip_special_tokens=True) == MIXED_TEXT
+    assert tokenizer.mask_token_id == MASK and tokenizer.pad_token_id == PAD
+    assert len(tokenizer) == VOCAB_SIZE  # every id the model can predict decodes
+    pair = tokenizer("ab", "cé")
+    assert pair["input_ids"] == [CLS, *encode("ab"), SEP, *encode("cé"), SEP]
+    if preset == "bert":  # segments: A with its [SEP] is type 0, B with its [SEP] type 1
+        assert pair["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1, 1]
+    else:
+        assert "token_type_ids" not in pair
+
+
+@pytest.mark.parametrize("preset", ["bert", "roberta", "modernbert"])
+def test_fill_mask_pipeline_predicts_our_argmax(preset, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the pipeline is transformers'")
+    model = perturb(TinyEncoder(tiny(preset, nsp=False))).eval()
+    model.save_pretrained(str(tmp_path))
+    fill = transformers.pipeline("fill-mask", model=str(tmp_path), top_k=3)
+    predictions = fill("x = [MASK] + 1")
+    ids = torch.tensor([[CLS, *encode("x = "), MASK, *encode(" + 1"), SEP]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(encode("x = ")) + 1]
+    assert [p["token"] for p in predictions] == logits.topk(3).indices.tolist()
+
+
+def test_sentence_transformers_mean_pooling_equals_ours(tmp_path):
+    st = pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed")
+    model = perturb(TinyEncoder(tiny("modernbert", max_len=256))).eval()  # no text is cut
+    model.save_pretrained(str(tmp_path))
+    texts = ["short", MIXED_TEXT, "a somewhat longer line of text, to pad the others " * 3]
+    theirs = st.SentenceTransformer(str(tmp_path), device="cpu").encode(
+        texts, convert_to_tensor=True
+    )
+    rows = [torch.tensor([CLS, *encode(t), SEP]) for t in texts]
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD)
+    mask = (ids != PAD).long()
+    with torch.no_grad():
+        hidden = model(ids, mask).hidden
+    ours = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert_close(theirs.cpu(), ours, 1e-4)

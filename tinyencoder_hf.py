@@ -2,6 +2,7 @@
 
     model = TinyEncoder.from_pretrained("path/to/ModernBERT-base")  # load() below
     model.save_pretrained("out/hf")  # save() below: AutoModelForMaskedLM loads it
+    python tinyencoder_hf.py out/ckpt_best.pt out/hf  # the same for a train.py checkpoint
 
 A transformers directory holds config.json and model.safetensors (or pytorch_model.bin). Reading
 and writing .safetensors needs the safetensors package; transformers itself is not needed here.
@@ -382,15 +383,148 @@ def load(path: str) -> te.TinyEncoder:
 
 
 def save(model: te.TinyEncoder, path: str):
-    """Write config.json and model.safetensors for transformers' Auto classes."""
+    """Write what transformers' Auto classes and sentence-transformers load: config.json,
+    model.safetensors, the byte tokenizer, and a mean-pooling sentence-transformers setup."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(model.cfg), f, indent=2)
+    write_json(path, "config.json", config_to_hf(model.cfg))
     weights = {}
     for ours, theirs in parameter_names(model).items():
         parts = model.get_parameter(ours).detach().chunk(len(theirs))  # our qkv splits in three
         for name, part in zip(theirs, parts):
             weights[name] = part.contiguous().cpu().clone()
     save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    write_json(path, "tokenizer.json", tokenizer_json(model.cfg))
+    write_json(path, "tokenizer_config.json", tokenizer_config(model.cfg))
+    for name, content in sentence_transformers_files(model.cfg).items():
+        write_json(path, name, content)
+
+
+def write_json(folder: str, name: str, content):
+    os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+    with open(os.path.join(folder, name), "w") as f:
+        json.dump(content, f, indent=2, ensure_ascii=False)
+
+
+# -------------------------------------------------------------------------------------------------
+# The byte vocabulary as a transformers tokenizer: a BPE model without merges over GPT-2's table
+# of byte-level characters, so that every byte is one token whose id is the byte, and a template
+# that frames text as [CLS] bytes [SEP] (a pair as [CLS] A [SEP] B [SEP]).
+SPECIAL_TOKENS = {
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "mask_token": "[MASK]",
+}
+
+
+def byte_characters() -> list[str]:
+    """GPT-2's printable stand-in for each byte: byte_characters()[b] stands for byte b."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    characters = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in characters]
+    for n, b in enumerate(others):
+        characters[b] = chr(256 + n)
+    return [characters[b] for b in range(256)]
+
+
+def special_ids(cfg: te.Config) -> dict[str, int]:
+    """The special tokens and their ids; the ids past them, unused, as [unused0], [unused1], ..."""
+    ids = {
+        "[PAD]": cfg.pad_id,
+        "[CLS]": cfg.cls_id,
+        "[SEP]": cfg.sep_id,
+        "[MASK]": cfg.mask_id,
+    }
+    first_unused = max(ids.values()) + 1
+    for n, token_id in enumerate(range(first_unused, cfg.vocab_size)):
+        ids[f"[unused{n}]"] = token_id
+    return ids
+
+
+def tokenizer_json(cfg: te.Config) -> dict:
+    """tokenizer.json for the tokenizers library: bytes in, our ids out."""
+    ids = special_ids(cfg)
+    second_type = 1 if cfg.type_vocab > 1 else 0  # BERT's segment B; one segment elsewhere
+
+    def piece(kind, name, type_id):
+        return {kind: {"id": name, "type_id": type_id}}
+
+    single = [piece("SpecialToken", "[CLS]", 0), piece("Sequence", "A", 0)]
+    single.append(piece("SpecialToken", "[SEP]", 0))
+    pair = single + [
+        piece("Sequence", "B", second_type),
+        piece("SpecialToken", "[SEP]", second_type),
+    ]
+    added = []
+    for token, token_id in ids.items():
+        flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False)
+        added.append(dict(id=token_id, content=token, **flags, special=True))
+    byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=False)
+    vocab = {character: b for b, character in enumerate(byte_characters())}
+    framing = {name: dict(id=name, ids=[ids[name]], tokens=[name]) for name in ("[CLS]", "[SEP]")}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "post_processor": dict(
+            type="TemplateProcessing", single=single, pair=pair, special_tokens=framing
+        ),
+        "decoder": byte_level,
+        "model": dict(type="BPE", dropout=None, unk_token=None, vocab=vocab, merges=[]),
+    }
+
+
+def tokenizer_config(cfg: te.Config) -> dict:
+    inputs = ["input_ids", "attention_mask"]
+    if cfg.type_vocab > 1:  # BERT's segments
+        inputs.insert(1, "token_type_ids")
+    return dict(
+        tokenizer_class="PreTrainedTokenizerFast",
+        model_max_length=cfg.max_len,
+        model_input_names=inputs,
+        clean_up_tokenization_spaces=False,
+        **SPECIAL_TOKENS,
+    )
+
+
+def sentence_transformers_files(cfg: te.Config) -> dict[str, object]:
+    """The files SentenceTransformer(dir) reads: the transformer, then mean pooling over every
+    token that is not padding ([CLS] and [SEP] included)."""
+    modules = [
+        dict(idx=0, name="0", path="", type="sentence_transformers.models.Transformer"),
+        dict(idx=1, name="1", path="1_Pooling", type="sentence_transformers.models.Pooling"),
+    ]
+    pooling = dict(word_embedding_dimension=cfg.hidden, pooling_mode_mean_tokens=True)
+    return {
+        "modules.json": modules,
+        "sentence_bert_config.json": dict(max_seq_length=cfg.max_len, do_lower_case=False),
+        "1_Pooling/config.json": pooling,
+    }
+
+
+# -------------------------------------------------------------------------------------------------
+# Export a train.py checkpoint: python tinyencoder_hf.py out/ckpt_best.pt out/hf
+def main():
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export a train.py checkpoint for transformers.")
+    parser.add_argument("checkpoint", help="a train.py checkpoint, e.g. out/ckpt_best.pt")
+    parser.add_argument("out_dir", help="the folder to write")
+    args = parser.parse_args()
+    if not os.path.exists(args.checkpoint):
+        raise SystemExit(f"error: {args.checkpoint}: no such checkpoint")
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    model = te.TinyEncoder(te.Config(**state["cfg"]))
+    model.load_state_dict(state["model"])
+    save(model, args.out_dir)
+    print(f"wrote {args.out_dir}: {', '.join(sorted(os.listdir(args.out_dir)))}")
+
+
+if __name__ == "__main__":
+    main()
