@@ -525,7 +525,7 @@ class TinyEncoder(nn.Module):
         return conversion_module().load(path)
 
     def save_pretrained(self, path: str):
-        """Write config.json and model.safetensors, which transformers' Auto classes load."""
+        """Write a folder that transformers and sentence-transformers load, tokenizer included."""
         conversion_module().save(self, path)
 
 
