@@ -88,7 +88,7 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
 def word_corpus(folder, documents=20, words_per_document=1000):
     """Twenty made-up five-letter words in random order. A masked letter is decided by its
     neighbours within the word; a model blind to order sees only letter counts and stays near
-    the unigram rate (measured: 24 % after 300 steps, where both recipes below still are)."""
+    the rate of guessing from letter counts (both recipes sit at 24 % after 300 steps)."""
     rng = random.Random(0)
     words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(5)) for _ in range(20)]
     folder.mkdir()
@@ -100,8 +100,8 @@ def word_corpus(folder, documents=20, words_per_document=1000):
 
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_learned_positions_learn_word_order(tmp_path, arch):
-    """600 steps on 32-byte rows. With the position table starting as noise (and BERT's 1 %
-    warmup) the same runs ended at 34 % (bert) and 46-51 % (roberta)."""
+    """600 steps on 32-byte rows: 85.7 % (bert) and 92.5 % (roberta) when measured. With
+    --position-init normal (and --warmup 0.01 for bert) they ended at 33.2 % and 46.4 %."""
     corpus = word_corpus(tmp_path / "words")
     flags = ["--context", 32, "--batch-size", 32, "--max-steps", 600, "--eval-interval", 600]
     cmd = [sys.executable, "train.py", "--arch", arch, "--data", corpus, "--eval-seqs", 64]
