@@ -28,6 +28,7 @@ import traceback
 import torch
 
 import tinyencoder as te
+from mfu import flops_per_token, measured_peak
 
 try:
     import transformers
@@ -50,23 +51,6 @@ def autocast(dev, dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(dev.type, dtype)
-
-
-def peak_flops(dev, dtype, reps=3):
-    """Best FLOP/s of a few square matmuls: the machine's practical matmul peak in this dtype."""
-    sizes = (4096, 8192) if dev.type == "cuda" else (2048, 3072, 4096)
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device=dev, dtype=dtype)
-        b = torch.randn(n, n, device=dev, dtype=dtype)
-        # one more product than reps: the first warms up
-        for _ in range(reps + 1):
-            sync(dev)
-            t = time.perf_counter()
-            a @ b
-            sync(dev)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
 
 
 def make_batches(cfg, n, B, T, var, dev, seed=0):
@@ -93,14 +77,13 @@ def make_batches(cfg, n, B, T, var, dev, seed=0):
 
 def batch_flops(model, b):
     """Training FLOPs of one batch: each document costs its length x flops_per_token(its length)."""
-    return sum(n * model.flops_per_token(n) for n in b["lens"])
+    return sum(n * flops_per_token(model, n) for n in b["lens"])
 
 
 def hf_twin(model, dev):
     """The transformers model with the same weights: save_pretrained, AutoModelForMaskedLM, sdpa."""
-    # not in the saved config: ModernBERT's MLM head runs on labelled tokens only
-    sparse = model.cfg.arch == "modernbert" and model.cfg.sparse_prediction
-    kw = {"sparse_prediction": True} if sparse else {}
+    # not in the saved config: ModernBERT's MLM head runs on labelled tokens only, as ours does
+    kw = {"sparse_prediction": True} if model.cfg.arch == "modernbert" else {}
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         hf = transformers.AutoModelForMaskedLM.from_pretrained(d, attn_implementation="sdpa", **kw)
@@ -200,7 +183,7 @@ def bench_case(arch, batch, step, args, dev, dtype):
     models = {"published": base}
     # BERT and RoBERTa pad: on padded batches, time them with unpadding switched on as well
     if var and not cfg.unpad:
-        models["unpad"] = variant(base, unpad=True, sparse_prediction=True)
+        models["unpad"] = variant(base, unpad=True)
     steps = {k: stepper(m, train, dtype, args.compile) for k, m in models.items()}
     if transformers is not None and not args.no_hf:
         hf = hf_twin(base, dev)
@@ -418,7 +401,7 @@ def main():
     if dev.type == "cpu" and threads > 1 and load > 0.5:
         busy = "note: other jobs are using the CPUs, so threads wait on each other;"
         print(busy, "--threads 1 is steadier")
-    peak = peak_flops(dev, dtype)
+    peak = measured_peak(dev, dtype)
     report = dict(device=str(dev), dtype=args.dtype, compile=args.compile, peak_flops=peak)
 
     if args.gpu_check:
@@ -432,7 +415,7 @@ def main():
                 for step in ("train", "infer"):
                     rows += bench_case(arch, batch, step, args, dev, dtype)
                     print(f"  {arch} {batch} {step}: done", file=sys.stderr, flush=True)
-            peaks.append(peak_flops(dev, dtype))
+            peaks.append(measured_peak(dev, dtype))
         report.update(peak_flops=max(peaks), peaks=peaks, rows=rows)
         add_mfu(rows, max(peaks))
         print_table(rows, max(peaks), args.dtype)

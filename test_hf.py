@@ -2,6 +2,7 @@
 unpadded; save_pretrained read back by transformers' Auto classes; checkpoint quirks and errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,26 +221,21 @@ def test_from_pretrained_reads_tf_era_layernorm_names(tmp_path):
         )
 
 
-def test_conversion_says_it_needs_its_module():
+def test_conversion_says_it_needs_its_module(tmp_path):
     """Copied alone, tinyencoder.py runs; only from_pretrained / save_pretrained need the
-    conversion module, and say so."""
+    conversion module, and the error names it."""
+    shutil.copy(Path(__file__).parent / "tinyencoder.py", tmp_path)
     code = (
-        "import sys; sys.modules['tinyencoder_hf'] = None; import tinyencoder as te; "
+        "import tinyencoder as te; "
         "m = te.TinyEncoder(te.Config.from_preset('bert', hidden=32, layers=1, heads=2)); "
         "m(te.torch.tensor([te.encode('hi')])); m.save_pretrained('unused')"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=str(Path(__file__).parent),
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert proc.returncode != 0
-    assert (
-        "save_pretrained need tinyencoder_hf.py beside tinyencoder.py"
-        in proc.stderr.splitlines()[-1]
-    )
+    last = proc.stderr.splitlines()[-1]
+    assert last == "ModuleNotFoundError: No module named 'tinyencoder_hf'", last
 
 
 # -------------------------------------------------------------------------------------------------

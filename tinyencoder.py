@@ -1,17 +1,16 @@
 """tinyencoder: BERT, RoBERTa and ModernBERT as flags of one byte-level encoder.
 
 Read top to bottom, each idea before any faster form of it: 1. byte vocabulary; 2. Config and
-PRESETS; 3. attention as defined, with document positions and masks; 4. blocks; 5. the model; 6. the
-masking objective; 7. fast paths (optional reading), each tested equal to section 3. Needs torch
-alone; tinyencoder_hf.py converts checkpoints to and from transformers.
+PRESETS; 3. attention as defined; 4. blocks; 5. the model; 6. the masking objective; 7. fast paths
+(optional reading), each tested equal to section 3. Needs torch alone; tinyencoder_hf.py converts.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import sys
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, fields
 from inspect import signature
 from typing import Optional
 
@@ -29,16 +28,11 @@ IGNORE_INDEX = -100  # a label that no loss counts (PyTorch's and transformers' 
 
 def encode(text: str | bytes) -> list[int]:
     """Text to ids: its UTF-8 bytes. Bytes pass through as they are."""
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise ValueError(f"encode takes str or bytes, got {type(text).__name__}")
     if isinstance(text, str):
         text = text.encode("utf-8")
     return list(text)
-
-
-def decode(ids) -> str:
-    """Ids back to text. Special ids are dropped; bytes that are not valid UTF-8 become U+FFFD."""
-    if torch.is_tensor(ids):
-        ids = ids.tolist()
-    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -55,6 +49,8 @@ CHOICES = {
     "init": ("normal", "megatron"),
     "attn_backend": ("auto", "flash", "sdpa", "eager"),
 }
+# What each annotation of Config accepts (bool is an int to Python, so bools are told apart below).
+FIELD_TYPES = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str}
 
 
 @dataclass
@@ -102,21 +98,40 @@ class Config:
     nsp: bool = False  # next-sentence prediction head (pooler + two-way classifier)
     static_masking: bool = False  # BERT fixes each example's masks ahead of training
     # execution: these change the speed, never the numbers
-    sparse_prediction: bool = True  # run the MLM head on labelled tokens only
     unpad: bool = False  # drop the padding once and run every layer on (tokens, hidden)
     attn_backend: str = "auto"  # auto | flash | sdpa | eager
 
     def __post_init__(self):
+        for field in fields(self):  # types and signs first, so that the checks below can compare
+            value = getattr(self, field.name)
+            is_bool = isinstance(value, bool)
+            if not isinstance(value, FIELD_TYPES[field.type]) or is_bool != (field.type == "bool"):
+                raise ValueError(f"Config.{field.name}={value!r} is not of type {field.type}")
+            if field.name in CHOICES and value not in CHOICES[field.name]:
+                allowed = list(CHOICES[field.name])
+                raise ValueError(f"Config.{field.name}={value!r} is not one of {allowed}")
+            if field.type in ("int", "float"):
+                self.require(field.name, value >= 0, "at least 0")  # NaN is not, either
+        for name in ("hidden", "layers", "heads", "max_len", "global_every", "rope_theta"):
+            self.require(name, getattr(self, name) > 0, "above 0")
+        self.require("rope_theta_local", self.rope_theta_local > 0, "above 0")
+        for name in ("embed_dropout", "attn_dropout", "resid_dropout", "mlp_dropout"):
+            self.require(name, getattr(self, name) < 1, "below 1")
+        self.require("mlm_rate", 0 < self.mlm_rate <= 1, "in (0, 1]: the share of bytes to predict")
+        for name in ("pad_id", "cls_id", "sep_id", "mask_id"):
+            self.require(
+                name, getattr(self, name) < self.vocab_size, f"below vocab_size={self.vocab_size}"
+            )
+        self.require("heads", self.hidden % self.heads == 0, f"a divisor of hidden={self.hidden}")
+        self.require("window", self.window % 2 == 0, "even: it spans window/2 keys each side")
+        if self.positions == "rope":
+            self.require("heads", self.head_dim % 2 == 0, "such that RoPE's head_dim is even")
         if not self.intermediate:
             self.intermediate = self.hidden * 3 // 2 if self.glu else 4 * self.hidden
-        for name, allowed in CHOICES.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"Config.{name}={value!r} is not one of {list(allowed)}")
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
-        if self.window % 2:
-            raise ValueError(f"window={self.window} must be even: it spans window/2 keys each side")
+
+    def require(self, name: str, ok: bool, allowed: str):
+        if not ok:
+            raise ValueError(f"Config.{name}={getattr(self, name)!r} must be {allowed}")
 
     @property
     def head_dim(self) -> int:
@@ -222,11 +237,10 @@ def band_mask(n: int, half_window: Optional[int], device) -> Optional[torch.Tens
 
 @dataclass
 class Padded:
-    """A batch as given, B rows of T tokens, its documents kept apart by masks: mask for global
-    layers, local_mask for local ones. None when each row is one document with no padding."""
+    """A batch as given, B rows of T tokens; masks keep its documents apart (None: nothing to)."""
 
-    mask: Optional[torch.Tensor]
-    local_mask: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]  # (B, 1, T, T) or None, for global layers
+    local_mask: Optional[torch.Tensor]  # the same within the window, for local layers
 
     @classmethod
     def from_doc_ids(cls, doc_ids, starts, half_window: Optional[int]) -> Padded:
@@ -358,13 +372,35 @@ class MLMHead(nn.Module):
 # 5. The model
 @dataclass
 class Output:
-    logits: torch.Tensor  # (B, T, vocab), or (labelled tokens, vocab) with sparse prediction
+    logits: torch.Tensor  # (B, T, vocab); given labels, (labelled tokens, vocab)
     loss: Optional[torch.Tensor] = None
     hidden: Optional[torch.Tensor] = None  # (B, T, hidden); zeros at padding when unpadded
     nsp_logits: Optional[torch.Tensor] = None  # (B, 2)
 
 
-OUTPUT_PROJECTIONS = ("attn.out", "mlp.down", "mlm_head.dense")  # scaled by depth in megatron init
+INDEX_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding takes
+LABEL_DTYPES = (torch.int64,)  # what cross-entropy takes
+MASK_DTYPES = (torch.bool, torch.uint8, *INDEX_DTYPES, torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_tensor(name, t, shape, dtypes, top: float, read: bool, ignore: bool = False):
+    """A ValueError naming `name` unless t is None or a tensor of this shape and dtype holding whole
+    numbers in [0, top) (or IGNORE_INDEX, where ignore); values are read only where `read`."""
+    if t is None:
+        return
+    if not torch.is_tensor(t) or tuple(t.shape) != shape or t.dtype not in dtypes:
+        got = f"{tuple(t.shape)} {t.dtype}" if torch.is_tensor(t) else type(t).__name__
+        allowed = "/".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+        raise ValueError(f"{name} must be a {shape} tensor of {allowed}, got {got}")
+    if not read:
+        return
+    values = t.double()
+    if ignore:
+        values = values[values != IGNORE_INDEX]
+    bad = values[(values.frac() != 0) | (values < 0) | (values >= top)]  # frac(inf or nan): nan
+    if bad.numel():
+        also = f" or {IGNORE_INDEX}" if ignore else ""
+        raise ValueError(f"{name} must hold whole numbers in [0, {top}){also}; got {bad[0]:g}")
 
 
 class TinyEncoder(nn.Module):
@@ -389,11 +425,12 @@ class TinyEncoder(nn.Module):
     def init_weights(self):
         """normal: N(0, std), pad rows zero. megatron: truncated at 2 std, outputs depth-scaled."""
         cfg = self.cfg
+        outputs = ("attn.out", "mlp.down", "mlm_head.dense")  # scaled by depth in megatron init
         for name, module in self.named_modules():
             if not isinstance(module, (nn.Linear, nn.Embedding)):
                 continue
             std = cfg.init_std
-            if cfg.init == "megatron" and name.endswith(OUTPUT_PROJECTIONS):
+            if cfg.init == "megatron" and name.endswith(outputs):
                 std = std / math.sqrt(2 * cfg.layers)
             if cfg.init == "megatron":
                 nn.init.trunc_normal_(module.weight, 0.0, std, -2 * std, 2 * std)
@@ -407,42 +444,25 @@ class TinyEncoder(nn.Module):
                 if self.pos_embed is not None and cfg.pos_offset:  # RoBERTa's has a pad row too
                     self.pos_embed.weight[cfg.pad_id].zero_()
 
-    def num_params(self, embeddings: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if not embeddings:
-            n -= self.tok_embed.weight.numel()
-            if self.pos_embed is not None:
-                n -= self.pos_embed.weight.numel()
-        return n
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 per weight, plus 12 * hidden per key each layer attends."""
-        keys = 0
-        for layer in self.layers:
-            window = layer.attn.half_window
-            keys += seq_len if window is None else min(seq_len, 2 * window + 1)
-        return 6 * self.num_params(embeddings=False) + 12 * self.cfg.hidden * keys
-
-    def check_inputs(self, input_ids, **others):
-        """A clear ValueError for a call that would otherwise fail deep inside torch."""
-        shape = tuple(input_ids.shape)
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"input_ids must be (batch, seq) integers, got {shape} {input_ids.dtype}"
-            )
-        ranges = {
-            "input_ids": (input_ids, self.cfg.vocab_size),
-            "token_type_ids": (others["token_type_ids"], self.cfg.type_vocab),
-        }
-        for name, (t, top) in ranges.items():
-            if t is None or t.numel() == 0:
-                continue
-            low, high = int(t.min()), int(t.max())
-            if low < 0 or high >= top:
-                raise ValueError(f"{name} must lie in [0, {top}); got values from {low} to {high}")
-        for name, t in others.items():
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {shape}")
+    def check_inputs(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
+        """A one-line ValueError naming the argument for a call torch would fail on deep inside, or
+        answer with nonsense. Values are read on the CPU only: on a GPU, steps would wait for it."""
+        cfg = self.cfg
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.numel() == 0:
+            got = getattr(input_ids, "shape", type(input_ids).__name__)
+            raise ValueError(f"input_ids must be a (batch, seq) tensor with a token, got {got}")
+        if token_type_ids is not None and not cfg.type_vocab:
+            raise ValueError("token_type_ids given, but this model has none (Config.type_vocab=0)")
+        if next_sentence_label is not None and not cfg.nsp:
+            raise ValueError("next_sentence_label given, but this model has no NSP head")
+        B, T = input_ids.shape
+        read = input_ids.device.type == "cpu"
+        check_tensor("input_ids", input_ids, (B, T), INDEX_DTYPES, cfg.vocab_size, read)
+        check_tensor("attention_mask", attention_mask, (B, T), MASK_DTYPES, math.inf, read)
+        check_tensor("token_type_ids", token_type_ids, (B, T), INDEX_DTYPES, cfg.type_vocab, read)
+        check_tensor("labels", labels, (B, T), LABEL_DTYPES, cfg.vocab_size, read, ignore=True)
+        nsp_label = next_sentence_label
+        check_tensor("next_sentence_label", nsp_label, (B,), LABEL_DTYPES, 2, read, ignore=True)
 
     def forward(
         self,
@@ -455,20 +475,15 @@ class TinyEncoder(nn.Module):
         """input_ids: (B, T) byte ids. attention_mask: (B, T) document ids, 0 for padding (a 0/1
         mask is one document per row). labels: (B, T) ids to predict, IGNORE_INDEX elsewhere."""
         cfg = self.cfg
-        shaped = dict(attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
-        self.check_inputs(input_ids, **shaped)
+        self.check_inputs(input_ids, attention_mask, token_type_ids, labels, next_sentence_label)
         doc_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
 
         # Layout: where the documents are, and the layout attention runs on
         starts = document_starts(doc_ids)  # (B, T)
         positions = document_positions(starts)  # (B, T)
         if self.pos_embed is not None and int(positions.max()) >= cfg.max_len:
-            raise ValueError(
-                f"a document of {int(positions.max()) + 1} tokens exceeds max_len={cfg.max_len}, "
-                f"the number of learned positions; split it into pieces of at most {cfg.max_len}"
-            )
+            longest = int(positions.max()) + 1
+            raise ValueError(f"a document of {longest} tokens exceeds max_len={cfg.max_len}")
         backend = pick_backend(cfg, input_ids.device, self.tok_embed.weight.dtype, self.training)
         if cfg.unpad or backend == "flash":  # the flash kernels take unpadded tokens only
             layout = Unpadded.from_doc_ids(doc_ids, starts)
@@ -478,8 +493,9 @@ class TinyEncoder(nn.Module):
 
         # Embed: x is (B, T, H), or (N, H) when unpadded
         x = self.tok_embed(layout.gather(input_ids))
-        if self.type_embed is not None:
-            x = x + self.type_embed(layout.gather(token_type_ids))
+        if self.type_embed is not None:  # segment 0 where no token types are given
+            types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            x = x + self.type_embed(layout.gather(types))
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions + cfg.pos_offset)
         x = self.embed_dropout(self.embed_norm(x))
@@ -493,21 +509,16 @@ class TinyEncoder(nn.Module):
         x = self.final_norm(x)
         hidden = layout.scatter(x)  # (B, T, H)
 
-        # MLM head, on every token, or on the labelled ones only (sparse prediction)
-        logits, loss = None, None
-        if labels is None or not cfg.sparse_prediction:
+        # MLM head, on every token; given labels, on the labelled ones only (sparse prediction)
+        loss = None
+        if labels is None:
             logits = layout.scatter(self.mlm_head(x, self.tok_embed.weight))  # (B, T, V)
-        if labels is not None:
+        else:
             labels = labels.masked_fill(doc_ids == 0, IGNORE_INDEX)  # padding never counts
-            if cfg.sparse_prediction:
-                targets = layout.gather(labels).flatten()  # (tokens,) in x's order
-                labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-                targets = targets[labelled]
-                logits = self.mlm_head(x.flatten(0, -2)[labelled], self.tok_embed.weight)
-                loss = F.cross_entropy(logits.float(), targets)  # logits: (labelled, V)
-            else:
-                flat_logits = logits.flatten(0, 1).float()  # (B * T, V)
-                loss = F.cross_entropy(flat_logits, labels.flatten(), ignore_index=IGNORE_INDEX)
+            targets = layout.gather(labels).flatten()  # (tokens,) in x's order
+            labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+            logits = self.mlm_head(x.flatten(0, -2)[labelled], self.tok_embed.weight)
+            loss = F.cross_entropy(logits.float(), targets[labelled])  # logits: (labelled, V)
 
         # BERT's next-sentence prediction, from each row's first token
         nsp_logits = None
@@ -515,27 +526,22 @@ class TinyEncoder(nn.Module):
             pooled = torch.tanh(self.pooler(hidden[:, 0]))  # (B, H)
             nsp_logits = self.nsp_head(pooled)  # (B, 2)
         if cfg.nsp and next_sentence_label is not None:
-            nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
+            nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
             loss = nsp_loss if loss is None else loss + nsp_loss
         return Output(logits=logits, loss=loss, hidden=hidden, nsp_logits=nsp_logits)
 
     @classmethod
     def from_pretrained(cls, path: str) -> TinyEncoder:
         """Load a transformers checkpoint directory (BERT, RoBERTa or ModernBERT; MLM or base)."""
-        return conversion_module().load(path)
+        import tinyencoder_hf  # the conversion module, beside this file
+
+        return tinyencoder_hf.load(path)
 
     def save_pretrained(self, path: str):
         """Write a folder that transformers and sentence-transformers load, tokenizer included."""
-        conversion_module().save(self, path)
-
-
-def conversion_module():
-    try:
         import tinyencoder_hf
-    except ModuleNotFoundError:
-        needs = "from_pretrained and save_pretrained need tinyencoder_hf.py beside tinyencoder.py"
-        raise ImportError(needs) from None
-    return tinyencoder_hf
+
+        tinyencoder_hf.save(self, path)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -547,6 +553,11 @@ def mask_tokens(ids, cfg: Config, generator=None, rate=None) -> tuple[torch.Tens
     reseed it per example for fixed masks (BERT), keep one running for fresh ones (RoBERTa)."""
     if rate is None:
         rate = cfg.mlm_rate
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate <= 1:
+        raise ValueError(f"rate={rate!r} must be in (0, 1]: the share of tokens to predict")
+    if not torch.is_tensor(ids):
+        raise ValueError(f"mask_tokens takes a tensor of ids, got {type(ids).__name__}")
+    check_tensor("ids", ids, tuple(ids.shape), INDEX_DTYPES, cfg.vocab_size, ids.is_cpu)
     specials = torch.tensor([cfg.pad_id, cfg.cls_id, cfg.sep_id, cfg.mask_id], device=ids.device)
     picked = torch.rand(ids.shape, generator=generator, device=ids.device) < rate
     picked = picked & ~torch.isin(ids, specials)
@@ -582,7 +593,6 @@ class Unpadded:
     indices: torch.Tensor  # (N,) where each real token sits in the flattened (B * T) batch
     cu_seqlens: torch.Tensor  # (documents + 1,) int32: document d is tokens cu[d] to cu[d + 1]
     seqlens: list  # each document's length as a Python int
-    max_seqlen: int
     batch_shape: torch.Size  # (B, T)
 
     @classmethod
@@ -591,7 +601,7 @@ class Unpadded:
         first_tokens = starts.flatten()[indices].nonzero().squeeze(1)  # each document's first
         cu_seqlens = F.pad(first_tokens, (0, 1), value=indices.numel()).to(torch.int32)
         seqlens = cu_seqlens.diff().tolist()  # a host sync: the CPU loop and flash need ints
-        return cls(indices, cu_seqlens, seqlens, max(seqlens, default=0), doc_ids.shape)
+        return cls(indices, cu_seqlens, seqlens, doc_ids.shape)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         return t.flatten(0, 1)[self.indices]  # (B, T, ...) -> (N, ...)
@@ -628,7 +638,7 @@ def dense_attention(q, k, v, mask, half_window, dropout: float, backend: str) ->
 def attend_documents(q, k, v, layout: Unpadded, half_window, dropout, backend) -> torch.Tensor:
     """Unpadded tokens (N, heads, head_dim) on eager or SDPA, one call per document."""
     seqlens = layout.seqlens
-    band = band_mask(layout.max_seqlen, half_window, q.device)  # one band, sliced per document
+    band = band_mask(max(layout.seqlens), half_window, q.device)  # one band, sliced per document
     outs = []
     # split rather than slices: the backward of a slice zero-fills all N rows for every document
     for n, qd, kd, vd in zip(seqlens, q.split(seqlens), k.split(seqlens), v.split(seqlens)):
@@ -644,7 +654,7 @@ def flash_attention(q, k, v, layout: Unpadded, half_window, dropout: float) -> t
     """Unpadded tokens through a varlen flash kernel, (N, heads, head_dim) in and out."""
     window = -1 if half_window is None else half_window  # -1: the kernels' "no window"
     q, k, v = (t.contiguous() for t in (q, k, v))
-    lengths = (layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen)
+    lengths = (layout.cu_seqlens, layout.cu_seqlens, max(layout.seqlens), max(layout.seqlens))
     if flash_attn_varlen_func is not None:
         return flash_attn_varlen_func(q, k, v, *lengths, dropout, window_size=(window, window))
     # torch's kernel has no dropout: why_no_flash rules it out while attention dropout is on
@@ -656,14 +666,9 @@ def why_no_flash(device: torch.device, dtype, dropout: bool, head_dim: int) -> O
         return f"flash needs a CUDA device and fp16/bf16, got {device.type} {dtype}"
     if torch.cuda.get_device_capability(device) < (8, 0) or head_dim % 8 or head_dim > 256:
         return f"flash needs an sm80+ GPU and a head_dim in 8, 16, ..., 256 (got {head_dim})"
-    if flash_attn_varlen_func is None and not TORCH_VARLEN_WINDOW:
-        return "flash needs flash-attn, or a torch whose varlen_attn takes window_size"
-    if flash_attn_varlen_func is None and dropout:
-        return "torch's varlen kernel has no attention dropout: set attn_dropout=0"
+    if flash_attn_varlen_func is None and (dropout or not TORCH_VARLEN_WINDOW):
+        return "flash needs flash-attn, or attn_dropout=0 and a torch with a windowed varlen_attn"
     return None
-
-
-_announced = set()  # (device type, backend) pairs already reported once
 
 
 def pick_backend(cfg: Config, device: torch.device, dtype, training: bool) -> str:
@@ -675,12 +680,9 @@ def pick_backend(cfg: Config, device: torch.device, dtype, training: bool) -> st
         raise ValueError(f"attn_backend='flash' is not available: {why_not}")
     if cfg.attn_backend != "auto":
         return cfg.attn_backend
-    choice = "sdpa" if why_not else "flash"
-    if (device.type, choice) not in _announced:
-        _announced.add((device.type, choice))
-        reason = why_not or "flash runs here"
-        print(f"tinyencoder: {choice} attention on {device.type} ({reason})", file=sys.stderr)
-    return choice
+    if why_not:
+        return "sdpa"
+    return "flash"
 
 
 def attend(q, k, v, layout, half_window: Optional[int], dropout: float, backend: str):

@@ -15,7 +15,6 @@ import math
 import os
 import signal
 import sys
-import timeit
 from argparse import ArgumentParser, RawDescriptionHelpFormatter
 from contextlib import nullcontext
 from dataclasses import asdict, fields
@@ -30,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import tinyencoder as te
+from mfu import flops_per_token, measured_peak, spec_peak
 from data.corpus import load_stdlib, prepare_stdlib, read_documents, split_documents
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
 
@@ -232,9 +232,12 @@ if ddp:
     device_ids = [device.index] if device.type == "cuda" else None
     train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
 amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-shape = f"{model.num_params() / 1e6:.2f}M parameters, {cfg.layers} layers of {cfg.hidden}"
+n_params = sum(p.numel() for p in model.parameters())
+shape = f"{n_params / 1e6:.2f}M parameters, {cfg.layers} layers of {cfg.hidden}"
 split = f"{B} per micro-batch x {world} processes x {args.grad_accum} accumulated"
 log(f"model: {args.arch} {args.size}, {shape}; {global_batch} x {T} tokens per step ({split})")
+with amp:  # the backend a training step gets, in the dtype autocast computes in
+    log(f"attention: {te.pick_backend(cfg, device, torch.float32, training=True)}")
 
 # Optimizer, no weight decay on biases and norms. ModernBERT decays as StableAdamW, apart from the
 # learning rate (p -= lr_t / lr_max * 1e-5 * p): AdamW's p -= lr_t * wd * p with wd = 1e-5 / lr_max.
@@ -277,8 +280,7 @@ def mlm_stats(out, labels):
     """Summed loss, correct and count over the masked bytes (a mean would be NaN when none are)."""
     masked = labels != te.IGNORE_INDEX
     targets = labels[masked]
-    # with sparse prediction the model returns the masked positions' logits only
-    logits = (out.logits if out.logits.dim() == 2 else out.logits[masked]).float()
+    logits = out.logits.float()  # given labels, the model returns the masked bytes' logits only
     loss = F.cross_entropy(logits, targets, reduction="sum")
     return torch.stack([loss, (logits.argmax(-1) == targets).sum(), masked.sum()])
 
@@ -384,15 +386,12 @@ if not lr_steps:
     lr_steps = max_steps if fits_budget else 2000
 eval_every = args.eval_interval or max(1, math.ceil(max_steps / 4))
 ckpt_every = args.ckpt_interval or eval_every
-# peak FLOP/s for MFU: dense bf16 per GPU, or the fastest of ten fp32 matmuls on this CPU
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+# peak FLOP/s for MFU: the card's dense bf16 figure on a GPU, the best of a few matmuls on a CPU
 peak_flops = (args.peak_tflops or 0) * 1e12
 if not peak_flops and device.type == "cuda":
-    gpu = torch.cuda.get_device_name(device)
-    peak_flops = next((flops for name, flops in PEAK_FLOPS.items() if name in gpu), 0)
-elif not peak_flops and device.type == "cpu":
-    probe = torch.randn(1024, 1024)
-    peak_flops = 2 * 1024**3 / min(timeit.repeat(lambda: probe @ probe, number=1, repeat=10))
+    peak_flops = spec_peak(device)
+elif not peak_flops:
+    peak_flops = measured_peak(device, torch.float32)
 schedule = f"peak lr {args.lr:g} on a {lr_steps}-step schedule"
 mfu_peak = f"MFU against {peak_flops / 1e12:.2f} TFLOP/s per process"
 log(f"training steps {step + 1}..{max_steps}, {schedule}; {mfu_peak}")
@@ -421,7 +420,7 @@ while step < max_steps:
     is_last = step == max_steps
     if step % args.log_interval == 0 or is_last:
         tokens_per_s = stats[3].item() / step_time
-        mfu = model.flops_per_token(T) * tokens_per_s / world / peak_flops if peak_flops else 0
+        mfu = flops_per_token(model, T) * tokens_per_s / world / peak_flops if peak_flops else 0
         accuracy = stats[1].item() / max(1, stats[2].item())
         lr = lr_at(step - 1, lr_steps)
         minutes_left = (max_steps - step) * avg_step_time / 60

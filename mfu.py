@@ -1,0 +1,67 @@
+"""mfu.py: model FLOPs utilisation, one definition for train.py and bench.py.
+
+MFU is the share of a peak FLOP rate that the model's own arithmetic fills:
+tokens per second x flops_per_token / peak. Two peaks: the rate this machine reaches on large
+matmuls in the run's dtype (measured), and the card's dense bf16 figure from its data sheet (what
+papers quote). Inference does a third of the training FLOPs.
+"""
+
+import time
+
+import torch
+
+# Dense bf16 TFLOP/s from the vendors' data sheets (without sparsity).
+SPEC_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121}
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token of a seq_len-token document: 6 per weight outside the embedding
+    tables (2 forward, 4 backward), plus 12 * hidden per key each layer attends (q k^T and
+    probabilities @ v, 2 each forward, 4 each backward). A sliding-window layer attends to at most
+    window + 1 keys, whatever the length."""
+    weights = sum(p.numel() for p in model.parameters()) - model.tok_embed.weight.numel()
+    if model.pos_embed is not None:
+        weights -= model.pos_embed.weight.numel()
+    keys = 0
+    for layer in model.layers:
+        window = layer.attn.half_window
+        if window is None:
+            keys += seq_len
+        else:
+            keys += min(seq_len, 2 * window + 1)
+    return 6 * weights + 12 * model.cfg.hidden * keys
+
+
+def measured_peak(device: torch.device, dtype: torch.dtype, reps: int = 3) -> float:
+    """Best FLOP/s of a few square matmuls: the machine's practical matmul peak in this dtype."""
+    sizes = (2048, 3072, 4096)
+    if device.type == "cuda":
+        sizes = (4096, 8192)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(reps + 1):  # one more product than reps: the first warms up
+            synchronize(device)
+            started = time.perf_counter()
+            a @ b
+            synchronize(device)
+            best = max(best, 2 * n**3 / (time.perf_counter() - started))
+    return best
+
+
+def spec_peak(device: torch.device) -> float:
+    """The card's dense bf16 FLOP/s, from SPEC_TFLOPS; 0 for a CPU or a card not in the table."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for card, tflops in SPEC_TFLOPS.items():
+        if card in name:
+            return tflops * 1e12
+    return 0.0
+
+
+def synchronize(device: torch.device):
+    """Wait for the device's queued work, so that a wall-clock time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
