@@ -2,9 +2,10 @@
 
     python bench.py                    # CPU default: 3 layers, 768 wide, seq 512, ~14 minutes
     python bench.py --arch modernbert --layers 4 --batch 8 --steps 5 --json out.json
-    python bench.py --device cuda      # bf16, torch.compile, ModernBERT-base memory at 8192
-    python bench.py --gpu-check [--tiny] --json gpu_check.json
-                                       # backend numerics, ModernBERT-base tokens/s + MFU, memory
+    python bench.py --device cuda      # bf16, torch.compile
+    python bench.py --gpu-check --json gpu_check.json   # gpu_check.py: numerics forward and
+                                       # backward, ModernBERT-base speed, profile, memory, train.py
+    python bench.py --gpu-check --tiny --device cpu     # the same code on a CPU, in about a minute
 
 Throughput counts real (non-pad) tokens only. MFU = real tokens x flops_per_token / time / peak,
 with the peak measured here: the best of a few large matmuls in the run's dtype, taken at the start
@@ -16,14 +17,12 @@ length (sum of l * flops_per_token(l)).
 import argparse
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 
 import torch
 
@@ -210,27 +209,6 @@ def bench_case(arch, batch, step, args, dev, dtype):
     return rows
 
 
-def train_memory(dev, dtype, seq=8192, compile_=False, hf=False, **overrides):
-    """Peak memory of a ModernBERT-base training step (batch 1, seq tokens) with AdamW state."""
-    torch.manual_seed(0)
-    model = te.TinyEncoder(te.Config.from_preset("modernbert", **overrides)).to(dev)
-    if hf:
-        model = hf_twin(model, dev)
-    step = stepper(model, True, dtype, compile_)
-    b = make_batches(te.Config.from_preset("modernbert"), 1, 1, seq, False, dev)[0]
-    step(b)  # allocates AdamW state (and compiles)
-    sync(dev)
-    if dev.type != "cuda":
-        return dict(seq=seq, peak_gib=None, note="peak memory is only measured on CUDA")
-    gc.collect()  # earlier sections' cyclic garbage must not count
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step(b)
-    sync(dev)
-    peak = torch.cuda.max_memory_allocated()
-    return dict(seq=seq, peak_gib=peak / 2**30, static_gib=before / 2**30)
-
-
 def add_mfu(rows, peak):
     """te_mfu (and hf_mfu where transformers ran): achieved FLOP/s over the measured peak."""
     for r in rows:
@@ -254,103 +232,6 @@ def print_table(rows, peak, dtype_name):
             hf_cols = f"{r['hf_tok_s']:>10,.0f}{r['ratio']:>6.2f}x"
             hf_mfu = f"{r['hf_mfu']:>8.1%}"
         print(f"{case}{r['te_tok_s']:>10,.0f}{hf_cols}{r['te_mfu']:>8.1%}{hf_mfu}")
-
-
-def section(name, report, fn, *args, **kwargs):
-    """Run one part of a check; an error is printed and recorded, and the rest still runs."""
-    print(f"\n== {name}", flush=True)
-    t = time.perf_counter()
-    try:
-        report[name] = fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - keep the other sections
-        traceback.print_exc()
-        report[name] = {"error": f"{type(e).__name__}: {e}"}
-    print(f"   ({time.perf_counter() - t:.0f} s)", flush=True)
-
-
-def check_numerics(dev):
-    """Every backend in bf16 against fp32 eager, on padded, packed and windowed batches.
-
-    bf16 keeps 8 significant bits (unit roundoff 2^-8 ~ 4e-3 per rounding), so a few layers of
-    rounded matmuls give ~1e-2 relative error; on logits of size O(1) we accept
-    max |diff| <= 5e-2 * max(1, max |logit|). Because that bound is loose, the sharper test is
-    relative: a fast backend's error may be at most 2x eager's own bf16 error."""
-    # document ids, 0 = padding
-    full = [1] * 256
-    padded = [1] * 200 + [0] * 56
-    packed_and_pad = [1] * 100 + [2] * 90 + [0] * 66
-    packed = [1] * 30 + [2] * 150 + [3] * 76
-    am = torch.tensor([full, padded, packed_and_pad, packed])  # (4, 256)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.where(am > 0, torch.randint(0, 256, am.shape, generator=g), te.PAD).to(dev)
-    real = (am > 0).to(dev)
-    am = am.to(dev)
-    out = {}
-    for arch in te.PRESETS:
-        cfg = te.Config.from_preset(arch, hidden=256, heads=4, layers=3, attn_backend="eager")
-        torch.manual_seed(0)
-        ref_model = te.TinyEncoder(cfg).to(dev).eval()
-        with torch.no_grad():
-            ref = ref_model(ids, am).logits[real]
-        scale = max(1.0, ref.abs().max().item())
-        tolerance = 5e-2 * scale
-        errors = {}
-        # flash runs in half precision only
-        for key in ("eager fp32", "eager bf16", "sdpa fp32", "sdpa bf16", "flash bf16"):
-            backend, dtype_name = key.split()
-            try:
-                m = variant(ref_model, attn_backend=backend).eval()
-                with torch.no_grad(), autocast(dev, DTYPES[dtype_name]):
-                    errors[key] = (m(ids, am).logits[real].float() - ref).abs().max().item()
-            except Exception as e:  # noqa: BLE001 - e.g. flash on CPU
-                errors[key] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
-
-        eager_bf16 = errors.get("eager bf16")
-        results = {}
-        for key, err in errors.items():
-            line = f"   {arch:<11}{key:<11} max|diff| vs fp32 eager: "
-            if isinstance(err, str):
-                print(line + err)
-                results[key] = dict(err=None, note=err)
-                continue
-            ok = err <= tolerance
-            if "bf16" in key and isinstance(eager_bf16, float):
-                ok = ok and err <= 2 * eager_bf16 + 1e-3
-            print(f"{line}{err:.2e}  {'ok' if ok else 'FAIL'}")
-            results[key] = dict(err=err, ok=ok)
-        out[arch] = dict(tolerance=tolerance, max_abs_ref=scale, results=results)
-    return out
-
-
-def check_speed(dev, dtype, peak, tiny, compile_, dtype_name):
-    """ModernBERT-base training at seq 1024: tokens/s and MFU of tinyencoder and transformers."""
-    if tiny:
-        sizes = dict(layers=2, batch=2, seq=256, steps=3)
-    else:
-        base_layers = te.Config.from_preset("modernbert").layers
-        sizes = dict(layers=base_layers, batch=16, seq=1024, steps=10)
-    args = argparse.Namespace(**sizes, warmup=3, compile=compile_, compile_hf=False, no_hf=False)
-    rows = bench_case("modernbert", "full", "train", args, dev, dtype)
-    add_mfu(rows, peak)
-    print_table(rows, peak, dtype_name)
-    return rows
-
-
-def gpu_check(args, dev, dtype, peak, report):
-    """Backend numerics, ModernBERT-base training speed, and the memory of one step."""
-    start = time.perf_counter()
-    print(f"matmul peak ({args.dtype}): {peak / 1e12:.2f} TFLOP/s")
-    section("numerics", report, check_numerics, dev)
-    section("speed", report, check_speed, dev, dtype, peak, args.tiny, args.compile, args.dtype)
-    mem = dict(seq=1024, layers=2) if args.tiny else {}
-    section("memory", report, train_memory, dev, dtype, **mem)
-    if transformers is not None:
-        section("memory transformers", report, train_memory, dev, dtype, hf=True, **mem)
-    # compiling 22 layers for a new shape takes a while: only if there is time left
-    if time.perf_counter() - start < 240:
-        section("memory compiled", report, train_memory, dev, dtype, compile_=True, **mem)
-    memory = {k: v for k, v in report.items() if k.startswith("memory")}
-    print(json.dumps(memory, indent=1))
 
 
 def parse_args():
@@ -405,7 +286,9 @@ def main():
     report = dict(device=str(dev), dtype=args.dtype, compile=args.compile, peak_flops=peak)
 
     if args.gpu_check:
-        gpu_check(args, dev, dtype, peak, report)
+        import gpu_check  # the one-run GPU check, beside this file
+
+        gpu_check.run(args, dev, dtype, peak, report)
     else:
         archs = te.PRESETS if args.arch == "all" else [args.arch]
         peaks = [peak]
@@ -419,10 +302,6 @@ def main():
         report.update(peak_flops=max(peaks), peaks=peaks, rows=rows)
         add_mfu(rows, max(peaks))
         print_table(rows, max(peaks), args.dtype)
-        if on_cuda:
-            name = "ModernBERT-base training step at 8192, batch 1"
-            section(name, report, train_memory, dev, dtype, compile_=args.compile)
-            print(report[name])
 
     if args.json:
         with open(args.json, "w") as f:

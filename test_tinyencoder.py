@@ -580,3 +580,23 @@ def test_packed_row_longer_than_learned_positions():
     out = model(ids, docs).logits
     alone = model(ids[:, 40:]).logits
     assert torch.allclose(out[:, 40:], alone, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------------
+# 11. torch.compile: few graph breaks, none inside the layer stack
+@pytest.mark.parametrize("unpad", [False, True])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_compiled_forward_breaks_outside_the_layers(preset, unpad):
+    """A forward with labels compiles to at most 4 graphs (3 breaks: finding the documents, the
+    learned-position check, the labelled tokens), and no break lies inside a layer."""
+    import torch._dynamo
+
+    model = TinyEncoder(tiny(preset, unpad=unpad))
+    ids, mask = batch()
+    inputs, labels = mask_tokens(ids, model.cfg, torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(inputs, mask, labels=labels)
+    assert explained.graph_break_count <= 3, [b.reason for b in explained.break_reasons]
+    for graph_break in explained.break_reasons:
+        functions = [frame.name for frame in graph_break.user_stack]
+        assert functions.count("forward") <= 1, (graph_break.reason, functions)  # TinyEncoder's

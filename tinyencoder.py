@@ -49,7 +49,6 @@ CHOICES = {
     "init": ("normal", "megatron"),
     "attn_backend": ("auto", "flash", "sdpa", "eager"),
 }
-# What each annotation of Config accepts (bool is an int to Python, so bools are told apart below).
 FIELD_TYPES = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str}
 
 
@@ -104,7 +103,7 @@ class Config:
     def __post_init__(self):
         for field in fields(self):  # types and signs first, so that the checks below can compare
             value = getattr(self, field.name)
-            is_bool = isinstance(value, bool)
+            is_bool = isinstance(value, bool)  # to Python a bool is an int too: tell them apart
             if not isinstance(value, FIELD_TYPES[field.type]) or is_bool != (field.type == "bool"):
                 raise ValueError(f"Config.{field.name}={value!r} is not of type {field.type}")
             if field.name in CHOICES and value not in CHOICES[field.name]:
@@ -243,8 +242,9 @@ class Padded:
     local_mask: Optional[torch.Tensor]  # the same within the window, for local layers
 
     @classmethod
+    @torch.compiler.disable  # reads the batch: one graph break here, none in the layers
     def from_doc_ids(cls, doc_ids, starts, half_window: Optional[int]) -> Padded:
-        one_document_per_row = bool((doc_ids != 0).all()) and bool((starts.sum(1) == 1).all())
+        one_document_per_row = bool((doc_ids != 0).all() & (starts.sum(1) == 1).all())
         mask = None if one_document_per_row else document_mask(doc_ids, starts)
         band = band_mask(doc_ids.shape[1], half_window, doc_ids.device)
         if band is None:
@@ -444,7 +444,7 @@ class TinyEncoder(nn.Module):
                 if self.pos_embed is not None and cfg.pos_offset:  # RoBERTa's has a pad row too
                     self.pos_embed.weight[cfg.pad_id].zero_()
 
-    def check_inputs(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
+    def check_inputs(self, input_ids, attention_mask, token_type_ids, labels, nsp_label):
         """A one-line ValueError naming the argument for a call torch would fail on deep inside, or
         answer with nonsense. Values are read on the CPU only: on a GPU, steps would wait for it."""
         cfg = self.cfg
@@ -453,15 +453,14 @@ class TinyEncoder(nn.Module):
             raise ValueError(f"input_ids must be a (batch, seq) tensor with a token, got {got}")
         if token_type_ids is not None and not cfg.type_vocab:
             raise ValueError("token_type_ids given, but this model has none (Config.type_vocab=0)")
-        if next_sentence_label is not None and not cfg.nsp:
+        if nsp_label is not None and not cfg.nsp:
             raise ValueError("next_sentence_label given, but this model has no NSP head")
         B, T = input_ids.shape
-        read = input_ids.device.type == "cpu"
+        read = input_ids.device.type == "cpu" and not torch.compiler.is_compiling()
         check_tensor("input_ids", input_ids, (B, T), INDEX_DTYPES, cfg.vocab_size, read)
         check_tensor("attention_mask", attention_mask, (B, T), MASK_DTYPES, math.inf, read)
         check_tensor("token_type_ids", token_type_ids, (B, T), INDEX_DTYPES, cfg.type_vocab, read)
         check_tensor("labels", labels, (B, T), LABEL_DTYPES, cfg.vocab_size, read, ignore=True)
-        nsp_label = next_sentence_label
         check_tensor("next_sentence_label", nsp_label, (B,), LABEL_DTYPES, 2, read, ignore=True)
 
     def forward(
@@ -485,7 +484,7 @@ class TinyEncoder(nn.Module):
             longest = int(positions.max()) + 1
             raise ValueError(f"a document of {longest} tokens exceeds max_len={cfg.max_len}")
         backend = pick_backend(cfg, input_ids.device, self.tok_embed.weight.dtype, self.training)
-        if cfg.unpad or backend == "flash":  # the flash kernels take unpadded tokens only
+        if backend == "flash" or (cfg.unpad and input_ids.is_cpu):  # a GPU's SDPA runs padded
             layout = Unpadded.from_doc_ids(doc_ids, starts)
         else:
             layout = Padded.from_doc_ids(doc_ids, starts, cfg.half_window)
@@ -596,6 +595,7 @@ class Unpadded:
     batch_shape: torch.Size  # (B, T)
 
     @classmethod
+    @torch.compiler.disable  # sizes that depend on the data: one graph break here, none later
     def from_doc_ids(cls, doc_ids, starts) -> Unpadded:
         indices = (doc_ids.flatten() != 0).nonzero().squeeze(1)
         first_tokens = starts.flatten()[indices].nonzero().squeeze(1)  # each document's first
@@ -630,7 +630,7 @@ def dense_attention(q, k, v, mask, half_window, dropout: float, backend: str) ->
     """Attention over (B, heads, T, head_dim) with a boolean mask: eager, or PyTorch's SDPA."""
     if backend == "eager":
         return eager_attention(q, k, v, mask, dropout)
-    if mask is not None and half_window is not None and q.shape[-2] > 4 * half_window:
+    if q.is_cpu and mask is not None and half_window and q.shape[-2] > 4 * half_window:
         return local_sdpa(q, k, v, mask, half_window, dropout)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
@@ -654,7 +654,8 @@ def flash_attention(q, k, v, layout: Unpadded, half_window, dropout: float) -> t
     """Unpadded tokens through a varlen flash kernel, (N, heads, head_dim) in and out."""
     window = -1 if half_window is None else half_window  # -1: the kernels' "no window"
     q, k, v = (t.contiguous() for t in (q, k, v))
-    lengths = (layout.cu_seqlens, layout.cu_seqlens, max(layout.seqlens), max(layout.seqlens))
+    longest = layout.batch_shape[1]  # the row length bounds every document, with no host sync
+    lengths = (layout.cu_seqlens, layout.cu_seqlens, longest, longest)
     if flash_attn_varlen_func is not None:
         return flash_attn_varlen_func(q, k, v, *lengths, dropout, window_size=(window, window))
     # torch's kernel has no dropout: why_no_flash rules it out while attention dropout is on
@@ -673,13 +674,13 @@ def why_no_flash(device: torch.device, dtype, dropout: bool, head_dim: int) -> O
 
 def pick_backend(cfg: Config, device: torch.device, dtype, training: bool) -> str:
     """cfg.attn_backend for this call: auto means flash where it can run, else sdpa."""
+    if cfg.attn_backend in ("sdpa", "eager"):  # named outright: nothing to look up
+        return cfg.attn_backend
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)  # what the matmuls compute in
     why_not = why_no_flash(device, dtype, training and cfg.attn_dropout > 0, cfg.head_dim)
     if cfg.attn_backend == "flash" and why_not:
         raise ValueError(f"attn_backend='flash' is not available: {why_not}")
-    if cfg.attn_backend != "auto":
-        return cfg.attn_backend
     if why_not:
         return "sdpa"
     return "flash"

@@ -15,9 +15,9 @@ import math
 import os
 import signal
 import sys
-from argparse import ArgumentParser, RawDescriptionHelpFormatter
+from argparse import ArgumentParser, BooleanOptionalAction, RawDescriptionHelpFormatter
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -106,9 +106,8 @@ add("--log-interval", type=int, default=20)
 add("--ckpt-interval", type=int, help="steps between checkpoints (default: at each evaluation)")
 add("--resume", action="store_true", help="continue exactly from ckpt_last.pt in --out-dir")
 add("--init-from", help="checkpoint to take the weights from (e.g. before a --context 8192 phase)")
-add("--compile", action="store_true")
+add("--compile", action=BooleanOptionalAction, help="torch.compile the model (default: on CUDA)")
 add("--position-init", choices=["sinusoids", "normal"], default="sinusoids", help="see README")
-add("--peak-tflops", type=float, help="peak for MFU (default: a table on CUDA, a matmul on CPU)")
 add("--seed", type=int, default=1337)
 args = parser.parse_args()
 
@@ -150,8 +149,7 @@ global_batch = B * world * args.grad_accum  # sequences per optimizer step, over
 # ModernBERT's context extension: global RoPE theta 160k, lr 3e-4, a 1-sqrt decay over the last 1/6
 extension = args.arch == "modernbert" and T > 1024
 args.lr = args.lr or (3e-4 if extension else recipe.lr[args.size])
-if args.warmup is None:
-    args.warmup = recipe.warmup[args.size]
+args.warmup = recipe.warmup[args.size] if args.warmup is None else args.warmup
 if args.decay is None:
     args.decay = 1 / 6 if extension else 0.2
 deadline = t0 + args.time_budget * 60 - 15  # 15 s for the demo and the last checkpoint
@@ -170,8 +168,8 @@ train_data, train_offsets = corpus["train"]
 val_data, val_offsets = corpus["val"]
 trained_on = f"{len(train_offsets) - 1} documents ({len(train_data) / 1e6:.2f} MB) to train on"
 held_out = f"{len(val_offsets) - 1} held out ({len(val_data) / 1e6:.2f} MB)"
-source = args.data or "the Python stdlib"
-log(f"data: {trained_on}, {held_out}, from {source}; {time.time() - t0:.1f}s")
+source = f"from {args.data or 'the Python stdlib'}; {time.time() - t0:.1f}s"
+log(f"data: {trained_on}, {held_out}, {source}")
 train_rows = TrainingRows(recipe, train_data, train_offsets, T, args.seed, args.dupe_factor)
 # Evaluation: the same plain rows for every arch, masked 15% with fixed seeds, so that the three
 # recipes' accuracies compare directly; for BERT, sentence pairs too.
@@ -225,19 +223,23 @@ if model.pos_embed is not None and args.position_init == "sinusoids":  # resumin
 if args.init_from:
     weights = torch.load(args.init_from, map_location=device, weights_only=True)["model"]
     model.load_state_dict(weights)
-train_model = model
-if args.compile:
-    train_model = torch.compile(model)
+amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+with amp:  # the backend, resolved once here rather than in compiled code; the checkpoint keeps auto
+    backend = te.pick_backend(cfg, device, torch.float32, training=True)
+model.cfg = replace(cfg, attn_backend=backend)
+train_model = model  # DDP wraps the model, and torch.compile wraps DDP, as PyTorch documents
 if ddp:
     device_ids = [device.index] if device.type == "cuda" else None
-    train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
-amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    train_model = ddp_model
+args.compile = device.type == "cuda" if args.compile is None else args.compile
+if args.compile:
+    train_model = torch.compile(train_model)
 n_params = sum(p.numel() for p in model.parameters())
 shape = f"{n_params / 1e6:.2f}M parameters, {cfg.layers} layers of {cfg.hidden}"
 split = f"{B} per micro-batch x {world} processes x {args.grad_accum} accumulated"
 log(f"model: {args.arch} {args.size}, {shape}; {global_batch} x {T} tokens per step ({split})")
-with amp:  # the backend a training step gets, in the dtype autocast computes in
-    log(f"attention: {te.pick_backend(cfg, device, torch.float32, training=True)}")
+attention = f"{backend} attention, torch.compile {args.compile}"
 
 # Optimizer, no weight decay on biases and norms. ModernBERT decays as StableAdamW, apart from the
 # learning rate (p -= lr_t / lr_max * 1e-5 * p): AdamW's p -= lr_t * wd * p with wd = 1e-5 / lr_max.
@@ -335,7 +337,7 @@ def train_step(step):
     stats = torch.zeros(4, device=device)  # loss, correct, count, real tokens
     for micro, (batch, nsp_labels) in enumerate(batches):
         if ddp:  # all-reduce the gradients once, after the last micro-batch
-            train_model.require_backward_grad_sync = micro == args.grad_accum - 1
+            ddp_model.require_backward_grad_sync = micro == args.grad_accum - 1
         with amp:
             out = train_model(**batch)
         mlm = mlm_stats(out, batch["labels"])  # loss, correct, count
@@ -386,15 +388,12 @@ if not lr_steps:
     lr_steps = max_steps if fits_budget else 2000
 eval_every = args.eval_interval or max(1, math.ceil(max_steps / 4))
 ckpt_every = args.ckpt_interval or eval_every
-# peak FLOP/s for MFU: the card's dense bf16 figure on a GPU, the best of a few matmuls on a CPU
-peak_flops = (args.peak_tflops or 0) * 1e12
-if not peak_flops and device.type == "cuda":
-    peak_flops = spec_peak(device)
-elif not peak_flops:
-    peak_flops = measured_peak(device, torch.float32)
+# MFU against this machine's measured matmul peak, and on a GPU against its data sheet's dense bf16
+peak_flops = measured_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+spec_flops = spec_peak(device)  # 0 on a CPU or a card mfu.py does not list
 schedule = f"peak lr {args.lr:g} on a {lr_steps}-step schedule"
-mfu_peak = f"MFU against {peak_flops / 1e12:.2f} TFLOP/s per process"
-log(f"training steps {step + 1}..{max_steps}, {schedule}; {mfu_peak}")
+peaks = f"measured peak {peak_flops / 1e12:.2f} TFLOP/s, spec {spec_flops / 1e12:.0f} TFLOP/s"
+log(f"training steps {step + 1}..{max_steps}, {schedule}; {attention}; MFU against the {peaks}")
 
 avg_step_time = None
 while step < max_steps:
@@ -420,12 +419,15 @@ while step < max_steps:
     is_last = step == max_steps
     if step % args.log_interval == 0 or is_last:
         tokens_per_s = stats[3].item() / step_time
-        mfu = flops_per_token(model, T) * tokens_per_s / world / peak_flops if peak_flops else 0
+        flops_per_s = flops_per_token(model, T) * tokens_per_s / world  # per process
+        mfu = f"mfu {flops_per_s / peak_flops:5.1%}"
+        if spec_flops:
+            mfu += f" ({flops_per_s / spec_flops:.1%} of spec)"
         accuracy = stats[1].item() / max(1, stats[2].item())
         lr = lr_at(step - 1, lr_steps)
         minutes_left = (max_steps - step) * avg_step_time / 60
         progress = f"step {step:5d}/{max_steps} | loss {loss:.6f} | acc {accuracy:6.1%}"
-        speed = f"{tokens_per_s / 1e3:6.1f}k tok/s | mfu {mfu:5.1%} | eta {minutes_left:4.1f} min"
+        speed = f"{tokens_per_s / 1e3:6.1f}k tok/s | {mfu} | eta {minutes_left:4.1f} min"
         log(f"{progress} | lr {lr:.2e} | {speed}")
     if interrupted:
         if master:
@@ -485,10 +487,9 @@ if master:
     with torch.no_grad(), amp:
         logits = model(torch.where(hide, te.MASK, ids)[None]).logits[0]
         guess = torch.where(hide, logits.argmax(-1), ids)
-    nothing = torch.zeros_like(hide)
     print(f"demo, held out : {show(ids, hide)}")
-    print(f"     model fills: {show(guess, nothing)}")
-    print(f"     original   : {show(ids, nothing)}")
+    print(f"     model fills: {show(guess, torch.zeros_like(hide))}")
+    print(f"     original   : {show(ids, torch.zeros_like(hide))}")
     accuracy = f"held-out masked-byte accuracy {results['val_acc']:.2%} (15% masking, {args.arch})"
     bits = f"{results['val_bpb']:.3f} bits/byte"
     summary = f"final: {accuracy}, loss {results['val_loss']:.4f}, {bits}"
