@@ -149,10 +149,11 @@ def check_speed(dev, dtype, peak, spec, tiny, dtype_name):
         args = argparse.Namespace(
             **sizes, warmup=3, compile=compile_, compile_hf=False, no_hf=False
         )
-        rows += [
-            dict(r, compiled=compile_)
-            for r in bench_case("modernbert", "var", "train", args, dev, dtype)
-        ]
+        for row in bench_case("modernbert", "var", "train", args, dev, dtype):
+            row["compiled"] = compile_
+            if compile_:
+                row["variant"] = "compiled"
+            rows.append(row)
     add_mfu(rows, peak)
     print_table(rows, peak, dtype_name)
     for row in rows:  # MFU against the data sheet as well, as papers quote it

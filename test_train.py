@@ -111,3 +111,23 @@ def test_learned_positions_learn_word_order(tmp_path, arch):
     assert run.returncode == 0, run.stderr[-2000:]
     accuracy = float(re.search(r"held-out masked-byte accuracy (\S+)%", run.stdout).group(1))
     assert accuracy >= 75, run.stdout[-1500:]
+
+
+# -------------------------------------------------------------------------------------------------
+# The GPU check's numerics, run on the CPU: every backend's logits and gradients are compared
+def test_gpu_check_numerics_run_on_cpu():
+    """The part of `bench.py --gpu-check` that decides whether a backend is right runs here too:
+    on a CPU, eager and sdpa in fp32 and bf16 pass against fp32 eager, forward and backward, and
+    flash is reported unavailable rather than failing the check."""
+    import torch
+
+    import gpu_check
+
+    report = gpu_check.check_numerics(torch.device("cpu"))
+    for arch in ("bert", "roberta", "modernbert"):
+        results = report[arch]["results"]
+        for key in ("eager bf16", "sdpa fp32", "sdpa bf16"):
+            assert results[key]["ok"], (arch, key, results[key])
+            assert results[key]["grad_err"] > 0  # the gradients were compared
+        assert results["sdpa fp32"]["err"] < 1e-5 and results["sdpa fp32"]["grad_err"] < 1e-5
+        assert "unavailable" in results["flash bf16"]["note"]
