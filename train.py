@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import tinyencoder as te
 from mfu import flops_per_token, measured_peak, spec_peak
-from data.corpus import load_stdlib, prepare_stdlib, read_documents, split_documents
+from data.corpus import load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
 
 # Recipes: how each paper trained, the training twin of tinyencoder's PRESETS. Sizes override the
@@ -156,14 +156,7 @@ deadline = t0 + args.time_budget * 60 - 15  # 15 s for the demo and the last che
 
 # Data: two byte arrays (train, val) with document offsets (data/corpus.py), cut into rows as the
 # recipe says (data/rows.py).
-if args.data:
-    corpus = split_documents(read_documents(args.data), args.data)
-else:
-    if master:  # once, into data/
-        prepare_stdlib()
-    if ddp:
-        dist.barrier()
-    corpus = load_stdlib()
+corpus = load_corpus(args.data, prepare=master, wait=dist.barrier if ddp else None)
 train_data, train_offsets = corpus["train"]
 val_data, val_offsets = corpus["val"]
 trained_on = f"{len(train_offsets) - 1} documents ({len(train_data) / 1e6:.2f} MB) to train on"
@@ -260,7 +253,7 @@ if checkpoint:
     max_steps = max_steps or checkpoint["max_steps"]
     log(f"resumed at step {step} from {ckpt_path}")
 os.makedirs(args.out_dir, exist_ok=True)
-stop_signals = []  # Ctrl-C, SIGTERM: finish the step, save, leave
+stop_signals = []  # Ctrl-C, SIGTERM: finish the step (DDP: the interval), save, leave
 
 
 # The functions of a step: the schedule, evaluation, checkpoints, training, fitting the run.
@@ -378,12 +371,11 @@ if max_steps is None:
     eval_time = time.time() - started
     for _ in range(2):
         started = time.time()
-        train_step(0)
+        train_step(0)[0].item()  # waits for the device, so that the time is the step's
         opt.zero_grad(set_to_none=True)
     step_time = time.time() - started
     max_steps = fit(0, step_time, 4, eval_time)
-    fitted = f"~{max_steps} steps of {step_time:.2f}s"
-    log(f"time budget {args.time_budget:g} min: {fitted}; step 0: {results}")
+    log(f"time budget {args.time_budget:g} min: ~{max_steps} steps of {step_time:.2f}s; {results}")
 if not lr_steps:
     lr_steps = max_steps if fits_budget else 2000
 eval_every = args.eval_interval or max(1, math.ceil(max_steps / 4))
@@ -395,47 +387,51 @@ schedule = f"peak lr {args.lr:g} on a {lr_steps}-step schedule"
 peaks = f"measured peak {peak_flops / 1e12:.2f} TFLOP/s, spec {spec_flops / 1e12:.0f} TFLOP/s"
 log(f"training steps {step + 1}..{max_steps}, {schedule}; {attention}; MFU against the {peaks}")
 
-avg_step_time = None
+read_step, read_time = step, time.time()  # when the host last read the device
 while step < max_steps:
-    started = time.time()
     for group in opt.param_groups:
         group["lr"] = lr_at(step, lr_steps)
-    late = fits_budget and time.time() > deadline
-    flags = torch.tensor([len(stop_signals), late], device=device)
-    stats = torch.cat([train_step(step), flags])
-    if ddp:  # every process must agree on the loss and on stopping
-        dist.all_reduce(stats)
-    loss = stats[0].item()
-    interrupted, late = bool(stats[4]), bool(stats[5])
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
-    if not math.isfinite(loss + grad_norm):  # before the update, so the weights stay finite
-        stopped = f"loss {loss}, grad norm {grad_norm} at step {step + 1}: stopped"
-        sys.exit(f"error: {stopped}; last good checkpoint in {args.out_dir}")
+    stats = train_step(step)  # loss, correct, count, real tokens: on the device, unread
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     step += 1
-    step_time = time.time() - started
-    avg_step_time = step_time if avg_step_time is None else 0.9 * avg_step_time + 0.1 * step_time
     is_last = step == max_steps
-    if step % args.log_interval == 0 or is_last:
-        tokens_per_s = stats[3].item() / step_time
+    is_log_step = step % args.log_interval == 0 or is_last
+    # no evaluation within half an interval of the final one
+    is_eval_step = step % eval_every == 0 and max_steps - step > eval_every // 2
+    is_ckpt_step = step % ckpt_every == 0 or is_last
+    late = fits_budget and time.time() > deadline
+    stop_now = not ddp and (len(stop_signals) > 0 or late)  # DDP's processes agree at log steps
+    if not (is_log_step or is_eval_step or is_ckpt_step or stop_now):
+        continue  # the host waits for nothing: the device runs on while the next batch is built
+    # The host reads the device: the step's figures, and whether every process agrees to stop
+    flags = torch.tensor([len(stop_signals), late], device=device)
+    summary = torch.cat([stats, grad_norm[None], flags])
+    if ddp:
+        dist.all_reduce(summary)
+    loss, grad_norm = summary[0].item(), summary[4].item()
+    interrupted, late = bool(summary[5]), bool(summary[6])
+    if not math.isfinite(loss + grad_norm):  # read before any checkpoint can be written
+        stopped = f"loss {loss}, grad norm {grad_norm} at step {step}: stopped"
+        sys.exit(f"error: {stopped}; last good checkpoint in {args.out_dir}")
+    step_time = (time.time() - read_time) / (step - read_step)  # the mean since the last read
+    if is_log_step:
+        tokens_per_s = summary[3].item() / step_time
         flops_per_s = flops_per_token(model, T) * tokens_per_s / world  # per process
         mfu = f"mfu {flops_per_s / peak_flops:5.1%}"
         if spec_flops:
             mfu += f" ({flops_per_s / spec_flops:.1%} of spec)"
-        accuracy = stats[1].item() / max(1, stats[2].item())
-        lr = lr_at(step - 1, lr_steps)
-        minutes_left = (max_steps - step) * avg_step_time / 60
+        accuracy = summary[1].item() / max(1, summary[2].item())
+        minutes_left = (max_steps - step) * step_time / 60
         progress = f"step {step:5d}/{max_steps} | loss {loss:.6f} | acc {accuracy:6.1%}"
         speed = f"{tokens_per_s / 1e3:6.1f}k tok/s | {mfu} | eta {minutes_left:4.1f} min"
-        log(f"{progress} | lr {lr:.2e} | {speed}")
+        log(f"{progress} | lr {lr_at(step - 1, lr_steps):.2e} | {speed}")
     if interrupted:
         if master:
             save(ckpt_path)
         log(f"interrupted after step {step}; saved {ckpt_path}; continue with --resume")
         sys.exit(0)
-    # no evaluation within half an interval of the final one
-    is_eval_step = step % eval_every == 0 and max_steps - step > eval_every // 2
     if master and (is_eval_step or is_last or late):
         results = evaluate()
         log(f"eval step {step}: " + " ".join(f"{name} {value}" for name, value in results.items()))
@@ -446,17 +442,17 @@ while step < max_steps:
         if results["val_loss"] < best:
             best = results["val_loss"]
             save(os.path.join(args.out_dir, "ckpt_best.pt"))
-    if master and (step % ckpt_every == 0 or is_last or late):
+    if master and (is_ckpt_step or late):
         save(ckpt_path)
     if late:
         log(f"time budget reached: stopping after step {step} of {max_steps}")
         break
     # the machine's other load varies: fit the run again at each log line
-    is_log_step = step % args.log_interval == 0
     if fits_budget and is_log_step and step < max_steps:
-        max_steps = fit(step, avg_step_time, 1 + (max_steps - step) // eval_every, eval_time)
+        max_steps = fit(step, step_time, 1 + (max_steps - step) // eval_every, eval_time)
         if not args.lr_steps:
             lr_steps = max_steps
+    read_step, read_time = step, time.time()  # evaluations and checkpoints are not step time
 
 
 # The demo: a held-out line with three masked spans, what the model writes into them, the original.

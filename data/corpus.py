@@ -100,3 +100,15 @@ def load_stdlib():
         data = np.fromfile(f"{STDLIB_STEM}-{part}.bin", np.uint8)
         parts[part] = (data, np.fromfile(f"{STDLIB_STEM}-{part}.idx", np.int64))
     return parts
+
+
+def load_corpus(spec, prepare=True, wait=None):
+    """What train.py trains on: the files spec names, split by name, or else the stdlib, which the
+    process told to prepare writes into data/ once, while wait (a barrier) holds the others."""
+    if spec:
+        return split_documents(read_documents(spec), spec)
+    if prepare:
+        prepare_stdlib()
+    if wait is not None:
+        wait()
+    return load_stdlib()
