@@ -178,7 +178,7 @@ def profile_step(dev, dtype, tiny):
     with torch.profiler.profile(activities=activities) as prof:
         step(b)
         sync(dev)
-    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=10))
     events = sorted(prof.key_averages(), key=operator.attrgetter(sort), reverse=True)[:10]
     return [dict(kernel=e.key, us=getattr(e, sort), calls=e.count) for e in events]
