@@ -253,6 +253,8 @@ if checkpoint:
     max_steps = max_steps or checkpoint["max_steps"]
     log(f"resumed at step {step} from {ckpt_path}")
 os.makedirs(args.out_dir, exist_ok=True)
+if master and not checkpoint:  # a fresh run starts a fresh metrics.jsonl
+    open(os.path.join(args.out_dir, "metrics.jsonl"), "w").close()
 stop_signals = []  # Ctrl-C, SIGTERM: finish the step (DDP: the interval), save, leave
 
 
