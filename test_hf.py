@@ -1,6 +1,7 @@
 """Interop with transformers: parity of every supported class on every CPU backend, padded and
 unpadded; save_pretrained read back by transformers' Auto classes; checkpoint quirks and errors."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -290,3 +291,17 @@ def test_sentence_transformers_mean_pooling_equals_ours(tmp_path):
         hidden = model(ids, mask).hidden
     ours = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     assert_close(theirs.cpu(), ours, 1e-4)
+
+
+def test_checkpoints_with_retired_config_fields_still_export(tmp_path):
+    """A train.py checkpoint written before sparse_prediction was retired exports as it was."""
+    model = perturb(TinyEncoder(tiny("roberta"))).eval()
+    saved = dict(dataclasses.asdict(model.cfg), sparse_prediction=True)
+    torch.save(dict(model=model.state_dict(), cfg=saved), tmp_path / "ckpt.pt")
+    command = [sys.executable, "tinyencoder_hf.py", str(tmp_path / "ckpt.pt"), str(tmp_path / "hf")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stderr
+    ids, mask = batch()
+    with torch.no_grad():
+        exported = TinyEncoder.from_pretrained(str(tmp_path / "hf")).eval()(ids, mask).logits
+        assert_close(exported, model(ids, mask).logits)

@@ -510,6 +510,16 @@ def sentence_transformers_files(cfg: te.Config) -> dict[str, object]:
 
 # -------------------------------------------------------------------------------------------------
 # Export a train.py checkpoint: python tinyencoder_hf.py out/ckpt_best.pt out/hf
+# Config fields that older train.py checkpoints record and Config no longer has. Each one only ever
+# changed the speed, so a checkpoint that holds it loads as it was.
+RETIRED_FIELDS = ("sparse_prediction",)
+
+
+def checkpoint_config(saved: dict) -> te.Config:
+    """The Config a train.py checkpoint recorded, less the retired fields."""
+    return te.Config(**{name: value for name, value in saved.items() if name not in RETIRED_FIELDS})
+
+
 def main():
     import argparse
 
@@ -520,7 +530,7 @@ def main():
     if not os.path.exists(args.checkpoint):
         raise SystemExit(f"error: {args.checkpoint}: no such checkpoint")
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    model = te.TinyEncoder(te.Config(**state["cfg"]))
+    model = te.TinyEncoder(checkpoint_config(state["cfg"]))
     model.load_state_dict(state["model"])
     save(model, args.out_dir)
     print(f"wrote {args.out_dir}: {', '.join(sorted(os.listdir(args.out_dir)))}")

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import tinyencoder as te
+from tinyencoder_hf import checkpoint_config
 from mfu import flops_per_token, measured_peak, spec_peak
 from data.corpus import load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
@@ -189,7 +190,7 @@ if args.resume:
     saved_arch = checkpoint["cfg"]["arch"]
     if saved_arch != args.arch:
         sys.exit(f"error: --resume: {ckpt_path} is a {saved_arch} run, not {args.arch}")
-    cfg = te.Config(**checkpoint["cfg"])
+    cfg = checkpoint_config(checkpoint["cfg"])
 else:
     overrides = dict(SIZES[args.size])
     if args.arch == "modernbert":
