@@ -284,6 +284,7 @@ def main():
         print(busy, "--threads 1 is steadier")
     peak = measured_peak(dev, dtype)
     report = dict(device=str(dev), dtype=args.dtype, compile=args.compile, peak_flops=peak)
+    report["json"] = args.json  # where gpu_check.py writes as it goes
 
     if args.gpu_check:
         import gpu_check  # the one-run GPU check, beside this file

@@ -11,6 +11,7 @@ training on variable-length rows of up to 1024 tokens, eager and compiled, next 
 import argparse
 import gc
 import json
+import os
 import operator
 import subprocess
 import sys
@@ -57,6 +58,9 @@ def section(name, report, fn, *args, **kwargs):
         traceback.print_exc()
         report[name] = {"error": f"{type(e).__name__}: {e}"}
     print(f"   ({time.perf_counter() - t:.0f} s)", flush=True)
+    if report.get("json"):  # after every section, so that a run cut short keeps what it measured
+        with open(report["json"], "w") as f:
+            json.dump(report, f, indent=1, default=str)
 
 
 def logits_and_grads(model, ids, am, real, probe, dtype):
@@ -185,11 +189,17 @@ def profile_step(dev, dtype, tiny):
 
 
 def train_lines(dev, tiny):
-    """python train.py --arch modernbert --max-steps 100 on this device: its tok/s and MFU lines."""
+    """python train.py --arch modernbert --max-steps 100 on this device: its tok/s and MFU lines
+    (the first includes compiling; the last is the steady state)."""
     size = ["--size", "tiny", "--max-steps", "5"] if tiny else ["--max-steps", "100"]
+    gc.collect()
+    if dev.type == "cuda":  # hand the earlier sections' cached memory back for train.py
+        torch.cuda.empty_cache()
+    here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "train.py", "--arch", "modernbert", "--device", dev.type]
-        done = subprocess.run(command + size + ["--out-dir", out], capture_output=True, text=True)
+        command += size + ["--out-dir", out]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=here, timeout=300)
     lines = [line for line in done.stdout.splitlines() if "tok/s" in line or "MFU" in line]
     print("\n".join(lines) or done.stderr[-2000:])
     return dict(returncode=done.returncode, lines=lines)

@@ -600,7 +600,7 @@ class Unpadded:
         indices = (doc_ids.flatten() != 0).nonzero().squeeze(1)
         first_tokens = starts.flatten()[indices].nonzero().squeeze(1)  # each document's first
         cu_seqlens = F.pad(first_tokens, (0, 1), value=indices.numel()).to(torch.int32)
-        seqlens = cu_seqlens.diff().tolist()  # a host sync: the CPU loop and flash need ints
+        seqlens = cu_seqlens.diff().tolist()  # ints for the CPU's per-document loop
         return cls(indices, cu_seqlens, seqlens, doc_ids.shape)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -689,8 +689,8 @@ def pick_backend(cfg: Config, device: torch.device, dtype, training: bool) -> st
 def attend(q, k, v, layout, half_window: Optional[int], dropout: float, backend: str):
     """The one dispatch: attention for any layout and backend. q, k, v are (B, T, heads, head_dim)
     on Padded rows or (N, heads, head_dim) on Unpadded tokens; the output has the same shape."""
-    if isinstance(layout, Unpadded) and not layout.seqlens:
-        return q  # an all-padding batch has no tokens
+    if isinstance(layout, Unpadded) and q.shape[0] == 0:  # no tokens: an all-padding batch
+        return q
     if isinstance(layout, Unpadded) and backend == "flash":
         return flash_attention(q, k, v, layout, half_window, dropout)
     if isinstance(layout, Unpadded):

@@ -413,7 +413,7 @@ while step < max_steps:
     summary = torch.cat([stats, grad_norm[None], flags])
     if ddp:
         dist.all_reduce(summary)
-    loss, grad_norm = summary[0].item(), summary[4].item()
+    loss, grad_norm = summary[0].item(), summary[4].item() / world  # every process's is the same
     interrupted, late = bool(summary[5]), bool(summary[6])
     if not math.isfinite(loss + grad_norm):  # read before any checkpoint can be written
         stopped = f"loss {loss}, grad norm {grad_norm} at step {step}: stopped"
