@@ -27,7 +27,7 @@ import time
 import torch
 
 import tinyencoder as te
-from mfu import flops_per_token, measured_peak
+from mfu import flops_per_token, measured_peak, synchronize
 
 try:
     import transformers
@@ -38,11 +38,6 @@ except ImportError:
     transformers = None
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def autocast(dev, dtype):
@@ -147,10 +142,10 @@ def alternate(steps, batches, warmup, dev):
     for i, b in enumerate(batches):
         first = i % len(names)
         for k in names[first:] + names[:first]:
-            sync(dev)
+            synchronize(dev)
             t = time.perf_counter()
             steps[k](b)
-            sync(dev)
+            synchronize(dev)
             if i >= warmup:
                 times[k].append(time.perf_counter() - t)
     return times

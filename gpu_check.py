@@ -23,8 +23,8 @@ import torch
 
 import tinyencoder as te
 from bench import DTYPES, add_mfu, autocast, bench_case, hf_twin, make_batches, print_table
-from bench import stepper, sync, transformers, variant
-from mfu import spec_peak
+from bench import stepper, transformers, variant
+from mfu import spec_peak, synchronize
 
 
 def train_memory(dev, dtype, seq=8192, compile_=False, hf=False, **overrides):
@@ -36,14 +36,14 @@ def train_memory(dev, dtype, seq=8192, compile_=False, hf=False, **overrides):
     step = stepper(model, True, dtype, compile_)
     b = make_batches(te.Config.from_preset("modernbert"), 1, 1, seq, False, dev)[0]
     step(b)  # allocates AdamW state (and compiles)
-    sync(dev)
+    synchronize(dev)
     if dev.type != "cuda":
         return dict(seq=seq, peak_gib=None, note="peak memory is only measured on CUDA")
     gc.collect()  # earlier sections' cyclic garbage must not count
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     step(b)
-    sync(dev)
+    synchronize(dev)
     peak = torch.cuda.max_memory_allocated()
     return dict(seq=seq, peak_gib=peak / 2**30, static_gib=before / 2**30)
 
@@ -115,10 +115,8 @@ def check_numerics(dev):
             try:
                 m = variant(ref_model, attn_backend=backend).eval()
                 logits, grads = logits_and_grads(m, ids, am, real, probe, DTYPES[dtype_name])
-                errors[key] = (
-                    (logits - ref).abs().max().item(),
-                    worst_grad_error(grads, ref_grads),
-                )
+                logit_err = (logits - ref).abs().max().item()
+                errors[key] = dict(err=logit_err, grad_err=worst_grad_error(grads, ref_grads))
             except Exception as e:  # noqa: BLE001 - e.g. flash on CPU
                 errors[key] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
 
@@ -130,14 +128,14 @@ def check_numerics(dev):
                 print(line + err)
                 results[key] = dict(err=None, note=err)
                 continue
-            logit_err, grad_err = err
-            ok = logit_err <= tolerance and grad_err <= 0.2
-            if "bf16" in key and isinstance(eager_bf16, tuple):
-                ok = ok and logit_err <= 2 * eager_bf16[0] + 1e-3
-                ok = ok and grad_err <= 2 * eager_bf16[1] + 1e-2
+            ok = err["err"] <= tolerance and err["grad_err"] <= 0.2
+            if "bf16" in key and isinstance(eager_bf16, dict):
+                ok = ok and err["err"] <= 2 * eager_bf16["err"] + 1e-3
+                ok = ok and err["grad_err"] <= 2 * eager_bf16["grad_err"] + 1e-2
             verdict = "ok" if ok else "FAIL"
-            print(f"{line}logits {logit_err:.2e}, gradients {grad_err:.2e} (relative)  {verdict}")
-            results[key] = dict(err=logit_err, grad_err=grad_err, ok=ok)
+            figures = f"logits {err['err']:.2e}, gradients {err['grad_err']:.2e} (relative)"
+            print(f"{line}{figures}  {verdict}")
+            results[key] = dict(err, ok=ok)
         out[arch] = dict(tolerance=tolerance, max_abs_ref=scale, results=results)
     return out
 
@@ -181,7 +179,7 @@ def profile_step(dev, dtype, tiny):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         step(b)
-        sync(dev)
+        synchronize(dev)
     sort = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=10))
     events = sorted(prof.key_averages(), key=operator.attrgetter(sort), reverse=True)[:10]

@@ -410,22 +410,22 @@ while step < max_steps:
         continue  # the host waits for nothing: the device runs on while the next batch is built
     # The host reads the device: the step's figures, and whether every process agrees to stop
     flags = torch.tensor([len(stop_signals), late], device=device)
-    summary = torch.cat([stats, grad_norm[None], flags])
+    figures = torch.cat([stats, grad_norm[None], flags])
     if ddp:
-        dist.all_reduce(summary)
-    loss, grad_norm = summary[0].item(), summary[4].item() / world  # every process's is the same
-    interrupted, late = bool(summary[5]), bool(summary[6])
+        dist.all_reduce(figures)
+    loss, grad_norm = figures[0].item(), figures[4].item() / world  # every process's is the same
+    interrupted, late = bool(figures[5]), bool(figures[6])
     if not math.isfinite(loss + grad_norm):  # read before any checkpoint can be written
         stopped = f"loss {loss}, grad norm {grad_norm} at step {step}: stopped"
         sys.exit(f"error: {stopped}; last good checkpoint in {args.out_dir}")
     step_time = (time.time() - read_time) / (step - read_step)  # the mean since the last read
     if is_log_step:
-        tokens_per_s = summary[3].item() / step_time
+        tokens_per_s = figures[3].item() / step_time
         flops_per_s = flops_per_token(model, T) * tokens_per_s / world  # per process
         mfu = f"mfu {flops_per_s / peak_flops:5.1%}"
         if spec_flops:
             mfu += f" ({flops_per_s / spec_flops:.1%} of spec)"
-        accuracy = summary[1].item() / max(1, summary[2].item())
+        accuracy = figures[1].item() / max(1, figures[2].item())
         minutes_left = (max_steps - step) * step_time / 60
         progress = f"step {step:5d}/{max_steps} | loss {loss:.6f} | acc {accuracy:6.1%}"
         speed = f"{tokens_per_s / 1e3:6.1f}k tok/s | {mfu} | eta {minutes_left:4.1f} min"
