@@ -58,7 +58,8 @@ def packed_batch():
 
 def variant(model, **changes):
     """A new model with the same weights whose Config differs by changes (backend, unpadding)."""
-    twin = TinyEncoder(dataclasses.replace(model.cfg, **changes))
+    weight = next(model.parameters())  # the twin lives where the model does, in its dtype
+    twin = TinyEncoder(dataclasses.replace(model.cfg, **changes)).to(weight.device, weight.dtype)
     twin.load_state_dict(model.state_dict())
     return twin.train(model.training)
 

@@ -48,17 +48,23 @@ def test_backends_and_unpadding_agree(preset, kernels):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a CUDA device")
 @pytest.mark.parametrize("preset", PRESETS)
 def test_flash_matches_eager_on_cuda(preset):
+    """Flash in bf16 is as close to fp32 eager as eager itself is in bf16: packed rows with
+    padding, ModernBERT's window shorter than the first document."""
     cfg = tiny(preset, hidden=64, heads=2, attn_dropout=0.0)
-    model = perturb(TinyEncoder(cfg)).to("cuda", torch.bfloat16).eval()
+    model = perturb(TinyEncoder(cfg)).to("cuda").eval()
     ids, doc = (t.cuda() for t in packed_batch())
     keep = doc != 0
     with torch.no_grad():
-        eager = variant(model, attn_backend="eager")(ids, doc).logits[keep].float()
-        try:
-            flash = variant(model, attn_backend="flash")(ids, doc).logits[keep].float()
-        except ValueError as e:
-            pytest.skip(str(e))
-    assert (flash - eager).abs().max().item() <= 5e-2 * max(1.0, eager.abs().max().item())
+        reference = variant(model, attn_backend="eager")(ids, doc).logits[keep]
+        half = model.to(torch.bfloat16)
+        errors = {}
+        for backend in ("eager", "flash"):
+            try:
+                logits = variant(half, attn_backend=backend)(ids, doc).logits[keep].float()
+            except ValueError as e:  # e.g. a torch without a windowed varlen kernel
+                pytest.skip(str(e))
+            errors[backend] = (logits - reference).abs().max().item()
+    assert errors["flash"] <= 2 * errors["eager"] + 1e-3, errors
 
 
 @pytest.mark.parametrize("unpad", [False, True])
