@@ -27,6 +27,7 @@ import time
 import torch
 
 import tinyencoder as te
+import tinyencoder_hf
 from mfu import flops_per_token, measured_peak, synchronize
 
 try:
@@ -75,11 +76,11 @@ def batch_flops(model, b):
 
 
 def hf_twin(model, dev):
-    """The transformers model with the same weights: save_pretrained, AutoModelForMaskedLM, sdpa."""
+    """The transformers model with our weights: tinyencoder_hf.save, AutoModelForMaskedLM."""
     # not in the saved config: ModernBERT's MLM head runs on labelled tokens only, as ours does
     kw = {"sparse_prediction": True} if model.cfg.arch == "modernbert" else {}
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
+        tinyencoder_hf.save(model, d)
         hf = transformers.AutoModelForMaskedLM.from_pretrained(d, attn_implementation="sdpa", **kw)
     return hf.to(dev)
 

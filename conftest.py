@@ -66,7 +66,7 @@ def variant(model, **changes):
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """Counts the attention calls that actually run: eager, SDPA, and the unpadded CPU path."""
+    """Counts the attention calls that actually run (eager, SDPA) and the unpadded layout's use."""
     calls = collections.Counter()
 
     def spy(name, function):
@@ -80,9 +80,8 @@ def kernels(monkeypatch):
     monkeypatch.setattr(
         F, "scaled_dot_product_attention", spy("sdpa", F.scaled_dot_product_attention)
     )
-    monkeypatch.setattr(
-        tinyencoder, "attend_documents", spy("unpadded", tinyencoder.attend_documents)
-    )
+    unpadded = tinyencoder.Unpadded
+    monkeypatch.setattr(unpadded, "gather", spy("unpadded", unpadded.gather))
     return calls
 
 

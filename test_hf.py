@@ -1,5 +1,5 @@
 """Interop with transformers: parity of every supported class on every CPU backend, padded and
-unpadded; save_pretrained read back by transformers' Auto classes; checkpoint quirks and errors."""
+unpadded; tinyencoder_hf.save read back by transformers' Auto classes; checkpoint quirks, errors."""
 
 import dataclasses
 import json
@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from conftest import CPU_BACKENDS, assert_close, assert_ran, batch, perturb, tiny, variant
+import tinyencoder_hf
 from tinyencoder import CLS, MASK, PAD, SEP, VOCAB_SIZE, TinyEncoder, encode
 
 # -------------------------------------------------------------------------------------------------
-# 1. Parity with transformers on random weights: their save_pretrained -> our from_pretrained
+# 1. Parity with transformers on random weights: their save_pretrained -> tinyencoder_hf.load
 HF_CLASSES = (
     "BertForMaskedLM",
     "BertForPreTraining",
@@ -23,11 +24,19 @@ HF_CLASSES = (
     "RobertaForMaskedLM",
     "ModernBertForMaskedLM",
     "ModernBertModel",
+    *(
+        f"{stem}For{task}Classification"
+        for stem in ("Bert", "Roberta", "ModernBert")
+        for task in ("Sequence", "Token")
+    ),
+    "ModernBertForSequenceClassification:mean",  # classifier_pooling="mean"
 )
 
 
-def hf_model(transformers, name, attn):
+def hf_model(transformers, name, attn, num_labels=3):
+    name, _, pooling = name.partition(":")
     common = dict(
+        num_labels=num_labels,
         vocab_size=VOCAB_SIZE,
         hidden_size=32,
         num_hidden_layers=2,
@@ -44,6 +53,7 @@ def hf_model(transformers, name, attn):
             local_attention=8,
             global_attn_every_n_layers=2,
             pad_token_id=300,
+            classifier_pooling=pooling or "cls",
             bos_token_id=CLS,
             cls_token_id=CLS,
             eos_token_id=SEP,
@@ -83,8 +93,9 @@ def test_parity_with_transformers(name, attn, tmp_path, kernels):
         kw["token_type_ids"] = (torch.arange(ids.shape[1]) >= 9).long().expand_as(ids)
     with torch.no_grad():
         ref = hf(input_ids=ids, **kw)
-    loaded = TinyEncoder.from_pretrained(str(tmp_path)).eval()
+    loaded = tinyencoder_hf.load(str(tmp_path)).eval()
     assert loaded.cfg.nsp == (name == "BertForPreTraining")
+    assert loaded.cfg.classifier_pooling == (name.partition(":")[2] or "cls")
     keep = mask.bool()
     kernels.clear()  # transformers' own calls do not count
     for unpad in (False, True):
@@ -94,6 +105,9 @@ def test_parity_with_transformers(name, attn, tmp_path, kernels):
         assert_ran(kernels, attn, unpad)
         if name.endswith("Model"):
             assert_close(out.hidden[keep], ref.last_hidden_state[keep])
+        elif "SequenceClassification" in name:
+            assert out.logits.shape == (ids.shape[0], 3)
+            assert_close(out.logits, ref.logits)
         else:
             assert_close(
                 out.logits[keep],
@@ -104,19 +118,33 @@ def test_parity_with_transformers(name, attn, tmp_path, kernels):
 
 
 # -------------------------------------------------------------------------------------------------
-# 2. TinyEncoder.save_pretrained -> transformers Auto classes, and back
+# 2. tinyencoder_hf.save -> transformers Auto classes, and back
+CLASSIFIERS = [
+    ("bert", {"nsp": False, "classifier": "sequence", "num_labels": 3}),
+    ("bert", {"nsp": False, "classifier": "token", "num_labels": 3}),
+    ("roberta", {"classifier": "sequence", "num_labels": 1}),
+    ("roberta", {"classifier": "token", "num_labels": 3}),
+    ("modernbert", {"classifier": "sequence", "num_labels": 3, "classifier_pooling": "mean"}),
+    ("modernbert", {"classifier": "token", "num_labels": 3}),
+]
+
+
 @pytest.mark.parametrize(
-    "preset,over", [("bert", {}), ("bert", {"nsp": False}), ("roberta", {}), ("modernbert", {})]
+    "preset,over",
+    [("bert", {}), ("bert", {"nsp": False}), ("roberta", {}), ("modernbert", {}), *CLASSIFIERS],
 )
 def test_save_pretrained_round_trip(preset, over, tmp_path):
     transformers = pytest.importorskip(
         "transformers", reason="round trip loads the checkpoint with transformers"
     )
     model = perturb(TinyEncoder(tiny(preset, **over))).eval()
-    model.save_pretrained(str(tmp_path))
-    auto = (
-        transformers.AutoModelForPreTraining if model.cfg.nsp else transformers.AutoModelForMaskedLM
-    )
+    tinyencoder_hf.save(model, str(tmp_path))
+    auto = {
+        "sequence": transformers.AutoModelForSequenceClassification,
+        "token": transformers.AutoModelForTokenClassification,
+    }.get(model.cfg.classifier, transformers.AutoModelForMaskedLM)
+    if model.cfg.nsp:
+        auto = transformers.AutoModelForPreTraining
     hf = auto.from_pretrained(str(tmp_path)).eval()
     assert (
         type(hf).__name__ == json.loads((tmp_path / "config.json").read_text())["architectures"][0]
@@ -128,12 +156,14 @@ def test_save_pretrained_round_trip(preset, over, tmp_path):
     with torch.no_grad():
         out, ref = model(ids, **kw), hf(input_ids=ids, **kw)
     keep = mask.bool()
+    if model.cfg.classifier == "sequence":
+        keep = slice(None)  # one row of logits per sequence
     assert_close(
         out.logits[keep], (ref.prediction_logits if model.cfg.nsp else ref.logits)[keep], 1e-5
     )
     if model.cfg.nsp:
         assert_close(out.nsp_logits, ref.seq_relationship_logits, 1e-5)
-    again = TinyEncoder.from_pretrained(str(tmp_path)).eval()
+    again = tinyencoder_hf.load(str(tmp_path)).eval()
     assert again.cfg == model.cfg
     with torch.no_grad():
         back = again(ids, **kw)
@@ -148,13 +178,13 @@ def test_from_pretrained_rejects_unsupported_architecture(tmp_path):
         ValueError,
         match=r"'GPT2LMHeadModel' is not supported.*BertForMaskedLM.*ModernBertForMaskedLM",
     ):
-        TinyEncoder.from_pretrained(str(tmp_path))
+        tinyencoder_hf.load(str(tmp_path))
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected"])
 def test_from_pretrained_names_missing_and_unexpected_weights(change, tmp_path):
     st = pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
-    TinyEncoder(tiny("bert", nsp=False)).save_pretrained(str(tmp_path))
+    tinyencoder_hf.save(TinyEncoder(tiny("bert", nsp=False)), str(tmp_path))
     path = str(tmp_path / "model.safetensors")
     sd = st.load_file(path)
     key = "bert.encoder.layer.1.output.dense.weight"
@@ -165,7 +195,7 @@ def test_from_pretrained_names_missing_and_unexpected_weights(change, tmp_path):
         sd[key] = torch.zeros(3)
     st.save_file(sd, path)
     with pytest.raises(ValueError, match=rf"{change} \[.*'{key}'"):
-        TinyEncoder.from_pretrained(str(tmp_path))
+        tinyencoder_hf.load(str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -190,7 +220,7 @@ def test_from_pretrained_ignores_pretraining_extras(name, extras, tmp_path):
         out = 2 if "seq_relationship" in key else 32
         sd[key + ".weight"], sd[key + ".bias"] = torch.randn(out, 32), torch.randn(out)
     st.save_file(sd, path)
-    model = TinyEncoder.from_pretrained(str(tmp_path)).eval()
+    model = tinyencoder_hf.load(str(tmp_path)).eval()
     ids, mask = batch(lo=2, hi=VOCAB_SIZE, pad=hf.config.pad_token_id)
     with torch.no_grad():
         assert_close(
@@ -202,7 +232,7 @@ def test_from_pretrained_ignores_pretraining_extras(name, extras, tmp_path):
 def test_from_pretrained_reads_tf_era_layernorm_names(tmp_path):
     st = pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
     model = perturb(TinyEncoder(tiny("bert", nsp=False))).eval()
-    model.save_pretrained(str(tmp_path))
+    tinyencoder_hf.save(model, str(tmp_path))
     path = str(tmp_path / "model.safetensors")
     old = {
         k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
@@ -217,27 +247,28 @@ def test_from_pretrained_reads_tf_era_layernorm_names(tmp_path):
     ids, mask = batch()
     with torch.no_grad():
         assert torch.equal(
-            TinyEncoder.from_pretrained(str(tmp_path)).eval()(ids, mask).logits,
+            tinyencoder_hf.load(str(tmp_path)).eval()(ids, mask).logits,
             model(ids, mask).logits,
         )
 
 
-def test_conversion_says_it_needs_its_module(tmp_path):
-    """Copied alone, tinyencoder.py runs; only from_pretrained / save_pretrained need the
-    conversion module, and the error names it."""
+def test_a_lone_copy_embeds_and_classifies(tmp_path):
+    """Copied alone into another project, tinyencoder.py needs torch only: it embeds and
+    classifies; reading and writing transformers checkpoints is tinyencoder_hf.py's."""
     shutil.copy(Path(__file__).parent / "tinyencoder.py", tmp_path)
     # an editable install puts tinyencoder_hf on the path anywhere: hide it, as a lone copy lacks it
     code = (
         "import sys; sys.modules['tinyencoder_hf'] = None; import tinyencoder as te; "
-        "m = te.TinyEncoder(te.Config.from_preset('bert', hidden=32, layers=1, heads=2)); "
-        "m(te.torch.tensor([te.encode('hi')])); m.save_pretrained('unused')"
+        "c = te.Config.from_preset('bert', hidden=32, layers=1, heads=2, nsp=False, "
+        "classifier='sequence', num_labels=3); m = te.TinyEncoder(c).eval(); "
+        "print(tuple(m.encode(['hi', 'there']).shape), "
+        "tuple(m(te.torch.tensor([[1, 2]])).logits.shape))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
-    assert proc.returncode != 0
-    last = proc.stderr.splitlines()[-1]
-    assert last.startswith("ModuleNotFoundError") and "tinyencoder_hf" in last, last
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["(2,", "32)", "(1,", "3)"]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -248,7 +279,7 @@ MIXED_TEXT = "def f(x):\n\treturn x  # héllo, wörld ✓ 日本 \x00\x7f"
 @pytest.mark.parametrize("preset", ["bert", "roberta", "modernbert"])
 def test_saved_tokenizer_frames_text_as_tinyencoder(preset, tmp_path):
     transformers = pytest.importorskip("transformers", reason="the tokenizer is transformers'")
-    TinyEncoder(tiny(preset)).save_pretrained(str(tmp_path))
+    tinyencoder_hf.save(TinyEncoder(tiny(preset)), str(tmp_path))
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     encoded = tokenizer(MIXED_TEXT)
     assert encoded["input_ids"] == [CLS, *encode(MIXED_TEXT), SEP]
@@ -267,7 +298,7 @@ def test_saved_tokenizer_frames_text_as_tinyencoder(preset, tmp_path):
 def test_fill_mask_pipeline_predicts_our_argmax(preset, tmp_path):
     transformers = pytest.importorskip("transformers", reason="the pipeline is transformers'")
     model = perturb(TinyEncoder(tiny(preset, nsp=False))).eval()
-    model.save_pretrained(str(tmp_path))
+    tinyencoder_hf.save(model, str(tmp_path))
     fill = transformers.pipeline("fill-mask", model=str(tmp_path), top_k=3)
     predictions = fill("x = [MASK] + 1")
     ids = torch.tensor([[CLS, *encode("x = "), MASK, *encode(" + 1"), SEP]])
@@ -276,21 +307,62 @@ def test_fill_mask_pipeline_predicts_our_argmax(preset, tmp_path):
     assert [p["token"] for p in predictions] == logits.topk(3).indices.tolist()
 
 
-def test_sentence_transformers_mean_pooling_equals_ours(tmp_path):
+@pytest.mark.parametrize("preset", ["bert", "roberta", "modernbert"])
+def test_encode_equals_transformers_and_sentence_transformers(preset, tmp_path):
+    """model.encode on a saved model: mean pooling equals sentence-transformers' (which the saved
+    folder sets up) and cls pooling transformers' AutoModel at position 0, for texts of different
+    lengths batched together; normalize gives the same vectors at unit length."""
+    transformers = pytest.importorskip("transformers", reason="encode is compared to transformers")
     st = pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed")
-    model = perturb(TinyEncoder(tiny("modernbert", max_len=256))).eval()  # no text is cut
-    model.save_pretrained(str(tmp_path))
-    texts = ["short", MIXED_TEXT, "a somewhat longer line of text, to pad the others " * 3]
+    model = perturb(TinyEncoder(tiny(preset, nsp=False))).eval()
+    tinyencoder_hf.save(model, str(tmp_path))
+    texts = ["short", MIXED_TEXT, "x" * 62, "", "ab", "a longer line of text\n" * 2]
+    ours = model.encode(texts, pooling="mean", normalize=False, batch_size=2)
     theirs = st.SentenceTransformer(str(tmp_path), device="cpu").encode(
         texts, convert_to_tensor=True
     )
-    rows = [torch.tensor([CLS, *encode(t), SEP]) for t in texts]
-    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD)
-    mask = (ids != PAD).long()
+    assert_close(ours, theirs.cpu(), 1e-4)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    hf = transformers.AutoModel.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
-        hidden = model(ids, mask).hidden
-    ours = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-    assert_close(theirs.cpu(), ours, 1e-4)
+        first = [hf(**tokenizer(t, return_tensors="pt")).last_hidden_state[0, 0] for t in texts]
+    assert_close(model.encode(texts, pooling="cls", normalize=False), torch.stack(first), 1e-4)
+    unit = model.encode(texts, batch_size=4)
+    assert_close(unit, torch.nn.functional.normalize(ours, dim=-1), 1e-5)
+    assert_close(unit.norm(dim=-1), torch.ones(len(texts)), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,num_labels",
+    [
+        ("BertForSequenceClassification", 3),
+        ("RobertaForSequenceClassification", 1),  # regression: mean squared error
+        ("ModernBertForSequenceClassification:mean", 3),
+        ("BertForTokenClassification", 3),
+        ("RobertaForTokenClassification", 3),
+        ("ModernBertForTokenClassification", 3),
+    ],
+)
+def test_classifier_losses_match_transformers(name, num_labels, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="losses are compared to transformers")
+    hf = hf_model(transformers, name, "eager")
+    if num_labels == 1:  # one output: transformers reads it as regression
+        hf = hf_model(transformers, name, "eager", num_labels=1)
+    hf.save_pretrained(tmp_path)
+    ids, mask = batch(lo=2, hi=VOCAB_SIZE, pad=hf.config.pad_token_id)
+    g = torch.Generator().manual_seed(0)
+    if "Token" in name:  # padding's tags set to -100, as a tokenizer's labels would be
+        labels = torch.randint(0, num_labels, ids.shape, generator=g).masked_fill(mask == 0, -100)
+    elif num_labels == 1:
+        labels = torch.randn(ids.shape[0], generator=g)
+    else:
+        labels = torch.randint(0, num_labels, (ids.shape[0],), generator=g)
+    model = tinyencoder_hf.load(str(tmp_path)).eval()
+    for unpad in (False, True):
+        with torch.no_grad():
+            ours = variant(model, unpad=unpad)(ids, mask, labels=labels).loss
+            theirs = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
+        assert abs(ours.item() - theirs.item()) <= 1e-5, (unpad, ours.item(), theirs.item())
 
 
 def test_checkpoints_with_retired_config_fields_still_export(tmp_path):
@@ -303,5 +375,5 @@ def test_checkpoints_with_retired_config_fields_still_export(tmp_path):
     assert done.returncode == 0, done.stderr
     ids, mask = batch()
     with torch.no_grad():
-        exported = TinyEncoder.from_pretrained(str(tmp_path / "hf")).eval()(ids, mask).logits
+        exported = tinyencoder_hf.load(str(tmp_path / "hf")).eval()(ids, mask).logits
         assert_close(exported, model(ids, mask).logits)

@@ -1,8 +1,10 @@
 """train.py end to end: exact resume, torchrun against one process, one-line errors, and learned
 positions that learn word order."""
 
+import json
 import random
 import re
+import signal
 import shutil
 import string
 import subprocess
@@ -131,3 +133,122 @@ def test_gpu_check_numerics_run_on_cpu():
             assert results[key]["grad_err"] > 0  # the gradients were compared
         assert results["sdpa fp32"]["err"] < 1e-5 and results["sdpa fp32"]["grad_err"] < 1e-5
         assert "unavailable" in results["flash bf16"]["note"]
+
+
+# -------------------------------------------------------------------------------------------------
+# finetune.py end to end: it learns, resumes exactly after Ctrl-C, exports, and names bad input
+def tiny_checkpoint(path, arch="roberta"):
+    """A train.py-style checkpoint of a tiny untrained model."""
+    import dataclasses
+
+    import torch
+
+    import tinyencoder as te
+
+    cfg = te.Config.from_preset(arch, hidden=32, layers=2, heads=2, max_len=64)
+    state = dict(model=te.TinyEncoder(cfg).state_dict(), cfg=dataclasses.asdict(cfg))
+    torch.save(state, path)
+    return path
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def digit_spans(n, seed):
+    """Texts of letters and digits whose digits are tagged "digit" by character spans."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        text = "".join(rng.choice("abcxyz0123456789 ") for _ in range(rng.randint(5, 40)))
+        spans = [[i, i + 1, "digit"] for i, c in enumerate(text) if c.isdigit()]
+        records.append({"text": text, "spans": spans})
+    return records
+
+
+def finetune(tmp_path, *args, run=True):
+    cmd = [sys.executable, "finetune.py", *map(str, args)]
+    here = str(Path(__file__).parent)
+    if not run:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=here)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=here)
+
+
+def test_finetune_learns_resumes_and_exports(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the export loads in transformers")
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    train = write_jsonl(tmp_path / "train.jsonl", digit_spans(200, 0))
+    val = write_jsonl(tmp_path / "val.jsonl", digit_spans(50, 1))
+    common = ["--train", train, "--val", val, "--init", init, "--max-steps", 40]
+    common += ["--lr", "3e-3", "--eval-interval", 20, "--log-interval", 1]
+    whole = finetune(tmp_path, *common, "--out-dir", tmp_path / "a")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    losses = re.findall(r"^step\s+\d+/40 \| loss (\S+)", whole.stdout, re.M)
+    accuracy = float(re.search(r"held-out accuracy (\S+)%", whole.stdout).group(1))
+    assert len(losses) == 40 and accuracy >= 90, whole.stdout[-1000:]
+    # Ctrl-C after a few steps, then --resume: the same losses, step for step
+    proc = finetune(tmp_path, *common, "--out-dir", tmp_path / "b", run=False)
+    first = []
+    for line in proc.stdout:
+        first += re.findall(r"^step\s+\d+/40 \| loss (\S+)", line)
+        if len(first) == 3:
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0 and 3 <= len(first) < 40
+    rest = finetune(tmp_path, *common, "--out-dir", tmp_path / "b", "--resume")
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    assert first + re.findall(r"^step\s+\d+/40 \| loss (\S+)", rest.stdout, re.M) == losses
+    # the best checkpoint exports as a token classifier with its label names
+    export = [sys.executable, "tinyencoder_hf.py", tmp_path / "a" / "ckpt_best.pt", tmp_path / "hf"]
+    done = subprocess.run(export, capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    hf = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "hf")
+    assert hf.config.id2label == {0: "O", 1: "digit"}
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (None, "no such file"),
+        (['{"text": "a", "label": "x"}', "{not json"], "line 2: not JSON"),
+        (['["a list"]'], 'line 1: needs an object with a "text" string'),
+        (['{"text": "ab", "tags": ["x"]}'], '"tags" must be a list with one tag per UTF-8 byte'),
+        (['{"text": "ab", "spans": [[0, 5, "x"]]}'], '"spans" must be [first char, end char'),
+        (['{"text": "a", "label": "x"}', '{"text": "b"}'], 'line 2: needs a "label"'),
+    ],
+)
+def test_finetune_bad_input_is_one_line(tmp_path, lines, message):
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    train = tmp_path / "train.jsonl"
+    if lines is not None:
+        train.write_text("\n".join(lines) + "\n")
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "a", "label": "x"}])
+    run = finetune(tmp_path, "--train", train, "--val", val, "--init", init, "--max-steps", 1)
+    assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_finetune_names_a_label_the_training_file_lacks(tmp_path):
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "x"}] * 4)
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "b", "label": "y"}])
+    run = finetune(tmp_path, "--train", train, "--val", val, "--init", init, "--max-steps", 1)
+    assert run.returncode != 0 and "line 1: label 'y' is not among the training" in run.stderr
+
+
+def test_stdlib_tasks_tag_bytes_as_tokenize_does():
+    """The tagging task's tags come from Python's tokenize; the package task's labels are the
+    packages the definitions come from, with no text in both splits."""
+    from data.tasks import PACKAGES, TAGS, byte_tags, package_examples
+
+    source = 'if x:  # é\n    y = f"{x}" + 0x1F\n'
+    tags = [TAGS[t] for t in byte_tags(source)]
+    data = source.encode()
+    assert len(tags) == len(data)
+    spelled = {tag: bytes(b for b, t in zip(data, tags) if t == tag).decode() for tag in TAGS}
+    assert spelled["keyword"] == "if" and spelled["number"] == "0x1F"
+    assert spelled["comment"] == "# é" and spelled["name"] == "xy"
+    assert spelled["operator"] == ":=+"
+    parts = package_examples()
+    assert {ex["label"] for ex in parts["val"]} == set(PACKAGES)
+    assert not {ex["text"] for ex in parts["train"]} & {ex["text"] for ex in parts["val"]}

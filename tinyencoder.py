@@ -1,8 +1,8 @@
 """tinyencoder: BERT, RoBERTa and ModernBERT as flags of one byte-level encoder.
 
 Read top to bottom, each idea before any faster form of it: 1. byte vocabulary; 2. Config and
-PRESETS; 3. attention as defined; 4. blocks; 5. the model; 6. the masking objective; 7. fast paths
-(optional reading), each tested equal to section 3. Needs torch alone; tinyencoder_hf.py converts.
+PRESETS; 3. attention as defined; 4. blocks and heads; 5. the model; 6. masking; 7. fast paths
+(optional reading), each tested equal to section 3. Needs torch alone.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ import math
 import numbers
 from dataclasses import dataclass, fields
 from inspect import signature
-from typing import Optional
+from typing import Literal, Optional, get_args, get_type_hints
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# -------------------------------------------------------------------------------------------------
 # 1. Vocabulary. A token is a byte. Four special ids follow the 256 bytes; the table is padded to a
 # multiple of 64 rows so that the decoder's matmul stays aligned.
 PAD, CLS, SEP, MASK = 256, 257, 258, 259
@@ -35,26 +34,16 @@ def encode(text: str | bytes) -> list[int]:
     return list(text)
 
 
-# -------------------------------------------------------------------------------------------------
 # 2. Config. Every architectural difference between the three papers is a field.
 
-# Activation names, as Config.act spells them. "gelu" is the exact (erf) form all three papers use.
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
 
-# The values each string field of Config may take.
-CHOICES = {
-    "arch": ("bert", "roberta", "modernbert"),
-    "positions": ("learned", "rope"),
-    "act": tuple(ACTIVATIONS),
-    "init": ("normal", "megatron"),
-    "attn_backend": ("auto", "flash", "sdpa", "eager"),
-}
-FIELD_TYPES = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str}
+NUMBERS = {int: numbers.Integral, float: numbers.Real, bool: bool}  # what each field type takes
 
 
 @dataclass
 class Config:
-    arch: str = "bert"  # the family to save as: bert | roberta | modernbert
+    arch: Literal["bert", "roberta", "modernbert"] = "bert"  # the family to save as
     # size
     hidden: int = 768
     layers: int = 12
@@ -67,7 +56,7 @@ class Config:
     sep_id: int = SEP
     mask_id: int = MASK
     # positions
-    positions: str = "learned"  # learned (an absolute table) | rope
+    positions: Literal["learned", "rope"] = "learned"  # learned: an absolute table
     max_len: int = 512  # the longest document; sizes the learned table
     pos_offset: int = 0  # RoBERTa counts from pad_id + 1, so its table has pad_id + 1 extra rows
     type_vocab: int = 2  # token-type (segment) embeddings; 0 = none
@@ -76,7 +65,7 @@ class Config:
     # layer
     prenorm: bool = False  # pre-LN (norm before each branch, plus a final norm) | post-LN
     glu: bool = False  # GeGLU MLP: act(first half) * second half
-    act: str = "gelu"  # gelu (erf) | gelu_tanh
+    act: Literal["gelu", "gelu_tanh"] = "gelu"  # gelu: the exact (erf) form
     bias: bool = True  # biases on the attention and MLP linears
     norm_bias: bool = True
     head_bias: bool = True  # bias of the MLM head's dense layer (the decoder always has one)
@@ -90,37 +79,43 @@ class Config:
     resid_dropout: float = 0.1  # on each branch, before the residual add
     mlp_dropout: float = 0.0  # inside the MLP, before its down projection
     # init
-    init: str = "normal"  # normal (BERT: N(0, 0.02)) | megatron (ModernBERT: truncated, scaled)
+    init: Literal["normal", "megatron"] = "normal"  # BERT: N(0, std); ModernBERT: truncated
     init_std: float = 0.02
     # objective
     mlm_rate: float = 0.15
     nsp: bool = False  # next-sentence prediction head (pooler + two-way classifier)
-    static_masking: bool = False  # BERT fixes each example's masks ahead of training
+    # fine-tuning: the classifier of the family's transformers class in place of the MLM head
+    classifier: Literal["none", "sequence", "token"] = "none"  # none: the MLM head
+    num_labels: int = 2  # 1: regression with a mean squared error, as in transformers
+    classifier_pooling: Literal["cls", "mean"] = "cls"  # first token | mean of real tokens
+    classifier_dropout: float = 0.1
     # execution: these change the speed, never the numbers
     unpad: bool = False  # drop the padding once and run every layer on (tokens, hidden)
-    attn_backend: str = "auto"  # auto | flash | sdpa | eager
+    attn_backend: Literal["auto", "flash", "sdpa", "eager"] = "auto"
 
     def __post_init__(self):
+        hints = get_type_hints(Config)
         for field in fields(self):  # types and signs first, so that the checks below can compare
-            value = getattr(self, field.name)
+            value, kind = getattr(self, field.name), hints[field.name]
+            choices = get_args(kind)  # a Literal's values; none for int, float and bool
+            if choices and value not in choices:
+                raise ValueError(f"Config.{field.name}={value!r} is not one of {list(choices)}")
             is_bool = isinstance(value, bool)  # to Python a bool is an int too: tell them apart
-            if not isinstance(value, FIELD_TYPES[field.type]) or is_bool != (field.type == "bool"):
-                raise ValueError(f"Config.{field.name}={value!r} is not of type {field.type}")
-            if field.name in CHOICES and value not in CHOICES[field.name]:
-                allowed = list(CHOICES[field.name])
-                raise ValueError(f"Config.{field.name}={value!r} is not one of {allowed}")
-            if field.type in ("int", "float"):
+            if not choices and (not isinstance(value, NUMBERS[kind]) or is_bool != (kind is bool)):
+                raise ValueError(f"Config.{field.name}={value!r} is not of type {kind.__name__}")
+            if kind in (int, float):
                 self.require(field.name, value >= 0, "at least 0")  # NaN is not, either
-        for name in ("hidden", "layers", "heads", "max_len", "global_every", "rope_theta"):
+        sizes = ("hidden", "layers", "heads", "max_len", "global_every", "num_labels")
+        for name in (*sizes, "rope_theta", "rope_theta_local"):
             self.require(name, getattr(self, name) > 0, "above 0")
-        self.require("rope_theta_local", self.rope_theta_local > 0, "above 0")
-        for name in ("embed_dropout", "attn_dropout", "resid_dropout", "mlp_dropout"):
+        dropouts = ("embed_dropout", "attn_dropout", "resid_dropout", "mlp_dropout")
+        for name in (*dropouts, "classifier_dropout"):
             self.require(name, getattr(self, name) < 1, "below 1")
         self.require("mlm_rate", 0 < self.mlm_rate <= 1, "in (0, 1]: the share of bytes to predict")
+        self.require("nsp", not (self.nsp and self.classifier != "none"), "False with a classifier")
+        below_vocab = f"below vocab_size={self.vocab_size}"
         for name in ("pad_id", "cls_id", "sep_id", "mask_id"):
-            self.require(
-                name, getattr(self, name) < self.vocab_size, f"below vocab_size={self.vocab_size}"
-            )
+            self.require(name, getattr(self, name) < self.vocab_size, below_vocab)
         self.require("heads", self.hidden % self.heads == 0, f"a divisor of hidden={self.hidden}")
         self.require("window", self.window % 2 == 0, "even: it spans window/2 keys each side")
         if self.positions == "rope":
@@ -154,8 +149,8 @@ class Config:
 
 # Each preset is its paper's base model: compare two rows to see how two papers differ.
 PRESETS = {
-    # BERT-base (Devlin et al. 2018): post-LN, learned positions, segments, NSP, static masks.
-    "bert": dict(arch="bert", nsp=True, static_masking=True),
+    # BERT-base (Devlin et al. 2018): post-LN, learned positions, segments, NSP.
+    "bert": dict(arch="bert", nsp=True),
     # RoBERTa-base (Liu et al. 2019): positions offset past the pad id, one segment, no NSP.
     "roberta": dict(arch="roberta", pos_offset=PAD + 1, type_vocab=1, norm_eps=1e-5),
     # ModernBERT-base (Warner et al. 2024): pre-LN, RoPE, GeGLU, no biases, local attention.
@@ -178,6 +173,7 @@ PRESETS = {
         embed_dropout=0.0,
         attn_dropout=0.0,
         resid_dropout=0.0,
+        classifier_dropout=0.0,
         init="megatron",
         mlm_rate=0.30,
         unpad=True,
@@ -185,7 +181,6 @@ PRESETS = {
 }
 
 
-# -------------------------------------------------------------------------------------------------
 # 3. Attention, the definition. A batch is B rows of T tokens. attention_mask gives each token a
 # document id: 0 is padding, and a run of equal ids is one document. A row may pack several
 # documents; each attends only to itself and counts its positions from 0.
@@ -258,7 +253,6 @@ class Padded:
         return t
 
 
-# -------------------------------------------------------------------------------------------------
 # 4. Blocks. Each works on (B, T, hidden) rows or on (N, hidden) unpadded tokens alike: every
 # operation acts on the last dimensions only, and attention is told which layout it has.
 def rope_tables(positions, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,11 +362,43 @@ class MLMHead(nn.Module):
         return F.linear(h, token_embedding, self.bias)  # (..., vocab)
 
 
-# -------------------------------------------------------------------------------------------------
+class Classifier(nn.Module):
+    """The family's transformers head on pooled rows (B, hidden) or tokens (..., hidden). BERT:
+    dropout, linear (rows first pass its pooler). RoBERTa: the same on tokens; rows: dropout,
+    dense, tanh, dropout, linear. ModernBERT: dense, act, norm (its MLM head's), dropout, linear."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.dense = None  # BERT, RoBERTa's tokens
+        if cfg.arch == "modernbert" or (cfg.arch == "roberta" and cfg.classifier == "sequence"):
+            self.dense = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.head_bias)
+        self.norm = layer_norm(cfg) if cfg.arch == "modernbert" else None
+        self.act = ACTIVATIONS[cfg.act]
+        self.dropout = nn.Dropout(cfg.classifier_dropout)
+        self.out = nn.Linear(cfg.hidden, cfg.num_labels)
+
+    def forward(self, x):
+        if self.dense is None:
+            return self.out(self.dropout(x))
+        if self.norm is None:  # RoBERTa's rows
+            return self.out(self.dropout(torch.tanh(self.dense(self.dropout(x)))))
+        return self.out(self.dropout(self.norm(self.act(self.dense(x)))))  # (..., num_labels)
+
+
+def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, T, hidden) -> (B, hidden): the first token ("cls") or the mean of the real ones."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    real = (doc_ids != 0).unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+
+
 # 5. The model
 @dataclass
 class Output:
-    logits: torch.Tensor  # (B, T, vocab); given labels, (labelled tokens, vocab)
+    logits: (
+        torch.Tensor
+    )  # (B, T, vocab), given labels (labelled, vocab); classifier (B[, T], labels)
     loss: Optional[torch.Tensor] = None
     hidden: Optional[torch.Tensor] = None  # (B, T, hidden); zeros at padding when unpadded
     nsp_logits: Optional[torch.Tensor] = None  # (B, 2)
@@ -380,7 +406,8 @@ class Output:
 
 INDEX_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding takes
 LABEL_DTYPES = (torch.int64,)  # what cross-entropy takes
-MASK_DTYPES = (torch.bool, torch.uint8, *INDEX_DTYPES, torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MASK_DTYPES = (torch.bool, torch.uint8, *INDEX_DTYPES, *FLOAT_DTYPES)
 
 
 def check_tensor(name, t, shape, dtypes, top: float, read: bool, ignore: bool = False):
@@ -417,21 +444,25 @@ class TinyEncoder(nn.Module):
         self.embed_dropout = nn.Dropout(cfg.embed_dropout)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.layers))
         self.final_norm = layer_norm(cfg) if cfg.prenorm else nn.Identity()
-        self.mlm_head = MLMHead(cfg)
-        self.pooler = nn.Linear(H, H) if cfg.nsp else None
+        self.mlm_head = MLMHead(cfg) if cfg.classifier == "none" else None
+        self.classifier = Classifier(cfg) if cfg.classifier != "none" else None
+        bert_rows = cfg.arch == "bert" and cfg.classifier == "sequence"
+        self.pooler = nn.Linear(H, H) if cfg.nsp or bert_rows else None
         self.nsp_head = nn.Linear(H, 2) if cfg.nsp else None
         self.init_weights()
 
     def init_weights(self):
         """normal: N(0, std), pad rows zero. megatron: truncated at 2 std, outputs depth-scaled."""
         cfg = self.cfg
-        outputs = ("attn.out", "mlp.down", "mlm_head.dense")  # scaled by depth in megatron init
+        outputs = ("attn.out", "mlp.down", "mlm_head.dense", "classifier.dense")  # depth-scaled
         for name, module in self.named_modules():
             if not isinstance(module, (nn.Linear, nn.Embedding)):
                 continue
             std = cfg.init_std
             if cfg.init == "megatron" and name.endswith(outputs):
                 std = std / math.sqrt(2 * cfg.layers)
+            if cfg.init == "megatron" and name == "classifier.out":  # ModernBERT's final_out
+                std = cfg.hidden**-0.5
             if cfg.init == "megatron":
                 nn.init.trunc_normal_(module.weight, 0.0, std, -2 * std, 2 * std)
             else:
@@ -460,7 +491,12 @@ class TinyEncoder(nn.Module):
         check_tensor("input_ids", input_ids, (B, T), INDEX_DTYPES, cfg.vocab_size, read)
         check_tensor("attention_mask", attention_mask, (B, T), MASK_DTYPES, math.inf, read)
         check_tensor("token_type_ids", token_type_ids, (B, T), INDEX_DTYPES, cfg.type_vocab, read)
-        check_tensor("labels", labels, (B, T), LABEL_DTYPES, cfg.vocab_size, read, ignore=True)
+        label_shape = (B,) if cfg.classifier == "sequence" else (B, T)
+        classes = cfg.vocab_size if cfg.classifier == "none" else cfg.num_labels
+        if cfg.classifier == "sequence" and cfg.num_labels == 1:  # regression: a number per row
+            check_tensor("labels", labels, (B,), FLOAT_DTYPES, math.inf, read=False)
+        else:
+            check_tensor("labels", labels, label_shape, LABEL_DTYPES, classes, read, ignore=True)
         check_tensor("next_sentence_label", nsp_label, (B,), LABEL_DTYPES, 2, read, ignore=True)
 
     def forward(
@@ -472,11 +508,11 @@ class TinyEncoder(nn.Module):
         next_sentence_label=None,
     ) -> Output:
         """input_ids: (B, T) byte ids. attention_mask: (B, T) document ids, 0 for padding (a 0/1
-        mask is one document per row). labels: (B, T) ids to predict, IGNORE_INDEX elsewhere."""
+        mask is one document per row). labels: (B, T) ids to predict, IGNORE_INDEX elsewhere; with
+        a classifier, (B,) classes (numbers when num_labels=1) or (B, T) tags."""
         cfg = self.cfg
         self.check_inputs(input_ids, attention_mask, token_type_ids, labels, next_sentence_label)
         doc_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-
         # Layout: where the documents are, and the layout attention runs on
         starts = document_starts(doc_ids)  # (B, T)
         positions = document_positions(starts)  # (B, T)
@@ -484,8 +520,8 @@ class TinyEncoder(nn.Module):
             longest = int(positions.max()) + 1
             raise ValueError(f"a document of {longest} tokens exceeds max_len={cfg.max_len}")
         backend = pick_backend(cfg, input_ids.device, self.tok_embed.weight.dtype, self.training)
-        if backend == "flash" or (cfg.unpad and input_ids.is_cpu):  # a GPU's SDPA runs padded
-            layout = Unpadded.from_doc_ids(doc_ids, starts)
+        if backend == "flash" or cfg.unpad:
+            layout = Unpadded.from_doc_ids(doc_ids, starts, cfg.half_window, backend)
         else:
             layout = Padded.from_doc_ids(doc_ids, starts, cfg.half_window)
         positions = layout.gather(positions)  # (B, T), or (N,) for the N real tokens
@@ -508,57 +544,75 @@ class TinyEncoder(nn.Module):
         x = self.final_norm(x)
         hidden = layout.scatter(x)  # (B, T, H)
 
-        # MLM head, on every token; given labels, on the labelled ones only (sparse prediction)
+        # Each row as one vector, for NSP and sequence classification; BERT's pooler turns it
+        rows = pool(hidden, doc_ids, cfg.classifier_pooling)  # (B, H)
+        if self.pooler is not None:
+            rows = torch.tanh(self.pooler(rows))
+
         loss = None
-        if labels is None:
+        if labels is not None and labels.dim() == 2:  # a token's: padding never counts
+            labels = labels.masked_fill(doc_ids == 0, IGNORE_INDEX)
+        if cfg.classifier == "sequence":
+            logits = self.classifier(rows)  # (B, num_labels)
+        elif cfg.classifier == "token":
+            logits = layout.scatter(self.classifier(x))  # (B, T, num_labels)
+        elif labels is None:  # the MLM head on every token
             logits = layout.scatter(self.mlm_head(x, self.tok_embed.weight))  # (B, T, V)
-        else:
-            labels = labels.masked_fill(doc_ids == 0, IGNORE_INDEX)  # padding never counts
+        else:  # on the labelled tokens only (sparse prediction)
             targets = layout.gather(labels).flatten()  # (tokens,) in x's order
             labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)
             logits = self.mlm_head(x.flatten(0, -2)[labelled], self.tok_embed.weight)
             loss = F.cross_entropy(logits.float(), targets[labelled])  # logits: (labelled, V)
+        if cfg.classifier != "none" and labels is not None and labels.is_floating_point():
+            loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())  # num_labels=1: numbers
+        elif cfg.classifier != "none" and labels is not None:  # cross-entropy, as transformers'
+            loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten())
 
-        # BERT's next-sentence prediction, from each row's first token
-        nsp_logits = None
-        if cfg.nsp:
-            pooled = torch.tanh(self.pooler(hidden[:, 0]))  # (B, H)
-            nsp_logits = self.nsp_head(pooled)  # (B, 2)
-        if cfg.nsp and next_sentence_label is not None:
+        nsp_logits = self.nsp_head(rows) if cfg.nsp else None  # BERT's next sentence: (B, 2)
+        if next_sentence_label is not None:  # check_inputs saw to it that the model has the head
             nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
             loss = nsp_loss if loss is None else loss + nsp_loss
         return Output(logits=logits, loss=loss, hidden=hidden, nsp_logits=nsp_logits)
 
-    @classmethod
-    def from_pretrained(cls, path: str) -> TinyEncoder:
-        """Load a transformers checkpoint directory (BERT, RoBERTa or ModernBERT; MLM or base)."""
-        import tinyencoder_hf  # the conversion module, beside this file
+    @torch.no_grad()
+    def encode(self, texts, pooling="mean", normalize=True, batch_size=32) -> torch.Tensor:
+        """Embeddings (N, hidden) of a list of str or bytes: each text runs as [CLS] bytes [SEP],
+        pooled as pool() says; normalize makes each unit length. Texts of like length share a
+        batch, so little is padded. A text over max_len tokens is an error, never cut silently."""
+        cfg = self.cfg
+        if isinstance(texts, (str, bytes)) or pooling not in ("mean", "cls"):
+            raise ValueError(f"texts must be a list; pooling 'mean' or 'cls' (got {pooling!r})")
+        rows = [torch.tensor([cfg.cls_id, *encode(text), cfg.sep_id]) for text in texts]
+        for i, row in enumerate(rows):
+            if len(row) > cfg.max_len:
+                raise ValueError(f"texts[{i}] is {len(row)} tokens, over max_len={cfg.max_len}")
+        order = sorted(range(len(rows)), key=[len(row) for row in rows].__getitem__)
+        out = torch.zeros(len(rows), cfg.hidden)
+        was_training = self.training
+        self.eval()
+        for first in range(0, len(rows), batch_size):
+            batch = order[first : first + batch_size]
+            ids = nn.utils.rnn.pad_sequence([rows[i] for i in batch], True, cfg.pad_id)
+            ids = ids.to(self.tok_embed.weight.device)
+            doc_ids = (ids != cfg.pad_id).long()  # one document per row
+            out[batch] = pool(self(ids, doc_ids).hidden, doc_ids, pooling).float().cpu()
+        self.train(was_training)
+        if normalize:
+            out = F.normalize(out, dim=-1)
+        return out
 
-        return tinyencoder_hf.load(path)
 
-    def save_pretrained(self, path: str):
-        """Write a folder that transformers and sentence-transformers load, tokenizer included."""
-        import tinyencoder_hf
-
-        tinyencoder_hf.save(self, path)
-
-
-# -------------------------------------------------------------------------------------------------
 # 6. The objective: masked-language modelling
-def mask_tokens(ids, cfg: Config, generator=None, rate=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's rule: pick `rate` (default cfg.mlm_rate) of the ordinary tokens to predict; of those,
-    80 % become [MASK], 10 % a random byte and 10 % stay. Returns (inputs, labels); labels are
-    IGNORE_INDEX where nothing was picked. Static or dynamic masking is the generator's choice:
-    reseed it per example for fixed masks (BERT), keep one running for fresh ones (RoBERTa)."""
-    if rate is None:
-        rate = cfg.mlm_rate
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate <= 1:
-        raise ValueError(f"rate={rate!r} must be in (0, 1]: the share of tokens to predict")
+def mask_tokens(ids, cfg: Config, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's rule: pick cfg.mlm_rate of the ordinary tokens to predict; of those, 80 % become
+    [MASK], 10 % a random byte and 10 % stay. Returns (inputs, labels), labels IGNORE_INDEX where
+    nothing was picked. Static or dynamic masking is the generator's choice: reseed it per example
+    for fixed masks (BERT), keep one running for fresh ones (RoBERTa)."""
     if not torch.is_tensor(ids):
         raise ValueError(f"mask_tokens takes a tensor of ids, got {type(ids).__name__}")
     check_tensor("ids", ids, tuple(ids.shape), INDEX_DTYPES, cfg.vocab_size, ids.is_cpu)
     specials = torch.tensor([cfg.pad_id, cfg.cls_id, cfg.sep_id, cfg.mask_id], device=ids.device)
-    picked = torch.rand(ids.shape, generator=generator, device=ids.device) < rate
+    picked = torch.rand(ids.shape, generator=generator, device=ids.device) < cfg.mlm_rate
     picked = picked & ~torch.isin(ids, specials)
     labels = torch.where(picked, ids, IGNORE_INDEX)
     roll = torch.rand(ids.shape, generator=generator, device=ids.device)
@@ -568,21 +622,14 @@ def mask_tokens(ids, cfg: Config, generator=None, rate=None) -> tuple[torch.Tens
     return inputs, labels
 
 
-# -------------------------------------------------------------------------------------------------
 # 7. Fast paths (optional reading). Each computes what section 3 defines, faster; the tests hold
-# each one equal to eager attention on padded rows.
-
-# Flash kernels, looked up once: the flash-attn package, else PyTorch's own varlen kernel where it
-# takes a sliding window (torch 2.11 and later). Both take unpadded tokens and cu_seqlens.
-try:
-    from flash_attn import flash_attn_varlen_func
-except ImportError:
-    flash_attn_varlen_func = None
+# each one equal to eager attention on padded rows. The flash kernel is looked up once: PyTorch's
+# varlen attention (unpadded tokens and cu_seqlens), where it takes a sliding window (2.11 on).
 try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:
     varlen_attn = None
-TORCH_VARLEN_WINDOW = varlen_attn is not None and "window_size" in signature(varlen_attn).parameters
+HAS_FLASH = varlen_attn is not None and "window_size" in signature(varlen_attn).parameters
 
 
 @dataclass
@@ -591,17 +638,17 @@ class Unpadded:
 
     indices: torch.Tensor  # (N,) where each real token sits in the flattened (B * T) batch
     cu_seqlens: torch.Tensor  # (documents + 1,) int32: document d is tokens cu[d] to cu[d + 1]
-    seqlens: list  # each document's length as a Python int
     batch_shape: torch.Size  # (B, T)
+    rows: Optional[Padded]  # the masks for attention without a varlen kernel: it runs on rows
 
     @classmethod
     @torch.compiler.disable  # sizes that depend on the data: one graph break here, none later
-    def from_doc_ids(cls, doc_ids, starts) -> Unpadded:
+    def from_doc_ids(cls, doc_ids, starts, half_window, backend: str) -> Unpadded:
         indices = (doc_ids.flatten() != 0).nonzero().squeeze(1)
         first_tokens = starts.flatten()[indices].nonzero().squeeze(1)  # each document's first
         cu_seqlens = F.pad(first_tokens, (0, 1), value=indices.numel()).to(torch.int32)
-        seqlens = cu_seqlens.diff().tolist()  # ints for the CPU's per-document loop
-        return cls(indices, cu_seqlens, seqlens, doc_ids.shape)
+        rows = None if backend == "flash" else Padded.from_doc_ids(doc_ids, starts, half_window)
+        return cls(indices, cu_seqlens, doc_ids.shape, rows)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         return t.flatten(0, 1)[self.indices]  # (B, T, ...) -> (N, ...)
@@ -612,78 +659,22 @@ class Unpadded:
         return rows.unflatten(0, (B, T))
 
 
-def local_sdpa(q, k, v, mask, half_window: int, dropout: float) -> torch.Tensor:
-    """Sliding-window SDPA in blocks of half_window queries: block i sees key blocks i-1 to i+1."""
-    w = half_window
-    key_blocks, value_blocks = k.split(w, dim=-2), v.split(w, dim=-2)
-    outs = []
-    for i, q_block in enumerate(q.split(w, dim=-2)):
-        lo, hi = max(i - 1, 0), min(i + 2, len(key_blocks))
-        block_mask = mask[..., i * w : i * w + q_block.shape[-2], lo * w : hi * w]
-        keys = torch.cat(key_blocks[lo:hi], dim=-2)
-        values = torch.cat(value_blocks[lo:hi], dim=-2)
-        outs.append(F.scaled_dot_product_attention(q_block, keys, values, block_mask, dropout))
-    return torch.cat(outs, dim=-2)
-
-
-def dense_attention(q, k, v, mask, half_window, dropout: float, backend: str) -> torch.Tensor:
-    """Attention over (B, heads, T, head_dim) with a boolean mask: eager, or PyTorch's SDPA."""
-    if backend == "eager":
-        return eager_attention(q, k, v, mask, dropout)
-    if q.is_cpu and mask is not None and half_window and q.shape[-2] > 4 * half_window:
-        return local_sdpa(q, k, v, mask, half_window, dropout)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-
-
-def attend_documents(q, k, v, layout: Unpadded, half_window, dropout, backend) -> torch.Tensor:
-    """Unpadded tokens (N, heads, head_dim) on eager or SDPA, one call per document."""
-    seqlens = layout.seqlens
-    band = band_mask(max(layout.seqlens), half_window, q.device)  # one band, sliced per document
-    outs = []
-    # split rather than slices: the backward of a slice zero-fills all N rows for every document
-    for n, qd, kd, vd in zip(seqlens, q.split(seqlens), k.split(seqlens), v.split(seqlens)):
-        doc_band = band[:n, :n] if band is not None and n > half_window + 1 else None
-        # (1, heads, n, head_dim): SDPA's CPU flash kernel takes 4-D input only
-        qd, kd, vd = (t.transpose(0, 1)[None] for t in (qd, kd, vd))
-        out = dense_attention(qd, kd, vd, doc_band, half_window, dropout, backend)
-        outs.append(out[0].transpose(0, 1))
-    return torch.cat(outs)
-
-
-def flash_attention(q, k, v, layout: Unpadded, half_window, dropout: float) -> torch.Tensor:
-    """Unpadded tokens through a varlen flash kernel, (N, heads, head_dim) in and out."""
-    window = -1 if half_window is None else half_window  # -1: the kernels' "no window"
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    longest = layout.batch_shape[1]  # the row length bounds every document, with no host sync
-    lengths = (layout.cu_seqlens, layout.cu_seqlens, longest, longest)
-    if flash_attn_varlen_func is not None:
-        return flash_attn_varlen_func(q, k, v, *lengths, dropout, window_size=(window, window))
-    # torch's kernel has no dropout: why_no_flash rules it out while attention dropout is on
-    return varlen_attn(q, k, v, *lengths, window_size=(window, window))
-
-
-def why_no_flash(device: torch.device, dtype, dropout: bool, head_dim: int) -> Optional[str]:
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        return f"flash needs a CUDA device and fp16/bf16, got {device.type} {dtype}"
-    if torch.cuda.get_device_capability(device) < (8, 0) or head_dim % 8 or head_dim > 256:
-        return f"flash needs an sm80+ GPU and a head_dim in 8, 16, ..., 256 (got {head_dim})"
-    if flash_attn_varlen_func is None and (dropout or not TORCH_VARLEN_WINDOW):
-        return "flash needs flash-attn, or attn_dropout=0 and a torch with a windowed varlen_attn"
-    return None
-
-
 def pick_backend(cfg: Config, device: torch.device, dtype, training: bool) -> str:
     """cfg.attn_backend for this call: auto means flash where it can run, else sdpa."""
     if cfg.attn_backend in ("sdpa", "eager"):  # named outright: nothing to look up
         return cfg.attn_backend
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)  # what the matmuls compute in
-    why_not = why_no_flash(device, dtype, training and cfg.attn_dropout > 0, cfg.head_dim)
-    if cfg.attn_backend == "flash" and why_not:
-        raise ValueError(f"attn_backend='flash' is not available: {why_not}")
-    if why_not:
-        return "sdpa"
-    return "flash"
+    dropout = training and cfg.attn_dropout > 0  # the kernel has none
+    gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    half = dtype in (torch.float16, torch.bfloat16)
+    if HAS_FLASH and gpu and half and not dropout and cfg.head_dim in range(8, 257, 8):
+        return "flash"
+    if cfg.attn_backend == "flash":
+        needs = "torch >= 2.11, an sm80+ GPU, fp16/bf16, head_dim 8, 16, ..., 256, no dropout"
+        got = f"{device.type}, {dtype}, head_dim {cfg.head_dim}, attention dropout {dropout}"
+        raise ValueError(f"attn_backend='flash' needs {needs}; got {got}")
+    return "sdpa"
 
 
 def attend(q, k, v, layout, half_window: Optional[int], dropout: float, backend: str):
@@ -691,10 +682,19 @@ def attend(q, k, v, layout, half_window: Optional[int], dropout: float, backend:
     on Padded rows or (N, heads, head_dim) on Unpadded tokens; the output has the same shape."""
     if isinstance(layout, Unpadded) and q.shape[0] == 0:  # no tokens: an all-padding batch
         return q
-    if isinstance(layout, Unpadded) and backend == "flash":
-        return flash_attention(q, k, v, layout, half_window, dropout)
-    if isinstance(layout, Unpadded):
-        return attend_documents(q, k, v, layout, half_window, dropout, backend)
+    if isinstance(layout, Unpadded) and backend == "flash":  # no dropout: pick_backend sees to it
+        window = -1 if half_window is None else half_window  # -1: the kernel's "no window"
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        longest = layout.batch_shape[1]  # the row length bounds every document, with no host sync
+        cu, size = layout.cu_seqlens, (window, window)
+        return varlen_attn(q, k, v, cu, cu, longest, longest, window_size=size)
+    if isinstance(layout, Unpadded):  # no varlen kernel: attention alone goes back to rows
+        q, k, v = (layout.scatter(t) for t in (q, k, v))
+        return layout.gather(attend(q, k, v, layout.rows, half_window, dropout, backend))
     mask = layout.mask if half_window is None else layout.local_mask
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-    return dense_attention(q, k, v, mask, half_window, dropout, backend).transpose(1, 2)
+    if backend == "eager":
+        out = eager_attention(q, k, v, mask, dropout)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return out.transpose(1, 2)

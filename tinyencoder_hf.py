@@ -26,6 +26,12 @@ CLASSES = {
     "ModernBertForMaskedLM": "modernbert",
     "ModernBertModel": "modernbert",
 }
+# The fine-tuning classes: family -> its class name's stem, and Config.classifier -> the suffix.
+STEMS = {"bert": "Bert", "roberta": "Roberta", "modernbert": "ModernBert"}
+TASK_SUFFIXES = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}
+for family, stem in STEMS.items():
+    for suffix in TASK_SUFFIXES.values():
+        CLASSES[stem + suffix] = family
 BASE_CLASSES = {
     "bert": "BertModel",
     "roberta": "RobertaModel",
@@ -162,6 +168,21 @@ IGNORED_SUFFIXES = (
     "pooler.dense.bias",
 )
 HEAD_PREFIXES = ("cls.", "lm_head.", "head.", "decoder.")  # absent from a base model's checkpoint
+# Each classifier's parameters: ours -> transformers' (BERT's pooler is MODULES' "pooler").
+ROBERTA_ROWS = {"classifier.dense": "classifier.dense", "classifier.out": "classifier.out_proj"}
+MODERNBERT_HEAD = {
+    "classifier.dense": "head.dense",
+    "classifier.norm": "head.norm",
+    "classifier.out": "classifier",
+}
+CLASSIFIER_MODULES = {
+    ("bert", "sequence"): {"classifier.out": "classifier"},
+    ("bert", "token"): {"classifier.out": "classifier"},
+    ("roberta", "sequence"): ROBERTA_ROWS,
+    ("roberta", "token"): {"classifier.out": "classifier"},
+    ("modernbert", "sequence"): MODERNBERT_HEAD,
+    ("modernbert", "token"): MODERNBERT_HEAD,
+}
 
 
 def as_tuple(names) -> tuple:
@@ -176,7 +197,8 @@ def parameter_names(model: te.TinyEncoder, base: bool = False) -> dict[str, tupl
     prefix = BASE_PREFIX[arch]
     if base:
         prefix = ""
-    modules = {ours: (theirs.format(base=prefix),) for ours, theirs in MODULES[arch].items()}
+    table = {**MODULES[arch], **CLASSIFIER_MODULES.get((arch, model.cfg.classifier), {})}
+    modules = {ours: (theirs.format(base=prefix),) for ours, theirs in table.items()}
     stem, layer_table = LAYERS[arch]
     for i in range(model.cfg.layers):
         layer_prefix = stem.format(base=prefix, i=i)
@@ -202,12 +224,18 @@ def activation_from_hf(name: str) -> str:
     raise ValueError(f"activation {name!r} is not supported; supported: {supported}")
 
 
-def config_from_hf(hf: dict, nsp: bool = False) -> te.Config:
+def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.Config:
     """A transformers config.json, including the hub's legacy ModernBERT keys, as a Config."""
     arch = hf.get("model_type")
     if arch not in te.PRESETS:
         raise ValueError(f"model_type {arch!r} is not supported; supported: {list(te.PRESETS)}")
-    fields = dict(te.PRESETS[arch], nsp=nsp, pad_id=DEFAULT_PAD_ID[arch])
+    fields = dict(te.PRESETS[arch], nsp=nsp, pad_id=DEFAULT_PAD_ID[arch], classifier=classifier)
+    fields["num_labels"] = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
+    if hf.get("classifier_dropout") is not None:
+        fields["classifier_dropout"] = hf["classifier_dropout"]
+    elif arch != "modernbert":  # BERT and RoBERTa fall back on their hidden dropout
+        fields["classifier_dropout"] = hf.get("hidden_dropout_prob", 0.1)
+    fields["classifier_pooling"] = hf.get("classifier_pooling", "cls")
     for ours, theirs in CONFIG_KEYS[arch].items():
         if hf.get(theirs) is not None:
             fields[ours] = hf[theirs]
@@ -279,11 +307,22 @@ def fixed_fields(cfg: te.Config) -> dict:
         mlp_dropout=0.0,
         embed_dropout=cfg.resid_dropout,
         pos_offset=pos_offset,
+        classifier_pooling="cls",  # their heads read the first token
     )
 
 
-def config_to_hf(cfg: te.Config) -> dict:
-    """The transformers config.json for cfg; refuses configs no transformers class expresses."""
+def class_name(cfg: te.Config) -> str:
+    """The transformers class a saved cfg loads as."""
+    if cfg.classifier != "none":
+        return STEMS[cfg.arch] + TASK_SUFFIXES[cfg.classifier]
+    if cfg.nsp:
+        return "BertForPreTraining"
+    return STEMS[cfg.arch] + "ForMaskedLM"
+
+
+def config_to_hf(cfg: te.Config, labels=None) -> dict:
+    """The transformers config.json for cfg; refuses configs no transformers class expresses.
+    labels names the classes (id2label), LABEL_0, LABEL_1, ... where not given."""
     bad = {k: getattr(cfg, k) for k, v in fixed_fields(cfg).items() if getattr(cfg, k) != v}
     if cfg.arch != "modernbert" and cfg.type_vocab < 1:
         bad["type_vocab"] = cfg.type_vocab
@@ -291,11 +330,18 @@ def config_to_hf(cfg: te.Config) -> dict:
         raise ValueError(f"this {cfg.arch} config has no transformers equivalent; offending: {bad}")
     act = ACTIVATIONS[cfg.act][0]
     hf = {theirs: getattr(cfg, ours) for ours, theirs in CONFIG_KEYS[cfg.arch].items()}
-    hf.update(model_type=cfg.arch, tie_word_embeddings=True)
+    hf.update(model_type=cfg.arch, tie_word_embeddings=True, architectures=[class_name(cfg)])
+    if cfg.classifier != "none":
+        labels = labels or [f"LABEL_{i}" for i in range(cfg.num_labels)]
+        if len(labels) != cfg.num_labels:
+            raise ValueError(f"{len(labels)} label names for num_labels={cfg.num_labels}")
+        hf["id2label"] = dict(enumerate(labels))
+        hf["label2id"] = {label: i for i, label in enumerate(labels)}
+        hf["classifier_dropout"] = cfg.classifier_dropout
     if cfg.arch == "modernbert":
         thetas = {GLOBAL: cfg.rope_theta, LOCAL: cfg.rope_theta_local}
         hf.update(
-            architectures=["ModernBertForMaskedLM"],
+            classifier_pooling=cfg.classifier_pooling,
             hidden_activation=act,
             classifier_activation=act,
             mlp_bias=cfg.bias,
@@ -309,11 +355,7 @@ def config_to_hf(cfg: te.Config) -> dict:
             eos_token_id=cfg.sep_id,
         )
         return hf
-    name = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}[cfg.arch]
-    if cfg.nsp:
-        name = "BertForPreTraining"
     hf.update(
-        architectures=[name],
         hidden_act=act,
         max_position_embeddings=cfg.max_len + cfg.pos_offset,
         position_embedding_type="absolute",
@@ -357,7 +399,12 @@ def load(path: str) -> te.TinyEncoder:
             f"{path}: architecture {kind!r} is not supported; supported: {list(CLASSES)}"
         )
     weights = read_weights(path)
-    model = te.TinyEncoder(config_from_hf(hf, nsp="cls.seq_relationship.weight" in weights))
+    classifier = "none"
+    for task, suffix in TASK_SUFFIXES.items():
+        if kind.endswith(suffix):
+            classifier = task
+    nsp = "cls.seq_relationship.weight" in weights
+    model = te.TinyEncoder(config_from_hf(hf, nsp=nsp, classifier=classifier))
     base = not any(key.startswith(tuple(BASE_PREFIX.values())) for key in weights)
     names = parameter_names(model, base)
     wanted = {n for group in names.values() for n in group}
@@ -382,13 +429,14 @@ def load(path: str) -> te.TinyEncoder:
     return model
 
 
-def save(model: te.TinyEncoder, path: str):
+def save(model: te.TinyEncoder, path: str, labels=None):
     """Write what transformers' Auto classes and sentence-transformers load: config.json,
-    model.safetensors, the byte tokenizer, and a mean-pooling sentence-transformers setup."""
+    model.safetensors, the byte tokenizer, and a mean-pooling sentence-transformers setup.
+    labels: a classifier's class names, in order."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    write_json(path, "config.json", config_to_hf(model.cfg))
+    write_json(path, "config.json", config_to_hf(model.cfg, labels))
     weights = {}
     for ours, theirs in parameter_names(model).items():
         parts = model.get_parameter(ours).detach().chunk(len(theirs))  # our qkv splits in three
@@ -524,7 +572,7 @@ def main():
     import argparse
 
     parser = argparse.ArgumentParser(description="Export a train.py checkpoint for transformers.")
-    parser.add_argument("checkpoint", help="a train.py checkpoint, e.g. out/ckpt_best.pt")
+    parser.add_argument("checkpoint", help="a train.py or finetune.py checkpoint (ckpt_best.pt)")
     parser.add_argument("out_dir", help="the folder to write")
     args = parser.parse_args()
     if not os.path.exists(args.checkpoint):
@@ -532,7 +580,7 @@ def main():
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     model = te.TinyEncoder(checkpoint_config(state["cfg"]))
     model.load_state_dict(state["model"])
-    save(model, args.out_dir)
+    save(model, args.out_dir, state.get("labels"))  # a finetune.py checkpoint names its labels
     print(f"wrote {args.out_dir}: {', '.join(sorted(os.listdir(args.out_dir)))}")
 
 

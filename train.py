@@ -209,7 +209,7 @@ else:
     if dropout is not None:
         overrides.update({f.name: dropout for f in fields(te.Config) if f.name.endswith("dropout")})
     cfg = te.Config.from_preset(args.arch, **overrides)
-args.mlm_rate = args.mlm_rate or cfg.mlm_rate
+cfg = replace(cfg, mlm_rate=args.mlm_rate or cfg.mlm_rate)  # mask_tokens reads it
 torch.manual_seed(args.seed)
 model = te.TinyEncoder(cfg).to(device)  # checkpoints hold its names, never a wrapper's
 if model.pos_embed is not None and args.position_init == "sinusoids":  # resuming loads its own
@@ -288,9 +288,10 @@ def evaluate():
     model.eval()
     mlm_totals = torch.zeros(3, device=device)  # loss, correct, count
     nsp_totals = torch.zeros(2, device=device)  # correct, count
+    eval_cfg = replace(cfg, mlm_rate=0.15)  # every architecture is evaluated on 15 % masking
     for rows in (eval_rows, nsp_rows):
         for start in range(0, len(rows), B):
-            batch, nsp_labels = collate(rows[start : start + B], cfg, 0.15, device)
+            batch, nsp_labels = collate(rows[start : start + B], eval_cfg, device)
             with amp:
                 out = model(**batch)
             if nsp_labels is None:
@@ -325,7 +326,7 @@ def train_step(step):
     for micro in range(args.grad_accum):
         first = step * global_batch + (micro * world + rank) * B
         rows = [train_rows[i] for i in range(first, first + B)]
-        batches.append(collate(rows, cfg, args.mlm_rate, device))
+        batches.append(collate(rows, cfg, device))
     # divided by the global batch's masked bytes, the micro-batches' loss sums add up to its mean
     masked = sum((batch["labels"] != te.IGNORE_INDEX).sum() for batch, _ in batches).float()
     if ddp:

@@ -148,14 +148,14 @@ def to_device(t, device):
     return t.to(device)
 
 
-def collate(rows, cfg, rate, device):
+def collate(rows, cfg, device):
     """The model's keyword arguments for rows, on the device, and their NSP labels (None without).
     Each row is masked by its own generator, seeded from its key."""
     ids, labels = [], []
     for row in rows:
         seed = np.random.SeedSequence(row.mask_key).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(seed >> 1))
-        masked, label = mask_tokens(torch.from_numpy(row.ids), cfg, generator, rate)
+        masked, label = mask_tokens(torch.from_numpy(row.ids), cfg, generator)
         ids.append(masked)
         labels.append(label)
     doc_ids = np.stack([row.doc_ids for row in rows])

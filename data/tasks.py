@@ -1,0 +1,182 @@
+"""Two fine-tuning tasks cut from Python's standard library, no download, written as JSONL.
+
+tags: every UTF-8 byte of a .py source labelled with the class of the token that Python's own
+tokenize puts it in. packages: which top-level stdlib package a function or class comes from.
+Both are split by file with corpus.py's hash of the file's name, so that the tagging task's held-out
+files are the ones pretraining held out too (see PACKAGE_HOLDOUT for the packages task).
+"""
+
+import ast
+import hashlib
+import io
+import json
+import keyword
+import os
+import sys
+import textwrap
+import tokenize
+from collections import Counter
+
+from data.corpus import read_documents
+
+TAGS = ("other", "name", "keyword", "operator", "number", "string", "comment")
+# Python 3.12+ tokenizes an f-string into parts instead of one STRING; other tokens are "other"
+TYPE_NAMES = dict(NAME="name", OP="operator", NUMBER="number", STRING="string", COMMENT="comment")
+TYPE_NAMES.update(FSTRING_START="string", FSTRING_MIDDLE="string", FSTRING_END="string")
+TOKEN_TAGS = {
+    getattr(tokenize, k): TAGS.index(v) for k, v in TYPE_NAMES.items() if hasattr(tokenize, k)
+}
+FSTRING_MIDDLE = getattr(tokenize, "FSTRING_MIDDLE", None)
+
+# All the packages of CPython 3.10 to 3.12 (none of the optional or split-out tkinter, idlelib,
+# turtledemo, lib2to3, distutils, ensurepip, venv) with some 100 training definitions or more and a
+# held-out file of 10 or more (importlib's has 4 on 3.10); python -m data.tasks prints their counts
+PACKAGES = ("asyncio", "ctypes", "email", "encodings", "http", "importlib", "multiprocessing")
+PACKAGES += ("unittest", "urllib", "wsgiref", "xml", "xmlrpc")
+# corpus.py's % 25 == 0 holds out a file of 10 or more definitions in ctypes and encodings only;
+# % 5 == 0 holds out those files and 4 times as many others: the val files of the packages task,
+# unlike those of the tagging task, were not all held out of pretraining
+PACKAGE_HOLDOUT = 5
+
+
+def held_out(name, modulus=25):
+    """Whether the file name (relative to the stdlib) is validation; 25 is corpus.py's rule."""
+    return hashlib.md5(name.encode()).digest()[0] % modulus == 0
+
+
+def python_sources():
+    """(name, text) of the stdlib's .py files that corpus.py pretrains on, those that decode."""
+    for name, data in read_documents(None):
+        if not name.endswith(".py"):  # pydoc's topics
+            continue
+        try:
+            yield name, data.decode()
+        except UnicodeDecodeError:
+            continue
+
+
+def byte_tags(text):
+    """The TAGS index of each UTF-8 byte of text, by tokenize's tokens."""
+    # split as tokenize splits, at "\n" only; ENDMARKER sits on the empty line after the last
+    lines = io.StringIO(text).readlines() + [""]
+    starts = [0]  # of each line in bytes: tokenize counts columns in characters
+    for line in lines:
+        starts.append(starts[-1] + len(line.encode()))
+    tags = bytearray(starts[-1])  # the slices assigned below keep their lengths
+    gap_start = None
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        ends = (token.start, token.end)
+        start, end = [starts[row - 1] + len(lines[row - 1][:col].encode()) for row, col in ends]
+        # 3.12 reports an escaped {{ or }} in an f-string as one brace, its twin left in a gap
+        if gap_start is not None:
+            tags[gap_start:start] = bytes([TAGS.index("string")]) * len(tags[gap_start:start])
+        gap_start = end if token.type == FSTRING_MIDDLE else None
+        tag = TOKEN_TAGS.get(token.type, 0)
+        if token.type == tokenize.NAME and keyword.iskeyword(token.string):
+            tag = TAGS.index("keyword")  # hard keywords only: match, case and _ stay names
+        # later tokens overwrite earlier ones, should 3.12's f-string positions overlap
+        tags[start:end] = bytes([tag]) * (end - start)
+    return tags
+
+
+def spans(data, max_bytes):
+    """(start, end) of greedy runs of whole lines of up to max_bytes, longer lines cut in pieces."""
+    begin = end = 0  # the run so far
+    for line in data.splitlines(keepends=True):
+        line_end = end + len(line)
+        if line_end - begin > max_bytes and end > begin:  # the line starts the next run
+            yield begin, end
+            begin = end
+        while line_end - begin > max_bytes:
+            cut = begin + max_bytes
+            while data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: cut before its character
+                cut -= 1
+            yield begin, cut
+            begin = cut
+        end = line_end
+    yield begin, end
+
+
+def tagging_examples(max_bytes=126, train_every=6):
+    """{"train": [...], "val": [...]} of {"text", "tags"}: runs of whole lines of at most max_bytes
+    UTF-8 bytes, with a TAGS name per byte; blank runs are left out. Training keeps every
+    train_every-th run (some 20,000 on 3.11): more than fine-tuning reads, and quick to load."""
+    if max_bytes < 4:
+        raise ValueError("max_bytes must hold a 4-byte character")
+    parts = {"train": [], "val": []}
+    for name, text in python_sources():
+        try:
+            tags = byte_tags(text)
+        except (tokenize.TokenError, SyntaxError):
+            continue
+        data = text.encode()
+        part = parts["val" if held_out(name) else "train"]
+        for begin, end in spans(data, max_bytes):
+            if any(tags[begin:end]):  # not all "other"
+                text_tags = [TAGS[tag] for tag in tags[begin:end]]
+                part.append({"text": data[begin:end].decode(), "tags": text_tags})
+    parts["train"] = parts["train"][::train_every]
+    return parts
+
+
+def definitions(text, max_bytes):
+    """The source of each function and class in text, dedented, cut to max_bytes UTF-8 bytes."""
+    lines = io.StringIO(text).readlines()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            source = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno])).rstrip()
+            yield source.encode()[:max_bytes].decode(errors="ignore")  # drops a cut character
+
+
+def balanced(labels, cap):
+    """[{"text", "label"}] for at most cap texts of each label, picked by a hash of the text."""
+    counts = Counter()
+    examples = []
+    for _, text in sorted((hashlib.md5(text.encode()).digest(), text) for text in labels):
+        if counts[labels[text]] < cap:
+            counts[labels[text]] += 1
+            examples.append({"text": text, "label": labels[text]})
+    return examples
+
+
+def package_examples(max_bytes=126, cap=400, val_cap=200):
+    """{"train": [...], "val": [...]} of {"text", "label"}: the functions and classes of PACKAGES,
+    each text once (the first), none in both splits, at most cap (val_cap) of each package."""
+    labels = {"train": {}, "val": {}}
+    for name, text in python_sources():
+        package = name.split(os.sep)[0]
+        if package not in PACKAGES:
+            continue
+        try:
+            texts = list(definitions(text, max_bytes))
+        except (SyntaxError, ValueError):
+            continue
+        part = labels["val" if held_out(name, PACKAGE_HOLDOUT) else "train"]
+        for text in texts:
+            part.setdefault(text, package)
+    val = {text: label for text, label in labels["val"].items() if text not in labels["train"]}
+    return {"train": balanced(labels["train"], cap), "val": balanced(val, val_cap)}
+
+
+def write_task(name, folder, max_bytes=126):
+    """Write {folder}/{name}-pyXY-{train,val}.jsonl, name "tags" or "packages", unless there; the
+    val file, written last and renamed into place whole, marks "done". Returns the two paths."""
+    makers = {"tags": tagging_examples, "packages": package_examples}
+    stem = os.path.join(folder, "%s-py%d%d" % (name, *sys.version_info[:2]))
+    paths = {part: f"{stem}-{part}.jsonl" for part in ("train", "val")}
+    if os.path.exists(paths["val"]):
+        return paths
+    parts = makers[name](max_bytes)
+    os.makedirs(folder, exist_ok=True)
+    for part in ("train", "val"):
+        with open(f"{paths[part]}.tmp", "w") as f:
+            for example in parts[part]:
+                f.write(json.dumps(example, separators=(",", ":")) + "\n")
+        os.replace(f"{paths[part]}.tmp", paths[part])
+    return paths
+
+
+if __name__ == "__main__":  # the counts PACKAGES rests on, on this Python
+    parts = package_examples()
+    for package in PACKAGES:
+        print(package, *[sum(ex["label"] == package for ex in parts[p]) for p in ("train", "val")])

@@ -1,0 +1,338 @@
+"""Fine-tune a pretrained tinyencoder to classify texts or tag their bytes, from JSONL.
+
+  python finetune.py --task tags --init out/ckpt_best.pt         # tokenize's class of each byte
+  python finetune.py --task packages --init out/ckpt_best.pt --from-scratch  # fresh weights
+  python finetune.py --train mine.jsonl --val held.jsonl --init path/to/hf-model
+
+--init takes a train.py checkpoint or a transformers folder; --from-scratch keeps its architecture
+and draws fresh weights, to measure what pretraining buys. A JSONL line is {"text": ..., "label":
+...} to classify the text, or {"text": ..., "tags": [one per UTF-8 byte]} or {"text": ...,
+"spans": [[first char, end char, tag], ...]} to tag it (untagged bytes are "O"). Writes
+ckpt_last.pt, ckpt_best.pt (best held-out accuracy) and metrics.jsonl to --out-dir; --resume goes on
+from ckpt_last.pt exactly. Built-in tasks come from Python's standard library: data/tasks.py.
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from argparse import ArgumentParser
+from dataclasses import asdict, replace
+
+import torch
+
+import tinyencoder as te
+import tinyencoder_hf
+from data.tasks import write_task
+
+parser = ArgumentParser(description=__doc__.splitlines()[0])
+add = parser.add_argument
+add("--task", choices=["tags", "packages"], help="a built-in task from the standard library")
+add("--train", help="JSONL to train on (instead of --task)")
+add("--val", help="JSONL to evaluate on, held out from --train")
+add("--init", help="a train.py checkpoint (.pt) or a transformers folder")
+add("--from-scratch", action="store_true", help="--init's architecture with fresh weights")
+add("--out-dir", default="out-finetune", help="checkpoints and metrics.jsonl go here")
+add("--resume", action="store_true", help="go on from --out-dir's ckpt_last.pt")
+add("--max-steps", type=int, default=600)
+add("--batch-size", type=int, default=32)
+add("--lr", type=float, default=3e-4, help="peak learning rate: 6%% warmup, then linear decay")
+add("--eval-interval", type=int, default=200)
+add("--log-interval", type=int, default=50)
+add("--seed", type=int, default=0)
+add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+args = parser.parse_args()
+t0 = time.time()
+
+
+def die(message):
+    sys.exit(f"error: {message}")  # one line, no traceback
+
+
+def log(message):
+    print(message, flush=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# Data: JSONL lines -> (ids, labels) examples
+def read_jsonl(path):
+    """[(line number, record)], with a one-line error for a missing file or a line that is not a
+    JSON object with a "text" string."""
+    if not os.path.exists(path):
+        die(f"{path}: no such file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                die(f"{path} line {number}: not JSON ({e.msg})")
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                die(f'{path} line {number}: needs an object with a "text" string')
+            records.append((number, record))
+    if not records:
+        die(f"{path}: no examples")
+    return records
+
+
+def byte_tags(record, where):
+    """The tag of each UTF-8 byte of record["text"], from "tags" or from character "spans"."""
+    text = record["text"]
+    if "tags" in record:
+        tags = record["tags"]
+        if not isinstance(tags, list) or len(tags) != len(text.encode()):
+            die(f'{where}: "tags" must be a list with one tag per UTF-8 byte of "text"')
+        return [str(tag) for tag in tags]
+    # character offsets -> byte offsets: where each character's bytes start
+    starts = [0]
+    for character in text:
+        starts.append(starts[-1] + len(character.encode()))
+    tags = ["O"] * starts[-1]
+    for span in record["spans"]:
+        if not (isinstance(span, list) and len(span) == 3 and 0 <= span[0] <= span[1] <= len(text)):
+            die(f'{where}: each of "spans" must be [first char, end char, tag] within "text"')
+        first, end, tag = span
+        tags[starts[first] : starts[end]] = [str(tag)] * (starts[end] - starts[first])
+    return tags
+
+
+def read_task(path, cfg, kind=None, labels=None):
+    """(kind, labels, examples) of a JSONL file: kind "sequence" or "token" (from its first line
+    when not given), labels the sorted label names (the training file's, when given); each
+    example's ids are [CLS] bytes [SEP], with cfg's ids."""
+    records = read_jsonl(path)
+    if kind is None:
+        kind = "sequence" if "label" in records[0][1] else "token"
+    targets = []
+    for number, record in records:
+        where = f"{path} line {number}"
+        if kind == "sequence" and "label" not in record:
+            die(f'{where}: needs a "label", as the first line has')
+        if kind == "token" and "tags" not in record and "spans" not in record:
+            die(f'{where}: needs "tags" or "spans", as the first line has')
+        if kind == "sequence":
+            targets.append(str(record["label"]))
+        else:
+            targets.append(byte_tags(record, where))
+    if labels is None:
+        names = targets if kind == "sequence" else [tag for tags in targets for tag in tags]
+        labels = sorted(set(names))
+    index = {label: i for i, label in enumerate(labels)}
+    examples = []
+    for (number, record), target in zip(records, targets):
+        unknown = set(target if kind == "token" else [target]) - set(index)
+        if unknown:
+            die(
+                f"{path} line {number}: label {sorted(unknown)[0]!r} is not among the training "
+                f"labels {labels}"
+            )
+        ids = [cfg.cls_id, *te.encode(record["text"]), cfg.sep_id]
+        if kind == "sequence":
+            examples.append((ids, index[target]))
+        else:  # [CLS] and [SEP] carry no tag
+            examples.append((ids, [te.IGNORE_INDEX, *(index[t] for t in target), te.IGNORE_INDEX]))
+    return kind, labels, examples
+
+
+def collate(batch, kind, cfg, device):
+    """Examples -> a padded batch: input_ids, attention_mask and labels."""
+    T = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), T), cfg.pad_id)
+    tags = torch.full((len(batch), T), te.IGNORE_INDEX)
+    for row, (example_ids, target) in enumerate(batch):
+        ids[row, : len(example_ids)] = torch.tensor(example_ids)
+        if kind == "token":
+            tags[row, : len(target)] = torch.tensor(target)
+    labels = tags
+    if kind == "sequence":
+        labels = torch.tensor([target for _, target in batch])
+    mask = (ids != cfg.pad_id).long()
+    return dict(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+
+
+# -------------------------------------------------------------------------------------------------
+# The pretrained model, or a checkpoint of this script to resume
+os.makedirs(args.out_dir, exist_ok=True)
+ckpt_path = os.path.join(args.out_dir, "ckpt_last.pt")
+checkpoint = None
+if args.resume:
+    if not os.path.exists(ckpt_path):
+        die(f"--resume: no checkpoint at {ckpt_path}")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    saved = checkpoint["args"]
+    args.task, args.train, args.val, args.init = (
+        saved[k] for k in ("task", "train", "val", "init")
+    )
+if args.task:
+    paths = write_task(args.task, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    args.train, args.val = paths["train"], paths["val"]
+if not (args.train and args.val):
+    die("give --task, or --train and --val (JSONL files)")
+if not args.init:
+    die("give --init: a train.py checkpoint or a transformers folder to start from")
+if os.path.isdir(args.init):
+    try:
+        pretrained = tinyencoder_hf.load(args.init)
+    except (ValueError, OSError) as e:
+        die(f"--init {args.init}: {e}")
+    base_cfg, weights = pretrained.cfg, pretrained.state_dict()
+elif os.path.exists(args.init):
+    state = torch.load(args.init, map_location="cpu", weights_only=True)
+    if "model" not in state or "cfg" not in state:
+        die(f"--init {args.init}: not a train.py checkpoint")
+    base_cfg, weights = tinyencoder_hf.checkpoint_config(state["cfg"]), state["model"]
+else:
+    die(f"--init {args.init}: no such file or folder")
+kind, labels, train_examples = read_task(args.train, base_cfg)
+_, _, val_examples = read_task(args.val, base_cfg, kind, labels)
+longest = max(len(ids) for ids, _ in train_examples + val_examples)
+if longest > base_cfg.max_len:
+    die(f"an example is {longest - 2} bytes; this model reads at most {base_cfg.max_len - 2}")
+
+# The pretrained encoder with the family's classifier in place of its MLM (and NSP) head. Padded
+# batches of texts: unpadding saves the work on padding.
+cfg = replace(base_cfg, classifier=kind, num_labels=len(labels), nsp=False, unpad=True)
+device = torch.device(args.device)
+torch.manual_seed(args.seed)
+model = te.TinyEncoder(cfg)
+if not args.from_scratch:
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    fresh = [name for name in missing if not name.startswith(("classifier.", "pooler."))]
+    if fresh:
+        die(f"--init {args.init}: it lacks {fresh[:4]} of the encoder")
+model.to(device)
+decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on biases and norms
+rest = [p for p in model.parameters() if p.dim() < 2]
+groups = [dict(params=decay, weight_decay=0.01), dict(params=rest, weight_decay=0.0)]
+opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+step, best = 0, -1.0
+if checkpoint:
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optim"])
+    step, best = checkpoint["step"], checkpoint["best"]
+    log(f"resumed at step {step}")
+elif os.path.exists(os.path.join(args.out_dir, "metrics.jsonl")):
+    os.remove(os.path.join(args.out_dir, "metrics.jsonl"))  # a fresh run starts a fresh file
+start = "random init" if args.from_scratch else f"from {args.init}"
+log(
+    f"{kind} classification, {len(labels)} labels; {len(train_examples)} training and "
+    f"{len(val_examples)} held-out examples; {cfg.arch} {start}"
+)
+
+
+def lr_at(step):
+    """6 % linear warmup, then linear decay to 0 (transformers' fine-tuning default)."""
+    warmup = max(1, int(0.06 * args.max_steps))
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    return args.lr * max(0.0, (args.max_steps - step) / max(1, args.max_steps - warmup))
+
+
+def batch_at(step):
+    """The training examples of a step: a fresh shuffle per pass, a function of the step alone, so
+    that a resumed run reads what the uninterrupted one would have."""
+    first = step * args.batch_size
+    batch = []
+    for i in range(first, first + args.batch_size):
+        epoch, position = divmod(i, len(train_examples))
+        order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(epoch))
+        batch.append(train_examples[order[position]])
+    return batch
+
+
+@torch.no_grad()
+def evaluate():
+    """Held-out loss, accuracy (over texts or tagged bytes) and, for tags, macro-F1 over labels."""
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    confusion = torch.zeros(len(labels), len(labels), dtype=torch.long)  # gold x predicted
+    for first in range(0, len(val_examples), 64):
+        batch = collate(val_examples[first : first + 64], kind, cfg, device)
+        out = model(**batch)
+        gold = batch["labels"].flatten().cpu()
+        guess = out.logits.argmax(-1).flatten().cpu()
+        keep = gold != te.IGNORE_INDEX
+        loss += out.loss.item() * int(keep.sum())
+        confusion += torch.bincount(
+            gold[keep] * len(labels) + guess[keep], minlength=len(labels) ** 2
+        ).view(len(labels), len(labels))
+        correct += int((gold[keep] == guess[keep]).sum())
+        count += int(keep.sum())
+    model.train()
+    true_positives = confusion.diag().float()
+    precision = true_positives / confusion.sum(0).clamp(min=1)
+    recall = true_positives / confusion.sum(1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    present = (confusion.sum(0) + confusion.sum(1)) > 0  # labels seen in gold or predictions
+    results = dict(val_loss=loss / count, val_acc=correct / count)
+    results["val_macro_f1"] = f1[present].mean().item()
+    return {name: round(value, 5) for name, value in results.items()}
+
+
+def save(path):
+    """Atomic, as train.py's: a kill at any moment leaves the old file whole."""
+    state = dict(model=model.state_dict(), optim=opt.state_dict(), step=step, best=best)
+    state.update(cfg=asdict(cfg), args=vars(args), labels=labels)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+stop_signals = []
+
+
+def on_signal(signum, frame):
+    stop_signals.append(signum)  # the loop saves and stops after the step in flight
+
+
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+results = evaluate() if step >= args.max_steps else None  # a finished run, resumed
+model.train()
+step_time, timed_from = 0.0, time.time()
+while step < args.max_steps:
+    torch.manual_seed(args.seed + 1_000_003 * step)  # dropout, like the data, follows the step
+    batch = collate(batch_at(step), kind, cfg, device)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step)
+    out = model(**batch)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    step += 1
+    if not math.isfinite(out.loss.item()):
+        stopped = f"loss {out.loss.item()} at step {step}: stopped"
+        die(f"{stopped}; last good checkpoint in {args.out_dir}")
+    if step % args.log_interval == 0 or step == args.max_steps:
+        step_time = (time.time() - timed_from) / args.log_interval
+        minutes_left = (args.max_steps - step) * step_time / 60
+        examples_per_s = args.batch_size / step_time
+        progress = f"step {step:5d}/{args.max_steps} | loss {out.loss.item():.6f}"
+        speed = f"{examples_per_s:6.1f} examples/s | eta {minutes_left:4.1f} min"
+        log(f"{progress} | lr {lr_at(step - 1):.2e} | {speed}")
+        timed_from = time.time()
+    if stop_signals:
+        save(ckpt_path)
+        log(f"interrupted after step {step}; saved {ckpt_path}; continue with --resume")
+        sys.exit(0)
+    if step % args.eval_interval == 0 or step == args.max_steps:
+        results = evaluate()
+        log(f"eval step {step}: " + " ".join(f"{k} {v}" for k, v in results.items()))
+        with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(dict(step=step, elapsed_s=round(time.time() - t0, 1), **results)))
+            f.write("\n")
+        if results["val_acc"] > best:
+            best = results["val_acc"]
+            save(os.path.join(args.out_dir, "ckpt_best.pt"))
+        save(ckpt_path)
+        timed_from = time.time()
+
+f1 = f", macro-F1 {results['val_macro_f1']:.2%}" if kind == "token" else ""
+log(
+    f"final: held-out accuracy {results['val_acc']:.2%}{f1} ({args.task or args.train}, {cfg.arch} "
+    f"{start}); best {best:.2%}; {step} steps, {time.time() - t0:.0f}s"
+)
