@@ -6,6 +6,7 @@
     python bench.py --gpu-check --json gpu_check.json   # gpu_check.py: numerics forward and
                                        # backward, ModernBERT-base speed, profile, memory, train.py
     python bench.py --gpu-check --tiny --device cpu     # the same code on a CPU, in about a minute
+    python bench.py --encode --threads 1  # model.encode on texts of 16-510 bytes, vs AutoModel
 
 Throughput counts real (non-pad) tokens only. MFU = real tokens x flops_per_token / time / peak,
 with the peak measured here: the best of a few large matmuls in the run's dtype, taken at the start
@@ -17,6 +18,8 @@ length (sum of l * flops_per_token(l)).
 import argparse
 import contextlib
 import dataclasses
+import functools
+import itertools
 import json
 import os
 import statistics
@@ -205,6 +208,74 @@ def bench_case(arch, batch, step, args, dev, dtype):
     return rows
 
 
+def random_texts(n, lo, hi, seed=0):
+    """n texts of lowercase words, lengths uniform in [lo, hi] bytes, in no particular order."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    letters = torch.randint(0, 27, (sum(lengths),), generator=g).tolist()
+    text = "".join(" " if c == 26 else chr(97 + c) for c in letters)
+    starts = [0, *itertools.accumulate(lengths)]
+    return [text[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def hf_encode(hf, texts, batch_size, by_length, dev):
+    """transformers' AutoModel with mean pooling, batch_size texts at a time: in the given order
+    (a plain loop) or sorted by length (as sentence-transformers batches)."""
+    order = list(range(len(texts)))
+    if by_length:
+        order.sort(key=[len(t) for t in texts].__getitem__)
+    out = torch.zeros(len(texts), hf.config.hidden_size)
+    for first in range(0, len(texts), batch_size):
+        batch = order[first : first + batch_size]
+        rows = [torch.tensor([te.CLS, *te.encode(texts[i]), te.SEP]) for i in batch]
+        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=te.PAD).to(dev)
+        mask = (ids != te.PAD).long()
+        with torch.no_grad():
+            hidden = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        out[batch] = pooled.float().cpu()
+    return out
+
+
+def bench_encode(arch, args, dev):
+    """model.encode's texts/s against transformers' AutoModel with mean pooling, same weights, on
+    texts of 16 to 510 bytes in random order; rows for each variant (unpad off and on)."""
+    cfg = te.Config.from_preset(arch, layers=args.layers, nsp=False)
+    torch.manual_seed(0)
+    base = te.TinyEncoder(cfg).to(dev).eval()
+    models = {"published": base}
+    if not cfg.unpad:
+        models["unpad"] = variant(base, unpad=True).eval()
+    with tempfile.TemporaryDirectory() as d:
+        tinyencoder_hf.save(base, d)
+        hf = transformers.AutoModel.from_pretrained(d, attn_implementation="sdpa").to(dev).eval()
+    texts = random_texts(args.texts, 16, cfg.max_len - 2)
+    calls = {
+        name: functools.partial(m.encode, texts, normalize=False) for name, m in models.items()
+    }
+    calls["hf"] = functools.partial(hf_encode, hf, texts, 32, False, dev)
+    calls["hf sorted"] = functools.partial(hf_encode, hf, texts, 32, True, dev)
+    seconds = {name: [] for name in calls}
+    results = {}
+    for _ in range(args.steps):  # alternating, so that a change in the machine's load hits all
+        for name, call in calls.items():
+            t = time.perf_counter()
+            results[name] = call()
+            seconds[name].append(time.perf_counter() - t)
+    error = (results["published"] - results["hf"]).abs().max().item()
+    rows = []
+    for name in models:
+        row = dict(arch=arch, variant=name, texts_s=len(texts) / min(seconds[name]), max_diff=error)
+        row["vs_hf"] = min(seconds["hf"]) / min(seconds[name])
+        row["vs_hf_sorted"] = min(seconds["hf sorted"]) / min(seconds[name])
+        rows.append(row)
+        print(
+            f"{arch:<11}{name:<10}{row['texts_s']:>9.1f} texts/s  {row['vs_hf']:.2f}x transformers"
+            f" in order, {row['vs_hf_sorted']:.2f}x sorted by length; max|diff| {error:.1e}"
+        )
+    return rows
+
+
 def add_mfu(rows, peak):
     """te_mfu (and hf_mfu where transformers ran): achieved FLOP/s over the measured peak."""
     for r in rows:
@@ -252,6 +323,8 @@ def parse_args():
     p.add_argument("--no-hf", action="store_true", help="tinyencoder alone")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--gpu-check", action="store_true", help="backend numerics, speed, memory")
+    p.add_argument("--encode", action="store_true", help="model.encode against AutoModel")
+    p.add_argument("--texts", type=int, default=256, help="--encode: texts per pass")
     p.add_argument("--tiny", action="store_true", help="--gpu-check with small sizes, for a CPU")
     return p.parse_args()
 
@@ -286,6 +359,12 @@ def main():
         import gpu_check  # the one-run GPU check, beside this file
 
         gpu_check.run(args, dev, dtype, peak, report)
+    elif args.encode:
+        archs = te.PRESETS if args.arch == "all" else [args.arch]
+        print(
+            "arch       variant    texts/s; time of transformers' AutoModel (mean pooling) / ours"
+        )
+        report["encode"] = [row for arch in archs for row in bench_encode(arch, args, dev)]
     else:
         archs = te.PRESETS if args.arch == "all" else [args.arch]
         peaks = [peak]

@@ -93,7 +93,9 @@ def byte_tags(record, where):
         starts.append(starts[-1] + len(character.encode()))
     tags = ["O"] * starts[-1]
     for span in record["spans"]:
-        if not (isinstance(span, list) and len(span) == 3 and 0 <= span[0] <= span[1] <= len(text)):
+        shaped = isinstance(span, list) and len(span) == 3
+        offsets = shaped and all(isinstance(i, int) and 0 <= i <= len(text) for i in span[:2])
+        if not offsets or span[0] > span[1]:
             die(f'{where}: each of "spans" must be [first char, end char, tag] within "text"')
         first, end, tag = span
         tags[starts[first] : starts[end]] = [str(tag)] * (starts[end] - starts[first])
@@ -246,7 +248,7 @@ def batch_at(step):
 
 @torch.no_grad()
 def evaluate():
-    """Held-out loss, accuracy (over texts or tagged bytes) and, for tags, macro-F1 over labels."""
+    """Held-out loss, accuracy (over texts or tagged bytes), and F1: each label's and their mean."""
     model.eval()
     loss, correct, count = 0.0, 0, 0
     confusion = torch.zeros(len(labels), len(labels), dtype=torch.long)  # gold x predicted
@@ -270,7 +272,11 @@ def evaluate():
     present = (confusion.sum(0) + confusion.sum(1)) > 0  # labels seen in gold or predictions
     results = dict(val_loss=loss / count, val_acc=correct / count)
     results["val_macro_f1"] = f1[present].mean().item()
-    return {name: round(value, 5) for name, value in results.items()}
+    results = {name: round(value, 5) for name, value in results.items()}
+    results["val_f1"] = {
+        labels[i]: round(f1[i].item(), 4) for i in range(len(labels)) if present[i]
+    }
+    return results
 
 
 def save(path):
@@ -321,7 +327,8 @@ while step < args.max_steps:
         sys.exit(0)
     if step % args.eval_interval == 0 or step == args.max_steps:
         results = evaluate()
-        log(f"eval step {step}: " + " ".join(f"{k} {v}" for k, v in results.items()))
+        figures = " ".join(f"{k} {v}" for k, v in results.items() if k != "val_f1")
+        log(f"eval step {step}: {figures}")
         with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(dict(step=step, elapsed_s=round(time.time() - t0, 1), **results)))
             f.write("\n")
@@ -331,7 +338,29 @@ while step < args.max_steps:
         save(ckpt_path)
         timed_from = time.time()
 
-f1 = f", macro-F1 {results['val_macro_f1']:.2%}" if kind == "token" else ""
+
+def kinds_of_tag(example):
+    return len(set(example[1]))
+
+
+# The demo: a held-out example of printable ASCII (for tags, the one with most kinds of tag), with
+# the model's answer under it; a line break shows as one character, so that the columns line up
+ascii_only = [e for e in val_examples if all(32 <= b < 127 or b == 10 for b in e[0][1:-1])]
+demo = (ascii_only or val_examples)[0]
+if kind == "token":
+    demo = max(ascii_only or val_examples, key=kinds_of_tag)
+with torch.no_grad():
+    guess = model.eval()(**collate([demo], kind, cfg, device)).logits.argmax(-1)[0].tolist()
+text = bytes(demo[0][1:-1]).decode(errors="replace").replace("\n", "⏎")
+log(f"demo, held out: {text}")
+if kind == "sequence":
+    log(f"     model says: {labels[guess]}; the answer: {labels[demo[1]]}")
+elif len(labels) <= 10:  # a digit per byte: the index of its tag
+    log(f"     model tags: {''.join(str(g) for g in guess[1:-1])}")
+    log(f"     the answer: {''.join(str(t) for t in demo[1][1:-1])}")
+    log("     tags: " + ", ".join(f"{i} {label}" for i, label in enumerate(labels)))
+log("held-out F1 per label: " + ", ".join(f"{k} {v:.3f}" for k, v in results["val_f1"].items()))
+f1 = f", macro-F1 {results['val_macro_f1']:.2%}"
 log(
     f"final: held-out accuracy {results['val_acc']:.2%}{f1} ({args.task or args.train}, {cfg.arch} "
     f"{start}); best {best:.2%}; {step} steps, {time.time() - t0:.0f}s"

@@ -368,7 +368,7 @@ def test_classifier_losses_match_transformers(name, num_labels, tmp_path):
 def test_checkpoints_with_retired_config_fields_still_export(tmp_path):
     """A train.py checkpoint written before sparse_prediction was retired exports as it was."""
     model = perturb(TinyEncoder(tiny("roberta"))).eval()
-    saved = dict(dataclasses.asdict(model.cfg), sparse_prediction=True)
+    saved = dict(dataclasses.asdict(model.cfg), sparse_prediction=True, static_masking=False)
     torch.save(dict(model=model.state_dict(), cfg=saved), tmp_path / "ckpt.pt")
     command = [sys.executable, "tinyencoder_hf.py", str(tmp_path / "ckpt.pt"), str(tmp_path / "hf")]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)

@@ -544,9 +544,8 @@ class TinyEncoder(nn.Module):
         x = self.final_norm(x)
         hidden = layout.scatter(x)  # (B, T, H)
 
-        # Each row as one vector, for NSP and sequence classification; BERT's pooler turns it
-        rows = pool(hidden, doc_ids, cfg.classifier_pooling)  # (B, H)
-        if self.pooler is not None:
+        rows = pool(hidden, doc_ids, cfg.classifier_pooling)  # (B, H), for NSP and classifying rows
+        if self.pooler is not None:  # BERT's: tanh(dense(row))
             rows = torch.tanh(self.pooler(rows))
 
         loss = None
@@ -581,7 +580,8 @@ class TinyEncoder(nn.Module):
         batch, so little is padded. A text over max_len tokens is an error, never cut silently."""
         cfg = self.cfg
         if isinstance(texts, (str, bytes)) or pooling not in ("mean", "cls"):
-            raise ValueError(f"texts must be a list; pooling 'mean' or 'cls' (got {pooling!r})")
+            got = f"{type(texts).__name__} and {pooling!r}"
+            raise ValueError(f"encode takes a list of texts and pooling 'mean' or 'cls', got {got}")
         rows = [torch.tensor([cfg.cls_id, *encode(text), cfg.sep_id]) for text in texts]
         for i, row in enumerate(rows):
             if len(row) > cfg.max_len:

@@ -558,9 +558,10 @@ def sentence_transformers_files(cfg: te.Config) -> dict[str, object]:
 
 # -------------------------------------------------------------------------------------------------
 # Export a train.py checkpoint: python tinyencoder_hf.py out/ckpt_best.pt out/hf
-# Config fields that older train.py checkpoints record and Config no longer has. Each one only ever
-# changed the speed, so a checkpoint that holds it loads as it was.
-RETIRED_FIELDS = ("sparse_prediction",)
+# Config fields that older train.py checkpoints record and Config no longer has. None changed the
+# numbers (sparse_prediction only the speed; static_masking was train.py's, whose recipe now holds
+# it), so a checkpoint that holds them loads as it was.
+RETIRED_FIELDS = ("sparse_prediction", "static_masking")
 
 
 def checkpoint_config(saved: dict) -> te.Config:

@@ -197,8 +197,8 @@ else:
         overrides["rope_theta"] = 160000.0 if extension else 10000.0  # phase 1: 10k everywhere
         if args.size == "large":
             overrides.update(layers=28, intermediate=2624)
-        # Packed rows hold no padding to strip, and tinyencoder's unpadded CPU path attends one
-        # document at a time: one masked call per batch is 1.4x faster here, same attention.
+        # Packed rows hold no padding to strip: without the GPU's varlen kernel, unpadding would
+        # only add its gather and scatter around the same masked attention call.
         if not on_gpu:
             overrides["unpad"] = False
     else:
