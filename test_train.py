@@ -252,3 +252,26 @@ def test_stdlib_tasks_tag_bytes_as_tokenize_does():
     parts = package_examples()
     assert {ex["label"] for ex in parts["val"]} == set(PACKAGES)
     assert not {ex["text"] for ex in parts["train"]} & {ex["text"] for ex in parts["val"]}
+
+
+def test_runs_started_at_once_write_a_task_apart(tmp_path):
+    """Two fine-tuning runs started together both write the task files: neither may move the
+    other's half-written file away."""
+    code = (
+        "import sys, data.tasks as t\n"
+        "def many(max_bytes):\n"
+        "    return {p: [{'text': 'x' * 100, 'label': p}] * 100000 for p in ('train', 'val')}\n"
+        "t.tagging_examples = many\n"
+        "t.write_task('tags', sys.argv[1])\n"
+    )
+    command = [sys.executable, "-c", code, str(tmp_path)]
+    here = str(Path(__file__).parent)
+    runs = [
+        subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=here) for _ in range(3)
+    ]
+    errors = [run.communicate(timeout=120)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], errors
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        f"tags-py{sys.version_info[0]}{sys.version_info[1]}-train.jsonl",
+        f"tags-py{sys.version_info[0]}{sys.version_info[1]}-val.jsonl",
+    ]

@@ -89,8 +89,9 @@ def prepare_stdlib():
     for part, (data, offsets) in split_documents(read_documents(None), None).items():
         for suffix, array in (("bin", data), ("idx", offsets.astype(np.int64))):
             path = f"{STDLIB_STEM}-{part}.{suffix}"
-            array.tofile(f"{path}.tmp")
-            os.replace(f"{path}.tmp", path)
+            temporary = f"{path}.{os.getpid()}.tmp"  # two runs started at once write apart
+            array.tofile(temporary)
+            os.replace(temporary, path)
 
 
 def load_stdlib():

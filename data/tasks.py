@@ -169,10 +169,11 @@ def write_task(name, folder, max_bytes=126):
     parts = makers[name](max_bytes)
     os.makedirs(folder, exist_ok=True)
     for part in ("train", "val"):
-        with open(f"{paths[part]}.tmp", "w") as f:
+        temporary = f"{paths[part]}.{os.getpid()}.tmp"  # two runs started at once write apart
+        with open(temporary, "w") as f:
             for example in parts[part]:
                 f.write(json.dumps(example, separators=(",", ":")) + "\n")
-        os.replace(f"{paths[part]}.tmp", paths[part])
+        os.replace(temporary, paths[part])
     return paths
 
 
