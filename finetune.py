@@ -346,9 +346,10 @@ def kinds_of_tag(example):
 # The demo: a held-out example of printable ASCII (for tags, the one with most kinds of tag), with
 # the model's answer under it; a line break shows as one character, so that the columns line up
 ascii_only = [e for e in val_examples if all(32 <= b < 127 or b == 10 for b in e[0][1:-1])]
-demo = (ascii_only or val_examples)[0]
+candidates = ascii_only or val_examples
+demo = candidates[0]
 if kind == "token":
-    demo = max(ascii_only or val_examples, key=kinds_of_tag)
+    demo = max(candidates, key=kinds_of_tag)
 with torch.no_grad():
     guess = model.eval()(**collate([demo], kind, cfg, device)).logits.argmax(-1)[0].tolist()
 text = bytes(demo[0][1:-1]).decode(errors="replace").replace("\n", "⏎")

@@ -559,8 +559,8 @@ def sentence_transformers_files(cfg: te.Config) -> dict[str, object]:
 # -------------------------------------------------------------------------------------------------
 # Export a train.py checkpoint: python tinyencoder_hf.py out/ckpt_best.pt out/hf
 # Config fields that older train.py checkpoints record and Config no longer has. None changed the
-# numbers (sparse_prediction only the speed; static_masking was train.py's, whose recipe now holds
-# it), so a checkpoint that holds them loads as it was.
+# numbers (sparse_prediction only the speed; nothing read static_masking), so a checkpoint that
+# holds them loads as it was.
 RETIRED_FIELDS = ("sparse_prediction", "static_masking")
 
 

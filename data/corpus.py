@@ -5,6 +5,7 @@ go. The default corpus, Python's standard library with pydoc's topics, is prepar
 folder.
 """
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -89,9 +90,17 @@ def prepare_stdlib():
     for part, (data, offsets) in split_documents(read_documents(None), None).items():
         for suffix, array in (("bin", data), ("idx", offsets.astype(np.int64))):
             path = f"{STDLIB_STEM}-{part}.{suffix}"
-            temporary = f"{path}.{os.getpid()}.tmp"  # two runs started at once write apart
-            array.tofile(temporary)
-            os.replace(temporary, path)
+            with renamed_into_place(path) as temporary:
+                array.tofile(temporary)
+
+
+@contextlib.contextmanager
+def renamed_into_place(path):
+    """A name to write path's content under, renamed to path once written, so that no reader sees
+    half a file; the name is this process's own, so that two runs started at once write apart."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    yield temporary
+    os.replace(temporary, path)
 
 
 def load_stdlib():

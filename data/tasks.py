@@ -17,7 +17,7 @@ import textwrap
 import tokenize
 from collections import Counter
 
-from data.corpus import read_documents
+from data.corpus import read_documents, renamed_into_place
 
 TAGS = ("other", "name", "keyword", "operator", "number", "string", "comment")
 # Python 3.12+ tokenizes an f-string into parts instead of one STRING; other tokens are "other"
@@ -169,11 +169,9 @@ def write_task(name, folder, max_bytes=126):
     parts = makers[name](max_bytes)
     os.makedirs(folder, exist_ok=True)
     for part in ("train", "val"):
-        temporary = f"{paths[part]}.{os.getpid()}.tmp"  # two runs started at once write apart
-        with open(temporary, "w") as f:
+        with renamed_into_place(paths[part]) as temporary, open(temporary, "w") as f:
             for example in parts[part]:
                 f.write(json.dumps(example, separators=(",", ":")) + "\n")
-        os.replace(temporary, paths[part])
     return paths
 
 
