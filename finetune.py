@@ -15,17 +15,17 @@ from ckpt_last.pt exactly. Built-in tasks come from Python's standard library: d
 import json
 import math
 import os
-import signal
-import sys
 import time
 from argparse import ArgumentParser
 from dataclasses import asdict, replace
+from typing import NamedTuple, Union
 
 import torch
 
 import tinyencoder as te
 import tinyencoder_hf
 from data.tasks import write_task
+from runs import Metrics, StopSignals, die, load_checkpoint, save_checkpoint
 
 parser = ArgumentParser(description=__doc__.splitlines()[0])
 add = parser.add_argument
@@ -47,19 +47,31 @@ args = parser.parse_args()
 t0 = time.time()
 
 
-def die(message):
-    sys.exit(f"error: {message}")  # one line, no traceback
-
-
 def log(message):
     print(message, flush=True)
 
 
 # -------------------------------------------------------------------------------------------------
-# Data: JSONL lines -> (ids, labels) examples
+# Data: JSONL lines -> examples
+class Example(NamedTuple):
+    ids: list  # [CLS] bytes [SEP]
+    target: Union[int, list]  # a class index, or one tag index per id (IGNORE_INDEX at CLS, SEP)
+
+
+class Task(NamedTuple):
+    kind: str  # "sequence" or "token"
+    labels: list  # the label names, sorted; a label's index is its class
+    examples: list
+
+
+class Line(NamedTuple):
+    number: int
+    record: dict
+
+
 def read_jsonl(path):
-    """[(line number, record)], with a one-line error for a missing file or a line that is not a
-    JSON object with a "text" string."""
+    """The file's Lines, with a one-line error for a missing file or a line that is not a JSON
+    object with a "text" string."""
     if not os.path.exists(path):
         die(f"{path}: no such file")
     records = []
@@ -73,7 +85,7 @@ def read_jsonl(path):
                 die(f"{path} line {number}: not JSON ({e.msg})")
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 die(f'{path} line {number}: needs an object with a "text" string')
-            records.append((number, record))
+            records.append(Line(number, record))
     if not records:
         die(f"{path}: no examples")
     return records
@@ -102,56 +114,60 @@ def byte_tags(record, where):
     return tags
 
 
-def read_task(path, cfg, kind=None, labels=None):
-    """(kind, labels, examples) of a JSONL file: kind "sequence" or "token" (from its first line
-    when not given), labels the sorted label names (the training file's, when given); each
-    example's ids are [CLS] bytes [SEP], with cfg's ids."""
-    records = read_jsonl(path)
-    if kind is None:
-        kind = "sequence" if "label" in records[0][1] else "token"
+def line_targets(path, lines, kind):
+    """Each line's label (sequence) or list of byte tags (token), as names."""
     targets = []
-    for number, record in records:
-        where = f"{path} line {number}"
-        if kind == "sequence" and "label" not in record:
+    for line in lines:
+        where = f"{path} line {line.number}"
+        if kind == "sequence" and "label" not in line.record:
             die(f'{where}: needs a "label", as the first line has')
-        if kind == "token" and "tags" not in record and "spans" not in record:
+        if kind == "token" and "tags" not in line.record and "spans" not in line.record:
             die(f'{where}: needs "tags" or "spans", as the first line has')
         if kind == "sequence":
-            targets.append(str(record["label"]))
+            targets.append(str(line.record["label"]))
         else:
-            targets.append(byte_tags(record, where))
+            targets.append(byte_tags(line.record, where))
+    return targets
+
+
+def read_task(path, cfg, kind=None, labels=None) -> Task:
+    """A JSONL file's task: kind "sequence" or "token" from its first line when not given, labels
+    the sorted label names (the training file's, when given); ids use cfg's special ids."""
+    lines = read_jsonl(path)
+    if kind is None:
+        kind = "sequence" if "label" in lines[0].record else "token"
+    targets = line_targets(path, lines, kind)
     if labels is None:
         names = targets if kind == "sequence" else [tag for tags in targets for tag in tags]
         labels = sorted(set(names))
     index = {label: i for i, label in enumerate(labels)}
     examples = []
-    for (number, record), target in zip(records, targets):
+    for line, target in zip(lines, targets):
         unknown = set(target if kind == "token" else [target]) - set(index)
         if unknown:
-            die(
-                f"{path} line {number}: label {sorted(unknown)[0]!r} is not among the training "
-                f"labels {labels}"
-            )
-        ids = [cfg.cls_id, *te.encode(record["text"]), cfg.sep_id]
+            where = f"{path} line {line.number}"
+            die(f"{where}: label {sorted(unknown)[0]!r} is not among the training labels {labels}")
+        ids = [cfg.cls_id, *te.byte_ids(line.record["text"]), cfg.sep_id]
         if kind == "sequence":
-            examples.append((ids, index[target]))
+            examples.append(Example(ids, index[target]))
         else:  # [CLS] and [SEP] carry no tag
-            examples.append((ids, [te.IGNORE_INDEX, *(index[t] for t in target), te.IGNORE_INDEX]))
-    return kind, labels, examples
+            tags = [te.IGNORE_INDEX, *(index[t] for t in target), te.IGNORE_INDEX]
+            examples.append(Example(ids, tags))
+    return Task(kind, labels, examples)
 
 
 def collate(batch, kind, cfg, device):
     """Examples -> a padded batch: input_ids, attention_mask and labels."""
-    T = max(len(ids) for ids, _ in batch)
+    T = max(len(example.ids) for example in batch)
     ids = torch.full((len(batch), T), cfg.pad_id)
     tags = torch.full((len(batch), T), te.IGNORE_INDEX)
-    for row, (example_ids, target) in enumerate(batch):
-        ids[row, : len(example_ids)] = torch.tensor(example_ids)
+    for row, example in enumerate(batch):
+        ids[row, : len(example.ids)] = torch.tensor(example.ids)
         if kind == "token":
-            tags[row, : len(target)] = torch.tensor(target)
+            tags[row, : len(example.target)] = torch.tensor(example.target)
     labels = tags
     if kind == "sequence":
-        labels = torch.tensor([target for _, target in batch])
+        labels = torch.tensor([example.target for example in batch])
     mask = (ids != cfg.pad_id).long()
     return dict(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
 
@@ -162,13 +178,9 @@ os.makedirs(args.out_dir, exist_ok=True)
 ckpt_path = os.path.join(args.out_dir, "ckpt_last.pt")
 checkpoint = None
 if args.resume:
-    if not os.path.exists(ckpt_path):
-        die(f"--resume: no checkpoint at {ckpt_path}")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    saved = checkpoint["args"]
-    args.task, args.train, args.val, args.init = (
-        saved[k] for k in ("task", "train", "val", "init")
-    )
+    checkpoint, _ = load_checkpoint(ckpt_path, "--resume")
+    for name in ("task", "train", "val", "init"):
+        setattr(args, name, checkpoint["args"][name])
 if args.task:
     paths = write_task(args.task, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     args.train, args.val = paths["train"], paths["val"]
@@ -183,15 +195,14 @@ if os.path.isdir(args.init):
         die(f"--init {args.init}: {e}")
     base_cfg, weights = pretrained.cfg, pretrained.state_dict()
 elif os.path.exists(args.init):
-    state = torch.load(args.init, map_location="cpu", weights_only=True)
-    if "model" not in state or "cfg" not in state:
-        die(f"--init {args.init}: not a train.py checkpoint")
-    base_cfg, weights = tinyencoder_hf.checkpoint_config(state["cfg"]), state["model"]
+    state, base_cfg = load_checkpoint(args.init, "--init")
+    weights = state["model"]
 else:
     die(f"--init {args.init}: no such file or folder")
-kind, labels, train_examples = read_task(args.train, base_cfg)
-_, _, val_examples = read_task(args.val, base_cfg, kind, labels)
-longest = max(len(ids) for ids, _ in train_examples + val_examples)
+task = read_task(args.train, base_cfg)
+kind, labels, train_examples = task.kind, task.labels, task.examples
+val_examples = read_task(args.val, base_cfg, kind, labels).examples
+longest = max(len(example.ids) for example in train_examples + val_examples)
 if longest > base_cfg.max_len:
     die(f"an example is {longest - 2} bytes; this model reads at most {base_cfg.max_len - 2}")
 
@@ -217,8 +228,7 @@ if checkpoint:
     opt.load_state_dict(checkpoint["optim"])
     step, best = checkpoint["step"], checkpoint["best"]
     log(f"resumed at step {step}")
-elif os.path.exists(os.path.join(args.out_dir, "metrics.jsonl")):
-    os.remove(os.path.join(args.out_dir, "metrics.jsonl"))  # a fresh run starts a fresh file
+metrics = Metrics(args.out_dir, fresh=not checkpoint)
 start = "random init" if args.from_scratch else f"from {args.init}"
 log(
     f"{kind} classification, {len(labels)} labels; {len(train_examples)} training and "
@@ -280,22 +290,13 @@ def evaluate():
 
 
 def save(path):
-    """Atomic, as train.py's: a kill at any moment leaves the old file whole."""
     state = dict(model=model.state_dict(), optim=opt.state_dict(), step=step, best=best)
     state.update(cfg=asdict(cfg), args=vars(args), labels=labels)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_checkpoint(path, state)
 
 
-stop_signals = []
-
-
-def on_signal(signum, frame):
-    stop_signals.append(signum)  # the loop saves and stops after the step in flight
-
-
-signal.signal(signal.SIGINT, on_signal)
-signal.signal(signal.SIGTERM, on_signal)
+# Ctrl-C, SIGTERM: the loop saves and stops after the step in flight
+stop = StopSignals()
 results = evaluate() if step >= args.max_steps else None  # a finished run, resumed
 model.train()
 step_time, timed_from = 0.0, time.time()
@@ -321,17 +322,15 @@ while step < args.max_steps:
         speed = f"{examples_per_s:6.1f} examples/s | eta {minutes_left:4.1f} min"
         log(f"{progress} | lr {lr_at(step - 1):.2e} | {speed}")
         timed_from = time.time()
-    if stop_signals:
+    if stop.received:
         save(ckpt_path)
         log(f"interrupted after step {step}; saved {ckpt_path}; continue with --resume")
-        sys.exit(0)
+        raise SystemExit(0)
     if step % args.eval_interval == 0 or step == args.max_steps:
         results = evaluate()
         figures = " ".join(f"{k} {v}" for k, v in results.items() if k != "val_f1")
         log(f"eval step {step}: {figures}")
-        with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(dict(step=step, elapsed_s=round(time.time() - t0, 1), **results)))
-            f.write("\n")
+        metrics.write(dict(step=step, elapsed_s=round(time.time() - t0, 1), **results))
         if results["val_acc"] > best:
             best = results["val_acc"]
             save(os.path.join(args.out_dir, "ckpt_best.pt"))
@@ -340,25 +339,25 @@ while step < args.max_steps:
 
 
 def kinds_of_tag(example):
-    return len(set(example[1]))
+    return len(set(example.target))
 
 
 # The demo: a held-out example of printable ASCII (for tags, the one with most kinds of tag), with
 # the model's answer under it; a line break shows as one character, so that the columns line up
-ascii_only = [e for e in val_examples if all(32 <= b < 127 or b == 10 for b in e[0][1:-1])]
+ascii_only = [e for e in val_examples if all(32 <= b < 127 or b == 10 for b in e.ids[1:-1])]
 candidates = ascii_only or val_examples
 demo = candidates[0]
 if kind == "token":
     demo = max(candidates, key=kinds_of_tag)
 with torch.no_grad():
     guess = model.eval()(**collate([demo], kind, cfg, device)).logits.argmax(-1)[0].tolist()
-text = bytes(demo[0][1:-1]).decode(errors="replace").replace("\n", "⏎")
+text = bytes(demo.ids[1:-1]).decode(errors="replace").replace("\n", "⏎")
 log(f"demo, held out: {text}")
 if kind == "sequence":
-    log(f"     model says: {labels[guess]}; the answer: {labels[demo[1]]}")
+    log(f"     model says: {labels[guess]}; the answer: {labels[demo.target]}")
 elif len(labels) <= 10:  # a digit per byte: the index of its tag
     log(f"     model tags: {''.join(str(g) for g in guess[1:-1])}")
-    log(f"     the answer: {''.join(str(t) for t in demo[1][1:-1])}")
+    log(f"     the answer: {''.join(str(t) for t in demo.target[1:-1])}")
     log("     tags: " + ", ".join(f"{i} {label}" for i, label in enumerate(labels)))
 log("held-out F1 per label: " + ", ".join(f"{k} {v:.3f}" for k, v in results["val_f1"].items()))
 f1 = f", macro-F1 {results['val_macro_f1']:.2%}"

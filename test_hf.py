@@ -13,7 +13,7 @@ import torch
 
 from conftest import CPU_BACKENDS, assert_close, assert_ran, batch, perturb, tiny, variant
 import tinyencoder_hf
-from tinyencoder import CLS, MASK, PAD, SEP, VOCAB_SIZE, TinyEncoder, encode
+from tinyencoder import CLS, MASK, PAD, SEP, VOCAB_SIZE, TinyEncoder, byte_ids
 
 # -------------------------------------------------------------------------------------------------
 # 1. Parity with transformers on random weights: their save_pretrained -> tinyencoder_hf.load
@@ -133,7 +133,7 @@ CLASSIFIERS = [
     "preset,over",
     [("bert", {}), ("bert", {"nsp": False}), ("roberta", {}), ("modernbert", {}), *CLASSIFIERS],
 )
-def test_save_pretrained_round_trip(preset, over, tmp_path):
+def test_save_round_trip(preset, over, tmp_path):
     transformers = pytest.importorskip(
         "transformers", reason="round trip loads the checkpoint with transformers"
     )
@@ -170,7 +170,7 @@ def test_save_pretrained_round_trip(preset, over, tmp_path):
     assert torch.equal(back.logits, out.logits)
 
 
-def test_from_pretrained_rejects_unsupported_architecture(tmp_path):
+def test_load_rejects_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
     )
@@ -182,7 +182,7 @@ def test_from_pretrained_rejects_unsupported_architecture(tmp_path):
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected"])
-def test_from_pretrained_names_missing_and_unexpected_weights(change, tmp_path):
+def test_load_names_missing_and_unexpected_weights(change, tmp_path):
     st = pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
     tinyencoder_hf.save(TinyEncoder(tiny("bert", nsp=False)), str(tmp_path))
     path = str(tmp_path / "model.safetensors")
@@ -205,7 +205,7 @@ def test_from_pretrained_names_missing_and_unexpected_weights(change, tmp_path):
         ("RobertaForMaskedLM", ("roberta.pooler.dense",)),
     ],
 )
-def test_from_pretrained_ignores_pretraining_extras(name, extras, tmp_path):
+def test_load_ignores_pretraining_extras(name, extras, tmp_path):
     """Hub MLM checkpoints (bert-base-uncased, roberta-base) also carry pooler / NSP weights;
     transformers loads them with an 'UNEXPECTED, can be ignored' note, and so do we."""
     transformers = pytest.importorskip(
@@ -229,7 +229,7 @@ def test_from_pretrained_ignores_pretraining_extras(name, extras, tmp_path):
         )
 
 
-def test_from_pretrained_reads_tf_era_layernorm_names(tmp_path):
+def test_load_reads_tf_era_layernorm_names(tmp_path):
     st = pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
     model = perturb(TinyEncoder(tiny("bert", nsp=False))).eval()
     tinyencoder_hf.save(model, str(tmp_path))
@@ -282,12 +282,12 @@ def test_saved_tokenizer_frames_text_as_tinyencoder(preset, tmp_path):
     tinyencoder_hf.save(TinyEncoder(tiny(preset)), str(tmp_path))
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     encoded = tokenizer(MIXED_TEXT)
-    assert encoded["input_ids"] == [CLS, *encode(MIXED_TEXT), SEP]
+    assert encoded["input_ids"] == [CLS, *byte_ids(MIXED_TEXT), SEP]
     assert tokenizer.decode(encoded["input_ids"], skip_special_tokens=True) == MIXED_TEXT
     assert tokenizer.mask_token_id == MASK and tokenizer.pad_token_id == PAD
     assert len(tokenizer) == VOCAB_SIZE  # every id the model can predict decodes
     pair = tokenizer("ab", "cé")
-    assert pair["input_ids"] == [CLS, *encode("ab"), SEP, *encode("cé"), SEP]
+    assert pair["input_ids"] == [CLS, *byte_ids("ab"), SEP, *byte_ids("cé"), SEP]
     if preset == "bert":  # segments: A with its [SEP] is type 0, B with its [SEP] type 1
         assert pair["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1, 1]
     else:
@@ -301,9 +301,9 @@ def test_fill_mask_pipeline_predicts_our_argmax(preset, tmp_path):
     tinyencoder_hf.save(model, str(tmp_path))
     fill = transformers.pipeline("fill-mask", model=str(tmp_path), top_k=3)
     predictions = fill("x = [MASK] + 1")
-    ids = torch.tensor([[CLS, *encode("x = "), MASK, *encode(" + 1"), SEP]])
+    ids = torch.tensor([[CLS, *byte_ids("x = "), MASK, *byte_ids(" + 1"), SEP]])
     with torch.no_grad():
-        logits = model(ids).logits[0, len(encode("x = ")) + 1]
+        logits = model(ids).logits[0, len(byte_ids("x = ")) + 1]
     assert [p["token"] for p in predictions] == logits.topk(3).indices.tolist()
 
 
@@ -366,9 +366,11 @@ def test_classifier_losses_match_transformers(name, num_labels, tmp_path):
 
 
 def test_checkpoints_with_retired_config_fields_still_export(tmp_path):
-    """A train.py checkpoint written before sparse_prediction was retired exports as it was."""
+    """A train.py checkpoint written before sparse_prediction, static_masking and mlm_rate were
+    retired exports as it was."""
     model = perturb(TinyEncoder(tiny("roberta"))).eval()
-    saved = dict(dataclasses.asdict(model.cfg), sparse_prediction=True, static_masking=False)
+    retired = dict(sparse_prediction=True, static_masking=False, mlm_rate=0.15)
+    saved = dict(dataclasses.asdict(model.cfg), **retired)
     torch.save(dict(model=model.state_dict(), cfg=saved), tmp_path / "ckpt.pt")
     command = [sys.executable, "tinyencoder_hf.py", str(tmp_path / "ckpt.pt"), str(tmp_path / "hf")]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)

@@ -1,7 +1,7 @@
 """Conversion between tinyencoder and transformers checkpoints, written as tables.
 
-    model = TinyEncoder.from_pretrained("path/to/ModernBERT-base")  # load() below
-    model.save_pretrained("out/hf")  # save() below: AutoModelForMaskedLM loads it
+    model = tinyencoder_hf.load("path/to/ModernBERT-base")  # a transformers checkpoint directory
+    tinyencoder_hf.save(model, "out/hf")  # what transformers' Auto classes load
     python tinyencoder_hf.py out/ckpt_best.pt out/hf  # the same for a train.py checkpoint
 
 A transformers directory holds config.json and model.safetensors (or pytorch_model.bin). Reading
@@ -339,21 +339,7 @@ def config_to_hf(cfg: te.Config, labels=None) -> dict:
         hf["label2id"] = {label: i for i, label in enumerate(labels)}
         hf["classifier_dropout"] = cfg.classifier_dropout
     if cfg.arch == "modernbert":
-        thetas = {GLOBAL: cfg.rope_theta, LOCAL: cfg.rope_theta_local}
-        hf.update(
-            classifier_pooling=cfg.classifier_pooling,
-            hidden_activation=act,
-            classifier_activation=act,
-            mlp_bias=cfg.bias,
-            decoder_bias=True,
-            local_attention=cfg.window or 2 * cfg.max_len,  # all layers global: any window
-            layer_types=layer_types(cfg),
-            rope_parameters={
-                k: {"rope_type": "default", "rope_theta": t} for k, t in thetas.items()
-            },
-            bos_token_id=cfg.cls_id,
-            eos_token_id=cfg.sep_id,
-        )
+        hf.update(modernbert_keys(cfg, act))
         return hf
     hf.update(
         hidden_act=act,
@@ -361,6 +347,23 @@ def config_to_hf(cfg: te.Config, labels=None) -> dict:
         position_embedding_type="absolute",
     )
     return hf
+
+
+def modernbert_keys(cfg: te.Config, act: str) -> dict:
+    """ModernBERT's config.json keys beyond CONFIG_KEYS' one-to-one ones."""
+    thetas = {GLOBAL: cfg.rope_theta, LOCAL: cfg.rope_theta_local}
+    return dict(
+        classifier_pooling=cfg.classifier_pooling,
+        hidden_activation=act,
+        classifier_activation=act,
+        mlp_bias=cfg.bias,
+        decoder_bias=True,
+        local_attention=cfg.window or 2 * cfg.max_len,  # all layers global: any window
+        layer_types=layer_types(cfg),
+        rope_parameters={k: {"rope_type": "default", "rope_theta": t} for k, t in thetas.items()},
+        bos_token_id=cfg.cls_id,
+        eos_token_id=cfg.sep_id,
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -558,17 +561,6 @@ def sentence_transformers_files(cfg: te.Config) -> dict[str, object]:
 
 # -------------------------------------------------------------------------------------------------
 # Export a train.py checkpoint: python tinyencoder_hf.py out/ckpt_best.pt out/hf
-# Config fields that older train.py checkpoints record and Config no longer has. None changed the
-# numbers (sparse_prediction only the speed; nothing read static_masking), so a checkpoint that
-# holds them loads as it was.
-RETIRED_FIELDS = ("sparse_prediction", "static_masking")
-
-
-def checkpoint_config(saved: dict) -> te.Config:
-    """The Config a train.py checkpoint recorded, less the retired fields."""
-    return te.Config(**{name: value for name, value in saved.items() if name not in RETIRED_FIELDS})
-
-
 def main():
     import argparse
 
@@ -579,7 +571,7 @@ def main():
     if not os.path.exists(args.checkpoint):
         raise SystemExit(f"error: {args.checkpoint}: no such checkpoint")
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    model = te.TinyEncoder(checkpoint_config(state["cfg"]))
+    model = te.TinyEncoder(te.config_from_saved(state["cfg"]))
     model.load_state_dict(state["model"])
     save(model, args.out_dir, state.get("labels"))  # a finetune.py checkpoint names its labels
     print(f"wrote {args.out_dir}: {', '.join(sorted(os.listdir(args.out_dir)))}")

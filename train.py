@@ -10,14 +10,12 @@ functions of a step, the loop (log, evaluate, checkpoint), the demo.
 import time
 
 t0 = time.time()
-import json
 import math
 import os
-import signal
 import sys
 from argparse import ArgumentParser, BooleanOptionalAction, RawDescriptionHelpFormatter
 from contextlib import nullcontext
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -26,11 +24,10 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import tinyencoder as te
-from tinyencoder_hf import checkpoint_config
 from mfu import flops_per_token, measured_peak, spec_peak
+from runs import Metrics, StopSignals, die, load_checkpoint, save_checkpoint
 from data.corpus import load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
 
@@ -48,6 +45,7 @@ class Recipe(NamedTuple):  # the defaults are BERT's
     inputs: str = "pairs"  # for next-sentence prediction; "full-sentences"; "packed" documents
     masking: str = "static"  # --dupe-factor masks per example, drawn once; "dynamic": new each time
     context: int = 512  # sequence length on GPU
+    mlm_rate: float = 0.15  # the share of bytes masked for prediction
     lr: dict = dict(tiny=1e-3, small=1e-3, base=1e-4, large=1e-4)  # peak, per size
     betas: tuple = (0.9, 0.999)
     weight_decay: float = 0.01
@@ -70,6 +68,7 @@ RECIPES = {
         inputs="packed",
         masking="dynamic",
         context=1024,
+        mlm_rate=0.30,
         lr=dict(tiny=2e-3, small=2e-3, base=8e-4, large=5e-4),
         betas=(0.9, 0.98),
         weight_decay=1e-5,
@@ -98,7 +97,7 @@ add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step"
 add("--lr", type=float, help="peak learning rate")
 add("--warmup", type=float, help="fraction of --lr-steps spent warming up")
 add("--decay", type=float, help="modernbert: fraction of --lr-steps spent decaying at the end")
-add("--mlm-rate", type=float, help="training masking rate (default: the preset's)")
+add("--mlm-rate", type=float, help="training masking rate (default: the recipe's)")
 add("--dupe-factor", type=int, default=10, help="bert: distinct static masks per example")
 add("--dropout", type=float, help="every dropout rate (default: 0 on CPU, the preset's on GPU)")
 add("--eval-interval", type=int, help="steps between evaluations (default: 4 per run)")
@@ -129,7 +128,7 @@ available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_avail
 if args.device == "auto":
     args.device = next(name for name, here in available.items() if here)
 if not available[args.device]:
-    sys.exit(f"error: --device {args.device} is not available here")
+    die(f"--device {args.device} is not available here")
 device = torch.device(args.device)
 if args.device == "cuda":
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -153,6 +152,7 @@ args.lr = args.lr or (3e-4 if extension else recipe.lr[args.size])
 args.warmup = recipe.warmup[args.size] if args.warmup is None else args.warmup
 if args.decay is None:
     args.decay = 1 / 6 if extension else 0.2
+args.mlm_rate = args.mlm_rate or recipe.mlm_rate
 deadline = t0 + args.time_budget * 60 - 15  # 15 s for the demo and the last checkpoint
 
 # Data: two byte arrays (train, val) with document offsets (data/corpus.py), cut into rows as the
@@ -184,13 +184,9 @@ def sinusoids(table, offset, amplitude=0.1):  # Vaswani et al.'s, from row offse
 
 checkpoint, ckpt_path = None, os.path.join(args.out_dir, "ckpt_last.pt")
 if args.resume:
-    if not os.path.exists(ckpt_path):
-        sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    saved_arch = checkpoint["cfg"]["arch"]
-    if saved_arch != args.arch:
-        sys.exit(f"error: --resume: {ckpt_path} is a {saved_arch} run, not {args.arch}")
-    cfg = checkpoint_config(checkpoint["cfg"])
+    checkpoint, cfg = load_checkpoint(ckpt_path, "--resume")
+    if cfg.arch != args.arch:
+        die(f"--resume: {ckpt_path} is a {cfg.arch} run, not {args.arch}")
 else:
     overrides = dict(SIZES[args.size])
     if args.arch == "modernbert":
@@ -209,7 +205,6 @@ else:
     if dropout is not None:
         overrides.update({f.name: dropout for f in fields(te.Config) if f.name.endswith("dropout")})
     cfg = te.Config.from_preset(args.arch, **overrides)
-cfg = replace(cfg, mlm_rate=args.mlm_rate or cfg.mlm_rate)  # mask_tokens reads it
 torch.manual_seed(args.seed)
 model = te.TinyEncoder(cfg).to(device)  # checkpoints hold its names, never a wrapper's
 if model.pos_embed is not None and args.position_init == "sinusoids":  # resuming loads its own
@@ -218,9 +213,8 @@ if args.init_from:
     weights = torch.load(args.init_from, map_location=device, weights_only=True)["model"]
     model.load_state_dict(weights)
 amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-with amp:  # the backend, resolved once here rather than in compiled code; the checkpoint keeps auto
+with amp:  # the backend that the model's forward picks on this device, for the log
     backend = te.pick_backend(cfg, device, torch.float32, training=True)
-model.cfg = replace(cfg, attn_backend=backend)
 train_model = model  # DDP wraps the model, and torch.compile wraps DDP, as PyTorch documents
 if ddp:
     device_ids = [device.index] if device.type == "cuda" else None
@@ -254,9 +248,9 @@ if checkpoint:
     max_steps = max_steps or checkpoint["max_steps"]
     log(f"resumed at step {step} from {ckpt_path}")
 os.makedirs(args.out_dir, exist_ok=True)
-if master and not checkpoint:  # a fresh run starts a fresh metrics.jsonl
-    open(os.path.join(args.out_dir, "metrics.jsonl"), "w").close()
-stop_signals = []  # Ctrl-C, SIGTERM: finish the step (DDP: the interval), save, leave
+metrics = Metrics(args.out_dir, fresh=not checkpoint) if master else None
+# Ctrl-C, SIGTERM: finish the step (DDP: the log interval), save, leave
+stop = StopSignals()
 
 
 # The functions of a step: the schedule, evaluation, checkpoints, training, fitting the run.
@@ -274,77 +268,81 @@ def lr_at(step, lr_steps):
     return args.lr * (1 - progress)
 
 
-def mlm_stats(out, labels):
-    """Summed loss, correct and count over the masked bytes (a mean would be NaN when none are)."""
-    masked = labels != te.IGNORE_INDEX
-    targets = labels[masked]
-    logits = out.logits.float()  # given labels, the model returns the masked bytes' logits only
-    loss = F.cross_entropy(logits, targets, reduction="sum")
-    return torch.stack([loss, (logits.argmax(-1) == targets).sum(), masked.sum()])
+def masked_bytes(batch):
+    """The bytes that the MLM loss counts: those with a label."""
+    return (batch["labels"] != te.IGNORE_INDEX).sum()
+
+
+def correct_bytes(out, batch):
+    """Masked bytes predicted right. Given labels, the model's logits are the labelled bytes' only,
+    in row order."""
+    targets = batch["labels"][batch["labels"] != te.IGNORE_INDEX]
+    return (out.logits.argmax(-1) == targets).sum()
 
 
 @torch.no_grad()
 def evaluate():
+    """Held-out MLM loss and accuracy at 15 % masking for every architecture, so that the three
+    recipes compare; for BERT, next-sentence accuracy on sentence pairs too."""
     model.eval()
-    mlm_totals = torch.zeros(3, device=device)  # loss, correct, count
+    mlm_totals = torch.zeros(3, device=device)  # summed loss, correct, count
     nsp_totals = torch.zeros(2, device=device)  # correct, count
-    eval_cfg = replace(cfg, mlm_rate=0.15)  # every architecture is evaluated on 15 % masking
     for rows in (eval_rows, nsp_rows):
         for start in range(0, len(rows), B):
-            batch, nsp_labels = collate(rows[start : start + B], eval_cfg, device)
+            batch = collate(rows[start : start + B], cfg, device, rate=0.15)
             with amp:
                 out = model(**batch)
+            nsp_labels = batch.get("next_sentence_label")
             if nsp_labels is None:
-                mlm_totals += mlm_stats(out, batch["labels"])
+                count = masked_bytes(batch)
+                mlm_totals += torch.stack([out.mlm_loss * count, correct_bytes(out, batch), count])
             else:
                 nsp_totals[0] += (out.nsp_logits.argmax(-1) == nsp_labels).sum()
                 nsp_totals[1] += len(nsp_labels)
     model.train()
-    loss, correct, count = mlm_totals
-    results = dict(val_loss=(loss / count).item(), val_acc=(correct / count).item())
-    results["val_bpb"] = results["val_loss"] / math.log(2)
+    loss, correct, count = mlm_totals.tolist()
+    results = dict(
+        val_loss=loss / count, val_acc=correct / count, val_bpb=loss / count / math.log(2)
+    )
     if nsp_rows:
         results["nsp_acc"] = (nsp_totals[0] / nsp_totals[1]).item()
     return {name: round(value, 5) for name, value in results.items()}
 
 
 def save(path):
-    """Atomic: a kill at any moment leaves the old file whole. Only tensors and plain values."""
     state = dict(model=model.state_dict(), optim=opt.state_dict(), step=step, lr_steps=lr_steps)
     state.update(max_steps=max_steps, best=best, cfg=asdict(cfg), args=vars(args))
-    with open(path + ".tmp", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    save_checkpoint(path, state)
 
 
 def train_step(step):
+    """Forward and backward over the step's micro-batches; on the device, unread: the summed loss,
+    correct and masked bytes, and real tokens."""
     # dropout, like the data, is a function of the step (and of the process): resumes draw the same
     torch.manual_seed(args.seed + 1_000_003 * step + rank)
     batches = []
     for micro in range(args.grad_accum):
         first = step * global_batch + (micro * world + rank) * B
         rows = [train_rows[i] for i in range(first, first + B)]
-        batches.append(collate(rows, cfg, device))
-    # divided by the global batch's masked bytes, the micro-batches' loss sums add up to its mean
-    masked = sum((batch["labels"] != te.IGNORE_INDEX).sum() for batch, _ in batches).float()
+        batches.append(collate(rows, cfg, device, args.mlm_rate))
+    # the global batch's masked bytes: each micro-batch's mean loss, weighted by its share of them,
+    # adds up to the global batch's mean (exact accumulation); NSP's rows weigh alike
+    masked = sum(masked_bytes(batch) for batch in batches).float()
     if ddp:
         dist.all_reduce(masked)
-    stats = torch.zeros(4, device=device)  # loss, correct, count, real tokens
-    for micro, (batch, nsp_labels) in enumerate(batches):
+    stats = torch.zeros(4, device=device)
+    for micro, batch in enumerate(batches):
         if ddp:  # all-reduce the gradients once, after the last micro-batch
             ddp_model.require_backward_grad_sync = micro == args.grad_accum - 1
         with amp:
             out = train_model(**batch)
-        mlm = mlm_stats(out, batch["labels"])  # loss, correct, count
-        loss = mlm[0] / masked.clamp(min=1)
-        if nsp_labels is not None:
-            nsp_loss = F.cross_entropy(out.nsp_logits.float(), nsp_labels, reduction="sum")
-            loss = loss + nsp_loss / global_batch
+        count = masked_bytes(batch)
+        loss = out.mlm_loss * count / masked.clamp(min=1)
+        if out.nsp_loss is not None:
+            loss = loss + out.nsp_loss * B / global_batch
         (loss * world).backward()  # DDP averages gradients over processes
         real_tokens = (batch["attention_mask"] != 0).sum()
-        stats += torch.stack([loss.detach(), mlm[1], mlm[2], real_tokens])
+        stats += torch.stack([loss.detach(), correct_bytes(out, batch), count, real_tokens])
     return stats
 
 
@@ -357,14 +355,7 @@ def fit(step, step_time, evals_left, eval_time):
     return int(last)
 
 
-def on_signal(signum, frame):
-    stop_signals.append(signum)
-    signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
-
-
 # The loop
-for signum in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(signum, on_signal)
 # Without --max-steps, time an evaluation and two steps (the first warms up) to fit the run.
 fits_budget = args.max_steps is None
 eval_time, results = 0.0, {}
@@ -406,27 +397,28 @@ while step < max_steps:
     is_eval_step = step % eval_every == 0 and max_steps - step > eval_every // 2
     is_ckpt_step = step % ckpt_every == 0 or is_last
     late = fits_budget and time.time() > deadline
-    stop_now = not ddp and (len(stop_signals) > 0 or late)  # DDP's processes agree at log steps
+    stop_now = not ddp and (len(stop.received) > 0 or late)  # DDP's processes agree at log steps
     if not (is_log_step or is_eval_step or is_ckpt_step or stop_now):
         continue  # the host waits for nothing: the device runs on while the next batch is built
-    # The host reads the device: the step's figures, and whether every process agrees to stop
-    flags = torch.tensor([len(stop_signals), late], device=device)
+    # The host reads the device, once: the step's figures, and whether every process agrees to stop
+    flags = torch.tensor([len(stop.received), late], device=device)
     figures = torch.cat([stats, grad_norm[None], flags])
     if ddp:
         dist.all_reduce(figures)
-    loss, grad_norm = figures[0].item(), figures[4].item() / world  # every process's is the same
-    interrupted, late = bool(figures[5]), bool(figures[6])
+    loss, correct, masked, real_tokens, grad_norm, signals, late_anywhere = figures.tolist()
+    grad_norm = grad_norm / world  # every process's is the same
+    interrupted, late = signals > 0, late_anywhere > 0
     if not math.isfinite(loss + grad_norm):  # read before any checkpoint can be written
         stopped = f"loss {loss}, grad norm {grad_norm} at step {step}: stopped"
-        sys.exit(f"error: {stopped}; last good checkpoint in {args.out_dir}")
+        die(f"{stopped}; last good checkpoint in {args.out_dir}")
     step_time = (time.time() - read_time) / (step - read_step)  # the mean since the last read
     if is_log_step:
-        tokens_per_s = figures[3].item() / step_time
+        tokens_per_s = real_tokens / step_time
         flops_per_s = flops_per_token(model, T) * tokens_per_s / world  # per process
         mfu = f"mfu {flops_per_s / peak_flops:5.1%}"
         if spec_flops:
             mfu += f" ({flops_per_s / spec_flops:.1%} of spec)"
-        accuracy = figures[1].item() / max(1, figures[2].item())
+        accuracy = correct / max(1, masked)
         minutes_left = (max_steps - step) * step_time / 60
         progress = f"step {step:5d}/{max_steps} | loss {loss:.6f} | acc {accuracy:6.1%}"
         speed = f"{tokens_per_s / 1e3:6.1f}k tok/s | {mfu} | eta {minutes_left:4.1f} min"
@@ -439,10 +431,8 @@ while step < max_steps:
     if master and (is_eval_step or is_last or late):
         results = evaluate()
         log(f"eval step {step}: " + " ".join(f"{name} {value}" for name, value in results.items()))
-        metrics = dict(step=step, arch=args.arch, train_loss=loss, tokens=step * global_batch * T)
-        metrics.update(elapsed_s=round(time.time() - t0, 1), **results)
-        with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        record = dict(step=step, arch=args.arch, train_loss=loss, tokens=step * global_batch * T)
+        metrics.write(dict(record, elapsed_s=round(time.time() - t0, 1), **results))
         if results["val_loss"] < best:
             best = results["val_loss"]
             save(os.path.join(args.out_dir, "ckpt_best.pt"))

@@ -148,14 +148,14 @@ def to_device(t, device):
     return t.to(device)
 
 
-def collate(rows, cfg, device):
-    """The model's keyword arguments for rows, on the device, and their NSP labels (None without).
-    Each row is masked by its own generator, seeded from its key."""
+def collate(rows, cfg, device, rate):
+    """The model's keyword arguments for rows, on the device: rate of each row's ordinary bytes
+    masked, by a generator seeded from its key; next_sentence_label where the rows have one."""
     ids, labels = [], []
     for row in rows:
         seed = np.random.SeedSequence(row.mask_key).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(seed >> 1))
-        masked, label = mask_tokens(torch.from_numpy(row.ids), cfg, generator)
+        masked, label = mask_tokens(torch.from_numpy(row.ids), cfg, generator, rate)
         ids.append(masked)
         labels.append(label)
     doc_ids = np.stack([row.doc_ids for row in rows])
@@ -163,12 +163,11 @@ def collate(rows, cfg, device):
         input_ids=to_device(torch.stack(ids), device),
         attention_mask=to_device(torch.from_numpy(doc_ids), device),
         labels=to_device(torch.stack(labels), device),
-        token_type_ids=None,
     )
     if cfg.type_vocab:  # ModernBERT has no segment embeddings
         types = np.stack([row.token_types for row in rows])
         batch["token_type_ids"] = to_device(torch.from_numpy(types), device)
-    nsp_labels = None
     if rows[0].nsp_label >= 0:
-        nsp_labels = torch.tensor([row.nsp_label for row in rows], device=device)
-    return batch, nsp_labels
+        nsp_labels = torch.tensor([row.nsp_label for row in rows])
+        batch["next_sentence_label"] = to_device(nsp_labels, device)
+    return batch

@@ -1,0 +1,68 @@
+"""What train.py and finetune.py share about a run: a one-line error, checkpoints written whole and
+read back, the metrics log, and stopping cleanly on Ctrl-C or SIGTERM."""
+
+import json
+import os
+import signal
+import sys
+
+import torch
+
+import tinyencoder as te
+from data.corpus import renamed_into_place
+
+
+def die(message: str):
+    """Stop with one line on stderr and no traceback: bad input is the user's to fix, not a bug."""
+    sys.exit(f"error: {message}")
+
+
+def save_checkpoint(path: str, state: dict):
+    """Atomic: a kill at any moment leaves the old file whole. state holds only tensors and plain
+    values, so that it loads with weights_only=True (no code runs on load)."""
+    with renamed_into_place(path) as temporary, open(temporary, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_checkpoint(path: str, flag: str) -> tuple[dict, te.Config]:
+    """A checkpoint of train.py or finetune.py and the Config it recorded; a one-line error that
+    names flag where there is none."""
+    if not os.path.exists(path):
+        die(f"{flag}: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever makes a file unreadable, the user's fix is one
+        die(f"{flag} {path}: not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(state, dict) or "model" not in state or "cfg" not in state:
+        die(f"{flag} {path}: not a checkpoint of train.py or finetune.py")
+    return state, te.config_from_saved(state["cfg"])
+
+
+class Metrics:
+    """metrics.jsonl in the run's folder, a JSON object a line: a fresh run starts it anew, a
+    resumed one appends to it."""
+
+    def __init__(self, out_dir: str, fresh: bool):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if fresh:
+            open(self.path, "w").close()
+
+    def write(self, record: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM ask the loop to stop after the step in flight, so that it can save first;
+    a second one stops at once."""
+
+    def __init__(self):
+        self.received = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.on_signal)
+
+    def on_signal(self, signum, frame):
+        self.received.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
