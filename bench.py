@@ -3,10 +3,10 @@
     python bench.py                    # CPU default: 3 layers, 768 wide, seq 512, ~14 minutes
     python bench.py --arch modernbert --layers 4 --batch 8 --steps 5 --json out.json
     python bench.py --device cuda      # bf16, torch.compile
-    python bench.py --gpu-check --json gpu_check.json   # gpu_check.py: numerics forward and
-                                       # backward, ModernBERT-base speed, profile, memory, train.py
-    python bench.py --gpu-check --tiny --device cpu     # the same code on a CPU, in about a minute
     python bench.py --encode --threads 1  # model.encode on texts of 16-510 bytes, vs AutoModel
+
+The one-run GPU check (numerics, ModernBERT-base speed, profile, memory, train.py) is gpu_check.py,
+which uses this file as a library: bench_case, Stepper, make_batches, hf_twin.
 
 Throughput counts real (non-pad) tokens only. MFU = real tokens x flops_per_token / time / peak,
 with the peak measured here: the best of a few large matmuls in the run's dtype, taken at the start
@@ -42,6 +42,8 @@ except ImportError:
     transformers = None
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# the masking rate of each family's recipe (train.py's RECIPES): the MLM head runs on these bytes
+MLM_RATES = {"bert": 0.15, "roberta": 0.15, "modernbert": 0.30}
 
 
 def autocast(dev, dtype):
@@ -66,7 +68,8 @@ def make_batches(cfg, n, B, T, var, dev, seed=0):
         ids = torch.where(am.bool(), torch.randint(0, 256, (B, T), generator=g), cfg.pad_id)
         ids[:, 0] = cfg.cls_id
         ids[torch.arange(B), lens - 1] = cfg.sep_id
-        inputs, labels = te.mask_tokens(ids, cfg, g)  # labels: IGNORE_INDEX at pads and specials
+        # labels: IGNORE_INDEX at pads and specials; the share masked is each recipe's
+        inputs, labels = te.mask_tokens(ids, cfg, g, MLM_RATES[cfg.arch])
         b = dict(input_ids=inputs.to(dev), attention_mask=am.to(dev), labels=labels.to(dev))
         b["lens"] = lens.tolist()
         batches.append(b)
@@ -96,47 +99,54 @@ def variant(model, **changes):
     return twin
 
 
-def stepper(model, train, dtype, compile_=False):
+class Stepper:
     """One call = one training step (forward, backward, AdamW) or one no_grad inference forward.
 
-    If torch.compile fails, the step runs eager from then on, and step.note says why."""
-    dev = next(model.parameters()).device
-    fwd = torch.compile(model) if compile_ else model
-    opt = None
-    if train and dev.type == "cuda":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    elif train:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    If torch.compile fails, the step runs eager from then on, and .note says why (None until then).
+    """
 
-    def run(f, b):
-        model.train(train)
-        inputs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        if train:
-            with autocast(dev, dtype):
-                loss = f(**inputs, labels=b["labels"]).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        else:
-            with torch.no_grad(), autocast(dev, dtype):
-                f(**inputs)
+    def __init__(self, model, train, dtype, compile_=False):
+        self.model = model
+        self.train = train
+        self.dtype = dtype
+        self.dev = next(model.parameters()).device
+        self.forward = model
+        if compile_:
+            self.forward = torch.compile(model)
+        self.opt = None
+        if train and self.dev.type == "cuda":
+            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        elif train:
+            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.note = None
 
-    def step(b):
-        nonlocal fwd
+    def __call__(self, b):
         try:
-            run(fwd, b)
+            self.run(self.forward, b)
         except Exception as e:  # noqa: BLE001 - a compile failure
-            if fwd is model:
+            if self.forward is self.model:
                 raise
-            step.note = f"torch.compile failed, ran eager: {type(e).__name__}: {str(e)[:200]}"
-            print(step.note, file=sys.stderr)
-            fwd = model
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-            run(fwd, b)
+            self.note = f"torch.compile failed, ran eager: {type(e).__name__}: {str(e)[:200]}"
+            print(self.note, file=sys.stderr)
+            self.forward = self.model
+            # the failed step may have left gradients behind
+            if self.opt is not None:
+                self.opt.zero_grad(set_to_none=True)
+            self.run(self.forward, b)
 
-    step.note = None
-    return step
+    def run(self, forward, b):
+        """The step itself, through forward: the compiled model or the eager one."""
+        self.model.train(self.train)
+        inputs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        if not self.train:
+            with torch.no_grad(), autocast(self.dev, self.dtype):
+                forward(**inputs)
+            return
+        with autocast(self.dev, self.dtype):
+            loss = forward(**inputs, labels=b["labels"]).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
 def alternate(steps, batches, warmup, dev):
@@ -170,25 +180,39 @@ def timings(who, seconds, tokens, flops):
     }
 
 
-def bench_case(arch, batch, step, args, dev, dtype):
-    """Rows of one arch, batch ("full", "var") and step ("train", "infer"): each variant, and hf."""
+@dataclasses.dataclass
+class Sizes:
+    """The size of one bench case: encoder layers, rows per batch, tokens per row, and how many
+    batches are timed after how many untimed warm-up ones."""
+
+    layers: int
+    batch: int
+    seq: int
+    steps: int
+    warmup: int
+
+
+def bench_case(
+    arch, batch, step, sizes, dev, dtype, *, compile_=False, compile_hf=False, run_hf=True
+):
+    """Rows of one arch, batch ("full", "var") and step ("train", "infer"): each variant, and
+    transformers (if run_hf and it is installed; torch.compile'd too if compile_ and compile_hf)."""
     train = step == "train"
     var = batch == "var"
     # MLM only, as AutoModelForMaskedLM
-    cfg = te.Config.from_preset(arch, layers=args.layers, nsp=False)
+    cfg = te.Config.from_preset(arch, layers=sizes.layers, nsp=False)
     torch.manual_seed(0)
     base = te.TinyEncoder(cfg).to(dev)
     models = {"published": base}
     # BERT and RoBERTa pad: on padded batches, time them with unpadding switched on as well
     if var and not cfg.unpad:
         models["unpad"] = variant(base, unpad=True)
-    steps = {k: stepper(m, train, dtype, args.compile) for k, m in models.items()}
-    if transformers is not None and not args.no_hf:
-        hf = hf_twin(base, dev)
-        steps["hf"] = stepper(hf, train, dtype, args.compile and args.compile_hf)
-    batches = make_batches(cfg, args.warmup + args.steps, args.batch, args.seq, var, dev)
-    times = alternate(steps, batches, args.warmup, dev)
-    timed = batches[args.warmup :]
+    steps = {k: Stepper(m, train, dtype, compile_) for k, m in models.items()}
+    if transformers is not None and run_hf:
+        steps["hf"] = Stepper(hf_twin(base, dev), train, dtype, compile_ and compile_hf)
+    batches = make_batches(cfg, sizes.warmup + sizes.steps, sizes.batch, sizes.seq, var, dev)
+    times = alternate(steps, batches, sizes.warmup, dev)
+    timed = batches[sizes.warmup :]
     tokens = [int(b["attention_mask"].sum()) for b in timed]
     flops = [batch_flops(base, b) for b in timed]
     if not train:
@@ -227,7 +251,7 @@ def hf_encode(hf, texts, batch_size, by_length, dev):
     out = torch.zeros(len(texts), hf.config.hidden_size)
     for first in range(0, len(texts), batch_size):
         batch = order[first : first + batch_size]
-        rows = [torch.tensor([te.CLS, *te.encode(texts[i]), te.SEP]) for i in batch]
+        rows = [torch.tensor([te.CLS, *te.byte_ids(texts[i]), te.SEP]) for i in batch]
         ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=te.PAD).to(dev)
         mask = (ids != te.PAD).long()
         with torch.no_grad():
@@ -322,11 +346,61 @@ def parse_args():
     p.add_argument("--threads", type=int, help=threads)
     p.add_argument("--no-hf", action="store_true", help="tinyencoder alone")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--gpu-check", action="store_true", help="backend numerics, speed, memory")
     p.add_argument("--encode", action="store_true", help="model.encode against AutoModel")
     p.add_argument("--texts", type=int, default=256, help="--encode: texts per pass")
-    p.add_argument("--tiny", action="store_true", help="--gpu-check with small sizes, for a CPU")
     return p.parse_args()
+
+
+def default_dtype(dev):
+    """The --dtype when none is given: bf16 on CUDA, fp32 elsewhere."""
+    if dev.type == "cuda":
+        return "bf16"
+    return "fp32"
+
+
+def print_setup(dev, dtype_name, compile_):
+    """The versions, device, dtype and the machine's load, to read every later figure beside."""
+    hf_version = getattr(transformers, "__version__", "not installed")
+    threads = torch.get_num_threads()
+    load = os.getloadavg()[0]
+    versions = f"torch {torch.__version__}, transformers {hf_version}"
+    setup = f"{dev}, {dtype_name}, compile={compile_}, threads={threads}"
+    print(f"{versions}, {setup}, load average {load:.1f} on {os.cpu_count()} CPUs", flush=True)
+    if dev.type == "cpu" and threads > 1 and load > 0.5:
+        busy = "note: other jobs are using the CPUs, so threads wait on each other;"
+        print(busy, "--threads 1 is steadier")
+
+
+def run_cases(args, dev, dtype, peak):
+    """Every arch x batch x step, the table printed; the report's peaks and rows."""
+    archs = te.PRESETS if args.arch == "all" else [args.arch]
+    warmup = args.warmup
+    if args.compile:
+        # compile, then recompile for dynamic shapes
+        warmup = max(warmup, 3)
+    sizes = Sizes(
+        layers=args.layers, batch=args.batch, seq=args.seq, steps=args.steps, warmup=warmup
+    )
+    switches = dict(compile_=args.compile, compile_hf=args.compile_hf, run_hf=not args.no_hf)
+    peaks = [peak]
+    rows = []
+    for arch in archs:
+        for batch in ("full", "var"):
+            for step in ("train", "infer"):
+                rows += bench_case(arch, batch, step, sizes, dev, dtype, **switches)
+                print(f"  {arch} {batch} {step}: done", file=sys.stderr, flush=True)
+        # other jobs on a shared machine come and go: measure the peak again after each arch
+        peaks.append(measured_peak(dev, dtype))
+    add_mfu(rows, max(peaks))
+    print_table(rows, max(peaks), args.dtype)
+    return dict(peak_flops=max(peaks), peaks=peaks, rows=rows)
+
+
+def run_encode(args, dev):
+    """--encode: each arch's model.encode against AutoModel; the report's rows."""
+    archs = te.PRESETS if args.arch == "all" else [args.arch]
+    print("arch       variant    texts/s; time of transformers' AutoModel (mean pooling) / ours")
+    return [row for arch in archs for row in bench_encode(arch, args, dev)]
 
 
 def main():
@@ -334,51 +408,20 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    on_cuda = dev.type == "cuda"
     if args.dtype is None:
-        args.dtype = "bf16" if on_cuda else "fp32"
+        args.dtype = default_dtype(dev)
     if args.compile is None:
-        args.compile = on_cuda
-    if args.compile:
-        args.warmup = max(args.warmup, 3)  # compile, then recompile for dynamic shapes
+        args.compile = dev.type == "cuda"
+    print_setup(dev, args.dtype, args.compile)
     dtype = DTYPES[args.dtype]
-    hf_version = getattr(transformers, "__version__", "not installed")
-    threads = torch.get_num_threads()
-    load = os.getloadavg()[0]
-    versions = f"torch {torch.__version__}, transformers {hf_version}"
-    setup = f"{dev}, {args.dtype}, compile={args.compile}, threads={threads}"
-    print(f"{versions}, {setup}, load average {load:.1f} on {os.cpu_count()} CPUs", flush=True)
-    if dev.type == "cpu" and threads > 1 and load > 0.5:
-        busy = "note: other jobs are using the CPUs, so threads wait on each other;"
-        print(busy, "--threads 1 is steadier")
     peak = measured_peak(dev, dtype)
     report = dict(device=str(dev), dtype=args.dtype, compile=args.compile, peak_flops=peak)
-    report["json"] = args.json  # where gpu_check.py writes as it goes
-
-    if args.gpu_check:
-        import gpu_check  # the one-run GPU check, beside this file
-
-        gpu_check.run(args, dev, dtype, peak, report)
-    elif args.encode:
-        archs = te.PRESETS if args.arch == "all" else [args.arch]
-        print(
-            "arch       variant    texts/s; time of transformers' AutoModel (mean pooling) / ours"
-        )
-        report["encode"] = [row for arch in archs for row in bench_encode(arch, args, dev)]
+    # the report names the file it is written to, as it always has
+    report["json"] = args.json
+    if args.encode:
+        report["encode"] = run_encode(args, dev)
     else:
-        archs = te.PRESETS if args.arch == "all" else [args.arch]
-        peaks = [peak]
-        rows = []
-        for arch in archs:
-            for batch in ("full", "var"):
-                for step in ("train", "infer"):
-                    rows += bench_case(arch, batch, step, args, dev, dtype)
-                    print(f"  {arch} {batch} {step}: done", file=sys.stderr, flush=True)
-            peaks.append(measured_peak(dev, dtype))
-        report.update(peak_flops=max(peaks), peaks=peaks, rows=rows)
-        add_mfu(rows, max(peaks))
-        print_table(rows, max(peaks), args.dtype)
-
+        report.update(run_cases(args, dev, dtype, peak))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)

@@ -118,7 +118,7 @@ def test_learned_positions_learn_word_order(tmp_path, arch):
 # -------------------------------------------------------------------------------------------------
 # The GPU check's numerics, run on the CPU: every backend's logits and gradients are compared
 def test_gpu_check_numerics_run_on_cpu():
-    """The part of `bench.py --gpu-check` that decides whether a backend is right runs here too:
+    """The part of `gpu_check.py` that decides whether a backend is right runs here too:
     on a CPU, eager and sdpa in fp32 and bf16 pass against fp32 eager, forward and backward, and
     flash is reported unavailable rather than failing the check."""
     import torch
@@ -225,6 +225,21 @@ def test_finetune_bad_input_is_one_line(tmp_path, lines, message):
     val = write_jsonl(tmp_path / "val.jsonl", [{"text": "a", "label": "x"}])
     run = finetune(tmp_path, "--train", train, "--val", val, "--init", init, "--max-steps", 1)
     assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None])
+def test_finetune_init_that_is_not_a_checkpoint_is_one_line(tmp_path, content):
+    import torch
+
+    init = tmp_path / "init.pt"
+    if content is None:  # a real torch file that train.py did not write
+        torch.save({"weights": torch.zeros(2)}, init)
+    else:
+        init.write_bytes(content)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "x"}] * 4)
+    run = finetune(tmp_path, "--train", train, "--val", train, "--init", init, "--max-steps", 1)
+    assert run.returncode != 0 and f"--init {init}: not a" in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
 
 
