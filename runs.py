@@ -37,7 +37,18 @@ def load_checkpoint(path: str, flag: str) -> tuple[dict, te.Config]:
         die(f"{flag} {path}: not a readable checkpoint ({type(e).__name__})")
     if not isinstance(state, dict) or "model" not in state or "cfg" not in state:
         die(f"{flag} {path}: not a checkpoint of train.py or finetune.py")
-    return state, te.config_from_saved(state["cfg"])
+    return state, config_from_saved(state["cfg"])
+
+
+# Fields that older checkpoints record and Config no longer has; none changed a weight
+# (sparse_prediction only the speed; nothing read static_masking; mlm_rate is the recipe's now), so
+# such a checkpoint loads as it was.
+RETIRED_FIELDS = ("sparse_prediction", "static_masking", "mlm_rate")
+
+
+def config_from_saved(saved: dict) -> te.Config:
+    """The Config a checkpoint recorded (asdict(cfg)), less the retired fields."""
+    return te.Config(**{name: value for name, value in saved.items() if name not in RETIRED_FIELDS})
 
 
 class Metrics:

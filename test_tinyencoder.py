@@ -2,6 +2,7 @@
 training steps, input validation, presets, import hygiene, byte codec, initialisation."""
 
 import ast
+import collections
 import math
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tinyencoder
 from conftest import CPU_BACKENDS, PRESETS, SPECIALS, TRUNC2, assert_close, assert_ran, batch
 from conftest import packed_batch, perturb, tiny, variant
 from tinyencoder import CLS, IGNORE_INDEX, MASK, PAD, SEP, VOCAB_SIZE, Config, TinyEncoder
@@ -47,6 +49,32 @@ def test_backends_and_unpadding_agree(preset, kernels):
         assert_close(got[2], ref[2])
 
 
+@pytest.mark.parametrize("rows", ["packed", "padded"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_backends_and_unpadding_agree_on_every_gradient(preset, rows, kernels):
+    """Every CPU route (SDPA and eager, on rows or on unpadded tokens one document at a time, the
+    window in blocks where rows are long) gives eager attention's gradients on padded rows, for
+    every parameter. Rows of 24 tokens against a window of 8: the blocks run."""
+    base = perturb(TinyEncoder(tiny(preset))).eval()
+    ids, doc = packed_batch() if rows == "packed" else batch()
+    inputs, labels = mask_tokens(ids, base.cfg, torch.Generator().manual_seed(1), rate=0.3)
+    kw = dict(labels=labels)
+    if base.cfg.nsp:  # so that BERT's pooler and NSP head get gradients too
+        kw["next_sentence_label"] = torch.tensor([0, 1, 0])
+    grads = {}
+    for backend in CPU_BACKENDS:
+        for unpad in (False, True):
+            model = variant(base, attn_backend=backend, unpad=unpad)
+            model(inputs, doc, **kw).loss.backward()
+            assert_ran(kernels, backend, unpad)
+            grads[backend, unpad] = {n: p.grad for n, p in model.named_parameters()}
+    ref = grads["eager", False]
+    for key, got in grads.items():
+        for name, grad in ref.items():
+            assert grad is not None and grad.abs().max() > 0, name
+            assert_close(got[name], grad, 1e-4 * max(1.0, grad.abs().max().item()))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a CUDA device")
 @pytest.mark.parametrize("preset", PRESETS)
 def test_flash_matches_eager_on_cuda(preset):
@@ -67,6 +95,95 @@ def test_flash_matches_eager_on_cuda(preset):
                 pytest.skip(str(e))
             errors[backend] = (logits - reference).abs().max().item()
     assert errors["flash"] <= 2 * errors["eager"] + 1e-3, errors
+
+
+def stand_in_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size):
+    """flash_attn_varlen_func's arguments, computed on a CPU by eager attention per document."""
+    bounds = cu_q.tolist()
+    outs = []
+    for first, end in zip(bounds, bounds[1:]):
+        qd, kd, vd = (t[first:end].transpose(0, 1) for t in (q, k, v))  # (heads, n, head_dim)
+        band = None
+        if window_size[0] >= 0:
+            band = tinyencoder.band_mask(end - first, window_size[0], q.device)
+        outs.append(tinyencoder.eager_attention(qd, kd, vd, band, dropout_p).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """The flash route on a CPU, with stand_in_flash in the flash-attn package's place: the
+    wiring, not the kernel. Returns the kernel's calls, counted by dropout rate."""
+    monkeypatch.setattr(tinyencoder, "FLASH", "flash-attn")
+    counted = collections.Counter()
+
+    def spy(*args, **kwargs):
+        counted[args[7]] += 1  # calls by dropout_p
+        return stand_in_flash(*args, **kwargs)
+
+    def flash_unless_named(cfg, device, dtype):
+        if cfg.attn_backend in ("eager", "sdpa"):
+            return cfg.attn_backend
+        return "flash"
+
+    monkeypatch.setattr(tinyencoder, "flash_attn_varlen_func", spy)
+    monkeypatch.setattr(tinyencoder, "pick_backend", flash_unless_named)
+    return counted
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_flash_without_dropout_gives_eager_gradients(preset, stand_in):
+    """At dropout 0 the flash route (unpadded tokens, cu_seqlens, the window) gives eager
+    attention's logits and every gradient on padded rows, packed rows with padding."""
+    base = perturb(TinyEncoder(tiny(preset, hidden=64, heads=2, attn_dropout=0.0)))
+    ids, doc = packed_batch()
+    keep = doc != 0
+    results = {}
+    for backend in ("eager", "flash"):
+        model = variant(base, attn_backend=backend).eval()
+        logits = model(ids, doc).logits
+        (logits[keep] * torch.linspace(-1, 1, VOCAB_SIZE)).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[backend] = logits[keep].detach(), grads
+    assert_close(results["flash"][0], results["eager"][0])
+    for name, grad in results["eager"][1].items():
+        assert_close(results["flash"][1][name], grad, 1e-4 * max(1.0, grad.abs().max().item()))
+    assert stand_in[0.0] > 0, "the stand-in kernel did not run"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_flash_dropout_is_seeded_and_unbiased(device, request):
+    """BERT trains through flash with its attention dropout: the kernel gets the rate, the same
+    seed gives the same output, gradients are finite, and the mean over many seeds is the output
+    without dropout (dropout scales what it keeps by 1 / (1 - p)). On a CPU through the stand-in;
+    on CUDA through the kernel found at import."""
+    if device == "cuda" and not (torch.cuda.is_available() and tinyencoder.FLASH):
+        pytest.skip("no CUDA device with a flash kernel")
+    counted = collections.Counter()
+    if device == "cpu":
+        counted = request.getfixturevalue("stand_in")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(22, 2, 16, device=device) for _ in range(3))
+    if device == "cuda":
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    layout = tinyencoder.make_layout(tiny("bert"), packed_batch()[1][:1].to(device), q.dtype)
+    assert layout.backend == "flash"
+    clean = tinyencoder.attend(q, k, v, layout, None, 0.0).float()
+    draws = []
+    for seed in range(300):
+        torch.manual_seed(seed)
+        draws.append(tinyencoder.attend(q, k, v, layout, None, 0.1).float())
+    torch.manual_seed(7)
+    assert torch.equal(tinyencoder.attend(q, k, v, layout, None, 0.1).float(), draws[7])
+    assert not torch.equal(draws[0], draws[1])
+    assert (torch.stack(draws).mean(0) - clean).abs().max() < 0.1 * clean.abs().max()
+    model = TinyEncoder(tiny("bert", hidden=64, heads=2)).to(device).train()
+    ids, doc = (t.to(device) for t in packed_batch())
+    with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+        model(ids, doc, labels=ids.masked_fill(doc == 0, IGNORE_INDEX)).loss.backward()
+    assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
+    if device == "cpu":
+        assert counted[0.1] > 0, "the kernel never got the dropout rate"
 
 
 @pytest.mark.parametrize("unpad", [False, True])
@@ -352,7 +469,7 @@ BAD_CALLS = {
     ),
     "flash on cpu": Bad(
         lambda p: TinyEncoder(tiny(p, attn_backend="flash")).eval()(ROW),
-        r"attn_backend='flash' needs torch >= 2.11, an sm80\+ GPU.*got cpu",
+        r"attn_backend='flash' needs flash-attn or torch >= 2.11, an sm80\+ GPU.*got cpu",
     ),
     "mlm rate 1.5": Bad(
         lambda p: mask_tokens(ROW, tiny(p), rate=1.5),
@@ -634,6 +751,20 @@ def test_the_import_graph_has_no_cycle():
         assert cycle_from(module, []) is None, " -> ".join(cycle_from(module, []))
 
 
+def test_rope_tables_are_made_once_and_stay_out_of_checkpoints():
+    """RopeCache looks up exactly rope_tables' cos and sin; checkpoints hold none of it; a row
+    longer than max_len grows the tables instead of failing."""
+    model = TinyEncoder(tiny("modernbert", rope_theta=160000.0))
+    cfg = model.cfg
+    assert not any("rope" in name for name in model.state_dict())
+    for positions, length in ((torch.tensor([[0, 5, 63]]), 64), (torch.tensor([[0, 99]]), 100)):
+        looked_up = model.rope(positions, length)
+        for kind, theta in (("global", cfg.rope_theta), ("local", cfg.rope_theta_local)):
+            cos, sin = tinyencoder.rope_tables(positions, cfg.head_dim, theta)
+            assert torch.equal(looked_up[kind][0], cos) and torch.equal(looked_up[kind][1], sin)
+    assert model.rope.cos.shape[1] == 100
+
+
 def test_byte_ids():
     raw = bytes(range(256)) + b"\xff\xfe\xc3(\xe2\x82"  # every byte, then invalid UTF-8
     assert byte_ids(raw) == list(raw) and bytes(byte_ids(bytearray(raw))) == raw
@@ -703,6 +834,65 @@ def test_packed_row_longer_than_learned_positions():
     out = model(ids, docs).logits
     alone = model(ids[:, 40:]).logits
     assert torch.allclose(out[:, 40:], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_layout_made_ahead_gives_the_same_step(preset, unpad):
+    """make_layout on the batch builder's side (with the labels, so that masked_lm picks no tokens
+    itself) gives the forward's own logits, loss and gradients."""
+    model = perturb(TinyEncoder(tiny(preset, unpad=unpad)))
+    ids, doc = packed_batch()
+    inputs, labels = mask_tokens(ids, model.cfg, torch.Generator().manual_seed(3), rate=0.3)
+    layout = tinyencoder.make_layout(model.cfg, doc, torch.float32, "cpu", labels)
+    assert layout.labelled is not None and isinstance(layout, tinyencoder.Unpadded) == unpad
+    results = []
+    for given in (None, layout):
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout
+        out = model(inputs, doc, labels=labels, layout=given)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((out.logits, out.loss, grads))
+    assert_close(results[1][0], results[0][0], 0)
+    assert results[1][1].item() == results[0][1].item()
+    for own, ahead in zip(results[0][2], results[1][2]):
+        assert_close(ahead, own, 0)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_step_with_a_layout_made_ahead_compiles_whole(preset):
+    """Given its layout, a training forward has no graph break at all: nothing in it reads the
+    device's values or has a size that depends on them (the flash route on a GPU likewise)."""
+    import torch._dynamo
+
+    model = TinyEncoder(tiny(preset, unpad=True))
+    ids, doc = packed_batch()
+    inputs, labels = mask_tokens(ids, model.cfg, torch.Generator().manual_seed(3), rate=0.3)
+    layout = tinyencoder.make_layout(model.cfg, doc, torch.float32, "cpu", labels)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(inputs, doc, labels=labels, layout=layout)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a GPU's matter")
+def test_a_compiled_gpu_step_never_waits_for_the_host():
+    """A compiled training step on CUDA, its layout made ahead, runs with syncs made errors."""
+    model = TinyEncoder(tiny("modernbert", unpad=True)).cuda()
+    step = torch.compile(model)
+    ids, doc = packed_batch()
+    inputs, labels = mask_tokens(ids, model.cfg, torch.Generator().manual_seed(3), rate=0.3)
+    layout = tinyencoder.make_layout(model.cfg, doc, torch.bfloat16, "cuda", labels)
+    batch = dict(input_ids=inputs.cuda(), attention_mask=doc.cuda(), labels=labels.cuda())
+    with torch.autocast("cuda", torch.bfloat16):
+        step(**batch, layout=layout).loss.backward()  # compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", torch.bfloat16):
+            step(**batch, layout=layout).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # -------------------------------------------------------------------------------------------------

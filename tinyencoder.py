@@ -11,7 +11,6 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass, fields
-from inspect import signature
 from typing import Literal, Optional, get_args, get_type_hints
 
 import torch
@@ -209,6 +208,7 @@ class Padded:
     mask: Optional[torch.Tensor]
     local_mask: Optional[torch.Tensor]
     backend: str = "eager"
+    labelled: Optional[torch.Tensor] = None  # masked_lm's tokens, where make_layout had labels
 
     @classmethod
     def from_doc_ids(cls, doc_ids, starts, half_window: Optional[int], backend: str) -> Padded:
@@ -354,8 +354,11 @@ class TinyEncoder(nn.Module):
         H = cfg.hidden
         self.tok_embed = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_id)
         self.pos_embed = None  # RoPE instead
+        self.rope = None  # a learned table instead
         if cfg.positions == "learned":
             self.pos_embed = nn.Embedding(cfg.max_len + cfg.pos_offset, H)
+        else:
+            self.rope = RopeCache(cfg)  # rope_tables of each position, made once (section 9)
         self.type_embed = nn.Embedding(cfg.type_vocab, H) if cfg.type_vocab else None
         self.embed_norm = layer_norm(cfg)
         self.embed_dropout = nn.Dropout(cfg.embed_dropout)
@@ -400,14 +403,17 @@ class TinyEncoder(nn.Module):
         token_type_ids=None,
         labels=None,
         next_sentence_label=None,
+        layout=None,
     ) -> Output:
         """input_ids: (B, T) byte ids. attention_mask: (B, T) document ids, 0 for padding (a 0/1
         mask is one document per row). labels: (B, T) ids to predict, IGNORE_INDEX elsewhere; with
-        a classifier, (B,) classes (numbers when num_labels=1) or (B, T) tags."""
+        a classifier, (B,) classes (numbers when num_labels=1) or (B, T) tags. layout: the batch's,
+        made ahead by make_layout (a GPU step then never waits for the host); else made here."""
         check_inputs(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label)
         doc_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        # Padded rows (section 3), or the unpadded tokens of a fast path (section 9)
-        layout = make_layout(self.cfg, doc_ids, self.tok_embed.weight.dtype, self.training)
+        if layout is None:
+            # Padded rows (section 3), or the unpadded tokens of a fast path (section 9)
+            layout = make_layout(self.cfg, doc_ids, self.tok_embed.weight.dtype)
         x = self.trunk(input_ids, doc_ids, token_type_ids, layout)  # (B, T, H), or (N, H) unpadded
         hidden = layout.scatter(x)  # (B, T, H)
         if self.classifier is None:
@@ -433,10 +439,9 @@ class TinyEncoder(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions + cfg.pos_offset)
         x = self.embed_dropout(self.embed_norm(x))
-        rope = None  # {"global": (cos, sin), "local": (cos, sin)}, made once for every layer
-        if cfg.positions == "rope":
-            thetas = {"global": cfg.rope_theta, "local": cfg.rope_theta_local}
-            rope = {kind: rope_tables(positions, cfg.head_dim, t) for kind, t in thetas.items()}
+        rope = None  # {"global": (cos, sin), "local": (cos, sin)} at each token, for every layer
+        if self.rope is not None:
+            rope = self.rope(positions, input_ids.shape[1])
         for layer in self.layers:
             x = layer(x, layout, rope)
         return self.final_norm(x)
@@ -448,7 +453,9 @@ class TinyEncoder(nn.Module):
             return layout.scatter(self.mlm_head(x, self.tok_embed.weight)), None
         labels = labels.masked_fill(doc_ids == 0, IGNORE_INDEX)  # padding never counts
         targets = layout.gather(labels).flatten()  # (B * T,) or (N,), in x's order
-        labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        labelled = layout.labelled
+        if labelled is None:
+            labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         logits = self.mlm_head(x.flatten(0, -2)[labelled], self.tok_embed.weight)
         # the sum over a count of at least 1: a batch with nothing masked has loss 0, not NaN
         loss = F.cross_entropy(logits.float(), targets[labelled], reduction="sum")
@@ -491,10 +498,8 @@ def mask_tokens(ids, cfg: Config, generator=None, rate=0.15) -> tuple[torch.Tens
 
 # 7. Fine-tuning heads and embeddings
 class Classifier(nn.Module):
-    """The head of the family's transformers classes, on pooled rows (B, hidden) or on tokens
-    (..., hidden); returns (..., num_labels). BERT's, and RoBERTa's on tokens: dropout, linear.
-    RoBERTa's on rows puts dropout, a dense layer and tanh first. ModernBERT's puts its MLM head's
-    transform (dense, act, norm) first."""
+    """The family's transformers head, (..., hidden) -> (..., num_labels): dropout, linear, after
+    dropout, dense, tanh (RoBERTa's on rows) or its MLM head's dense, act, norm (ModernBERT's)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -529,9 +534,8 @@ def classify(model, x, hidden, layout, doc_ids, labels):
         logits = model.classifier(rows)
     else:
         logits = layout.scatter(model.classifier(x))
-    if labels is None:
-        return logits, None
-    return logits, classifier_loss(logits, labels, doc_ids)
+    loss = None if labels is None else classifier_loss(logits, labels, doc_ids)
+    return logits, loss
 
 
 def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -568,8 +572,7 @@ def encode_texts(model, texts, pooling="mean", normalize=True, batch_size=32) ->
         rows.append(torch.tensor([cfg.cls_id, *byte_ids(text), cfg.sep_id]))
         if len(rows[i]) > cfg.max_len:
             raise ValueError(f"texts[{i}] is {len(rows[i])} tokens, over max_len={cfg.max_len}")
-    lengths = [len(row) for row in rows]
-    order = sorted(range(len(rows)), key=lengths.__getitem__)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = torch.zeros(len(rows), cfg.hidden)
     was_training = model.training
     model.eval()
@@ -585,10 +588,9 @@ def encode_texts(model, texts, pooling="mean", normalize=True, batch_size=32) ->
     return out
 
 
-# 8. Input checks: a one-line ValueError naming the argument, for what torch would fail on deep
+# 8. Input checks: one-line ValueErrors naming the argument, for what torch would fail on deep
 # inside or answer with nonsense
-# what each field type takes; to Python a bool is an int too, so the check tells them apart
-NUMBERS = {int: numbers.Integral, float: numbers.Real, bool: bool}
+NUMBERS = {int: numbers.Integral, float: numbers.Real, bool: bool}  # what each field type takes
 INDEX_DTYPES = (torch.int64, torch.int32)
 LABEL_DTYPES = (torch.int64,)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -600,15 +602,13 @@ def check_config(cfg: Config):
     hints = get_type_hints(Config)
     for field in fields(cfg):
         value, kind = getattr(cfg, field.name), hints[field.name]
-        # a Literal's values; none for int, float and bool
-        choices = get_args(kind)
+        choices = get_args(kind)  # a Literal's values; none for int, float and bool
         if choices and value not in choices:
             raise ValueError(f"Config.{field.name}={value!r} is not one of {list(choices)}")
         is_bool = isinstance(value, bool)
         if not choices and (not isinstance(value, NUMBERS[kind]) or is_bool != (kind is bool)):
             raise ValueError(f"Config.{field.name}={value!r} is not of type {kind.__name__}")
-        # NaN is not at least 0 either
-        if kind in (int, float):
+        if kind in (int, float):  # NaN is not at least 0 either
             require(cfg, field.name, value >= 0, "at least 0")
     sizes = ("hidden", "layers", "heads", "max_len", "global_every", "num_labels")
     for name in (*sizes, "rope_theta", "rope_theta_local"):
@@ -617,10 +617,9 @@ def check_config(cfg: Config):
     for name in (*dropouts, "classifier_dropout"):
         require(cfg, name, getattr(cfg, name) < 1, "below 1")
     require(cfg, "nsp", not (cfg.nsp and cfg.classifier != "none"), "False with a classifier")
+    below_vocab = f"below vocab_size={cfg.vocab_size}"
     for name in ("pad_id", "cls_id", "sep_id", "mask_id"):
-        require(
-            cfg, name, getattr(cfg, name) < cfg.vocab_size, f"below vocab_size={cfg.vocab_size}"
-        )
+        require(cfg, name, getattr(cfg, name) < cfg.vocab_size, below_vocab)
     require(cfg, "heads", cfg.hidden % cfg.heads == 0, f"a divisor of hidden={cfg.hidden}")
     require(cfg, "window", cfg.window % 2 == 0, "even: it spans window/2 keys each side")
     if cfg.positions == "rope":
@@ -671,8 +670,7 @@ def check_inputs(model, input_ids, attention_mask, token_type_ids, labels, nsp_l
     check_tensor("token_type_ids", token_type_ids, (B, T), INDEX_DTYPES, cfg.type_vocab, read)
     label_shape = (B,) if cfg.classifier == "sequence" else (B, T)
     classes = cfg.vocab_size if cfg.classifier == "none" else cfg.num_labels
-    if cfg.classifier == "sequence" and cfg.num_labels == 1:
-        # regression: a number per row
+    if cfg.classifier == "sequence" and cfg.num_labels == 1:  # regression: a number per row
         check_tensor("labels", labels, (B,), FLOAT_DTYPES, math.inf, read=False)
     else:
         check_tensor("labels", labels, label_shape, LABEL_DTYPES, classes, read, ignore=True)
@@ -694,49 +692,69 @@ def check_ids(ids, cfg: Config, rate):
         raise ValueError(f"mask_tokens' rate={rate!r} must be a number in (0, 1]")
 
 
-# Checkpoints of train.py and finetune.py record asdict(cfg). Fields that older ones record and
-# Config no longer has; none changed a weight (sparse_prediction only the speed; nothing read
-# static_masking; mlm_rate is the recipe's now), so such a checkpoint loads as it was.
-RETIRED_FIELDS = ("sparse_prediction", "static_masking", "mlm_rate")
-
-
-def config_from_saved(saved: dict) -> Config:
-    """The Config a checkpoint recorded, less the retired fields."""
-    return Config(**{name: value for name, value in saved.items() if name not in RETIRED_FIELDS})
-
-
 # 9. Fast paths. Each computes what section 3 defines, faster; the tests hold each one equal to
-# eager attention on padded rows. The flash kernel is looked up once: PyTorch's varlen attention
-# (unpadded tokens and cu_seqlens), where it takes a sliding window (2.11 on).
+# eager attention on padded rows.
+class RopeCache(nn.Module):
+    """rope_tables of positions 0, 1, ..., made once, so that compiled layers look cos and sin up
+    rather than recompute them; buffers that checkpoints leave out, grown for a longer row."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.thetas = (cfg.rope_theta, cfg.rope_theta_local)
+        self.head_dim = cfg.head_dim
+        self.build(cfg.max_len, torch.device("cpu"))
+
+    def build(self, length: int, device):
+        positions = torch.arange(length, device=device)
+        tables = [rope_tables(positions, self.head_dim, theta) for theta in self.thetas]
+        # each (2, length, 1, head_dim / 2): global, then local
+        self.register_buffer("cos", torch.stack([cos for cos, _ in tables]), persistent=False)
+        self.register_buffer("sin", torch.stack([sin for _, sin in tables]), persistent=False)
+
+    def forward(self, positions, length: int) -> dict:
+        if length > self.cos.shape[1]:
+            self.build(length, positions.device)
+        cos, sin = self.cos[:, positions], self.sin[:, positions]
+        return {"global": (cos[0], sin[0]), "local": (cos[1], sin[1])}
+
+
+# The flash kernel, looked up once: the flash-attn package's, else PyTorch's own flash op (under
+# varlen_attn) where its schema takes a window (2.11 on). Both take cu_seqlens and dropout.
 try:
-    from torch.nn.attention.varlen import varlen_attn
+    from flash_attn import flash_attn_varlen_func
 except ImportError:
-    varlen_attn = None
-HAS_FLASH = varlen_attn is not None and "window_size" in signature(varlen_attn).parameters
+    flash_attn_varlen_func = None
+FLASH_OP = getattr(torch.ops.aten, "_flash_attention_forward", None)
+FLASH = None
+if flash_attn_varlen_func is not None:
+    FLASH = "flash-attn"
+elif FLASH_OP is not None and "window_size_left" in str(FLASH_OP.default._schema):
+    FLASH = "torch flash op"
 
 
 @dataclass
 class Unpadded:
     """The N real tokens side by side, (N, ...): padding dropped once, before the first layer."""
 
-    # (N,) where each real token sits in the flattened (B * T) batch
-    indices: torch.Tensor
-    # (documents + 1,) int32: document d is tokens cu_seqlens[d] to cu_seqlens[d + 1]
-    cu_seqlens: torch.Tensor
+    indices: torch.Tensor  # (N,) where each real token sits in the flattened (B * T) batch
+    cu_seqlens: torch.Tensor  # (documents + 1,) int32: document d is tokens cu[d] to cu[d + 1]
     batch_shape: torch.Size  # (B, T)
     backend: str
-    # the masks for attention without a varlen kernel, which runs on rows
-    rows: Optional[Padded]
+    seqlens: Optional[list] = None  # on a CPU: each document's length, to attend one at a time
+    rows: Optional[Padded] = None  # on a GPU without the varlen kernel: masks to attend on rows
+    labelled: Optional[torch.Tensor] = None  # as Padded's
 
     @classmethod
-    def from_doc_ids(cls, doc_ids, starts, half_window, backend: str) -> Unpadded:
+    def from_doc_ids(cls, doc_ids, starts, half_window, backend: str, device) -> Unpadded:
         indices = (doc_ids.flatten() != 0).nonzero().squeeze(1)
         first_tokens = starts.flatten()[indices].nonzero().squeeze(1)  # each document's first
         cu_seqlens = F.pad(first_tokens, (0, 1), value=indices.numel()).to(torch.int32)
-        rows = None
-        if backend != "flash":
-            rows = Padded.from_doc_ids(doc_ids, starts, half_window, backend)
-        return cls(indices, cu_seqlens, doc_ids.shape, backend, rows)
+        layout = cls(indices, cu_seqlens, doc_ids.shape, backend)
+        if device.type == "cpu":
+            layout.seqlens = cu_seqlens.diff().tolist()
+        elif backend != "flash":
+            layout.rows = Padded.from_doc_ids(doc_ids, starts, half_window, backend)
+        return layout
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         return t.flatten(0, 1)[self.indices]  # (B, T, ...) -> (N, ...)
@@ -747,33 +765,54 @@ class Unpadded:
         return rows.unflatten(0, (B, T))
 
 
-def pick_backend(cfg: Config, device: torch.device, dtype, training: bool) -> str:
+def pick_backend(cfg: Config, device: torch.device, dtype) -> str:
     """cfg.attn_backend for this call: auto means flash where it can run, else sdpa."""
     if cfg.attn_backend in ("sdpa", "eager"):
         return cfg.attn_backend
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)  # what the matmuls compute in
-    dropout = training and cfg.attn_dropout > 0  # the kernel has none
     gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     half = dtype in (torch.float16, torch.bfloat16)
-    if HAS_FLASH and gpu and half and not dropout and cfg.head_dim in range(8, 257, 8):
+    if FLASH and gpu and half and cfg.head_dim in range(8, 257, 8):
         return "flash"
     if cfg.attn_backend == "flash":
-        needs = "torch >= 2.11, an sm80+ GPU, fp16/bf16, head_dim 8, 16, ..., 256, no dropout"
-        got = f"{device.type}, {dtype}, head_dim {cfg.head_dim}, attention dropout {dropout}"
+        needs = "flash-attn or torch >= 2.11, an sm80+ GPU, fp16/bf16, head_dim 8, 16, ..., 256"
+        got = f"{device.type}, {dtype}, head_dim {cfg.head_dim}, kernel {FLASH}"
         raise ValueError(f"attn_backend='flash' needs {needs}; got {got}")
     return "sdpa"
 
 
 @torch.compiler.disable  # reads the batch: one graph break here, none in the layers
-def make_layout(cfg: Config, doc_ids, dtype, training: bool):
-    """The backend for this call, decided here once, and the layout it runs on: Unpadded tokens
-    for the flash kernel or where cfg.unpad asks, else Padded rows."""
-    backend = pick_backend(cfg, doc_ids.device, dtype, training)
+def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
+    """The backend for a forward on device (doc_ids' by default), decided here once, and the
+    layout it runs on: Unpadded tokens for the flash kernel or where cfg.unpad asks, else Padded
+    rows. Made from CPU tensors and moved, it costs the device no wait; given labels, it holds
+    the labelled tokens too, so that masked_lm needs no nonzero() on the device either."""
+    device = torch.device(device or doc_ids.device)
+    backend = pick_backend(cfg, device, dtype)
     starts = document_starts(doc_ids)
     if backend == "flash" or cfg.unpad:
-        return Unpadded.from_doc_ids(doc_ids, starts, cfg.half_window, backend)
-    return Padded.from_doc_ids(doc_ids, starts, cfg.half_window, backend)
+        layout = Unpadded.from_doc_ids(doc_ids, starts, cfg.half_window, backend, device)
+    else:
+        layout = Padded.from_doc_ids(doc_ids, starts, cfg.half_window, backend)
+    if labels is not None:
+        targets = layout.gather(labels.masked_fill(doc_ids == 0, IGNORE_INDEX)).flatten()
+        layout.labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return moved(layout, device)
+
+
+def moved(layout, device):
+    """The layout's tensors on device; to a GPU through pinned memory, without waiting."""
+    for field in fields(layout):
+        value = getattr(layout, field.name)
+        if isinstance(value, Padded):
+            value = moved(value, device)
+        elif torch.is_tensor(value) and value.device != device and device.type == "cuda":
+            value = value.pin_memory().to(device, non_blocking=True)
+        elif torch.is_tensor(value):
+            value = value.to(device)
+        setattr(layout, field.name, value)
+    return layout
 
 
 def attend(q, k, v, layout, half_window: Optional[int], dropout: float):
@@ -781,12 +820,13 @@ def attend(q, k, v, layout, half_window: Optional[int], dropout: float):
     on Padded rows or (N, heads, head_dim) on Unpadded tokens; the output has the same shape."""
     if isinstance(layout, Padded):
         return padded_attention(q, k, v, layout, half_window, dropout)
-    # no tokens: an all-padding batch
-    if q.shape[0] == 0:
+    if q.shape[0] == 0:  # no tokens: an all-padding batch
         return q
     if layout.backend == "flash":
-        return flash_attention(q, k, v, layout, half_window)
-    # without a varlen kernel, attention alone goes back to rows
+        return flash_attention(q, k, v, layout, half_window, dropout)
+    if layout.seqlens is not None:
+        return attend_documents(q, k, v, layout, half_window, dropout)
+    # a GPU without the varlen kernel: attention alone goes back to rows
     q, k, v = (layout.scatter(t) for t in (q, k, v))
     return layout.gather(padded_attention(q, k, v, layout.rows, half_window, dropout))
 
@@ -795,18 +835,65 @@ def padded_attention(q, k, v, layout: Padded, half_window: Optional[int], dropou
     """Rows (B, T, heads, head_dim) under the layout's global or local mask: eager or SDPA."""
     mask = layout.mask if half_window is None else layout.local_mask
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-    if layout.backend == "eager":
-        out = eager_attention(q, k, v, mask, dropout)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    out = masked_attention(q, k, v, mask, half_window, dropout, layout.backend)
     return out.transpose(1, 2)
 
 
-def flash_attention(q, k, v, layout: Unpadded, half_window: Optional[int]):
-    """PyTorch's varlen flash kernel on unpadded tokens (no dropout: pick_backend sees to it)."""
-    window = -1 if half_window is None else half_window  # -1: the kernel's "no window"
+def masked_attention(q, k, v, mask, half_window: Optional[int], dropout: float, backend: str):
+    """(B, heads, T, head_dim) under a mask (section 3's), by eager, SDPA, or on a CPU, where a
+    window is much shorter than the rows, SDPA in blocks of the window."""
+    if backend == "eager":
+        return eager_attention(q, k, v, mask, dropout)
+    if q.is_cpu and mask is not None and half_window and q.shape[-2] > 4 * half_window:
+        return window_blocks(q, k, v, mask, half_window, dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+def window_blocks(q, k, v, mask, half_window: int, dropout: float) -> torch.Tensor:
+    """Sliding-window SDPA in blocks of half_window queries: block i sees key blocks i - 1 to
+    i + 1, which hold every key in its queries' windows, so a local layer costs O(T * window)."""
+    w = half_window
+    key_blocks, value_blocks = k.split(w, dim=-2), v.split(w, dim=-2)
+    outs = []
+    for i, q_block in enumerate(q.split(w, dim=-2)):
+        first, end = max(i - 1, 0), min(i + 2, len(key_blocks))
+        block_mask = mask[..., i * w : i * w + q_block.shape[-2], first * w : end * w]
+        keys = torch.cat(key_blocks[first:end], dim=-2)
+        values = torch.cat(value_blocks[first:end], dim=-2)
+        outs.append(F.scaled_dot_product_attention(q_block, keys, values, block_mask, dropout))
+    return torch.cat(outs, dim=-2)
+
+
+def attend_documents(q, k, v, layout: Unpadded, half_window: Optional[int], dropout: float):
+    """Unpadded tokens (N, heads, head_dim) on a CPU, one call per document: no work on padding
+    or across documents, and no mask but the window's."""
+    # one band, sliced for each document
+    band = band_mask(max(layout.seqlens), half_window, q.device)
+    outs = []
+    # split rather than slices: the backward of a slice zero-fills all N rows for every document
+    pieces = (t.split(layout.seqlens) for t in (q, k, v))
+    for n, qd, kd, vd in zip(layout.seqlens, *pieces):
+        doc_band = None
+        if band is not None and n > half_window + 1:
+            doc_band = band[:n, :n]
+        # (1, heads, n, head_dim): SDPA's CPU flash kernel takes 4-D input only
+        qd, kd, vd = (t.transpose(0, 1)[None] for t in (qd, kd, vd))
+        out = masked_attention(qd, kd, vd, doc_band, half_window, dropout, layout.backend)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def flash_attention(q, k, v, layout: Unpadded, half_window: Optional[int], dropout: float):
+    """The FLASH kernel on unpadded tokens (N, heads, head_dim), with attention dropout."""
+    window = -1 if half_window is None else half_window  # -1: the kernels' "no window"
     q, k, v = (t.contiguous() for t in (q, k, v))
-    # the row length bounds every document, with no host sync
-    longest = layout.batch_shape[1]
+    longest = layout.batch_shape[1]  # bounds every document, with no host sync
     cu = layout.cu_seqlens
-    return varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(window, window))
+    if FLASH == "flash-attn":
+        size = (window, window)
+        return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout, window_size=size)
+    found = FLASH_OP(
+        q, k, v, cu, cu, longest, longest, dropout, False, False,
+        window_size_left=window, window_size_right=window,
+    )  # fmt: skip
+    return found[0]

@@ -568,10 +568,10 @@ def main():
     parser.add_argument("checkpoint", help="a train.py or finetune.py checkpoint (ckpt_best.pt)")
     parser.add_argument("out_dir", help="the folder to write")
     args = parser.parse_args()
-    if not os.path.exists(args.checkpoint):
-        raise SystemExit(f"error: {args.checkpoint}: no such checkpoint")
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    model = te.TinyEncoder(te.config_from_saved(state["cfg"]))
+    from runs import load_checkpoint  # train.py's and finetune.py's, beside this file
+
+    state, cfg = load_checkpoint(args.checkpoint, "checkpoint")
+    model = te.TinyEncoder(cfg)
     model.load_state_dict(state["model"])
     save(model, args.out_dir, state.get("labels"))  # a finetune.py checkpoint names its labels
     print(f"wrote {args.out_dir}: {', '.join(sorted(os.listdir(args.out_dir)))}")

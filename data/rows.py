@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from tinyencoder import CLS, PAD, SEP, mask_tokens
+from tinyencoder import CLS, PAD, SEP, make_layout, mask_tokens
 
 
 class Example(NamedTuple):
@@ -148,9 +148,10 @@ def to_device(t, device):
     return t.to(device)
 
 
-def collate(rows, cfg, device, rate):
+def collate(rows, cfg, device, rate, dtype=torch.float32):
     """The model's keyword arguments for rows, on the device: rate of each row's ordinary bytes
-    masked, by a generator seeded from its key; next_sentence_label where the rows have one."""
+    masked, by a generator seeded from its key; next_sentence_label where the rows have one; and
+    the layout, made here on the CPU for a forward in dtype, so that the device never waits."""
     ids, labels = [], []
     for row in rows:
         seed = np.random.SeedSequence(row.mask_key).generate_state(1, np.uint64)[0]
@@ -158,11 +159,13 @@ def collate(rows, cfg, device, rate):
         masked, label = mask_tokens(torch.from_numpy(row.ids), cfg, generator, rate)
         ids.append(masked)
         labels.append(label)
-    doc_ids = np.stack([row.doc_ids for row in rows])
+    doc_ids = torch.from_numpy(np.stack([row.doc_ids for row in rows]))
+    labels = torch.stack(labels)
     batch = dict(
         input_ids=to_device(torch.stack(ids), device),
-        attention_mask=to_device(torch.from_numpy(doc_ids), device),
-        labels=to_device(torch.stack(labels), device),
+        attention_mask=to_device(doc_ids, device),
+        labels=to_device(labels, device),
+        layout=make_layout(cfg, doc_ids, dtype, device, labels),
     )
     if cfg.type_vocab:  # ModernBERT has no segment embeddings
         types = np.stack([row.token_types for row in rows])
