@@ -5,8 +5,10 @@
     python bench.py --device cuda      # bf16, torch.compile
     python bench.py --encode --threads 1  # model.encode on texts of 16-510 bytes, vs AutoModel
 
-The one-run GPU check (numerics, ModernBERT-base speed, profile, memory, train.py) is gpu_check.py,
-which uses this file as a library: bench_case, Stepper, make_batches, hf_twin.
+The one-run GPU check (numerics, speed against transformers compiled and eager, profile, memory,
+train.py) is gpu_check.py, which uses this file as a library: base_model, Stepper, hf_steppers,
+make_batches, alternate, compare. As in train.py, each batch comes with its layout made ahead on the
+CPU (te.make_layout) for tinyencoder's steps, so that a timed GPU step never waits for the host.
 
 Throughput counts real (non-pad) tokens only. MFU = real tokens x flops_per_token / time / peak,
 with the peak measured here: the best of a few large matmuls in the run's dtype, taken at the start
@@ -53,10 +55,17 @@ def autocast(dev, dtype):
     return torch.autocast(dev.type, dtype)
 
 
-def make_batches(cfg, n, B, T, var, dev, seed=0):
+def layout_key(cfg):
+    """What a batch's layout depends on besides the batch: the Config fields make_layout reads."""
+    return f"{cfg.attn_backend}, unpad={cfg.unpad}, half_window={cfg.half_window}"
+
+
+def make_batches(cfg, n, B, T, var, dev, *, dtype, seed=0, layout_cfgs=()):
     """n batches of random bytes: full rows of T tokens, or lengths uniform in [64, T], padded to T.
 
-    A batch is the model's keyword arguments plus lens, each row's length."""
+    A batch is the model's keyword arguments, lens (each row's length), and layouts: for cfg and
+    each of layout_cfgs, the layout make_layout builds on the CPU for a forward in dtype (the
+    compute dtype: bf16 under autocast), by layout_key, so that a timed step never waits for it."""
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(n):
@@ -72,6 +81,8 @@ def make_batches(cfg, n, B, T, var, dev, seed=0):
         inputs, labels = te.mask_tokens(ids, cfg, g, MLM_RATES[cfg.arch])
         b = dict(input_ids=inputs.to(dev), attention_mask=am.to(dev), labels=labels.to(dev))
         b["lens"] = lens.tolist()
+        cfgs = [cfg, *layout_cfgs]
+        b["layouts"] = {layout_key(c): te.make_layout(c, am, dtype, dev, labels) for c in cfgs}
         batches.append(b)
     return batches
 
@@ -102,17 +113,20 @@ def variant(model, **changes):
 class Stepper:
     """One call = one training step (forward, backward, AdamW) or one no_grad inference forward.
 
-    If torch.compile fails, the step runs eager from then on, and .note says why (None until then).
+    A tinyencoder model gets the batch's layout made ahead (make_batches'), so that its step never
+    waits for the host; a transformers model gets the batch alone. compile_ wraps either in
+    torch.compile, given options (its keywords: dynamic=True traces sizes as symbols from the first
+    call). If torch.compile fails, the step runs eager from then on, and .note says why.
     """
 
-    def __init__(self, model, train, dtype, compile_=False):
+    def __init__(self, model, train, dtype, compile_=False, options=None):
         self.model = model
         self.train = train
         self.dtype = dtype
         self.dev = next(model.parameters()).device
         self.forward = model
         if compile_:
-            self.forward = torch.compile(model)
+            self.forward = torch.compile(model, **(options or {}))
         self.opt = None
         if train and self.dev.type == "cuda":
             self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -138,6 +152,8 @@ class Stepper:
         """The step itself, through forward: the compiled model or the eager one."""
         self.model.train(self.train)
         inputs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        if isinstance(self.model, te.TinyEncoder):
+            inputs["layout"] = b["layouts"][layout_key(self.model.cfg)]
         if not self.train:
             with torch.no_grad(), autocast(self.dev, self.dtype):
                 forward(**inputs)
@@ -182,14 +198,65 @@ def timings(who, seconds, tokens, flops):
 
 @dataclasses.dataclass
 class Sizes:
-    """The size of one bench case: encoder layers, rows per batch, tokens per row, and how many
-    batches are timed after how many untimed warm-up ones."""
+    """The size of one bench case: encoder layers and width (heads of 64), rows per batch, tokens
+    per row, and how many batches are timed after how many untimed warm-up ones."""
 
     layers: int
     batch: int
     seq: int
     steps: int
     warmup: int
+    hidden: int = 768
+
+
+def base_model(arch, dev, layers, hidden=768):
+    """tinyencoder as its preset publishes it (dropout included) at this depth and width (heads of
+    64), MLM only (as AutoModelForMaskedLM), from seed 0."""
+    width = dict(hidden=hidden, heads=max(1, hidden // 64))
+    cfg = te.Config.from_preset(arch, layers=layers, nsp=False, **width)
+    torch.manual_seed(0)
+    return te.TinyEncoder(cfg).to(dev)
+
+
+def hf_steppers(base, train, dtype, compiled, options=None):
+    """transformers' twin of base (the same weights), one Stepper per name in compiled: a step
+    through torch.compile (with options) where its value is True, eager where False. One twin
+    serves them all."""
+    twin = hf_twin(base, next(base.parameters()).device)
+    return {
+        name: Stepper(twin, train, dtype, compile_, options) for name, compile_ in compiled.items()
+    }
+
+
+def ratio_key(peer):
+    """The row's key for the paired ratio against a peer: "ratio" for "hf", as bench.py names it."""
+    return {"hf": "ratio"}.get(peer, f"{peer}_ratio")
+
+
+def compare(base, steps, times, timed, train, case):
+    """Rows of the timed batches' seconds (alternate's times): one per tinyencoder step, with the
+    case's fields, and the columns of every other step (a peer: transformers) beside it, with the
+    median of its paired ratios (peer time / ours, the same batch moments apart)."""
+    tokens = [int(b["attention_mask"].sum()) for b in timed]
+    flops = [batch_flops(base, b) for b in timed]
+    if not train:
+        # a forward is a third of forward + backward
+        flops = [f / 3 for f in flops]
+    ours = [k for k, s in steps.items() if isinstance(s.model, te.TinyEncoder)]
+    peers = [k for k in steps if k not in ours]
+    rows = []
+    for k in ours:
+        row = dict(case, variant=k)
+        row.update(timings("te", times[k], tokens, flops), tokens=tokens)
+        for p in peers:
+            row.update(timings(p, times[p], tokens, flops))
+            row[ratio_key(p)] = statistics.median([h / t for h, t in zip(times[p], times[k])])
+        # why a step ran eager although asked to compile
+        notes = {f"{p}_note": steps[p].note for p in peers if steps[p].note}
+        if steps[k].note:
+            notes["note"] = steps[k].note
+        rows.append(dict(row, **notes))
+    return rows
 
 
 def bench_case(
@@ -199,37 +266,22 @@ def bench_case(
     transformers (if run_hf and it is installed; torch.compile'd too if compile_ and compile_hf)."""
     train = step == "train"
     var = batch == "var"
-    # MLM only, as AutoModelForMaskedLM
-    cfg = te.Config.from_preset(arch, layers=sizes.layers, nsp=False)
-    torch.manual_seed(0)
-    base = te.TinyEncoder(cfg).to(dev)
+    base = base_model(arch, dev, sizes.layers, sizes.hidden)
     models = {"published": base}
     # BERT and RoBERTa pad: on padded batches, time them with unpadding switched on as well
-    if var and not cfg.unpad:
+    if var and not base.cfg.unpad:
         models["unpad"] = variant(base, unpad=True)
     steps = {k: Stepper(m, train, dtype, compile_) for k, m in models.items()}
     if transformers is not None and run_hf:
-        steps["hf"] = Stepper(hf_twin(base, dev), train, dtype, compile_ and compile_hf)
-    batches = make_batches(cfg, sizes.warmup + sizes.steps, sizes.batch, sizes.seq, var, dev)
+        steps.update(hf_steppers(base, train, dtype, {"hf": compile_ and compile_hf}))
+    cfgs = [m.cfg for m in models.values()]
+    n = sizes.warmup + sizes.steps
+    batches = make_batches(
+        base.cfg, n, sizes.batch, sizes.seq, var, dev, dtype=dtype, layout_cfgs=cfgs
+    )
     times = alternate(steps, batches, sizes.warmup, dev)
-    timed = batches[sizes.warmup :]
-    tokens = [int(b["attention_mask"].sum()) for b in timed]
-    flops = [batch_flops(base, b) for b in timed]
-    if not train:
-        # a forward is a third of forward + backward
-        flops = [f / 3 for f in flops]
-    rows = []
-    for k in models:
-        row = dict(arch=arch, batch=batch, step=step, variant=k)
-        row.update(timings("te", times[k], tokens, flops), tokens=tokens)
-        if "hf" in times:
-            # paired per batch: the same batch, moments apart
-            ratios = [h / t for h, t in zip(times["hf"], times[k])]
-            row.update(timings("hf", times["hf"], tokens, flops), ratio=statistics.median(ratios))
-        if steps[k].note:
-            row["note"] = steps[k].note
-        rows.append(row)
-    return rows
+    case = dict(arch=arch, batch=batch, step=step)
+    return compare(base, steps, times, batches[sizes.warmup :], train, case)
 
 
 def random_texts(n, lo, hi, seed=0):
@@ -301,11 +353,10 @@ def bench_encode(arch, args, dev):
 
 
 def add_mfu(rows, peak):
-    """te_mfu (and hf_mfu where transformers ran): achieved FLOP/s over the measured peak."""
+    """te_mfu, and each peer's (hf_mfu, ...) where it ran: FLOP/s over the measured peak."""
     for r in rows:
-        r["te_mfu"] = r["te_flop_s"] / peak
-        if "hf_flop_s" in r:
-            r["hf_mfu"] = r["hf_flop_s"] / peak
+        for key in [k for k in r if k.endswith("_flop_s")]:
+            r[key.removesuffix("_flop_s") + "_mfu"] = r[key] / peak
 
 
 def print_table(rows, peak, dtype_name):
@@ -329,8 +380,9 @@ def parse_args():
     raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     p.add_argument("--arch", default="all", choices=["all", *te.PRESETS])
-    depth = "depth (3 keeps ModernBERT's one global attention layer in three); width stays 768"
+    depth = "depth (3 keeps ModernBERT's one global attention layer in three)"
     p.add_argument("--layers", type=int, default=3, help=depth)
+    p.add_argument("--hidden", type=int, default=768, help="width, in heads of 64")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     steps = "timed steps per case, after --warmup (ratios swing with padding: use several)"
@@ -378,9 +430,7 @@ def run_cases(args, dev, dtype, peak):
     if args.compile:
         # compile, then recompile for dynamic shapes
         warmup = max(warmup, 3)
-    sizes = Sizes(
-        layers=args.layers, batch=args.batch, seq=args.seq, steps=args.steps, warmup=warmup
-    )
+    sizes = Sizes(args.layers, args.batch, args.seq, args.steps, warmup, hidden=args.hidden)
     switches = dict(compile_=args.compile, compile_hf=args.compile_hf, run_hf=not args.no_hf)
     peaks = [peak]
     rows = []

@@ -1,60 +1,122 @@
 """gpu_check.py: the one-run GPU check, with bench.py's pieces.
 
-    python gpu_check.py --json gpu_check.json   # on a GPU: bf16, a few minutes
-    python gpu_check.py --tiny --device cpu     # the same code at small sizes, in about a minute
+    python gpu_check.py --json gpu_check.json   # on a GPU: bf16, about 7.5 minutes (--budget)
+    python gpu_check.py --tiny --device cpu     # the same code at small sizes, in about 2 minutes
 
-Five sections, each recorded in the JSON even when another fails: (a) numerics: every backend in
-fp32 and bf16 against fp32 eager, logits and every parameter's gradient; (b) speed: ModernBERT-base
-training on variable-length rows of up to 1024 tokens, eager and compiled, next to transformers;
-(c) profile: the ten most expensive kernels of one step; (d) memory: the peak of a training step at
-8192 tokens; (e) train.py: its tok/s and MFU lines over 100 steps. --tiny shrinks every size so that
-a CPU runs the same code in about a minute.
+Each section is recorded in the JSON, which is rewritten after every one, even when another fails:
+
+(a) numerics: every backend in fp32 and bf16 against fp32 eager, logits and every parameter's
+    gradient, on padded and packed rows.
+(b) speed: ModernBERT-base (rows of 64-1024 tokens), BERT-base and RoBERTa-base (64-512) training as
+    published (BERT's and RoBERTa's dropout 0.1 included) at 16, 32 and 48 rows per batch:
+    tinyencoder compiled, its layouts made ahead, against transformers compiled (the peer a GPU
+    user picks) and transformers eager, the same weights and batches. Tokens/s, paired time
+    ratios, MFU against the measured matmul peak and the card's data sheet; each step's first call
+    (compiling) and the recompiles while timed.
+(c) profile: (b)'s compiled ModernBERT step at 16 rows: its kernels, each counted once (device
+    events only); the GPU's busy share of a step (kernel time over wall time); host syncs per step
+    (the profile's synchronizing runtime calls, and torch.cuda.set_sync_debug_mode's warnings);
+    recompiles over 100 steps of fresh batches.
+(d) memory: the peak of a ModernBERT-base training step at 8192 tokens, ours and transformers'.
+(e) train.py: --arch modernbert --max-steps 100, its tok/s and MFU lines; --arch bert
+    --max-steps 40 as well when --budget leaves the time.
+
+--tiny shrinks every size (1 layer 256 wide in (b) and (c), 2 layers in (d)) and compiles with the
+aot_eager backend, so that a CPU runs the same code; there (c)'s busy share and syncs are None, with
+a note, and its table is of CPU ops by their own time. On a CPU, ModernBERT's unpadded attention
+loops over the documents, so a new batch size recompiles it once (a GPU's flash kernel takes them
+all in one call).
 """
 
 import argparse
+import collections
 import dataclasses
+import functools
 import gc
 import json
-import operator
 import os
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import warnings
+from typing import Optional
 
 import torch
+from torch._dynamo.utils import counters
+from torch.autograd import DeviceType
 
 import tinyencoder as te
-from bench import DTYPES, Sizes, Stepper, add_mfu, autocast, bench_case, default_dtype, hf_twin
-from bench import make_batches, print_setup, print_table, transformers, variant
+from bench import DTYPES, Stepper, add_mfu, alternate, autocast, base_model, compare, default_dtype
+from bench import hf_steppers, hf_twin, make_batches, print_setup, transformers, variant
 from mfu import measured_peak, spec_peak, synchronize
 
 # (a)'s backends, each in the dtype it runs in; flash runs in half precision only
 BACKENDS = ("eager fp32", "eager bf16", "sdpa fp32", "sdpa bf16", "flash bf16")
+# (b)'s longest row per arch (ModernBERT's training context; BERT's and RoBERTa's 512 positions)
+SPEED_SEQ = {"modernbert": 1024, "bert": 512, "roberta": 512}
+# (b)'s peers: transformers through torch.compile (as a GPU user runs it), and eager
+PEERS = {"hf": True, "hf_eager": False}
+# The GPU run's budget (--budget, from the start of main): a session with 15 minutes of device time
+# runs this once under a limit of about 8 minutes. Expected on an H100/H200: (a) 15 s; (b) about
+# 4.5 minutes, nearly all compiling (6 models, 30-60 s each, once each: dynamic=True); (c) 15 s, on
+# (b)'s compiled step; (d) 15 s; (e) about 100 s for ModernBERT (start, compiling, 100 steps of
+# 32 x 1024 tokens), about as much for BERT. So (b) skips an arch when less is left than the last
+# arch took plus LATER_S for (c), (d) and (e)'s ModernBERT, and (e) runs BERT only if BERT_TRAIN_S
+# is left.
+BUDGET_S = 450
+LATER_S = 130
+BERT_TRAIN_S = 100
+
+
+@dataclasses.dataclass
+class Setting:
+    """What the sections run under: the device, the compute dtype, the matmul peak measured here
+    and the card's data-sheet one (FLOP/s, 0: unknown), --tiny, and when the budget runs out (in
+    time.perf_counter's seconds)."""
+
+    dev: torch.device
+    dtype: torch.dtype
+    peak: float
+    spec: float
+    tiny: bool
+    deadline: float
+
+    def left(self):
+        """Seconds of the budget left."""
+        return self.deadline - time.perf_counter()
 
 
 def train_memory(dev, dtype, seq=8192, compile_=False, hf=False, **overrides):
     """Peak memory of a ModernBERT-base training step (batch 1, seq tokens) with AdamW state."""
+    # earlier sections' cyclic garbage must not count, nor anything they left alive (leftover)
+    gc.collect()
+    floor = 0
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        floor = torch.cuda.memory_allocated()
+    cfg = te.Config.from_preset("modernbert", **overrides)
     torch.manual_seed(0)
-    model = te.TinyEncoder(te.Config.from_preset("modernbert", **overrides)).to(dev)
+    model = te.TinyEncoder(cfg).to(dev)
     if hf:
         model = hf_twin(model, dev)
     step = Stepper(model, True, dtype, compile_)
-    b = make_batches(te.Config.from_preset("modernbert"), 1, 1, seq, False, dev)[0]
+    b = make_batches(cfg, 1, 1, seq, False, dev, dtype=dtype)[0]
     # allocates AdamW state (and compiles)
     step(b)
     synchronize(dev)
     if dev.type != "cuda":
         return dict(seq=seq, peak_gib=None, note="peak memory is only measured on CUDA")
-    # earlier sections' cyclic garbage must not count
     gc.collect()
     torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+    before = torch.cuda.memory_allocated() - floor
     step(b)
     synchronize(dev)
-    peak = torch.cuda.max_memory_allocated()
-    return dict(seq=seq, peak_gib=peak / 2**30, static_gib=before / 2**30)
+    peak = torch.cuda.max_memory_allocated() - floor
+    return dict(
+        seq=seq, peak_gib=peak / 2**30, static_gib=before / 2**30, leftover_gib=floor / 2**30
+    )
 
 
 def section(name, report, fn, *args, **kwargs):
@@ -62,20 +124,23 @@ def section(name, report, fn, *args, **kwargs):
     print(f"\n== {name}", flush=True)
     t = time.perf_counter()
     try:
-        report[name] = fn(*args, **kwargs)
+        figures = fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - keep the other sections
         traceback.print_exc()
-        report[name] = {"error": f"{type(e).__name__}: {e}"}
-    print(f"   ({time.perf_counter() - t:.0f} s)", flush=True)
+        figures = {"error": f"{type(e).__name__}: {e}"}
+    seconds = time.perf_counter() - t
+    print(f"   ({seconds:.0f} s)", flush=True)
+    report.setdefault("section_seconds", {})[name] = seconds
     # after every section, so that a run cut short keeps what it measured
+    record(report, name, figures)
+
+
+def record(report, name, figures):
+    """Put a section's figures (so far) in the report, and write it to its file, if it names one."""
+    report[name] = figures
     if report.get("json"):
-        write_report(report)
-
-
-def write_report(report):
-    """The report as JSON, to the path it names."""
-    with open(report["json"], "w") as f:
-        json.dump(report, f, indent=1, default=str)
+        with open(report["json"], "w") as f:
+            json.dump(report, f, indent=1, default=str)
 
 
 @dataclasses.dataclass
@@ -188,92 +253,335 @@ def check_numerics(dev):
     return {arch: check_arch(arch, batch, dev) for arch in te.PRESETS}
 
 
-def check_speed(dev, dtype, peak, spec, tiny, dtype_name):
-    """ModernBERT-base training on variable-length rows of up to 1024 tokens: tokens/s and MFU of
-    tinyencoder (eager and compiled) and transformers (sdpa), same weights and batches."""
-    layers = te.Config.from_preset("modernbert").layers
-    sizes = Sizes(layers=layers, batch=16, seq=1024, steps=10, warmup=3)
+@dataclasses.dataclass
+class SpeedPlan:
+    """(b)'s sizes: encoder layers (None: each preset's), the longest row per arch, the rows per
+    batch, and at each batch size how many batches are timed after how many untimed warm-up ones;
+    and torch.compile's keywords, for (b) and (c)."""
+
+    layers: Optional[int]
+    hidden: int
+    seq: dict
+    batches: tuple
+    steps: int
+    warmup: int
+    compile: dict
+
+
+def speed_plan(tiny):
+    """The GPU's sizes, or --tiny's: one layer, short rows, two small batch sizes, and the
+    aot_eager backend (Dynamo and AOTAutograd as on the GPU, without generating C++ for the CPU:
+    a third of the compile time, and the GPU's code is not the CPU's anyway)."""
     if tiny:
-        sizes = Sizes(layers=1, batch=2, seq=128, steps=2, warmup=3)
+        seq = {arch: n // 4 for arch, n in SPEED_SEQ.items()}
+        options = dict(dynamic=True, backend="aot_eager")
+        sizes = dict(layers=1, hidden=256, batches=(2, 4), steps=2, warmup=1)
+        return SpeedPlan(**sizes, seq=seq, compile=options)
+    # dynamic=True: the first call traces sizes as symbols, so that no new batch recompiles;
+    # warm-up: a new batch size might still, or pick new cuBLAS kernels
+    sizes = dict(layers=None, hidden=768, batches=(16, 32, 48), steps=6, warmup=1)
+    return SpeedPlan(**sizes, seq=SPEED_SEQ, compile=dict(dynamic=True))
+
+
+def compiled_frames():
+    """Frames torch.compile has traced in this process so far: a rise while timing, a recompile."""
+    return counters["frames"]["total"]
+
+
+def first_calls(steps, b, dev):
+    """Each step's first call, on one batch, in seconds: mostly compiling, where it compiles."""
+    seconds = {}
+    for name, step in steps.items():
+        synchronize(dev)
+        t = time.perf_counter()
+        step(b)
+        synchronize(dev)
+        seconds[name] = time.perf_counter() - t
+    return seconds
+
+
+def speed_arch(arch, plan, dev, dtype, kept):
+    """(b) for one arch: its steps built, and compiled once by their first call (plan.compile),
+    then timed at each batch size on fresh batches; kept[arch] keeps the compiled tinyencoder step
+    for (c)."""
+    seq = plan.seq[arch]
+    base = base_model(arch, dev, plan.layers or te.Config.from_preset(arch).layers, plan.hidden)
+    steps = {"published": Stepper(base, True, dtype, compile_=True, options=plan.compile)}
+    if transformers is not None:
+        steps.update(hf_steppers(base, True, dtype, PEERS, options=plan.compile))
+    b = make_batches(base.cfg, 1, plan.batches[0], seq, True, dev, dtype=dtype, seed=99)[0]
+    info = dict(first_call_s=first_calls(steps, b, dev), attn_dropout=base.cfg.attn_dropout)
+    info["backend"] = te.pick_backend(base.cfg, dev, dtype)
+    frames = compiled_frames()
     rows = []
-    for compile_ in (False, True):
-        for row in bench_case("modernbert", "var", "train", sizes, dev, dtype, compile_=compile_):
-            row["compiled"] = compile_
-            if compile_:
-                row["variant"] = "compiled"
-            rows.append(row)
+    for B in plan.batches:
+        batches = make_batches(
+            base.cfg, plan.warmup + plan.steps, B, seq, True, dev, dtype=dtype, seed=B
+        )
+        times = alternate(steps, batches, plan.warmup, dev)
+        case = dict(arch=arch, rows=B, seq=seq)
+        rows += compare(base, steps, times, batches[plan.warmup :], True, case)
+        print(f"   {arch} {B} rows: done", file=sys.stderr, flush=True)
+    info["recompiles_while_timed"] = compiled_frames() - frames
+    kept[arch] = steps["published"]
+    return dict(info, rows=rows)
+
+
+def add_mfus(rows, peak, spec):
+    """Each step's MFU against the measured peak (te_mfu, hf_mfu, ...) and the data sheet's
+    (te_mfu_spec, ...: None where the card is not in mfu.py's table)."""
     add_mfu(rows, peak)
-    print_table(rows, peak, dtype_name)
-    # MFU against the data sheet as well, as papers quote it
     for row in rows:
-        row["te_mfu_spec"] = row["te_flop_s"] / spec if spec else None
-        print(f"   compiled={row['compiled']}: te MFU {row['te_mfu_spec'] or 0:.1%} of the spec")
-    return rows
+        for key in [k for k in row if k.endswith("_flop_s")]:
+            row[key.removesuffix("_flop_s") + "_mfu_spec"] = row[key] / spec if spec else None
 
 
-def profile_step(dev, dtype, tiny):
-    """The ten most expensive kernels of one ModernBERT-base training step, from the profiler."""
-    sizes = dict(layers=te.Config.from_preset("modernbert").layers, batch=8, seq=1024)
-    if tiny:
-        sizes = dict(layers=2, batch=2, seq=256)
-    torch.manual_seed(0)
-    model = te.TinyEncoder(te.Config.from_preset("modernbert", layers=sizes["layers"])).to(dev)
-    step = Stepper(model, True, dtype)
-    b = make_batches(model.cfg, 1, sizes["batch"], sizes["seq"], True, dev)[0]
-    # allocates the optimizer state, so that the profiled step is a steady one
-    step(b)
+def check_speed(setting, kept, save):
+    """(b): each arch's figures, saved as each is done (save: the report so far, to its file); an
+    arch that fails is recorded and the next one runs, one that the budget has no time for is
+    skipped. Then the table."""
+    plan = speed_plan(setting.tiny)
+    report = dict(flash=te.FLASH, plan=dataclasses.asdict(plan))
+    rows = []
+    last_s = 0.0
+    for arch in SPEED_SEQ:
+        if setting.left() < LATER_S + last_s:
+            report[arch] = dict(skipped=f"{setting.left():.0f} s of the budget left")
+            print(f"   {arch}: skipped, {report[arch]['skipped']}", flush=True)
+            continue
+        t = time.perf_counter()
+        try:
+            report[arch] = speed_arch(arch, plan, setting.dev, setting.dtype, kept)
+        except Exception as e:  # noqa: BLE001 - keep the other archs
+            traceback.print_exc()
+            report[arch] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        last_s = time.perf_counter() - t
+        report[arch]["seconds"] = last_s
+        add_mfus(report[arch]["rows"], setting.peak, setting.spec)
+        rows += report[arch]["rows"]
+        save(report)
+    print_speed(rows, setting.peak, setting.spec)
+    return report
+
+
+def cell(row, key, spec):
+    """One figure of the speed table, formatted by spec, or a dash where it is missing."""
+    value = row.get(key)
+    if value is None:
+        return "-"
+    return format(value, spec)
+
+
+def print_speed(rows, peak, spec):
+    """(b)'s table: tok/s of real tokens, their time over ours (vs), MFU of the measured peak."""
+    print(f"\nmeasured peak {peak / 1e12:.2f} TFLOP/s, data sheet {spec / 1e12:.0f} (0: unknown)")
+    print("hf = transformers compiled, eager = transformers not compiled; vs = its time / ours")
+    columns = ("te tok/s", "hf tok/s", "eager tok/s", "vs hf", "vs eager", "te MFU", "of sheet")
+    head = f"{'arch':<11}{'rows':>5}" + "".join(f"{c:>12}" for c in columns)
+    print(head + f"{'hf MFU':>9}{'eager MFU':>10}\n" + "-" * (len(head) + 19))
+    for r in rows:
+        figures = [cell(r, "te_tok_s", ",.0f"), cell(r, "hf_tok_s", ",.0f")]
+        figures += [cell(r, "hf_eager_tok_s", ",.0f"), cell(r, "ratio", ".2f")]
+        figures += [cell(r, "hf_eager_ratio", ".2f"), cell(r, "te_mfu", ".1%")]
+        figures.append(cell(r, "te_mfu_spec", ".1%"))
+        line = f"{r['arch']:<11}{r['rows']:>5}" + "".join(f"{f:>12}" for f in figures)
+        print(line + f"{cell(r, 'hf_mfu', '.1%'):>9}{cell(r, 'hf_eager_mfu', '.1%'):>10}")
+        for key in [k for k in r if k.endswith("note")]:
+            print(f"   {key}: {r[key]}")
+
+
+def profiled_step(setting, kept):
+    """(b)'s compiled ModernBERT step, or a fresh one, compiled as (b)'s, where (b) made none."""
+    if "modernbert" in kept:
+        return kept["modernbert"]
+    plan = speed_plan(setting.tiny)
+    layers = plan.layers or te.Config.from_preset("modernbert").layers
+    base = base_model("modernbert", setting.dev, layers, plan.hidden)
+    return Stepper(base, True, setting.dtype, compile_=True, options=plan.compile)
+
+
+def profile_step(setting, kept):
+    """(c): the compiled ModernBERT step at (b)'s first batch size, on fresh batches: 100 steps
+    timed with no sync between them, the recompiles among them counted; then a few profiled, and
+    a few under the sync debug mode."""
+    dev = setting.dev
+    plan = speed_plan(setting.tiny)
+    n = 100
+    if setting.tiny:
+        n = 10
+    step = profiled_step(setting, kept)
+    rows = plan.batches[0]
+    seq = plan.seq["modernbert"]
+    batches = make_batches(step.model.cfg, n, rows, seq, True, dev, dtype=setting.dtype, seed=7)
+    # compiles, where (b) did not
+    step(batches[0])
+    synchronize(dev)
+    frames = compiled_frames()
+    t = time.perf_counter()
+    for b in batches:
+        step(b)
+    synchronize(dev)
+    step_s = (time.perf_counter() - t) / n
+    figures = dict(rows=rows, seq=seq, steps=n, step_ms=step_s * 1e3)
+    figures["recompiles"] = compiled_frames() - frames
+    figures["compile_note"] = step.note
+    figures.update(kernel_profile(step, batches[:3], dev, step_s))
+    figures["sync_warnings_per_step"] = sync_warnings(step, batches[:3], dev)
+    print_profile(figures)
+    return figures
+
+
+def time_by_name(events):
+    """Seconds and calls per event name, each event counted once: a kernel by its own duration,
+    a CPU op by its self time (its children's excluded)."""
+    seconds, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.device_type == DeviceType.CPU:
+            seconds[e.name] += e.self_cpu_time_total / 1e6
+        else:
+            seconds[e.name] += e.time_range.elapsed_us() / 1e6
+        calls[e.name] += 1
+    return dict(seconds=seconds, calls=calls)
+
+
+def top_table(events, steps, limit=15):
+    """The most expensive names, per step: milliseconds, share of the total, calls."""
+    by_name = time_by_name(events)
+    total = sum(by_name["seconds"].values()) or 1.0
+    table = []
+    for name, seconds in by_name["seconds"].most_common(limit):
+        calls = by_name["calls"][name] / steps
+        table.append(dict(name=name, ms=seconds * 1e3 / steps, share=seconds / total, calls=calls))
+    return table
+
+
+def kernel_profile(step, batches, dev, step_s):
+    """A few steps under the profiler: gpu_figures on CUDA; on a CPU, the ops by self time."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if dev.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        step(b)
+        for b in batches:
+            step(b)
         synchronize(dev)
-    sort = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=10))
-    events = sorted(prof.key_averages(), key=operator.attrgetter(sort), reverse=True)[:10]
-    return [dict(kernel=e.key, us=getattr(e, sort), calls=e.count) for e in events]
+    if dev.type == "cuda":
+        return gpu_figures(prof.events(), len(batches), step_s)
+    table = top_table([e for e in prof.events() if e.device_type == DeviceType.CPU], len(batches))
+    note = "CPU: the table is of ops by self time; busy share and syncs are GPU figures"
+    return dict(kernels=table, busy_share=None, syncs_per_step=None, note=note)
 
 
-def train_lines(dev, tiny):
-    """python train.py --arch modernbert --max-steps 100 on this device: its tok/s and MFU lines
-    (the first includes compiling; the last is the steady state)."""
-    size = ["--max-steps", "100"]
+def gpu_figures(events, steps, step_s):
+    """From the profile of some steps: the kernels (device events only, since the profiler also
+    lists each op with its kernels' time), their time per step over step_s (the GPU's busy share),
+    and the runtime calls per step that make the host wait (a stream or device synchronize, a
+    synchronous cudaMemcpy), besides the device synchronize that ends the profile."""
+    kernels = [e for e in events if e.device_type != DeviceType.CPU]
+    kernel_s = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / steps
+    names = collections.Counter(e.name for e in events if e.device_type == DeviceType.CPU)
+    waits = names["cudaStreamSynchronize"] + names["cudaEventSynchronize"] + names["cudaMemcpy"]
+    waits += max(0, names["cudaDeviceSynchronize"] - 1)
+    figures = dict(kernels=top_table(kernels, steps), kernel_ms=kernel_s * 1e3)
+    figures.update(busy_share=kernel_s / step_s, syncs_per_step=waits / steps)
+    copies_back = [e for e in kernels if "DtoH" in e.name]
+    figures["copies_to_host_per_step"] = len(copies_back) / steps
+    return figures
+
+
+def sync_warnings(step, batches, dev):
+    """Synchronizing calls per step, as torch.cuda.set_sync_debug_mode("warn") reports them; None
+    on a CPU."""
+    if dev.type != "cuda":
+        return None
+    synchronize(dev)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for b in batches:
+                step(b)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    synchronize(dev)
+    found = [w for w in caught if "synchroniz" in str(w.message)]
+    for w in found[:3]:
+        print(f"   sync: {w.filename}:{w.lineno}: {str(w.message)[:120]}")
+    return len(found) / len(batches)
+
+
+def print_profile(figures):
+    """(c)'s summary, then its table."""
+    shape = f"{figures['rows']} rows of up to {figures['seq']} tokens"
+    print(f"   {shape}: {figures['step_ms']:.1f} ms a step over {figures['steps']} steps", end="")
+    print(f" ({figures['recompiles']} recompiles); kernels {cell(figures, 'kernel_ms', '.1f')} ms")
+    syncs = f"{cell(figures, 'syncs_per_step', '.1f')} in the profile"
+    syncs += f", {cell(figures, 'sync_warnings_per_step', '.1f')} by the sync debug mode"
+    print(f"   GPU busy {cell(figures, 'busy_share', '.1%')} of a step; host syncs a step: {syncs}")
+    if figures.get("note"):
+        print(f"   note: {figures['note']}")
+    for row in figures["kernels"]:
+        calls = f"{row['calls']:.1f}x"
+        print(f"   {row['ms']:9.3f} ms {row['share']:6.1%} {calls:>7}  {row['name'][:90]}")
+
+
+def train_run(arch, steps, dev, tiny, timeout):
+    """python train.py --arch ARCH --max-steps STEPS on this device (--tiny: its tiny size, 5
+    steps): its tok/s and MFU lines (the first includes compiling; the last is the steady state)."""
+    size = ["--max-steps", str(steps)]
     if tiny:
         size = ["--size", "tiny", "--max-steps", "5"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "train.py", "--arch", arch, "--device", dev.type]
+        command += size + ["--out-dir", out]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=here, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if "tok/s" in line or "MFU" in line]
+    print("\n".join(lines) or done.stderr[-2000:])
+    seconds = time.perf_counter() - t
+    return dict(returncode=done.returncode, lines=lines, seconds=seconds)
+
+
+def train_lines(setting):
+    """(e): train.py's ModernBERT for 100 steps; BERT's 40 when the budget leaves BERT_TRAIN_S."""
+    dev = setting.dev
     gc.collect()
     # hand the earlier sections' cached memory back for train.py
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    here = os.path.dirname(os.path.abspath(__file__))
-    with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "train.py", "--arch", "modernbert", "--device", dev.type]
-        command += size + ["--out-dir", out]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=here, timeout=300)
-    lines = [line for line in done.stdout.splitlines() if "tok/s" in line or "MFU" in line]
-    print("\n".join(lines) or done.stderr[-2000:])
-    return dict(returncode=done.returncode, lines=lines)
+    runs = {"modernbert": train_run("modernbert", 100, dev, setting.tiny, timeout=300)}
+    left = setting.left()
+    if left < BERT_TRAIN_S:
+        runs["bert"] = dict(skipped=f"{left:.0f} s of the budget left, under {BERT_TRAIN_S} s")
+        print(f"   bert: {runs['bert']['skipped']}")
+    else:
+        runs["bert"] = train_run("bert", 40, dev, setting.tiny, timeout=left)
+    return runs
 
 
-def run(report, dev, dtype_name, peak, tiny):
+def run(report, setting):
     """Sections (a) to (e); the report holds each one's figures, or its error."""
     start = time.perf_counter()
-    dtype = DTYPES[dtype_name]
-    spec = spec_peak(dev)
-    report["spec_peak_flops"] = spec
-    measured = f"matmul peak ({dtype_name}, measured): {peak / 1e12:.2f} TFLOP/s"
-    print(f"{measured}; the card's dense bf16 spec: {spec / 1e12:.0f} TFLOP/s (0: not known)")
+    dev = setting.dev
     section("numerics", report, check_numerics, dev)
-    section("speed", report, check_speed, dev, dtype, peak, spec, tiny, dtype_name)
-    section("profile", report, profile_step, dev, dtype, tiny)
+    # (b)'s compiled ModernBERT step, for (c)
+    kept = {}
+    save = functools.partial(record, report, "speed")
+    section("speed", report, check_speed, setting, kept, save)
+    section("profile", report, profile_step, setting, kept)
+    # (d) measures memory: no model of (b) or (c) may stay
+    kept.clear()
+    torch._dynamo.reset()
     mem = {}
-    if tiny:
+    if setting.tiny:
         mem = dict(seq=1024, layers=2)
-    section("memory", report, train_memory, dev, dtype, **mem)
+    section("memory", report, train_memory, dev, setting.dtype, **mem)
     if transformers is not None:
-        section("memory transformers", report, train_memory, dev, dtype, hf=True, **mem)
+        section("memory transformers", report, train_memory, dev, setting.dtype, hf=True, **mem)
     memory = {k: v for k, v in report.items() if k.startswith("memory")}
     print(json.dumps(memory, indent=1))
-    section("train.py", report, train_lines, dev, tiny)
+    section("train.py", report, train_lines, setting)
     report["seconds"] = time.perf_counter() - start
 
 
@@ -285,22 +593,28 @@ def parse_args():
     dtypes = "the speed, profile and memory sections' dtype; default bf16 on CUDA, fp32 on CPU"
     p.add_argument("--dtype", choices=DTYPES, help=dtypes)
     p.add_argument("--json", help="write the results here, after every section")
+    budget = "seconds the whole check may take: (e) runs BERT only if this leaves time for it"
+    p.add_argument("--budget", type=float, default=BUDGET_S, help=budget)
     return p.parse_args()
 
 
 def main():
     args = parse_args()
+    deadline = time.perf_counter() + args.budget
     dev = torch.device(args.device)
     dtype_name = args.dtype or default_dtype(dev)
-    # not a switch here (speed runs both), but recorded as bench.py records it: compiled by default
+    # not a switch here ((b) and (c) compile, (d) does not), but recorded as bench.py records it
     compile_ = dev.type == "cuda"
     print_setup(dev, dtype_name, compile_)
     peak = measured_peak(dev, DTYPES[dtype_name])
+    spec = spec_peak(dev)
+    measured = f"matmul peak ({dtype_name}, measured): {peak / 1e12:.2f} TFLOP/s"
+    print(f"{measured}; the card's dense bf16 spec: {spec / 1e12:.0f} TFLOP/s (0: not known)")
     report = dict(device=str(dev), dtype=dtype_name, compile=compile_, peak_flops=peak)
-    report["json"] = args.json
-    run(report, dev, dtype_name, peak, args.tiny)
-    if args.json:
-        write_report(report)
+    report.update(spec_peak_flops=spec, flash=te.FLASH, json=args.json)
+    setting = Setting(dev, DTYPES[dtype_name], peak, spec, tiny=args.tiny, deadline=deadline)
+    run(report, setting)
+    record(report, "seconds", report["seconds"])
 
 
 if __name__ == "__main__":
