@@ -59,12 +59,14 @@ SPEED_SEQ = {"modernbert": 1024, "bert": 512, "roberta": 512}
 # (b)'s peers: transformers through torch.compile (as a GPU user runs it), and eager
 PEERS = {"hf": True, "hf_eager": False}
 # The GPU run's budget (--budget, from the start of main): a session with 15 minutes of device time
-# runs this once under a limit of about 8 minutes. Expected on an H100/H200: (a) 15 s; (b) about
-# 4.5 minutes, nearly all compiling (6 models, 30-60 s each, once each: dynamic=True); (c) 15 s, on
-# (b)'s compiled step; (d) 15 s; (e) about 100 s for ModernBERT (start, compiling, 100 steps of
-# 32 x 1024 tokens), about as much for BERT. So (b) skips an arch when less is left than the last
-# arch took plus LATER_S for (c), (d) and (e)'s ModernBERT, and (e) runs BERT only if BERT_TRAIN_S
-# is left.
+# runs this once under a limit of about 8 minutes. Planned on an H100/H200: (a) 15 s; (b) about
+# 4.5 minutes, mostly compiling (6 models, 30-60 s each); (c) 15 s, on (b)'s compiled step; (d)
+# 15 s; (e) about 100 s for ModernBERT (start, compiling, 100 steps of 32 x 1024 tokens), as much
+# for BERT. Seen on an H200 (2026-12-04): (a) 5 s, but (b)'s ModernBERT alone, its first calls
+# and 16 and 32 rows, took over 8 minutes, so (b) now checks the budget before each batch size,
+# saves each one's rows as they come, and counts the frames each step traces (the recompile
+# reasons are logged). (b) skips what would leave less than LATER_S for (c), (d) and (e)'s
+# ModernBERT, and (e) runs BERT only if BERT_TRAIN_S is left.
 BUDGET_S = 450
 LATER_S = 130
 BERT_TRAIN_S = 100
@@ -300,31 +302,76 @@ def first_calls(steps, b, dev):
     return seconds
 
 
-def speed_arch(arch, plan, dev, dtype, kept):
+class Counted:
+    """A step that counts the frames torch.compile traces in its calls (after its first call: its
+    recompiles) and the seconds of its slowest call, where a compile shows."""
+
+    def __init__(self, step):
+        self.step = step
+        self.model = step.model
+        self.frames = 0
+        self.slowest = 0.0
+
+    def __call__(self, b):
+        frames = compiled_frames()
+        t = time.perf_counter()
+        self.step(b)
+        self.frames += compiled_frames() - frames
+        self.slowest = max(self.slowest, time.perf_counter() - t)
+
+
+def speed_arch(arch, plan, setting, kept, progress):
     """(b) for one arch: its steps built, and compiled once by their first call (plan.compile),
-    then timed at each batch size on fresh batches; kept[arch] keeps the compiled tinyencoder step
-    for (c)."""
-    seq = plan.seq[arch]
+    then timed at each batch size while the budget lasts, each one's figures handed to progress
+    (the arch's so far) as it is done. kept[arch] keeps the compiled tinyencoder step for (c)."""
+    dev = setting.dev
     base = base_model(arch, dev, plan.layers or te.Config.from_preset(arch).layers, plan.hidden)
-    steps = {"published": Stepper(base, True, dtype, compile_=True, options=plan.compile)}
+    steps = {"published": Stepper(base, True, setting.dtype, compile_=True, options=plan.compile)}
     if transformers is not None:
-        steps.update(hf_steppers(base, True, dtype, PEERS, options=plan.compile))
-    b = make_batches(base.cfg, 1, plan.batches[0], seq, True, dev, dtype=dtype, seed=99)[0]
-    info = dict(first_call_s=first_calls(steps, b, dev), attn_dropout=base.cfg.attn_dropout)
-    info["backend"] = te.pick_backend(base.cfg, dev, dtype)
-    frames = compiled_frames()
-    rows = []
-    for B in plan.batches:
-        batches = make_batches(
-            base.cfg, plan.warmup + plan.steps, B, seq, True, dev, dtype=dtype, seed=B
-        )
-        times = alternate(steps, batches, plan.warmup, dev)
-        case = dict(arch=arch, rows=B, seq=seq)
-        rows += compare(base, steps, times, batches[plan.warmup :], True, case)
-        print(f"   {arch} {B} rows: done", file=sys.stderr, flush=True)
-    info["recompiles_while_timed"] = compiled_frames() - frames
+        steps.update(hf_steppers(base, True, setting.dtype, PEERS, options=plan.compile))
     kept[arch] = steps["published"]
-    return dict(info, rows=rows)
+    seq = plan.seq[arch]
+    b = make_batches(base.cfg, 1, plan.batches[0], seq, True, dev, dtype=setting.dtype, seed=99)
+    info = dict(first_call_s=first_calls(steps, b[0], dev), attn_dropout=base.cfg.attn_dropout)
+    info.update(backend=te.pick_backend(base.cfg, dev, setting.dtype), rows=[], per_batch_size=[])
+    print(f"   {arch} first calls (s): {info['first_call_s']}", flush=True)
+    for B in plan.batches:
+        if setting.left() < LATER_S:
+            info["skipped"] = f"{B} rows and more: {setting.left():.0f} s of the budget left"
+            break
+        rows, seen = time_batch_size(steps, base, plan, setting, dict(arch=arch, rows=B, seq=seq))
+        info["rows"] += rows
+        info["per_batch_size"].append(seen)
+        progress(info)
+    frames = [sum(seen["frames"].values()) for seen in info["per_batch_size"]]
+    info["recompiles_while_timed"] = sum(frames)
+    return info
+
+
+def time_batch_size(steps, base, plan, setting, case):
+    """(b) at one batch size (case's rows): fresh batches through every step, alternating; the
+    rows, and what was seen: the seconds it took, the frames each step traced (recompiles) and
+    each step's slowest call (where a compile shows)."""
+    n = plan.warmup + plan.steps
+    dev, dtype = setting.dev, setting.dtype
+    batches = make_batches(
+        base.cfg, n, case["rows"], case["seq"], True, dev, dtype=dtype, seed=case["rows"]
+    )
+    counted = {k: Counted(s) for k, s in steps.items()}
+    t = time.perf_counter()
+    times = alternate(counted, batches, plan.warmup, dev)
+    rows = compare(base, steps, times, batches[plan.warmup :], True, case)
+    seen = dict(rows=case["rows"], seconds=time.perf_counter() - t)
+    seen.update(frames={k: c.frames for k, c in counted.items()})
+    seen.update(slowest_s={k: round(c.slowest, 2) for k, c in counted.items()})
+    print(f"   {case['arch']} {seen}", flush=True)
+    return rows, seen
+
+
+def record_arch(report, arch, save, figures):
+    """An arch's figures so far into (b)'s report, saved: a run cut short keeps its rows."""
+    report[arch] = figures
+    save(report)
 
 
 def add_mfus(rows, peak, spec):
@@ -351,7 +398,8 @@ def check_speed(setting, kept, save):
             continue
         t = time.perf_counter()
         try:
-            report[arch] = speed_arch(arch, plan, setting.dev, setting.dtype, kept)
+            progress = functools.partial(record_arch, report, arch, save)
+            report[arch] = speed_arch(arch, plan, setting, kept, progress)
         except Exception as e:  # noqa: BLE001 - keep the other archs
             traceback.print_exc()
             report[arch] = {"error": f"{type(e).__name__}: {e}"}
@@ -600,6 +648,8 @@ def parse_args():
 
 def main():
     args = parse_args()
+    # each recompile's reason, printed as it happens: what a short GPU run most needs to show
+    torch._logging.set_logs(recompiles=True)
     deadline = time.perf_counter() + args.budget
     dev = torch.device(args.device)
     dtype_name = args.dtype or default_dtype(dev)
