@@ -353,8 +353,9 @@ class TinyEncoder(nn.Module):
         self.cfg = cfg
         H = cfg.hidden
         self.tok_embed = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_id)
-        self.pos_embed = None  # RoPE instead
-        self.rope = None  # a learned table instead
+        # positions: a learned table (BERT, RoBERTa) or RoPE in attention (ModernBERT), not both
+        self.pos_embed = None
+        self.rope = None
         if cfg.positions == "learned":
             self.pos_embed = nn.Embedding(cfg.max_len + cfg.pos_offset, H)
         else:
