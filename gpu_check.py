@@ -3,7 +3,8 @@
     python gpu_check.py --json gpu_check.json   # on a GPU: bf16, about 7.5 minutes (--budget)
     python gpu_check.py --tiny --device cpu     # the same code at small sizes, in about 2 minutes
 
-Each section is recorded in the JSON, which is rewritten after every one, even when another fails:
+Each section is recorded in the JSON, which is rewritten after every one (and after each of (b)'s
+batch sizes), even when another fails; each recompile's reason is logged as it happens:
 
 (a) numerics: every backend in fp32 and bf16 against fp32 eager, logits and every parameter's
     gradient, on padded and packed rows.
