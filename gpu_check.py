@@ -309,7 +309,6 @@ class Counted:
 
     def __init__(self, step):
         self.step = step
-        self.model = step.model
         self.frames = 0
         self.slowest = 0.0
 
