@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import CPU_BACKENDS, assert_close, assert_ran, batch, perturb, tiny, variant
+import pipelines
 import tinyencoder_hf
 from tinyencoder import CLS, MASK, PAD, SEP, VOCAB_SIZE, TinyEncoder, byte_ids
 
@@ -30,11 +31,40 @@ HF_CLASSES = (
         for task in ("Sequence", "Token")
     ),
     "ModernBertForSequenceClassification:mean",  # classifier_pooling="mean"
+    *(f"{stem}ForQuestionAnswering" for stem in ("Bert", "Roberta", "ModernBert")),
+    *(f"{stem}ForMultipleChoice" for stem in ("Bert", "Roberta", "ModernBert")),
+    "ModernBertForMultipleChoice:mean",
 )
+CHOICE_LENS = (24, 19, 11, 24)  # two questions of two choices each
+
+
+def hf_inputs(name, pad=PAD, lens=(24, 19, 11)):
+    """ids, mask and keyword arguments for a class: (B, T) rows, or (B, choices, T) for multiple
+    choice; BERT's second segment from token 9 on."""
+    if "MultipleChoice" in name:
+        lens = CHOICE_LENS
+    ids, mask = batch(lens, lo=2, hi=VOCAB_SIZE, pad=pad)  # lo=2: no RoBERTa pad id among tokens
+    if "MultipleChoice" in name:
+        ids, mask = ids.unflatten(0, (2, 2)), mask.unflatten(0, (2, 2))
+    kw = dict(attention_mask=mask)
+    if name.startswith("Bert"):
+        kw["token_type_ids"] = (torch.arange(ids.shape[-1]) >= 9).long().expand_as(ids)
+    return ids, mask, kw
+
+
+def hf_logits(ref, name):
+    """transformers' output as our logits: a span head's start and end side by side, (..., 2)."""
+    if "QuestionAnswering" in name:
+        return torch.stack([ref.start_logits, ref.end_logits], dim=-1)
+    if name == "BertForPreTraining":
+        return ref.prediction_logits
+    return ref.logits
 
 
 def hf_model(transformers, name, attn, num_labels=3):
     name, _, pooling = name.partition(":")
+    if "QuestionAnswering" in name:  # qa_outputs: a start and an end logit
+        num_labels = 2
     common = dict(
         num_labels=num_labels,
         vocab_size=VOCAB_SIZE,
@@ -86,11 +116,7 @@ def test_parity_with_transformers(name, attn, tmp_path, kernels):
     )
     hf = hf_model(transformers, name, attn)
     hf.save_pretrained(tmp_path)
-    pad = hf.config.pad_token_id
-    ids, mask = batch(lo=2, hi=VOCAB_SIZE, pad=pad)  # lo=2: no RoBERTa pad id (1) among real tokens
-    kw = dict(attention_mask=mask)
-    if name.startswith("Bert"):
-        kw["token_type_ids"] = (torch.arange(ids.shape[1]) >= 9).long().expand_as(ids)
+    ids, mask, kw = hf_inputs(name, hf.config.pad_token_id)
     with torch.no_grad():
         ref = hf(input_ids=ids, **kw)
     loaded = tinyencoder_hf.load(str(tmp_path)).eval()
@@ -105,14 +131,11 @@ def test_parity_with_transformers(name, attn, tmp_path, kernels):
         assert_ran(kernels, attn, unpad)
         if name.endswith("Model"):
             assert_close(out.hidden[keep], ref.last_hidden_state[keep])
-        elif "SequenceClassification" in name:
-            assert out.logits.shape == (ids.shape[0], 3)
+        elif "SequenceClassification" in name or "MultipleChoice" in name:
+            assert out.logits.shape == ref.logits.shape
             assert_close(out.logits, ref.logits)
         else:
-            assert_close(
-                out.logits[keep],
-                (ref.prediction_logits if name == "BertForPreTraining" else ref.logits)[keep],
-            )
+            assert_close(out.logits[keep], hf_logits(ref, name)[keep])
         if name == "BertForPreTraining":
             assert_close(out.nsp_logits, ref.seq_relationship_logits)
 
@@ -126,7 +149,15 @@ CLASSIFIERS = [
     ("roberta", {"classifier": "token", "num_labels": 3}),
     ("modernbert", {"classifier": "sequence", "num_labels": 3, "classifier_pooling": "mean"}),
     ("modernbert", {"classifier": "token", "num_labels": 3}),
+    ("bert", {"nsp": False, "classifier": "span"}),
+    ("roberta", {"classifier": "span"}),
+    ("modernbert", {"classifier": "span"}),
+    ("bert", {"nsp": False, "classifier": "choice"}),
+    ("roberta", {"classifier": "choice"}),
+    ("modernbert", {"classifier": "choice", "classifier_pooling": "mean"}),
 ]
+TASK_NAMES = {"sequence": "SequenceClassification", "token": "TokenClassification"}
+TASK_NAMES.update(span="QuestionAnswering", choice="MultipleChoice")
 
 
 @pytest.mark.parametrize(
@@ -139,28 +170,25 @@ def test_save_round_trip(preset, over, tmp_path):
     )
     model = perturb(TinyEncoder(tiny(preset, **over))).eval()
     tinyencoder_hf.save(model, str(tmp_path))
-    auto = {
-        "sequence": transformers.AutoModelForSequenceClassification,
-        "token": transformers.AutoModelForTokenClassification,
-    }.get(model.cfg.classifier, transformers.AutoModelForMaskedLM)
+    auto = transformers.AutoModelForMaskedLM
+    if model.cfg.classifier != "none":
+        auto = getattr(transformers, "AutoModelFor" + TASK_NAMES[model.cfg.classifier])
     if model.cfg.nsp:
         auto = transformers.AutoModelForPreTraining
     hf = auto.from_pretrained(str(tmp_path)).eval()
     assert (
         type(hf).__name__ == json.loads((tmp_path / "config.json").read_text())["architectures"][0]
     )
-    ids, mask = batch()
-    kw = dict(attention_mask=mask)
-    if model.cfg.type_vocab > 1:
-        kw["token_type_ids"] = (torch.arange(ids.shape[1]) >= 9).long().expand_as(ids)
+    name = type(hf).__name__
+    ids, mask, kw = hf_inputs(name)
+    if model.cfg.type_vocab == 1:  # RoBERTa: one segment
+        kw.pop("token_type_ids", None)
     with torch.no_grad():
         out, ref = model(ids, **kw), hf(input_ids=ids, **kw)
     keep = mask.bool()
-    if model.cfg.classifier == "sequence":
-        keep = slice(None)  # one row of logits per sequence
-    assert_close(
-        out.logits[keep], (ref.prediction_logits if model.cfg.nsp else ref.logits)[keep], 1e-5
-    )
+    if model.cfg.classifier in ("sequence", "choice"):
+        keep = slice(None)  # one row of logits per sequence, one logit per choice
+    assert_close(out.logits[keep], hf_logits(ref, name)[keep], 1e-5)
     if model.cfg.nsp:
         assert_close(out.nsp_logits, ref.seq_relationship_logits, 1e-5)
     again = tinyencoder_hf.load(str(tmp_path)).eval()
@@ -261,14 +289,14 @@ def test_a_lone_copy_embeds_and_classifies(tmp_path):
         "import sys; sys.modules['tinyencoder_hf'] = None; import tinyencoder as te; "
         "c = te.Config.from_preset('bert', hidden=32, layers=1, heads=2, nsp=False, "
         "classifier='sequence', num_labels=3); m = te.TinyEncoder(c).eval(); "
-        "print(tuple(m.encode(['hi', 'there']).shape), "
-        "tuple(m(te.torch.tensor([[1, 2]])).logits.shape))"
+        "ids = te.torch.tensor([[1, 2]]); mask = te.torch.ones_like(ids); "
+        "print(tuple(te.pool(m(ids).hidden, mask, 'mean').shape), tuple(m(ids).logits.shape))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["(2,", "32)", "(1,", "3)"]
+    assert proc.stdout.split() == ["(1,", "32)", "(1,", "3)"]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -308,16 +336,47 @@ def test_fill_mask_pipeline_predicts_our_argmax(preset, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["bert", "roberta", "modernbert"])
+def test_a_saved_span_model_answers_in_transformers(preset, tmp_path):
+    """The saved folder answers as pipelines.answer does: its tokenizer frames question and
+    context as question_row does, and AutoModelForQuestionAnswering's start and end logits give
+    the same span of the context, through the question-answering pipeline where the installed
+    transformers still has one (later 5.x releases removed it)."""
+    transformers = pytest.importorskip("transformers", reason="the answer is transformers'")
+    model = perturb(TinyEncoder(tiny(preset, nsp=False, classifier="span"))).eval()
+    tinyencoder_hf.save(model, str(tmp_path))
+    question, context = "default of timeout?", "def get(url, timeout=10):\n    return url"
+    ours = pipelines.answer(model, question, context, max_length=8)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    hf = transformers.AutoModelForQuestionAnswering.from_pretrained(str(tmp_path)).eval()
+    encoded = tokenizer(question, context, return_tensors="pt", return_offsets_mapping=True)
+    offsets = encoded.pop("offset_mapping")[0].tolist()
+    row = pipelines.question_row(model.cfg, question, context)
+    assert encoded["input_ids"][0].tolist() == row.ids
+    with torch.no_grad():
+        out = hf(**encoded)
+    logits = torch.stack([out.start_logits[0], out.end_logits[0]], dim=-1)
+    allowed = torch.tensor([part == 1 for part in encoded.sequence_ids(0)])
+    first, last = pipelines.best_span(logits, allowed, max_length=8)
+    assert context[offsets[first][0] : offsets[last][1]] == ours and ours
+    try:
+        answerer = transformers.pipeline("question-answering", model=str(tmp_path))
+    except (KeyError, ValueError):  # removed from this transformers
+        return
+    answered = answerer(question=question, context=context, max_answer_len=8)
+    assert answered["answer"] == ours
+
+
+@pytest.mark.parametrize("preset", ["bert", "roberta", "modernbert"])
 def test_encode_equals_transformers_and_sentence_transformers(preset, tmp_path):
-    """model.encode on a saved model: mean pooling equals sentence-transformers' (which the saved
-    folder sets up) and cls pooling transformers' AutoModel at position 0, for texts of different
-    lengths batched together; normalize gives the same vectors at unit length."""
+    """pipelines.encode on a saved model: mean pooling equals sentence-transformers' (which the
+    saved folder sets up) and cls pooling transformers' AutoModel at position 0, for texts of
+    different lengths batched together; normalize gives the same vectors at unit length."""
     transformers = pytest.importorskip("transformers", reason="encode is compared to transformers")
     st = pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed")
     model = perturb(TinyEncoder(tiny(preset, nsp=False))).eval()
     tinyencoder_hf.save(model, str(tmp_path))
     texts = ["short", MIXED_TEXT, "x" * 62, "", "ab", "a longer line of text\n" * 2]
-    ours = model.encode(texts, pooling="mean", normalize=False, batch_size=2)
+    ours = pipelines.encode(model, texts, pooling="mean", normalize=False, batch_size=2)
     theirs = st.SentenceTransformer(str(tmp_path), device="cpu").encode(
         texts, convert_to_tensor=True
     )
@@ -326,8 +385,10 @@ def test_encode_equals_transformers_and_sentence_transformers(preset, tmp_path):
     hf = transformers.AutoModel.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
         first = [hf(**tokenizer(t, return_tensors="pt")).last_hidden_state[0, 0] for t in texts]
-    assert_close(model.encode(texts, pooling="cls", normalize=False), torch.stack(first), 1e-4)
-    unit = model.encode(texts, batch_size=4)
+    assert_close(
+        pipelines.encode(model, texts, pooling="cls", normalize=False), torch.stack(first), 1e-4
+    )
+    unit = pipelines.encode(model, texts, batch_size=4)
     assert_close(unit, torch.nn.functional.normalize(ours, dim=-1), 1e-5)
     assert_close(unit.norm(dim=-1), torch.ones(len(texts)), 1e-5)
 
@@ -341,28 +402,39 @@ def test_encode_equals_transformers_and_sentence_transformers(preset, tmp_path):
         ("BertForTokenClassification", 3),
         ("RobertaForTokenClassification", 3),
         ("ModernBertForTokenClassification", 3),
+        *((f"{stem}ForQuestionAnswering", 2) for stem in ("Bert", "Roberta", "ModernBert")),
+        *((f"{stem}ForMultipleChoice", 2) for stem in ("Bert", "Roberta", "ModernBert")),
     ],
 )
 def test_classifier_losses_match_transformers(name, num_labels, tmp_path):
+    """The same loss for the same labels. A span's: rows without padding (transformers' softmax
+    runs over padding too, ours does not), one end past the row (ignored by both)."""
     transformers = pytest.importorskip("transformers", reason="losses are compared to transformers")
     hf = hf_model(transformers, name, "eager")
     if num_labels == 1:  # one output: transformers reads it as regression
         hf = hf_model(transformers, name, "eager", num_labels=1)
     hf.save_pretrained(tmp_path)
-    ids, mask = batch(lo=2, hi=VOCAB_SIZE, pad=hf.config.pad_token_id)
+    ids, mask, _ = hf_inputs(name, hf.config.pad_token_id)
     g = torch.Generator().manual_seed(0)
+    theirs = {}  # transformers' label arguments: labels, or a span's two
     if "Token" in name:  # padding's tags set to -100, as a tokenizer's labels would be
         labels = torch.randint(0, num_labels, ids.shape, generator=g).masked_fill(mask == 0, -100)
     elif num_labels == 1:
         labels = torch.randn(ids.shape[0], generator=g)
+    elif "QuestionAnswering" in name:
+        ids, mask, _ = hf_inputs(name, hf.config.pad_token_id, lens=(24, 24, 24))
+        labels = torch.tensor([[3, 7], [5, 5], [2, 30]])
+        theirs = dict(start_positions=labels[:, 0], end_positions=labels[:, 1])
     else:
         labels = torch.randint(0, num_labels, (ids.shape[0],), generator=g)
+    if not theirs:
+        theirs = dict(labels=labels)
     model = tinyencoder_hf.load(str(tmp_path)).eval()
     for unpad in (False, True):
         with torch.no_grad():
             ours = variant(model, unpad=unpad)(ids, mask, labels=labels).loss
-            theirs = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
-        assert abs(ours.item() - theirs.item()) <= 1e-5, (unpad, ours.item(), theirs.item())
+            reference = hf(input_ids=ids, attention_mask=mask, **theirs).loss
+        assert abs(ours.item() - reference.item()) <= 1e-5, (unpad, ours.item(), reference.item())
 
 
 def test_checkpoints_with_retired_config_fields_still_export(tmp_path):

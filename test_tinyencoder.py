@@ -19,6 +19,7 @@ from conftest import packed_batch, perturb, tiny, variant
 from tinyencoder import CLS, IGNORE_INDEX, MASK, PAD, SEP, VOCAB_SIZE, Config, TinyEncoder
 from tinyencoder import INDEX_DTYPES, byte_ids, check_tensor, mask_tokens
 from mfu import flops_per_token
+import pipelines
 
 
 # -------------------------------------------------------------------------------------------------
@@ -314,6 +315,18 @@ def test_adamw_steps_lower_the_loss(preset):
 
 # -------------------------------------------------------------------------------------------------
 # 6. Heads and embeddings
+def trained(model, ids, doc_ids, labels, steps):
+    """The model in eval mode after steps of AdamW on one batch; every parameter had a finite
+    gradient."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(ids, doc_ids, labels=labels).loss.backward()
+        opt.step()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    return model.eval()
+
+
 @pytest.mark.parametrize("task", ["sequence", "token"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_classifiers_learn_a_byte_rule(preset, task):
@@ -323,14 +336,9 @@ def test_classifiers_learn_a_byte_rule(preset, task):
     ids, mask = batch()
     tags = (ids >= 128).long().masked_fill(mask == 0, IGNORE_INDEX)
     labels = tags[:, 1] if task == "sequence" else tags
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        opt.zero_grad()
-        model(ids, mask, labels=labels).loss.backward()
-        opt.step()
-    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    model = trained(model, ids, mask, labels, 40)
     with torch.no_grad():
-        guess = model.eval()(ids, mask).logits.argmax(-1)
+        guess = model(ids, mask).logits.argmax(-1)
     keep = labels != IGNORE_INDEX
     assert (guess[keep] == labels[keep]).float().mean() >= 0.9
 
@@ -342,11 +350,77 @@ def test_encode_is_the_same_alone_or_batched(preset, unpad):
     encode leaves the model in the mode it found it in."""
     model = perturb(TinyEncoder(tiny(preset, unpad=unpad)))
     texts = ["", "a", "hello world", "é" * 30, b"\x00\xff bytes", "x" * 62]
-    together = model.encode(texts, batch_size=4)
+    together = pipelines.encode(model, texts, batch_size=4)
     assert model.training, "encode must restore training mode"
-    alone = torch.cat([model.encode([text]) for text in texts])
+    alone = torch.cat([pipelines.encode(model, [text]) for text in texts])
     assert_close(together, alone, 1e-5)
-    assert model.encode([]).shape == (0, model.cfg.hidden)
+    assert pipelines.encode(model, []).shape == (0, model.cfg.hidden)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_span_and_choice_heads_learn(preset):
+    """A span head learns to point at a row's first byte >= 128 (start and end); a choice head to
+    pick the choice that holds one. Every parameter gets a finite gradient."""
+    ids, mask = batch(lens=(24, 19, 11, 24, 16, 20), lo=0, hi=128)
+    g = torch.Generator().manual_seed(1)
+    where = torch.stack([torch.randint(1, int(n), (1,), generator=g) for n in mask.sum(1)])[:, 0]
+    ids[torch.arange(6), where] = 200
+    span = TinyEncoder(tiny(preset, nsp=False, classifier="span"))
+    choice = TinyEncoder(tiny(preset, nsp=False, classifier="choice"))
+    # each question's three choices: rows 0-2 and 3-5; the right one is the row with byte 200
+    plain, _ = batch(lens=(24, 19, 11, 24, 16, 20), lo=0, hi=128, seed=2)
+    right = torch.tensor([1, 2])
+    choices = plain.clone().unflatten(0, (2, 3))
+    choices[torch.arange(2), right] = ids.unflatten(0, (2, 3))[torch.arange(2), right]
+    cases = [(span, ids, mask, torch.stack([where, where], 1))]
+    cases.append((choice, choices, mask.unflatten(0, (2, 3)), right))
+    for model, inputs, doc_ids, labels in cases:
+        model = trained(model, inputs, doc_ids, labels, 60)
+        with torch.no_grad():
+            logits = model(inputs, doc_ids).logits
+        guess = logits.argmax(-2 if model is span else -1)
+        assert torch.equal(guess, labels), (model.cfg.classifier, guess, labels)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_span_loss_counts_real_tokens_only(preset):
+    """A span's loss is the same padded or unpadded, ignores a position past the row, at padding
+    or IGNORE_INDEX, and is the mean of the start's and the end's cross-entropy."""
+    model = perturb(TinyEncoder(tiny(preset, nsp=False, classifier="span"))).eval()
+    ids, mask = batch()
+    spans = torch.tensor([[3, 7], [5, 30], [2, 20]])  # row 1's end past T, row 2's at padding
+    with torch.no_grad():
+        losses = [variant(model, unpad=u)(ids, mask, labels=spans).loss for u in (False, True)]
+        logits = model(ids, mask).logits.masked_fill((mask == 0)[..., None], -1e30)
+    assert_close(losses[0], losses[1], 1e-5)
+    start = F.cross_entropy(logits[:, :, 0], spans[:, 0])
+    end = F.cross_entropy(logits[:1, :, 1], spans[:1, 1])  # row 0's end alone counts
+    assert_close(losses[0], (start + end) / 2, 1e-5)
+    ignored = spans.clone()
+    ignored[1, 1] = IGNORE_INDEX
+    with torch.no_grad():
+        assert_close(model(ids, mask, labels=ignored).loss, losses[0], 1e-6)
+
+
+def test_best_span_is_the_best_allowed_pair():
+    """best_span against every pair: the highest start + end logit with first <= last, at most
+    max_length tokens, both allowed; an answer is the text of those bytes."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(20, 2, generator=g)
+    allowed = torch.zeros(20, dtype=torch.bool)
+    allowed[6:19] = True
+    for max_length in (1, 3, 30):
+        pairs = [
+            (logits[i, 0] + logits[j, 1], i, j)
+            for i in range(20)
+            for j in range(i, min(20, i + max_length))
+            if allowed[i] and allowed[j]
+        ]
+        _, first, last = max(pairs)
+        assert pipelines.best_span(logits, allowed, max_length) == (first, last)
+    text = "déf"
+    assert pipelines.span_text(byte_ids(text), 0, 2) == "dé"
+    assert pipelines.span_text(byte_ids(text), 0, 1) == "d\ufffd"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -372,7 +446,18 @@ def classify(preset, labels, classifier="sequence", num_labels=3):
 
 
 def embed(preset, texts, **kw):
-    return TinyEncoder(tiny(preset)).encode(texts, **kw)
+    return pipelines.encode(TinyEncoder(tiny(preset)), texts, **kw)
+
+
+def span_labels(preset, labels):
+    """A tiny span model of the preset on ROW, with these (start, end) labels."""
+    return TinyEncoder(tiny(preset, nsp=False, classifier="span")).eval()(ROW, labels=labels)
+
+
+def choose(preset, input_ids, labels):
+    """A tiny multiple-choice model of the preset on input_ids, with these labels."""
+    model = TinyEncoder(tiny(preset, nsp=False, classifier="choice")).eval()
+    return model(input_ids, labels=labels)
 
 
 def set_column(t, value, dtype=None):
@@ -463,9 +548,7 @@ BAD_CALLS = {
         NO_NSP,
     ),
     "too long": Bad(
-        lambda p: forward(p, torch.full((1, 65), 65)),
-        r"document of 65 tokens exceeds max_len=64",
-        SEGMENTS,
+        lambda p: forward(p, torch.full((1, 65), 65)), r"document of 65 tokens exceeds max_len=64"
     ),
     "flash on cpu": Bad(
         lambda p: TinyEncoder(tiny(p, attn_backend="flash")).eval()(ROW),
@@ -537,6 +620,37 @@ BAD_CALLS = {
     "nsp and classifier": Bad(
         lambda p: tiny(p, classifier="token"), "Config.nsp=True must be False", ("bert",)
     ),
+    "span after end": Bad(
+        lambda p: span_labels(p, torch.tensor([[3, 7], [5, 2]])),
+        r"labels\[1\]: the span's start 5 is after its end 2",
+    ),
+    "span shape": Bad(
+        lambda p: span_labels(p, torch.tensor([3, 7])), r"labels must be a \(2, 2\) tensor"
+    ),
+    "span -5": Bad(lambda p: span_labels(p, torch.tensor([[3, 7], [-5, 2]])), r"got -5"),
+    "choices 2-D": Bad(
+        lambda p: choose(p, ROW, torch.tensor([0, 1])),
+        r"input_ids must be a \(batch, seq\) .*choices.*\[2, 8\]",
+    ),
+    "choice 3 of 3": Bad(
+        lambda p: choose(p, ROW[:, None].expand(2, 3, 8), torch.tensor([0, 3])),
+        r"labels must hold whole numbers in \[0, 3\) or -100; got 3",
+    ),
+    "question too long": Bad(
+        lambda p: pipelines.question_row(tiny(p), "q" * 61, "c"),
+        "question is 61 bytes; max_len=64 leaves no room",
+    ),
+    "context too long": Bad(
+        lambda p: pipelines.question_row(tiny(p), "q" * 20, "c" * 42),
+        "context is 42 bytes; after the question, room for 41",
+    ),
+    "choice counts": Bad(
+        lambda p: pipelines.choice_batch(tiny(p), ["a", "b"], [["x", "y"], ["z"]]),
+        r"choices\[1\] has 1 choices and choices\[0\] 2",
+    ),
+    "answer unfit": Bad(
+        lambda p: pipelines.answer(TinyEncoder(tiny(p)), "q", "c"), "answer needs a span model"
+    ),
     "embed a str": Bad(lambda p: embed(p, "hello"), "a list of texts .* got str and .mean."),
     "embed pooling": Bad(lambda p: embed(p, ["a"], pooling="max"), "got list and 'max'"),
     "embed too long": Bad(
@@ -558,8 +672,8 @@ def test_bad_input_raises_value_error(case, preset):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_legitimate_edge_cases_keep_working(preset):
-    """Masks as bool, int or 0/1 floats; int32 ids; padding rows; the ignore index; documents
-    longer than max_len on RoPE; a batch of padding only."""
+    """Masks as bool, int or 0/1 floats; int32 ids; padding rows; the ignore index; a batch of
+    padding only."""
     model = perturb(TinyEncoder(tiny(preset))).eval()
     ids, mask = batch()
     with torch.no_grad():
@@ -577,8 +691,6 @@ def test_legitimate_edge_cases_keep_working(preset):
         if model.cfg.nsp:
             nsp = torch.tensor([0, IGNORE_INDEX, 1])
             assert model(ids, mask, labels=labels, next_sentence_label=nsp).loss.isfinite()
-        if model.cfg.positions == "rope":  # no table of positions to run out of
-            assert model(torch.full((1, 100), 65)).logits.shape == (1, 100, VOCAB_SIZE)
 
 
 def test_values_are_not_read_off_the_host():
@@ -752,17 +864,17 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_rope_tables_are_made_once_and_stay_out_of_checkpoints():
-    """RopeCache looks up exactly rope_tables' cos and sin; checkpoints hold none of it; a row
-    longer than max_len grows the tables instead of failing."""
+    """RopeCache looks up exactly rope_tables' cos and sin of positions below max_len (a longer
+    document is an input error); checkpoints hold none of it."""
     model = TinyEncoder(tiny("modernbert", rope_theta=160000.0))
     cfg = model.cfg
     assert not any("rope" in name for name in model.state_dict())
-    for positions, length in ((torch.tensor([[0, 5, 63]]), 64), (torch.tensor([[0, 99]]), 100)):
-        looked_up = model.rope(positions, length)
+    for positions in (torch.tensor([[0, 5, 63]]), torch.tensor([[0, 9]])):
+        looked_up = model.rope(positions)
         for kind, theta in (("global", cfg.rope_theta), ("local", cfg.rope_theta_local)):
             cos, sin = tinyencoder.rope_tables(positions, cfg.head_dim, theta)
             assert torch.equal(looked_up[kind][0], cos) and torch.equal(looked_up[kind][1], sin)
-    assert model.rope.cos.shape[1] == 100
+    assert model.rope.cos.shape[1] == cfg.max_len
 
 
 def test_byte_ids():
@@ -824,13 +936,14 @@ def test_labels_at_padding_are_ignored_with_and_without_unpadding(preset):
     assert torch.allclose(losses[0], model(ids, mask, labels=clean).loss, atol=1e-5)
 
 
-def test_packed_row_longer_than_learned_positions():
-    """Learned positions bound each document, not the row: two 40-token documents fit a BERT
-    with 64 positions."""
+@pytest.mark.parametrize("preset", PRESETS)
+def test_packed_row_longer_than_max_len(preset):
+    """max_len bounds each document, not the row: two 40-token documents fit a model of 64
+    positions, learned or RoPE's."""
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (1, 80))
     docs = torch.tensor([[1] * 40 + [2] * 40])
-    model = TinyEncoder(tiny("bert")).eval()
+    model = TinyEncoder(tiny(preset)).eval()
     out = model(ids, docs).logits
     alone = model(ids[:, 40:]).logits
     assert torch.allclose(out[:, 40:], alone, atol=1e-5)

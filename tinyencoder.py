@@ -80,10 +80,11 @@ class Config:
     mlp_dropout: float = 0.0
     init: Literal["normal", "megatron"] = "normal"  # N(0, std) | truncated, outputs scaled
     init_std: float = 0.02
-    # heads: BERT's next-sentence prediction; a fine-tuning classifier in place of the MLM head,
-    # pooling a row's first token or the mean of its tokens (num_labels 1: regression, by MSE)
+    # heads: BERT's next-sentence prediction; a fine-tuning head in place of the MLM head: a class
+    # per row, pooling its first token or the mean of its tokens (num_labels 1: regression, by
+    # MSE); a class per token; a span's start and end logit per token; a score per choice
     nsp: bool = False
-    classifier: Literal["none", "sequence", "token"] = "none"
+    classifier: Literal["none", "sequence", "token", "span", "choice"] = "none"
     num_labels: int = 2
     classifier_pooling: Literal["cls", "mean"] = "cls"
     classifier_dropout: float = 0.1
@@ -353,23 +354,24 @@ class TinyEncoder(nn.Module):
         self.cfg = cfg
         H = cfg.hidden
         self.tok_embed = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_id)
-        # positions: a learned table (BERT, RoBERTa) or RoPE in attention (ModernBERT), not both
+        # positions: a learned table (BERT, RoBERTa) or RoPE's, rope_tables made once (section 9)
         self.pos_embed = None
         self.rope = None
         if cfg.positions == "learned":
             self.pos_embed = nn.Embedding(cfg.max_len + cfg.pos_offset, H)
         else:
-            self.rope = RopeCache(cfg)  # rope_tables of each position, made once (section 9)
+            self.rope = RopeCache(cfg)
         self.type_embed = nn.Embedding(cfg.type_vocab, H) if cfg.type_vocab else None
         self.embed_norm = layer_norm(cfg)
         self.embed_dropout = nn.Dropout(cfg.embed_dropout)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.layers))
         self.final_norm = layer_norm(cfg) if cfg.prenorm else nn.Identity()
-        # the heads: MLM or a classifier; BERT's pooler (tanh(dense(first token))) for NSP and rows
+        # the heads: MLM or a classifier (section 7); BERT's pooler (tanh(dense(first token))) for
+        # NSP and its classifiers of rows and of choices, and RoBERTa's for choices
         self.mlm_head = MLMHead(cfg) if cfg.classifier == "none" else None
         self.classifier = Classifier(cfg) if cfg.classifier != "none" else None
-        bert_rows = cfg.arch == "bert" and cfg.classifier == "sequence"
-        self.pooler = nn.Linear(H, H) if cfg.nsp or bert_rows else None
+        pooled = {("bert", "sequence"), ("bert", "choice"), ("roberta", "choice")}
+        self.pooler = nn.Linear(H, H) if cfg.nsp or (cfg.arch, cfg.classifier) in pooled else None
         self.nsp_head = nn.Linear(H, 2) if cfg.nsp else None
         self.init_weights()
 
@@ -408,9 +410,15 @@ class TinyEncoder(nn.Module):
     ) -> Output:
         """input_ids: (B, T) byte ids. attention_mask: (B, T) document ids, 0 for padding (a 0/1
         mask is one document per row). labels: (B, T) ids to predict, IGNORE_INDEX elsewhere; with
-        a classifier, (B,) classes (numbers when num_labels=1) or (B, T) tags. layout: the batch's,
-        made ahead by make_layout (a GPU step then never waits for the host); else made here."""
+        a classifier, (B,) classes (numbers when num_labels=1) or (B, T) tags; section 7 has spans
+        and choices. layout: the batch's, made ahead by make_layout (a GPU step then never waits
+        for the host); else made here."""
         check_inputs(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label)
+        # multiple choice's (B, choices, T) inputs run as B * choices rows of T (section 7)
+        rows = input_ids.shape[:-1]  # (B,), or (B, choices)
+        input_ids, attention_mask, token_type_ids = as_rows(
+            input_ids, attention_mask, token_type_ids
+        )
         doc_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         if layout is None:
             # Padded rows (section 3), or the unpadded tokens of a fast path (section 9)
@@ -421,7 +429,7 @@ class TinyEncoder(nn.Module):
             logits, loss = self.masked_lm(x, layout, doc_ids, labels)
             out = Output(hidden, logits, loss, mlm_loss=loss)
         else:  # a fine-tuning head (section 7)
-            logits, loss = classify(self, x, hidden, layout, doc_ids, labels)
+            logits, loss = classify(self, x, hidden, layout, doc_ids, labels, rows)
             out = Output(hidden, logits, loss)
         if self.nsp_head is not None:
             out.nsp_logits, out.nsp_loss = self.next_sentence(hidden, next_sentence_label)
@@ -442,7 +450,7 @@ class TinyEncoder(nn.Module):
         x = self.embed_dropout(self.embed_norm(x))
         rope = None  # {"global": (cos, sin), "local": (cos, sin)} at each token, for every layer
         if self.rope is not None:
-            rope = self.rope(positions, input_ids.shape[1])
+            rope = self.rope(positions)
         for layer in self.layers:
             x = layer(x, layout, rope)
         return self.final_norm(x)
@@ -468,10 +476,6 @@ class TinyEncoder(nn.Module):
         logits = self.nsp_head(torch.tanh(self.pooler(hidden[:, 0])))
         loss = None if label is None else F.cross_entropy(logits.float(), label)
         return logits, loss
-
-    def encode(self, texts, pooling="mean", normalize=True, batch_size=32) -> torch.Tensor:
-        """Embeddings (len(texts), hidden) of a list of str or bytes (section 7)."""
-        return encode_texts(self, texts, pooling, normalize, batch_size)
 
 
 # 6. The objective: masked-language modelling
@@ -500,7 +504,8 @@ def mask_tokens(ids, cfg: Config, generator=None, rate=0.15) -> tuple[torch.Tens
 # 7. Fine-tuning heads and embeddings
 class Classifier(nn.Module):
     """The family's transformers head, (..., hidden) -> (..., num_labels): dropout, linear, after
-    dropout, dense, tanh (RoBERTa's on rows) or its MLM head's dense, act, norm (ModernBERT's)."""
+    dropout, dense, tanh (RoBERTa's on rows) or its MLM head's dense, act, norm (ModernBERT's).
+    A span head gives 2 logits, start and end (BERT's and RoBERTa's without dropout); a choice 1."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -514,8 +519,12 @@ class Classifier(nn.Module):
         if self.kind == "transform":
             self.norm = layer_norm(cfg)
         self.act = ACTIVATIONS[cfg.act]
-        self.dropout = nn.Dropout(cfg.classifier_dropout)
-        self.out = nn.Linear(cfg.hidden, cfg.num_labels)
+        dropout = cfg.classifier_dropout
+        if cfg.classifier == "span" and self.kind == "linear":
+            dropout = 0.0
+        self.dropout = nn.Dropout(dropout)
+        outputs = {"span": 2, "choice": 1}.get(cfg.classifier, cfg.num_labels)  # start and end
+        self.out = nn.Linear(cfg.hidden, outputs)
 
     def forward(self, x):
         if self.kind == "transform":
@@ -525,18 +534,27 @@ class Classifier(nn.Module):
         return self.out(self.dropout(x))
 
 
-def classify(model, x, hidden, layout, doc_ids, labels):
+def classify(model, x, hidden, layout, doc_ids, labels, rows: torch.Size):
     """The fine-tuning head: logits (B, num_labels) of each row's pooled vector (BERT's through its
-    pooler), or (B, T, num_labels) of each token; and transformers' loss where labels are given."""
-    if model.cfg.classifier == "sequence":
-        rows = pool(hidden, doc_ids, model.cfg.classifier_pooling)
+    pooler), (B, choices) of each choice's, or (B, T, num_labels) of each token (num_labels 2 for
+    a span: start and end); and transformers' loss where labels are given."""
+    kind = model.cfg.classifier
+    if kind in ("sequence", "choice"):
+        pooled = pool(hidden, doc_ids, model.cfg.classifier_pooling)
         if model.pooler is not None:
-            rows = torch.tanh(model.pooler(rows))
-        logits = model.classifier(rows)
+            pooled = torch.tanh(model.pooler(pooled))
+        logits = model.classifier(pooled)
     else:
         logits = layout.scatter(model.classifier(x))
-    loss = None if labels is None else classifier_loss(logits, labels, doc_ids)
+    if kind == "choice":
+        logits = logits.view(rows)  # (B, choices): each choice's one logit
+    loss = None if labels is None else classifier_loss(logits, labels, doc_ids, kind)
     return logits, loss
+
+
+def as_rows(*tensors) -> list:
+    """Multiple choice's (B, choices, T) inputs as (B * choices, T) rows; (B, T) ones stay."""
+    return [t if t is None else t.flatten(0, -2) for t in tensors]
 
 
 def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -547,9 +565,11 @@ def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Ten
     return (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
 
 
-def classifier_loss(logits, labels, doc_ids) -> torch.Tensor:
-    """transformers' loss: the mean squared error for one label (regression), else cross-entropy;
-    a token classifier's padding never counts."""
+def classifier_loss(logits, labels, doc_ids, kind: str) -> torch.Tensor:
+    """transformers' loss: the mean squared error for one label (regression), a span's (below),
+    else cross-entropy; a token classifier's padding never counts."""
+    if kind == "span":
+        return span_loss(logits, labels, doc_ids)
     if labels.is_floating_point():
         return F.mse_loss(logits.squeeze(-1).float(), labels.float())
     if labels.dim() == 2:
@@ -557,36 +577,18 @@ def classifier_loss(logits, labels, doc_ids) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten())
 
 
-@torch.no_grad()
-def encode_texts(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch.Tensor:
-    """Embeddings (N, hidden) of a list of str or bytes: each text runs as [CLS] bytes [SEP],
-    pooled as pool() says; normalize makes each unit length. Texts of like length share a batch,
-    so little is padded. A text over max_len tokens is an error, never cut silently."""
-    cfg = model.cfg
-    if isinstance(texts, (str, bytes)) or pooling not in ("mean", "cls"):
-        got = f"{type(texts).__name__} and {pooling!r}"
-        raise ValueError(f"encode takes a list of texts and pooling 'mean' or 'cls', got {got}")
-    rows = []
-    for i, text in enumerate(texts):
-        if not isinstance(text, (str, bytes, bytearray)):
-            raise ValueError(f"encode takes str or bytes, got {type(text).__name__} at texts[{i}]")
-        rows.append(torch.tensor([cfg.cls_id, *byte_ids(text), cfg.sep_id]))
-        if len(rows[i]) > cfg.max_len:
-            raise ValueError(f"texts[{i}] is {len(rows[i])} tokens, over max_len={cfg.max_len}")
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out = torch.zeros(len(rows), cfg.hidden)
-    was_training = model.training
-    model.eval()
-    for first in range(0, len(rows), batch_size):
-        batch = order[first : first + batch_size]
-        ids = nn.utils.rnn.pad_sequence([rows[i] for i in batch], True, cfg.pad_id)
-        ids = ids.to(model.tok_embed.weight.device)
-        doc_ids = (ids != cfg.pad_id).long()  # one document per row
-        out[batch] = pool(model(ids, doc_ids).hidden, doc_ids, pooling).float().cpu()
-    model.train(was_training)
-    if normalize:
-        out = F.normalize(out, dim=-1)
-    return out
+def span_loss(logits, spans, doc_ids) -> torch.Tensor:
+    """transformers' extractive QA loss: logits (B, T, 2), spans (B, 2) each row's first and last
+    token; the mean of the start's and the end's cross-entropy over the row. A position outside
+    the input (IGNORE_INDEX, past its end, or padding) is not counted, and padding is no answer."""
+    T = logits.shape[1]
+    real = doc_ids != 0
+    logits = logits.float().masked_fill(~real[..., None], torch.finfo(torch.float32).min)
+    inside = (spans >= 0) & (spans < T) & real.gather(1, spans.clamp(0, T - 1))
+    spans = spans.masked_fill(~inside, IGNORE_INDEX)
+    start_loss = F.cross_entropy(logits[..., 0], spans[:, 0])
+    end_loss = F.cross_entropy(logits[..., 1], spans[:, 1])
+    return (start_loss + end_loss) / 2
 
 
 # 8. Input checks: one-line ValueErrors naming the argument, for what torch would fail on deep
@@ -657,31 +659,48 @@ def check_inputs(model, input_ids, attention_mask, token_type_ids, labels, nsp_l
     """forward's arguments: types, shapes and dtypes always; values only on the CPU and outside
     torch.compile, since on a GPU every step would wait for the read."""
     cfg = model.cfg
-    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.numel() == 0:
+    dims = 3 if cfg.classifier == "choice" else 2  # multiple choice: (batch, choices, seq)
+    if not torch.is_tensor(input_ids) or input_ids.dim() != dims or input_ids.numel() == 0:
         got = getattr(input_ids, "shape", type(input_ids).__name__)
-        raise ValueError(f"input_ids must be a (batch, seq) tensor with a token, got {got}")
+        shapes = "(batch, seq) tensor with a token (multiple choice: (batch, choices, seq))"
+        raise ValueError(f"input_ids must be a {shapes}, got {got}")
     if token_type_ids is not None and not cfg.type_vocab:
         raise ValueError("token_type_ids given, but this model has none (Config.type_vocab=0)")
     if nsp_label is not None and not cfg.nsp:
         raise ValueError("next_sentence_label given, but this model has no NSP head")
-    B, T = input_ids.shape
+    shape = tuple(input_ids.shape)
     read = input_ids.device.type == "cpu" and not torch.compiler.is_compiling()
-    check_tensor("input_ids", input_ids, (B, T), INDEX_DTYPES, cfg.vocab_size, read)
-    check_tensor("attention_mask", attention_mask, (B, T), MASK_DTYPES, math.inf, read)
-    check_tensor("token_type_ids", token_type_ids, (B, T), INDEX_DTYPES, cfg.type_vocab, read)
-    label_shape = (B,) if cfg.classifier == "sequence" else (B, T)
-    classes = cfg.vocab_size if cfg.classifier == "none" else cfg.num_labels
-    if cfg.classifier == "sequence" and cfg.num_labels == 1:  # regression: a number per row
-        check_tensor("labels", labels, (B,), FLOAT_DTYPES, math.inf, read=False)
-    else:
-        check_tensor("labels", labels, label_shape, LABEL_DTYPES, classes, read, ignore=True)
-    check_tensor("next_sentence_label", nsp_label, (B,), LABEL_DTYPES, 2, read, ignore=True)
-    if read and cfg.positions == "learned":
-        # the table has max_len rows: no document may be longer
+    check_tensor("input_ids", input_ids, shape, INDEX_DTYPES, cfg.vocab_size, read)
+    check_tensor("attention_mask", attention_mask, shape, MASK_DTYPES, math.inf, read)
+    check_tensor("token_type_ids", token_type_ids, shape, INDEX_DTYPES, cfg.type_vocab, read)
+    check_labels(cfg, labels, shape, read)
+    check_tensor("next_sentence_label", nsp_label, shape[:1], LABEL_DTYPES, 2, read, ignore=True)
+    if read:  # the position table and RoPE's have max_len rows: no document may be longer
         doc_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        longest = int(document_positions(document_starts(doc_ids)).max()) + 1
+        longest = int(document_positions(document_starts(doc_ids.flatten(0, -2))).max()) + 1
         if longest > cfg.max_len:
             raise ValueError(f"a document of {longest} tokens exceeds max_len={cfg.max_len}")
+
+
+def check_labels(cfg: Config, labels, shape: tuple, read: bool):
+    """forward's labels for its head: (B, T) ids or tags; (B,) classes, numbers or choices; (B, 2)
+    a span's first and last token (IGNORE_INDEX or past the row: not counted)."""
+    B = shape[0]
+    if cfg.classifier == "sequence" and cfg.num_labels == 1:  # regression: a number per row
+        check_tensor("labels", labels, (B,), FLOAT_DTYPES, math.inf, read=False)
+        return
+    # each head's label shape, and the bound of its values
+    heads = {"none": (shape, cfg.vocab_size), "token": (shape, cfg.num_labels)}
+    heads.update(sequence=((B,), cfg.num_labels), span=((B, 2), math.inf))
+    heads["choice"] = ((B,), shape[1])
+    label_shape, top = heads[cfg.classifier]
+    check_tensor("labels", labels, label_shape, LABEL_DTYPES, top, read, ignore=True)
+    if read and labels is not None and cfg.classifier == "span":
+        after = (labels[:, 0] > labels[:, 1]) & (labels[:, 1] != IGNORE_INDEX)
+        if after.any():
+            row = int(after.nonzero()[0])
+            start, end = labels[row].tolist()
+            raise ValueError(f"labels[{row}]: the span's start {start} is after its end {end}")
 
 
 def check_ids(ids, cfg: Config, rate):
@@ -696,25 +715,19 @@ def check_ids(ids, cfg: Config, rate):
 # 9. Fast paths. Each computes what section 3 defines, faster; the tests hold each one equal to
 # eager attention on padded rows.
 class RopeCache(nn.Module):
-    """rope_tables of positions 0, 1, ..., made once, so that compiled layers look cos and sin up
-    rather than recompute them; buffers that checkpoints leave out, grown for a longer row."""
+    """rope_tables of positions 0 to max_len - 1, made once: compiled layers look cos and sin up
+    rather than each recompute them. Buffers that checkpoints leave out."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.thetas = (cfg.rope_theta, cfg.rope_theta_local)
-        self.head_dim = cfg.head_dim
-        self.build(cfg.max_len, torch.device("cpu"))
-
-    def build(self, length: int, device):
-        positions = torch.arange(length, device=device)
-        tables = [rope_tables(positions, self.head_dim, theta) for theta in self.thetas]
-        # each (2, length, 1, head_dim / 2): global, then local
+        positions = torch.arange(cfg.max_len)
+        thetas = (cfg.rope_theta, cfg.rope_theta_local)
+        tables = [rope_tables(positions, cfg.head_dim, theta) for theta in thetas]
+        # each (2, max_len, 1, head_dim / 2): global, then local
         self.register_buffer("cos", torch.stack([cos for cos, _ in tables]), persistent=False)
         self.register_buffer("sin", torch.stack([sin for _, sin in tables]), persistent=False)
 
-    def forward(self, positions, length: int) -> dict:
-        if length > self.cos.shape[1]:
-            self.build(length, positions.device)
+    def forward(self, positions) -> dict:
         cos, sin = self.cos[:, positions], self.sin[:, positions]
         return {"global": (cos[0], sin[0]), "local": (cos[1], sin[1])}
 
@@ -742,19 +755,16 @@ class Unpadded:
     batch_shape: torch.Size  # (B, T)
     backend: str
     seqlens: Optional[list] = None  # on a CPU: each document's length, to attend one at a time
-    rows: Optional[Padded] = None  # on a GPU without the varlen kernel: masks to attend on rows
     labelled: Optional[torch.Tensor] = None  # as Padded's
 
     @classmethod
-    def from_doc_ids(cls, doc_ids, starts, half_window, backend: str, device) -> Unpadded:
+    def from_doc_ids(cls, doc_ids, starts, backend: str, device) -> Unpadded:
         indices = (doc_ids.flatten() != 0).nonzero().squeeze(1)
         first_tokens = starts.flatten()[indices].nonzero().squeeze(1)  # each document's first
         cu_seqlens = F.pad(first_tokens, (0, 1), value=indices.numel()).to(torch.int32)
         layout = cls(indices, cu_seqlens, doc_ids.shape, backend)
         if device.type == "cpu":
             layout.seqlens = cu_seqlens.diff().tolist()
-        elif backend != "flash":
-            layout.rows = Padded.from_doc_ids(doc_ids, starts, half_window, backend)
         return layout
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -786,14 +796,14 @@ def pick_backend(cfg: Config, device: torch.device, dtype) -> str:
 @torch.compiler.disable  # reads the batch: one graph break here, none in the layers
 def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
     """The backend for a forward on device (doc_ids' by default), decided here once, and the
-    layout it runs on: Unpadded tokens for the flash kernel or where cfg.unpad asks, else Padded
-    rows. Made from CPU tensors and moved, it costs the device no wait; given labels, it holds
-    the labelled tokens too, so that masked_lm needs no nonzero() on the device either."""
+    layout it runs on: Unpadded tokens for the flash kernel, or on a CPU where cfg.unpad asks,
+    else Padded rows. Made from CPU tensors and moved, it costs the device no wait; given labels,
+    it holds the labelled tokens too, so that masked_lm needs no nonzero() on the device either."""
     device = torch.device(device or doc_ids.device)
     backend = pick_backend(cfg, device, dtype)
     starts = document_starts(doc_ids)
-    if backend == "flash" or cfg.unpad:
-        layout = Unpadded.from_doc_ids(doc_ids, starts, cfg.half_window, backend, device)
+    if backend == "flash" or (cfg.unpad and device.type == "cpu"):
+        layout = Unpadded.from_doc_ids(doc_ids, starts, backend, device)
     else:
         layout = Padded.from_doc_ids(doc_ids, starts, cfg.half_window, backend)
     if labels is not None:
@@ -806,9 +816,7 @@ def moved(layout, device):
     """The layout's tensors on device; to a GPU through pinned memory, without waiting."""
     for field in fields(layout):
         value = getattr(layout, field.name)
-        if isinstance(value, Padded):
-            value = moved(value, device)
-        elif torch.is_tensor(value) and value.device != device and device.type == "cuda":
+        if torch.is_tensor(value) and value.device != device and device.type == "cuda":
             value = value.pin_memory().to(device, non_blocking=True)
         elif torch.is_tensor(value):
             value = value.to(device)
@@ -825,29 +833,21 @@ def attend(q, k, v, layout, half_window: Optional[int], dropout: float):
         return q
     if layout.backend == "flash":
         return flash_attention(q, k, v, layout, half_window, dropout)
-    if layout.seqlens is not None:
-        return attend_documents(q, k, v, layout, half_window, dropout)
-    # a GPU without the varlen kernel: attention alone goes back to rows
-    q, k, v = (layout.scatter(t) for t in (q, k, v))
-    return layout.gather(padded_attention(q, k, v, layout.rows, half_window, dropout))
+    return attend_documents(q, k, v, layout, half_window, dropout)
 
 
 def padded_attention(q, k, v, layout: Padded, half_window: Optional[int], dropout: float):
-    """Rows (B, T, heads, head_dim) under the layout's global or local mask: eager or SDPA."""
+    """Rows (B, T, heads, head_dim) under the layout's global or local mask: eager, SDPA, or on a
+    CPU, where a window is much shorter than the rows, SDPA in blocks of the window."""
     mask = layout.mask if half_window is None else layout.local_mask
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-    out = masked_attention(q, k, v, mask, half_window, dropout, layout.backend)
+    if layout.backend == "eager":
+        out = eager_attention(q, k, v, mask, dropout)
+    elif q.is_cpu and mask is not None and half_window and q.shape[-2] > 4 * half_window:
+        out = window_blocks(q, k, v, mask, half_window, dropout)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     return out.transpose(1, 2)
-
-
-def masked_attention(q, k, v, mask, half_window: Optional[int], dropout: float, backend: str):
-    """(B, heads, T, head_dim) under a mask (section 3's), by eager, SDPA, or on a CPU, where a
-    window is much shorter than the rows, SDPA in blocks of the window."""
-    if backend == "eager":
-        return eager_attention(q, k, v, mask, dropout)
-    if q.is_cpu and mask is not None and half_window and q.shape[-2] > 4 * half_window:
-        return window_blocks(q, k, v, mask, half_window, dropout)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
 def window_blocks(q, k, v, mask, half_window: int, dropout: float) -> torch.Tensor:
@@ -877,10 +877,9 @@ def attend_documents(q, k, v, layout: Unpadded, half_window: Optional[int], drop
         doc_band = None
         if band is not None and n > half_window + 1:
             doc_band = band[:n, :n]
-        # (1, heads, n, head_dim): SDPA's CPU flash kernel takes 4-D input only
-        qd, kd, vd = (t.transpose(0, 1)[None] for t in (qd, kd, vd))
-        out = masked_attention(qd, kd, vd, doc_band, half_window, dropout, layout.backend)
-        outs.append(out[0].transpose(0, 1))
+        # the document as one row, (1, n, heads, head_dim)
+        row = Padded(doc_band, local_mask=doc_band, backend=layout.backend)
+        outs.append(padded_attention(qd[None], kd[None], vd[None], row, half_window, dropout)[0])
     return torch.cat(outs)
 
 

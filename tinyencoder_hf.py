@@ -28,7 +28,12 @@ CLASSES = {
 }
 # The fine-tuning classes: family -> its class name's stem, and Config.classifier -> the suffix.
 STEMS = {"bert": "Bert", "roberta": "Roberta", "modernbert": "ModernBert"}
-TASK_SUFFIXES = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}
+TASK_SUFFIXES = {
+    "sequence": "ForSequenceClassification",
+    "token": "ForTokenClassification",
+    "span": "ForQuestionAnswering",
+    "choice": "ForMultipleChoice",
+}
 for family, stem in STEMS.items():
     for suffix in TASK_SUFFIXES.values():
         CLASSES[stem + suffix] = family
@@ -178,10 +183,16 @@ MODERNBERT_HEAD = {
 CLASSIFIER_MODULES = {
     ("bert", "sequence"): {"classifier.out": "classifier"},
     ("bert", "token"): {"classifier.out": "classifier"},
+    ("bert", "span"): {"classifier.out": "qa_outputs"},
+    ("bert", "choice"): {"classifier.out": "classifier"},
     ("roberta", "sequence"): ROBERTA_ROWS,
     ("roberta", "token"): {"classifier.out": "classifier"},
+    ("roberta", "span"): {"classifier.out": "qa_outputs"},
+    ("roberta", "choice"): {"classifier.out": "classifier", "pooler": "{base}pooler.dense"},
     ("modernbert", "sequence"): MODERNBERT_HEAD,
     ("modernbert", "token"): MODERNBERT_HEAD,
+    ("modernbert", "span"): MODERNBERT_HEAD,
+    ("modernbert", "choice"): MODERNBERT_HEAD,
 }
 
 
@@ -234,6 +245,8 @@ def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.
     if hf.get("classifier_dropout") is not None:
         fields["classifier_dropout"] = hf["classifier_dropout"]
     elif arch != "modernbert":  # BERT and RoBERTa fall back on their hidden dropout
+        fields["classifier_dropout"] = hf.get("hidden_dropout_prob", 0.1)
+    if arch == "roberta" and classifier == "choice":  # its head reads the hidden dropout only
         fields["classifier_dropout"] = hf.get("hidden_dropout_prob", 0.1)
     fields["classifier_pooling"] = hf.get("classifier_pooling", "cls")
     for ours, theirs in CONFIG_KEYS[arch].items():
@@ -332,9 +345,12 @@ def config_to_hf(cfg: te.Config, labels=None) -> dict:
     hf = {theirs: getattr(cfg, ours) for ours, theirs in CONFIG_KEYS[cfg.arch].items()}
     hf.update(model_type=cfg.arch, tie_word_embeddings=True, architectures=[class_name(cfg)])
     if cfg.classifier != "none":
-        labels = labels or [f"LABEL_{i}" for i in range(cfg.num_labels)]
-        if len(labels) != cfg.num_labels:
-            raise ValueError(f"{len(labels)} label names for num_labels={cfg.num_labels}")
+        count = cfg.num_labels
+        if cfg.classifier == "span":  # qa_outputs' start and end
+            count = 2
+        labels = labels or [f"LABEL_{i}" for i in range(count)]
+        if len(labels) != count:
+            raise ValueError(f"{len(labels)} label names for num_labels={count}")
         hf["id2label"] = dict(enumerate(labels))
         hf["label2id"] = {label: i for i, label in enumerate(labels)}
         hf["classifier_dropout"] = cfg.classifier_dropout

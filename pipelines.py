@@ -1,0 +1,146 @@
+"""A model at work on raw text, as transformers' pipelines are: embeddings and extractive answers.
+
+    vectors = pipelines.encode(model, ["def f(x): return x", "import os"])  # (2, hidden)
+    pipelines.answer(qa_model, "default of timeout", "def get(url, timeout=10): ...")  # "10"
+
+tinyencoder.py alone embeds too: te.pool(model(ids, mask).hidden, mask, "mean") is encode's vector
+before its normalisation. The question and context of a span model are read as transformers'
+question-answering pipeline reads them through the saved tokenizer: [CLS] question [SEP] context
+[SEP], the context the second segment where the model has two.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tinyencoder as te
+
+
+@torch.no_grad()
+def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch.Tensor:
+    """Embeddings (N, hidden) of a list of str or bytes: each text runs as [CLS] bytes [SEP],
+    pooled as te.pool() says; normalize makes each unit length. Texts of like length share a
+    batch, so little is padded. A text over max_len tokens is an error, never cut silently."""
+    cfg = model.cfg
+    if isinstance(texts, (str, bytes)) or pooling not in ("mean", "cls"):
+        got = f"{type(texts).__name__} and {pooling!r}"
+        raise ValueError(f"encode takes a list of texts and pooling 'mean' or 'cls', got {got}")
+    rows = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise ValueError(f"encode takes str or bytes, got {type(text).__name__} at texts[{i}]")
+        rows.append(torch.tensor([cfg.cls_id, *te.byte_ids(text), cfg.sep_id]))
+        if len(rows[i]) > cfg.max_len:
+            raise ValueError(f"texts[{i}] is {len(rows[i])} tokens, over max_len={cfg.max_len}")
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = torch.zeros(len(rows), cfg.hidden)
+    was_training = model.training
+    model.eval()
+    for first in range(0, len(rows), batch_size):
+        batch = order[first : first + batch_size]
+        ids = nn.utils.rnn.pad_sequence([rows[i] for i in batch], True, cfg.pad_id)
+        ids = ids.to(model.tok_embed.weight.device)
+        doc_ids = (ids != cfg.pad_id).long()  # one document per row
+        out[batch] = te.pool(model(ids, doc_ids).hidden, doc_ids, pooling).float().cpu()
+    model.train(was_training)
+    if normalize:
+        out = F.normalize(out, dim=-1)
+    return out
+
+
+class QuestionRow(NamedTuple):
+    # [CLS] question [SEP] context [SEP]
+    ids: list
+    # 0 up to the first [SEP], then 1 where the model has two segments
+    token_types: list
+    # the context's tokens, where an answer may lie
+    context: range
+
+
+def question_row(cfg: te.Config, question, context) -> QuestionRow:
+    """The ids of a question and its context (str or bytes), with a one-line error where they do
+    not fit in max_len tokens."""
+    question, context = te.byte_ids(question), te.byte_ids(context)
+    # what [CLS] and two [SEP] leave
+    room = cfg.max_len - 3
+    if len(question) >= room:
+        raise ValueError(f"question is {len(question)} bytes; max_len={cfg.max_len} leaves no room")
+    if len(question) + len(context) > room:
+        left = room - len(question)
+        raise ValueError(f"context is {len(context)} bytes; after the question, room for {left}")
+    ids = [cfg.cls_id, *question, cfg.sep_id, *context, cfg.sep_id]
+    second = 0
+    if cfg.type_vocab > 1:
+        second = 1
+    token_types = [0] * (len(question) + 2) + [second] * (len(context) + 1)
+    first = len(question) + 2
+    return QuestionRow(ids, token_types, range(first, first + len(context)))
+
+
+def best_span(logits, allowed, max_length: int = 30) -> tuple[int, int]:
+    """One row's answer: the first and last token, first <= last < first + max_length, both where
+    allowed (the context's tokens), of highest start plus end logit. logits (T, 2), allowed (T,)."""
+    T = logits.shape[0]
+    # (T, T): the score of the span from token i to token j
+    scores = logits[:, 0, None].float() + logits[None, :, 1].float()
+    ordered = torch.ones(T, T, dtype=torch.bool, device=logits.device).triu().tril(max_length - 1)
+    possible = ordered & allowed[:, None] & allowed[None, :]
+    if not possible.any():
+        raise ValueError("best_span: no token is allowed to answer")
+    first, last = divmod(int(scores.masked_fill(~possible, -torch.inf).argmax()), T)
+    return first, last
+
+
+def span_text(ids, first: int, last: int) -> str:
+    """Tokens first to last (bytes) as text; a character cut at either end shows as U+FFFD."""
+    return bytes(ids[first : last + 1]).decode("utf-8", errors="replace")
+
+
+@torch.no_grad()
+def answer(model, question, context, max_length: int = 30) -> str:
+    """Extractive question answering with a span model: the context's span of at most max_length
+    bytes that the model rates best, as text."""
+    if model.cfg.classifier != "span":
+        kind = model.cfg.classifier
+        raise ValueError(f"answer needs a span model (Config.classifier='span'), not {kind!r}")
+    row = question_row(model.cfg, question, context)
+    device = model.tok_embed.weight.device
+    ids = torch.tensor([row.ids], device=device)
+    token_types = None
+    if model.cfg.type_vocab:
+        token_types = torch.tensor([row.token_types], device=device)
+    was_training = model.training
+    logits = model.eval()(ids, token_type_ids=token_types).logits[0].cpu()  # (T, 2)
+    model.train(was_training)
+    allowed = torch.zeros(len(row.ids), dtype=torch.bool)
+    allowed[row.context.start : row.context.stop] = True
+    first, last = best_span(logits, allowed, max_length)
+    return span_text(row.ids, first, last)
+
+
+def choice_batch(cfg: te.Config, questions: list, choices: list) -> dict:
+    """Multiple choice inputs: each question paired with each of its choices as [CLS] question
+    [SEP] choice [SEP], padded to (B, choices, T) input_ids and attention_mask (and token_type_ids
+    where the model has segments). Every question needs as many choices as the first has."""
+    if len(questions) != len(choices) or not questions:
+        raise ValueError(f"{len(questions)} questions and {len(choices)} lists of choices")
+    count = len(choices[0])
+    rows = []
+    for i, (question, options) in enumerate(zip(questions, choices)):
+        if len(options) != count or not count:
+            raise ValueError(f"choices[{i}] has {len(options)} choices and choices[0] {count}")
+        rows += [question_row(cfg, question, option) for option in options]
+    T = max(len(row.ids) for row in rows)
+    ids = torch.full((len(rows), T), cfg.pad_id)
+    token_types = torch.zeros(len(rows), T, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row.ids)] = torch.tensor(row.ids)
+        token_types[r, : len(row.ids)] = torch.tensor(row.token_types)
+    shape = (len(questions), count)
+    batch = dict(input_ids=ids.unflatten(0, shape))
+    batch["attention_mask"] = (batch["input_ids"] != cfg.pad_id).long()
+    if cfg.type_vocab:
+        batch["token_type_ids"] = token_types.unflatten(0, shape)
+    return batch
