@@ -1,17 +1,22 @@
-"""Fine-tune a pretrained tinyencoder to classify texts or tag their bytes, from JSONL.
+"""Fine-tune a pretrained tinyencoder to classify texts, tag their bytes or answer questions.
 
   python finetune.py --task tags --init out/ckpt_best.pt         # tokenize's class of each byte
   python finetune.py --task packages --init out/ckpt_best.pt --from-scratch  # fresh weights
+  python finetune.py --task qa --init out/ckpt_best.pt  # extractive questions on functions
   python finetune.py --train mine.jsonl --val held.jsonl --init path/to/hf-model
 
 --init takes a train.py checkpoint or a transformers folder; --from-scratch keeps its architecture
 and draws fresh weights, to measure what pretraining buys. A JSONL line is {"text": ..., "label":
 ...} to classify the text, or {"text": ..., "tags": [one per UTF-8 byte]} or {"text": ...,
-"spans": [[first char, end char, tag], ...]} to tag it (untagged bytes are "O"). Writes
-ckpt_last.pt, ckpt_best.pt (best held-out accuracy) and metrics.jsonl to --out-dir; --resume goes on
-from ckpt_last.pt exactly. Built-in tasks come from Python's standard library: data/tasks.py.
+"spans": [[first char, end char, tag], ...]} to tag it (untagged bytes are "O"), or {"question":
+..., "context": ..., "answers": [{"text": ..., "start": first char}, ...]} to answer from the
+context (trained on the first answer; scored by exact match and token F1 against all). Writes
+ckpt_last.pt, ckpt_best.pt (best held-out accuracy, or exact match) and metrics.jsonl to
+--out-dir; --resume goes on from ckpt_last.pt exactly. Built-in tasks come from Python's standard
+library: data/tasks.py.
 """
 
+import collections
 import json
 import math
 import os
@@ -22,14 +27,15 @@ from typing import NamedTuple, Union
 
 import torch
 
+import pipelines
 import tinyencoder as te
 import tinyencoder_hf
-from data.tasks import write_task
+from data.tasks import exact_match, token_f1, write_task
 from runs import Metrics, StopSignals, die, load_checkpoint, save_checkpoint
 
 parser = ArgumentParser(description=__doc__.splitlines()[0])
 add = parser.add_argument
-add("--task", choices=["tags", "packages"], help="a built-in task from the standard library")
+add("--task", choices=["tags", "packages", "qa"], help="a built-in task from the standard library")
 add("--train", help="JSONL to train on (instead of --task)")
 add("--val", help="JSONL to evaluate on, held out from --train")
 add("--init", help="a train.py checkpoint (.pt) or a transformers folder")
@@ -42,6 +48,7 @@ add("--lr", type=float, default=3e-4, help="peak learning rate: 6%% warmup, then
 add("--eval-interval", type=int, default=200)
 add("--log-interval", type=int, default=50)
 add("--seed", type=int, default=0)
+add("--max-answer", type=int, default=40, help="the longest answer a span model gives, in bytes")
 add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 args = parser.parse_args()
 t0 = time.time()
@@ -54,12 +61,18 @@ def log(message):
 # -------------------------------------------------------------------------------------------------
 # Data: JSONL lines -> examples
 class Example(NamedTuple):
-    ids: list  # [CLS] bytes [SEP]
-    target: Union[int, list]  # a class index, or one tag index per id (IGNORE_INDEX at CLS, SEP)
+    ids: list  # [CLS] bytes [SEP], or [CLS] question [SEP] context [SEP]
+    # a class index, one tag index per id (IGNORE_INDEX at CLS, SEP), or a span's first and last
+    target: Union[int, list, tuple]
+    # a question's: its token types (0 up to the first [SEP], then its second segment), its
+    # context's tokens, and its answers as text
+    token_types: tuple = ()
+    context: range = range(0)
+    answers: tuple = ()
 
 
 class Task(NamedTuple):
-    kind: str  # "sequence" or "token"
+    kind: str  # "sequence", "token" or "span"
     labels: list  # the label names, sorted; a label's index is its class
     examples: list
 
@@ -83,8 +96,14 @@ def read_jsonl(path):
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 die(f"{path} line {number}: not JSON ({e.msg})")
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                die(f'{path} line {number}: needs an object with a "text" string')
+            texts = ("text",)
+            if isinstance(record, dict) and "question" in record:
+                texts = ("question", "context")
+            if not isinstance(record, dict) or not all(
+                isinstance(record.get(k), str) for k in texts
+            ):
+                needs = 'a "text" string, or "question" and "context" strings'
+                die(f"{path} line {number}: needs an object with {needs}")
             records.append(Line(number, record))
     if not records:
         die(f"{path}: no examples")
@@ -130,12 +149,46 @@ def line_targets(path, lines, kind):
     return targets
 
 
+def question_examples(path, lines, cfg) -> list:
+    """Each line's Example of [CLS] question [SEP] context [SEP], its target the first answer's
+    first and last token, with one-line errors for answers that are not the context's text."""
+    examples = []
+    for line in lines:
+        where = f"{path} line {line.number}"
+        question, context, answers = (
+            line.record.get(k) for k in ("question", "context", "answers")
+        )
+        if not isinstance(answers, list) or not answers:
+            die(f'{where}: needs "answers", a list of {{"text", "start"}}')
+        for i, answer in enumerate(answers):
+            text, start = answer.get("text"), answer.get("start")
+            fits = isinstance(text, str) and isinstance(start, int) and 0 <= start and text
+            if not fits or context[start : start + len(text)] != text:
+                die(
+                    f'{where}: answers[{i}] is not a "text" of the context at its "start" character'
+                )
+        try:
+            row = pipelines.question_row(cfg, question, context)
+        except ValueError as e:
+            die(f"{where}: {e}")
+        first = row.context.start + len(context[: answers[0]["start"]].encode())
+        target = (first, first + len(answers[0]["text"].encode()) - 1)
+        texts = tuple(answer["text"] for answer in answers)
+        examples.append(Example(row.ids, target, tuple(row.token_types), row.context, texts))
+    return examples
+
+
 def read_task(path, cfg, kind=None, labels=None) -> Task:
-    """A JSONL file's task: kind "sequence" or "token" from its first line when not given, labels
-    the sorted label names (the training file's, when given); ids use cfg's special ids."""
+    """A JSONL file's task: kind "sequence", "token" or "span" from its first line when not given,
+    labels the sorted label names (the training file's, when given); ids use cfg's special ids."""
     lines = read_jsonl(path)
     if kind is None:
         kind = "sequence" if "label" in lines[0].record else "token"
+        if "question" in lines[0].record:
+            kind = "span"
+    # the two labels of every span: where it starts and where it ends
+    if kind == "span":
+        return Task(kind, ["start", "end"], question_examples(path, lines, cfg))
     targets = line_targets(path, lines, kind)
     if labels is None:
         names = targets if kind == "sequence" else [tag for tags in targets for tag in tags]
@@ -157,19 +210,25 @@ def read_task(path, cfg, kind=None, labels=None) -> Task:
 
 
 def collate(batch, kind, cfg, device):
-    """Examples -> a padded batch: input_ids, attention_mask and labels."""
+    """Examples -> a padded batch: input_ids, attention_mask and labels (and a question's
+    token_type_ids, where the model has segments)."""
     T = max(len(example.ids) for example in batch)
     ids = torch.full((len(batch), T), cfg.pad_id)
     tags = torch.full((len(batch), T), te.IGNORE_INDEX)
+    token_types = torch.zeros(len(batch), T, dtype=torch.long)
     for row, example in enumerate(batch):
         ids[row, : len(example.ids)] = torch.tensor(example.ids)
+        token_types[row, : len(example.token_types)] = torch.tensor(example.token_types)
         if kind == "token":
             tags[row, : len(example.target)] = torch.tensor(example.target)
     labels = tags
-    if kind == "sequence":
+    if kind in ("sequence", "span"):  # a class, or a span's first and last token, per row
         labels = torch.tensor([example.target for example in batch])
     mask = (ids != cfg.pad_id).long()
-    return dict(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    if kind == "span" and cfg.type_vocab:
+        inputs["token_type_ids"] = token_types
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -230,6 +289,10 @@ if checkpoint:
     log(f"resumed at step {step}")
 metrics = Metrics(args.out_dir, fresh=not checkpoint)
 start = "random init" if args.from_scratch else f"from {args.init}"
+# the held-out figure that picks ckpt_best.pt
+score_name = "val_acc"
+if kind == "span":
+    score_name = "val_exact"
 log(
     f"{kind} classification, {len(labels)} labels; {len(train_examples)} training and "
     f"{len(val_examples)} held-out examples; {cfg.arch} {start}"
@@ -257,8 +320,40 @@ def batch_at(step):
 
 
 @torch.no_grad()
+def evaluate_answers():
+    """Held-out loss, exact match and token F1 (data/tasks.py) of the best span of at most
+    --max-answer bytes in each context; and exact match by the question's first word, which
+    names the kind of question in the built-in task."""
+    model.eval()
+    loss, exact, f1 = 0.0, 0.0, 0.0
+    by_word = collections.defaultdict(list)
+    for first in range(0, len(val_examples), 64):
+        examples = val_examples[first : first + 64]
+        out = model(**collate(examples, kind, cfg, device))
+        loss += out.loss.item() * len(examples)
+        for example, logits in zip(examples, out.logits.cpu()):
+            allowed = torch.zeros(len(logits), dtype=torch.bool)
+            allowed[example.context.start : example.context.stop] = True
+            start, last = pipelines.best_span(logits, allowed, args.max_answer)
+            answer = pipelines.span_text(example.ids, start, last)
+            exact += exact_match(answer, example.answers)
+            f1 += token_f1(answer, example.answers)
+            question = pipelines.span_text(example.ids, 1, example.context.start - 2)
+            by_word[question.split(" ")[0]].append(exact_match(answer, example.answers))
+    model.train()
+    results = dict(val_loss=loss, val_exact=exact, val_token_f1=f1)
+    results = {name: round(value / len(val_examples), 5) for name, value in results.items()}
+    by_word = {word: round(sum(v) / len(v), 4) for word, v in sorted(by_word.items())}
+    results["val_exact_by_word"] = by_word
+    return results
+
+
+@torch.no_grad()
 def evaluate():
-    """Held-out loss, accuracy (over texts or tagged bytes), and F1: each label's and their mean."""
+    """Held-out loss, accuracy (over texts or tagged bytes), and F1: each label's and their mean;
+    for questions, evaluate_answers'."""
+    if kind == "span":
+        return evaluate_answers()
     model.eval()
     loss, correct, count = 0.0, 0, 0
     confusion = torch.zeros(len(labels), len(labels), dtype=torch.long)  # gold x predicted
@@ -328,11 +423,12 @@ while step < args.max_steps:
         raise SystemExit(0)
     if step % args.eval_interval == 0 or step == args.max_steps:
         results = evaluate()
-        figures = " ".join(f"{k} {v}" for k, v in results.items() if k != "val_f1")
+        # the per-label and per-word figures go to metrics.jsonl and the final lines
+        figures = " ".join(f"{k} {v}" for k, v in results.items() if not isinstance(v, dict))
         log(f"eval step {step}: {figures}")
         metrics.write(dict(step=step, elapsed_s=round(time.time() - t0, 1), **results))
-        if results["val_acc"] > best:
-            best = results["val_acc"]
+        if results[score_name] > best:
+            best = results[score_name]
             save(os.path.join(args.out_dir, "ckpt_best.pt"))
         save(ckpt_path)
         timed_from = time.time()
@@ -341,6 +437,33 @@ while step < args.max_steps:
 def kinds_of_tag(example):
     return len(set(example.target))
 
+
+def demo_answer():
+    """A held-out question, its context, the model's answer and the right ones; final figures."""
+    # the first question of each kind (its first word)
+    kinds = {}
+    for example in val_examples:
+        question = bytes(example.ids[1 : example.context.start - 1])
+        kinds.setdefault(question.split(b" ")[0], example)
+    for example in kinds.values():
+        question = pipelines.span_text(example.ids, 1, example.context.start - 2)
+        context = pipelines.span_text(example.ids, example.context.start, example.context.stop - 1)
+        log(f"demo, held out: {question!r} in {context.replace(chr(10), '⏎')}")
+        answer = pipelines.answer(model, question, context, args.max_answer)
+        log(f"     model says: {answer!r}; the answer: {example.answers[0]!r}")
+    shares = results["val_exact_by_word"].items()
+    shares = ", ".join(f"{word} {share:.1%}" for word, share in shares)
+    log(f"held-out exact match by the question's first word: {shares}")
+    log(
+        f"final: held-out exact match {results['val_exact']:.2%}, token F1 "
+        f"{results['val_token_f1']:.2%} ({args.task or args.train}, {cfg.arch} {start}); best "
+        f"{best:.2%}; {step} steps, {time.time() - t0:.0f}s"
+    )
+
+
+if kind == "span":
+    demo_answer()
+    raise SystemExit(0)
 
 # The demo: a held-out example of printable ASCII (for tags, the one with most kinds of tag), with
 # the model's answer under it; a line break shows as one character, so that the columns line up

@@ -207,6 +207,83 @@ def test_finetune_learns_resumes_and_exports(tmp_path):
     assert hf.config.id2label == {0: "O", 1: "digit"}
 
 
+def digit_questions(n, seed):
+    """Questions whose answer is the context's one run of digits (given at two starts once)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        before = "".join(rng.choice("abc xyz") for _ in range(rng.randint(0, 20)))
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 3)))
+        after = "".join(rng.choice("abc xyz") for _ in range(rng.randint(0, 20)))
+        answers = [{"text": digits, "start": len(before)}]
+        records.append(
+            {"question": "digits?", "context": before + digits + after, "answers": answers}
+        )
+    return records
+
+
+def test_finetune_answers_questions_and_exports(tmp_path):
+    """--train of questions: a span model that finds the digits, scored by exact match; its
+    best checkpoint exports as a transformers question-answering model."""
+    transformers = pytest.importorskip("transformers", reason="the export loads in transformers")
+    init = tiny_checkpoint(tmp_path / "init.pt", "modernbert")
+    train = write_jsonl(tmp_path / "train.jsonl", digit_questions(300, 0))
+    val = write_jsonl(tmp_path / "val.jsonl", digit_questions(50, 1))
+    common = ["--train", train, "--val", val, "--init", init, "--max-steps", 80]
+    run = finetune(tmp_path, *common, "--lr", "3e-3", "--eval-interval", 40, "--out-dir", tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    exact = float(re.search(r"held-out exact match (\S+)%", run.stdout).group(1))
+    assert exact >= 80, run.stdout[-1500:]
+    export = [sys.executable, "tinyencoder_hf.py", tmp_path / "ckpt_best.pt", tmp_path / "hf"]
+    done = subprocess.run(export, capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    hf = transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path / "hf")
+    assert type(hf).__name__ == "ModernBertForQuestionAnswering"
+
+
+QUESTION = '{"question": "q", "context": "abc", "answers": [{"text": "b", "start": 1}]}'
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([QUESTION.replace('"start": 1', '"start": 2')], "line 1: answers[0] is not a"),
+        ([QUESTION.replace('"text": "b"', '"text": "cd"')], "line 1: answers[0] is not a"),
+        ([QUESTION.replace('"q"', '"' + "q" * 70 + '"')], "line 1: question is 70 bytes"),
+        ([QUESTION, '{"question": "q", "context": "abc"}'], 'line 2: needs "answers"'),
+        (['{"question": "q"}'], '"question" and "context" strings'),
+    ],
+)
+def test_finetune_bad_questions_are_one_line(tmp_path, lines, message):
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(lines) + "\n")
+    run = finetune(tmp_path, "--train", train, "--val", train, "--init", init, "--max-steps", 1)
+    assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_stdlib_questions_are_spans_held_out_by_file():
+    """The QA task: every answer is its context's text at its start, every question of the three
+    kinds fits 128 tokens with [CLS] and two [SEP], and no context is in both splits; exact match
+    and token F1 as defined."""
+    from data.tasks import exact_match, qa_examples, token_f1
+
+    parts = qa_examples()
+    for part in parts.values():
+        assert {r["question"].split()[0] for r in part} == {"default", "exception", "name"}
+        for record in part:
+            question, context = record["question"], record["context"]
+            assert len(question.encode()) + len(context.encode()) + 3 <= 128
+            for answer in record["answers"]:
+                start = answer["start"]
+                assert context[start : start + len(answer["text"])] == answer["text"]
+    assert not {r["context"] for r in parts["train"]} & {r["context"] for r in parts["val"]}
+    assert exact_match(" None ", ["x", "None"]) == 1.0 and exact_match("none", ["None"]) == 0.0
+    assert token_f1("os.path", ["os.path.join"]) == pytest.approx(2 * 1.0 * 0.6 / 1.6)
+    assert token_f1("a", ["b"]) == 0.0 and token_f1("", [""]) == 1.0
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [

@@ -1,9 +1,11 @@
-"""Two fine-tuning tasks cut from Python's standard library, no download, written as JSONL.
+"""Three fine-tuning tasks cut from Python's standard library, no download, written as JSONL.
 
 tags: every UTF-8 byte of a .py source labelled with the class of the token that Python's own
 tokenize puts it in. packages: which top-level stdlib package a function or class comes from.
-Both are split by file with corpus.py's hash of the file's name, so that the tagging task's held-out
-files are the ones pretraining held out too (see PACKAGE_HOLDOUT for the packages task).
+qa: extractive questions on a function's source (a parameter's default, the exception raised, the
+name a value is bound to), answered by a span of it; scored by exact match and token F1 (below).
+All are split by file with corpus.py's hash of the file's name, so that the tagging and QA tasks'
+held-out files are the ones pretraining held out too (see PACKAGE_HOLDOUT for the packages task).
 """
 
 import ast
@@ -12,6 +14,7 @@ import io
 import json
 import keyword
 import os
+import re
 import sys
 import textwrap
 import tokenize
@@ -158,10 +161,121 @@ def package_examples(max_bytes=126, cap=400, val_cap=200):
     return {"train": balanced(labels["train"], cap), "val": balanced(val, val_cap)}
 
 
+# -------------------------------------------------------------------------------------------------
+# Extractive QA. A context is a run of whole lines of a function's dedented source; the question
+# and context together fit max_bytes, as [CLS] question [SEP] context [SEP] fits 128 tokens.
+QA_KINDS = ("default", "raises", "bound")
+MAX_ANSWER = 40  # bytes
+
+
+def function_questions(source: bytes):
+    """(kind, question, answer start, answer end), in bytes of a dedented function's source: each
+    parameter's default, each raised exception's name, each name bound to a short expression."""
+    lines = source.splitlines(keepends=True)
+    starts = [0]  # each line's first byte: ast counts columns in UTF-8 bytes
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+
+    def where(node):
+        first = starts[node.lineno - 1] + node.col_offset
+        return first, starts[node.end_lineno - 1] + node.end_col_offset
+
+    function = ast.parse(source).body[0]
+    arguments = function.args
+    positional = arguments.posonlyargs + arguments.args
+    pairs = list(zip(positional[len(positional) - len(arguments.defaults) :], arguments.defaults))
+    pairs += [(a, d) for a, d in zip(arguments.kwonlyargs, arguments.kw_defaults) if d is not None]
+    for argument, default in pairs:
+        yield ("default", f"default of {argument.arg}", *where(default))
+    for node in ast.walk(function):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+            yield ("raises", "exception raised", *where(node.exc.func))
+        elif isinstance(node, ast.Raise) and node.exc is not None:
+            yield ("raises", "exception raised", *where(node.exc))
+        one_name = isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+        if one_name and len(node.targets) == 1 and node.value.lineno == node.value.end_lineno:
+            first, end = where(node.value)
+            if end - first <= 30:
+                value = source[first:end].decode()
+                yield ("bound", f"name bound to {value}", *where(node.targets[0]))
+
+
+def qa_examples(max_bytes=126, cap=2000, val_cap=200):
+    """{"train": [...], "val": [...]} of {"question", "context", "answers": [{"text", "start"}]}:
+    for each question on a function, the run of its lines (spans()) that holds the answer, with
+    every answer to the question in that run; start counts characters. Question and context
+    take max_bytes - 1 (a third special token). At most cap (val_cap) questions of each kind,
+    picked by a hash of question and context, none in both splits."""
+    found = {"train": {}, "val": {}}
+    for name, text in python_sources():
+        part = found["val" if held_out(name) else "train"]
+        try:
+            sources = [source.encode() for source in definitions(text, 1 << 20)]
+        except (SyntaxError, ValueError):
+            continue
+        for source in sources:
+            if not source.startswith((b"def ", b"async def ")):
+                continue
+            for kind, question, first, end in function_questions(source):
+                room = max_bytes - 1 - len(question.encode())
+                if not 0 < end - first <= MAX_ANSWER:
+                    continue
+                for begin, stop in spans(source, room):
+                    if begin <= first and end <= stop:
+                        context = source[begin:stop].decode()
+                        answer = (first - begin, end - begin)
+                        part.setdefault((kind, question, context), set()).add(answer)
+    # a question on text that is in a training file too (copied code) is not held out
+    found["val"] = {key: spans for key, spans in found["val"].items() if key not in found["train"]}
+    return {part: qa_part(found[part], {"train": cap, "val": val_cap}[part]) for part in found}
+
+
+def qa_part(found: dict, cap: int) -> list:
+    """The records of at most cap questions of each kind, picked by a hash, kind by kind."""
+    records = []
+    for kind in QA_KINDS:
+        keyed = [(hashlib.md5((q + c).encode()).digest(), q, c) for k, q, c in found if k == kind]
+        for _, question, context in sorted(keyed)[:cap]:
+            data = context.encode()
+            answers = []
+            for first, end in sorted(found[(kind, question, context)]):
+                start = len(data[:first].decode())  # in characters, as SQuAD counts
+                answers.append({"text": data[first:end].decode(), "start": start})
+            records.append({"question": question, "context": context, "answers": answers})
+    return records
+
+
+def answer_tokens(text: str) -> list:
+    """The tokens that token F1 counts, for answers that are code: each run of word bytes
+    (letters, digits, _ and every non-ASCII byte) is one, and each other byte but whitespace."""
+    return re.findall(rb"[\w\x80-\xff]+|[^\w\s\x80-\xff]", text.encode(), flags=re.ASCII)
+
+
+def exact_match(prediction: str, answers: list) -> float:
+    """1.0 where the prediction is one of the answers, surrounding whitespace aside; else 0.0."""
+    return float(any(prediction.strip() == answer.strip() for answer in answers))
+
+
+def token_f1(prediction: str, answers: list) -> float:
+    """SQuAD's F1 over answer_tokens: the best over the answers of the harmonic mean of the
+    precision and recall of the tokens both share (counted with multiplicity)."""
+    best = 0.0
+    for answer in answers:
+        ours, theirs = Counter(answer_tokens(prediction)), Counter(answer_tokens(answer))
+        shared = sum((ours & theirs).values())
+        if shared:
+            precision, recall = shared / sum(ours.values()), shared / sum(theirs.values())
+            best = max(best, 2 * precision * recall / (precision + recall))
+        elif not ours and not theirs:
+            best = 1.0
+    return best
+
+
 def write_task(name, folder, max_bytes=126):
-    """Write {folder}/{name}-pyXY-{train,val}.jsonl, name "tags" or "packages", unless there; the
-    val file, written last and renamed into place whole, marks "done". Returns the two paths."""
-    makers = {"tags": tagging_examples, "packages": package_examples}
+    """Write {folder}/{name}-pyXY-{train,val}.jsonl, name "tags", "packages" or "qa", unless
+    there; the val file, written last and renamed into place whole, marks "done". Returns the two
+    paths."""
+    makers = {"tags": tagging_examples, "packages": package_examples, "qa": qa_examples}
     stem = os.path.join(folder, "%s-py%d%d" % (name, *sys.version_info[:2]))
     paths = {part: f"{stem}-{part}.jsonl" for part in ("train", "val")}
     if os.path.exists(paths["val"]):
