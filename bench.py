@@ -3,7 +3,7 @@
     python bench.py                    # CPU default: 3 layers, 768 wide, seq 512, ~14 minutes
     python bench.py --arch modernbert --layers 4 --batch 8 --steps 5 --json out.json
     python bench.py --device cuda      # bf16, torch.compile
-    python bench.py --encode --threads 1  # model.encode on texts of 16-510 bytes, vs AutoModel
+    python bench.py --encode --threads 1  # pipelines.encode on texts of 16-510 bytes, vs AutoModel
 
 The one-run GPU check (numerics, speed against transformers compiled and eager, profile, memory,
 train.py) is gpu_check.py, which uses this file as a library: base_model, Stepper, hf_steppers,
@@ -31,6 +31,7 @@ import time
 
 import torch
 
+import pipelines
 import tinyencoder as te
 import tinyencoder_hf
 from mfu import flops_per_token, measured_peak, synchronize
@@ -314,8 +315,8 @@ def hf_encode(hf, texts, batch_size, by_length, dev):
 
 
 def bench_encode(arch, args, dev):
-    """model.encode's texts/s against transformers' AutoModel with mean pooling, same weights, on
-    texts of 16 to 510 bytes in random order; rows for each variant (unpad off and on)."""
+    """pipelines.encode's texts/s against transformers' AutoModel with mean pooling, same weights,
+    on texts of 16 to 510 bytes in random order; rows for each variant (unpad off and on)."""
     cfg = te.Config.from_preset(arch, layers=args.layers, nsp=False)
     torch.manual_seed(0)
     base = te.TinyEncoder(cfg).to(dev).eval()
@@ -327,7 +328,8 @@ def bench_encode(arch, args, dev):
         hf = transformers.AutoModel.from_pretrained(d, attn_implementation="sdpa").to(dev).eval()
     texts = random_texts(args.texts, 16, 510)  # a BERT context; ModernBERT's is 8192
     calls = {
-        name: functools.partial(m.encode, texts, normalize=False) for name, m in models.items()
+        name: functools.partial(pipelines.encode, m, texts, normalize=False)
+        for name, m in models.items()
     }
     calls["hf"] = functools.partial(hf_encode, hf, texts, 32, False, dev)
     calls["hf sorted"] = functools.partial(hf_encode, hf, texts, 32, True, dev)
@@ -398,7 +400,7 @@ def parse_args():
     p.add_argument("--threads", type=int, help=threads)
     p.add_argument("--no-hf", action="store_true", help="tinyencoder alone")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--encode", action="store_true", help="model.encode against AutoModel")
+    p.add_argument("--encode", action="store_true", help="pipelines.encode against AutoModel")
     p.add_argument("--texts", type=int, default=256, help="--encode: texts per pass")
     return p.parse_args()
 

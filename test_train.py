@@ -135,6 +135,20 @@ def test_gpu_check_numerics_run_on_cpu():
         assert "unavailable" in results["flash bf16"]["note"]
 
 
+def test_bench_encode_runs_on_cpu():
+    """`bench.py --encode`, at a tiny size: a row per variant, and pipelines.encode's vectors the
+    same as transformers' mean-pooled AutoModel's."""
+    pytest.importorskip("transformers", reason="bench.py compares against transformers")
+    command = [sys.executable, "bench.py", "--encode", "--steps", "1", "--texts", "8"]
+    command += ["--layers", "1", "--hidden", "64", "--arch", "bert", "--threads", "1"]
+    here = str(Path(__file__).parent)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=here)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = re.findall(r"^bert +(\w+) .* max\|diff\| (\S+)$", run.stdout, re.M)
+    assert [name for name, _ in rows] == ["published", "unpad"], run.stdout
+    assert all(float(diff) < 1e-4 for _, diff in rows), run.stdout
+
+
 # -------------------------------------------------------------------------------------------------
 # finetune.py end to end: it learns, resumes exactly after Ctrl-C, exports, and names bad input
 def tiny_checkpoint(path, arch="roberta"):
