@@ -362,7 +362,8 @@ def fit(step, step_time, evals_left, eval_time):
 
 
 # The loop
-# Without --max-steps, time an evaluation and two steps (the first warms up) to fit the run.
+# Without --max-steps, time an evaluation and a step to fit the run. The steps of two batches go
+# first: a compiled model compiles on the first and recompiles for the second's shapes.
 fits_budget = args.max_steps is None
 eval_time, results = 0.0, {}
 if max_steps is None:
@@ -370,9 +371,9 @@ if max_steps is None:
     if master:
         results = evaluate()
     eval_time = time.time() - started
-    for _ in range(2):
+    for warm_up in (0, 1, 0):
         started = time.time()
-        train_step(0)[0].item()  # waits for the device, so that the time is the step's
+        train_step(warm_up)[0].item()  # waits for the device, so that the time is the step's
         opt.zero_grad(set_to_none=True)
     step_time = time.time() - started
     max_steps = fit(0, step_time, 4, eval_time)
