@@ -216,15 +216,17 @@ def collate(batch, kind, cfg, device):
     ids = torch.full((len(batch), T), cfg.pad_id)
     tags = torch.full((len(batch), T), te.IGNORE_INDEX)
     token_types = torch.zeros(len(batch), T, dtype=torch.long)
+    # from the lengths, not from pad_id: a checkpoint's pad id may be a byte (BERT's is 0)
+    mask = torch.zeros(len(batch), T, dtype=torch.long)
     for row, example in enumerate(batch):
         ids[row, : len(example.ids)] = torch.tensor(example.ids)
         token_types[row, : len(example.token_types)] = torch.tensor(example.token_types)
+        mask[row, : len(example.ids)] = 1
         if kind == "token":
             tags[row, : len(example.target)] = torch.tensor(example.target)
     labels = tags
     if kind in ("sequence", "span"):  # a class, or a span's first and last token, per row
         labels = torch.tensor([example.target for example in batch])
-    mask = (ids != cfg.pad_id).long()
     inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
     if kind == "span" and cfg.type_vocab:
         inputs["token_type_ids"] = token_types

@@ -135,12 +135,14 @@ def choice_batch(cfg: te.Config, questions: list, choices: list) -> dict:
     T = max(len(row.ids) for row in rows)
     ids = torch.full((len(rows), T), cfg.pad_id)
     token_types = torch.zeros(len(rows), T, dtype=torch.long)
+    # from the lengths, not from pad_id: a checkpoint's pad id may be a byte (BERT's is 0)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
     for r, row in enumerate(rows):
         ids[r, : len(row.ids)] = torch.tensor(row.ids)
         token_types[r, : len(row.ids)] = torch.tensor(row.token_types)
+        mask[r, : len(row.ids)] = 1
     shape = (len(questions), count)
-    batch = dict(input_ids=ids.unflatten(0, shape))
-    batch["attention_mask"] = (batch["input_ids"] != cfg.pad_id).long()
+    batch = dict(input_ids=ids.unflatten(0, shape), attention_mask=mask.unflatten(0, shape))
     if cfg.type_vocab:
         batch["token_type_ids"] = token_types.unflatten(0, shape)
     return batch

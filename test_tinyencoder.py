@@ -402,6 +402,29 @@ def test_span_loss_counts_real_tokens_only(preset):
         assert_close(model(ids, mask, labels=ignored).loss, losses[0], 1e-6)
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_choice_batch_frames_each_choice_as_question_row(preset):
+    """choice_batch: (questions, choices, T) rows that question_row frames, padded, with a mask
+    from the lengths (a byte equal to a checkpoint's pad id stays a token), which a choice model
+    scores; each choice alone scores the same."""
+    cfg = tiny(preset, nsp=False, classifier="choice", pad_id=0)
+    model = perturb(TinyEncoder(cfg)).eval()
+    questions, choices = ["q?", "r"], [["a\x00", "bb"], ["ccc", "d"]]
+    inputs = pipelines.choice_batch(cfg, questions, choices)
+    assert inputs["input_ids"].shape == (2, 2, 7)
+    for q in range(2):
+        for c in range(2):
+            row = pipelines.question_row(cfg, questions[q], choices[q][c])
+            n = len(row.ids)
+            assert inputs["input_ids"][q, c, :n].tolist() == row.ids
+            assert inputs["attention_mask"][q, c].tolist() == [1] * n + [0] * (7 - n)
+    with torch.no_grad():
+        scores = model(**inputs).logits
+        alone = model(**pipelines.choice_batch(cfg, questions[:1], [choices[0][1:]])).logits
+    assert scores.shape == (2, 2)
+    assert_close(alone[0, 0], scores[0, 1], 1e-5)
+
+
 def test_best_span_is_the_best_allowed_pair():
     """best_span against every pair: the highest start + end logit with first <= last, at most
     max_length tokens, both allowed; an answer is the text of those bytes."""
