@@ -41,8 +41,11 @@ def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch
     for first in range(0, len(rows), batch_size):
         batch = order[first : first + batch_size]
         ids = nn.utils.rnn.pad_sequence([rows[i] for i in batch], True, cfg.pad_id)
-        ids = ids.to(model.tok_embed.weight.device)
-        doc_ids = (ids != cfg.pad_id).long()  # one document per row
+        # one document per row, its length's worth: a checkpoint's pad id may be a byte
+        lengths = torch.tensor([len(rows[i]) for i in batch])
+        doc_ids = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+        device = model.tok_embed.weight.device
+        ids, doc_ids = ids.to(device), doc_ids.to(device)
         out[batch] = te.pool(model(ids, doc_ids).hidden, doc_ids, pooling).float().cpu()
     model.train(was_training)
     if normalize:

@@ -350,6 +350,8 @@ def test_encode_is_the_same_alone_or_batched(preset, unpad):
     encode leaves the model in the mode it found it in."""
     model = perturb(TinyEncoder(tiny(preset, unpad=unpad)))
     texts = ["", "a", "hello world", "é" * 30, b"\x00\xff bytes", "x" * 62]
+    if preset == "bert":  # a BERT checkpoint's pad id is the byte 0: it stays a token
+        model = variant(model, pad_id=0)
     together = pipelines.encode(model, texts, batch_size=4)
     assert model.training, "encode must restore training mode"
     alone = torch.cat([pipelines.encode(model, [text]) for text in texts])
