@@ -212,24 +212,15 @@ def read_task(path, cfg, kind=None, labels=None) -> Task:
 def collate(batch, kind, cfg, device):
     """Examples -> a padded batch: input_ids, attention_mask and labels (and a question's
     token_type_ids, where the model has segments)."""
-    T = max(len(example.ids) for example in batch)
-    ids = torch.full((len(batch), T), cfg.pad_id)
-    tags = torch.full((len(batch), T), te.IGNORE_INDEX)
-    token_types = torch.zeros(len(batch), T, dtype=torch.long)
-    # from the lengths, not from pad_id: a checkpoint's pad id may be a byte (BERT's is 0)
-    mask = torch.zeros(len(batch), T, dtype=torch.long)
-    for row, example in enumerate(batch):
-        ids[row, : len(example.ids)] = torch.tensor(example.ids)
-        token_types[row, : len(example.token_types)] = torch.tensor(example.token_types)
-        mask[row, : len(example.ids)] = 1
-        if kind == "token":
-            tags[row, : len(example.target)] = torch.tensor(example.target)
-    labels = tags
-    if kind in ("sequence", "span"):  # a class, or a span's first and last token, per row
-        labels = torch.tensor([example.target for example in batch])
-    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    token_types = None
     if kind == "span" and cfg.type_vocab:
-        inputs["token_type_ids"] = token_types
+        token_types = [example.token_types for example in batch]
+    inputs = pipelines.padded([example.ids for example in batch], cfg.pad_id, token_types)
+    if kind == "token":  # IGNORE_INDEX at padding
+        tags = [example.target for example in batch]
+        inputs["labels"] = pipelines.padded(tags, te.IGNORE_INDEX)["input_ids"]
+    else:  # a class, or a span's first and last token, per row
+        inputs["labels"] = torch.tensor([example.target for example in batch])
     return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
@@ -338,10 +329,11 @@ def evaluate_answers():
             allowed[example.context.start : example.context.stop] = True
             start, last = pipelines.best_span(logits, allowed, args.max_answer)
             answer = pipelines.span_text(example.ids, start, last)
-            exact += exact_match(answer, example.answers)
+            right = exact_match(answer, example.answers)
+            exact += right
             f1 += token_f1(answer, example.answers)
             question = pipelines.span_text(example.ids, 1, example.context.start - 2)
-            by_word[question.split(" ")[0]].append(exact_match(answer, example.answers))
+            by_word[question.split(" ")[0]].append(right)
     model.train()
     results = dict(val_loss=loss, val_exact=exact, val_token_f1=f1)
     results = {name: round(value / len(val_examples), 5) for name, value in results.items()}

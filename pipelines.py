@@ -12,7 +12,6 @@ question-answering pipeline reads them through the saved tokenizer: [CLS] questi
 from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import tinyencoder as te
@@ -31,7 +30,7 @@ def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch
     for i, text in enumerate(texts):
         if not isinstance(text, (str, bytes, bytearray)):
             raise ValueError(f"encode takes str or bytes, got {type(text).__name__} at texts[{i}]")
-        rows.append(torch.tensor([cfg.cls_id, *te.byte_ids(text), cfg.sep_id]))
+        rows.append([cfg.cls_id, *te.byte_ids(text), cfg.sep_id])
         if len(rows[i]) > cfg.max_len:
             raise ValueError(f"texts[{i}] is {len(rows[i])} tokens, over max_len={cfg.max_len}")
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
@@ -40,17 +39,31 @@ def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch
     model.eval()
     for first in range(0, len(rows), batch_size):
         batch = order[first : first + batch_size]
-        ids = nn.utils.rnn.pad_sequence([rows[i] for i in batch], True, cfg.pad_id)
-        # one document per row, its length's worth: a checkpoint's pad id may be a byte
-        lengths = torch.tensor([len(rows[i]) for i in batch])
-        doc_ids = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
         device = model.tok_embed.weight.device
-        ids, doc_ids = ids.to(device), doc_ids.to(device)
+        inputs = padded([rows[i] for i in batch], cfg.pad_id)
+        ids, doc_ids = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
         out[batch] = te.pool(model(ids, doc_ids).hidden, doc_ids, pooling).float().cpu()
     model.train(was_training)
     if normalize:
         out = F.normalize(out, dim=-1)
     return out
+
+
+def padded(rows: list, pad_id: int, token_types: list = None) -> dict:
+    """Rows of ids as one right-padded batch: input_ids, an attention_mask from each row's length
+    (not from pad_id: a checkpoint's pad id may be a byte, BERT's is 0) and, where token_types
+    are given (a list per row), token_type_ids padded with 0."""
+    T = max(len(row) for row in rows)
+    batch = dict(input_ids=torch.full((len(rows), T), pad_id))
+    batch["attention_mask"] = torch.zeros(len(rows), T, dtype=torch.long)
+    if token_types is not None:
+        batch["token_type_ids"] = torch.zeros(len(rows), T, dtype=torch.long)
+    for r, row in enumerate(rows):
+        batch["input_ids"][r, : len(row)] = torch.tensor(row)
+        batch["attention_mask"][r, : len(row)] = 1
+        if token_types is not None:
+            batch["token_type_ids"][r, : len(row)] = torch.tensor(token_types[r])
+    return batch
 
 
 class QuestionRow(NamedTuple):
@@ -135,17 +148,9 @@ def choice_batch(cfg: te.Config, questions: list, choices: list) -> dict:
         if len(options) != count or not count:
             raise ValueError(f"choices[{i}] has {len(options)} choices and choices[0] {count}")
         rows += [question_row(cfg, question, option) for option in options]
-    T = max(len(row.ids) for row in rows)
-    ids = torch.full((len(rows), T), cfg.pad_id)
-    token_types = torch.zeros(len(rows), T, dtype=torch.long)
-    # from the lengths, not from pad_id: a checkpoint's pad id may be a byte (BERT's is 0)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, : len(row.ids)] = torch.tensor(row.ids)
-        token_types[r, : len(row.ids)] = torch.tensor(row.token_types)
-        mask[r, : len(row.ids)] = 1
-    shape = (len(questions), count)
-    batch = dict(input_ids=ids.unflatten(0, shape), attention_mask=mask.unflatten(0, shape))
+    token_types = None
     if cfg.type_vocab:
-        batch["token_type_ids"] = token_types.unflatten(0, shape)
-    return batch
+        token_types = [row.token_types for row in rows]
+    batch = padded([row.ids for row in rows], cfg.pad_id, token_types)
+    # (questions * choices, T) rows -> (questions, choices, T)
+    return {name: t.unflatten(0, (len(questions), count)) for name, t in batch.items()}
