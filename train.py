@@ -493,5 +493,6 @@ if master:
     if "nsp_acc" in results:
         summary += f", NSP accuracy {results['nsp_acc']:.1%}"
     print(f"{summary}; {step} steps, {time.time() - t0:.0f}s")
-if ddp:
+if ddp:  # together: a rank that tore gloo down while rank 0 still evaluated once aborted
+    dist.barrier()
     dist.destroy_process_group()
