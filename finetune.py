@@ -42,6 +42,7 @@ add("--init", help="a train.py checkpoint (.pt) or a transformers folder")
 add("--from-scratch", action="store_true", help="--init's architecture with fresh weights")
 add("--out-dir", default="out-finetune", help="checkpoints and metrics.jsonl go here")
 add("--resume", action="store_true", help="go on from --out-dir's ckpt_last.pt")
+add("--train-examples", type=int, help="train on this many of --train's, spread through the file")
 add("--max-steps", type=int, default=600)
 add("--batch-size", type=int, default=32)
 add("--lr", type=float, default=3e-4, help="peak learning rate: 6%% warmup, then linear decay")
@@ -231,8 +232,8 @@ ckpt_path = os.path.join(args.out_dir, "ckpt_last.pt")
 checkpoint = None
 if args.resume:
     checkpoint, _ = load_checkpoint(ckpt_path, "--resume")
-    for name in ("task", "train", "val", "init"):
-        setattr(args, name, checkpoint["args"][name])
+    for name in ("task", "train", "val", "init", "train_examples"):
+        setattr(args, name, checkpoint["args"].get(name))
 if args.task:
     paths = write_task(args.task, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     args.train, args.val = paths["train"], paths["val"]
@@ -254,6 +255,12 @@ else:
 task = read_task(args.train, base_cfg)
 kind, labels, train_examples = task.kind, task.labels, task.examples
 val_examples = read_task(args.val, base_cfg, kind, labels).examples
+if args.train_examples is not None:
+    if not 0 < args.train_examples <= len(train_examples):
+        die(f"--train-examples {args.train_examples}: {args.train} has {len(train_examples)}")
+    # evenly spaced, so that a file grouped by label or kind keeps each group's share
+    spread = torch.linspace(0, len(train_examples) - 1, args.train_examples).round().long()
+    train_examples = [train_examples[i] for i in spread.tolist()]
 longest = max(len(example.ids) for example in train_examples + val_examples)
 if longest > base_cfg.max_len:
     die(f"an example is {longest - 2} bytes; this model reads at most {base_cfg.max_len - 2}")

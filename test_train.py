@@ -255,6 +255,28 @@ def test_finetune_answers_questions_and_exports(tmp_path):
     assert type(hf).__name__ == "ModernBertForQuestionAnswering"
 
 
+def test_finetune_train_examples_keeps_every_group(tmp_path):
+    """--train-examples N spreads its N through the file: on a file of one label and then the
+    other, 8 of 200 hold both, and the model learns both (the first 8 alone would be one label);
+    0 or more than the file holds is a one-line error."""
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    records = [{"text": letter * 12, "label": letter} for letter in "a" * 100 + "z" * 100]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    val = write_jsonl(tmp_path / "val.jsonl", [records[0], records[-1]])
+    common = ["--train", train, "--val", val, "--init", init, "--lr", "3e-3"]
+    run = finetune(
+        tmp_path, *common, "--train-examples", 8, "--max-steps", 30, "--out-dir", tmp_path
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "8 training and 2 held-out examples" in run.stdout
+    accuracy = float(re.search(r"held-out accuracy (\S+)%", run.stdout).group(1))
+    assert accuracy == 100, run.stdout[-1500:]
+    for wrong in (0, 201):
+        bad = finetune(tmp_path, *common, "--train-examples", wrong, "--out-dir", tmp_path)
+        assert bad.returncode != 0 and f"--train-examples {wrong}: " in bad.stderr
+        assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+
+
 QUESTION = '{"question": "q", "context": "abc", "answers": [{"text": "b", "start": 1}]}'
 
 
