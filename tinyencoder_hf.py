@@ -530,6 +530,10 @@ def tokenizer_json(cfg: te.Config) -> dict:
         flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False)
         added.append(dict(id=token_id, content=token, **flags, special=True))
     byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=False)
+    # each character its own word: the question-answering pipeline widens a span to whole words,
+    # and with the text one word it answered with the whole context
+    characters = dict(type="Split", pattern={"Regex": r"[\s\S]"}, behavior="Isolated", invert=False)
+    words = dict(type="Sequence", pretokenizers=[characters, byte_level])
     vocab = {character: b for b, character in enumerate(byte_characters())}
     framing = {name: dict(id=name, ids=[ids[name]], tokens=[name]) for name in ("[CLS]", "[SEP]")}
     return {
@@ -538,7 +542,7 @@ def tokenizer_json(cfg: te.Config) -> dict:
         "padding": None,
         "added_tokens": added,
         "normalizer": None,
-        "pre_tokenizer": byte_level,
+        "pre_tokenizer": words,
         "post_processor": dict(
             type="TemplateProcessing", single=single, pair=pair, special_tokens=framing
         ),
