@@ -49,7 +49,7 @@ def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch
     return out
 
 
-def padded(rows: list, pad_id: int, token_types: list = None) -> dict:
+def padded(rows: list, pad_id: int, token_types: list | None = None) -> dict:
     """Rows of ids as one right-padded batch: input_ids, an attention_mask from each row's length
     (not from pad_id: a checkpoint's pad id may be a byte, BERT's is 0) and, where token_types
     are given (a list per row), token_type_ids padded with 0."""

@@ -523,7 +523,7 @@ class Classifier(nn.Module):
         if cfg.classifier == "span" and self.kind == "linear":
             dropout = 0.0
         self.dropout = nn.Dropout(dropout)
-        outputs = {"span": 2, "choice": 1}.get(cfg.classifier, cfg.num_labels)  # start, end; 1
+        outputs = {"span": 2, "choice": 1}.get(cfg.classifier, cfg.num_labels)  # start, end; score
         self.out = nn.Linear(cfg.hidden, outputs)
 
     def forward(self, x):
