@@ -206,6 +206,25 @@ def test_packed_documents_are_isolated(preset, unpad):
     assert not torch.allclose(changed[11:17], packed[11:17], atol=1e-3)
 
 
+@pytest.mark.parametrize("half_window", [None, 4])
+@pytest.mark.parametrize("unpad", [False, True])
+def test_cpu_attends_bf16_in_fp32(unpad, half_window):
+    """On a CPU, SDPA runs fp32 faster than bf16, and autocast would run it in bf16: bf16 q, k, v
+    attend in fp32, under autocast or not, and come back bf16, gradients too (windowed: in blocks)."""
+    doc = packed_batch()[1]
+    layout = tinyencoder.make_layout(tiny("modernbert", unpad=unpad), doc, torch.bfloat16)
+    torch.manual_seed(0)
+    shape = (*layout.gather(doc).shape, 2, 16)  # (B, T, heads, head_dim) or (N, heads, head_dim)
+    q, k, v = (torch.randn(shape, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    in_fp32 = tinyencoder.attend(q.float(), k.float(), v.float(), layout, half_window, 0.0)
+    for autocast in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = tinyencoder.attend(q, k, v, layout, half_window, 0.0)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, in_fp32.bfloat16())
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.isfinite().all() and q.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("unpad", [False, True])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_left_padding_and_empty_rows(preset, unpad):

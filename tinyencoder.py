@@ -656,8 +656,7 @@ def check_tensor(name, t, shape, dtypes, top: float, read: bool, ignore: bool = 
 
 
 def check_inputs(model, input_ids, attention_mask, token_type_ids, labels, nsp_label):
-    """forward's arguments: types, shapes and dtypes always; values only on the CPU and outside
-    torch.compile, since on a GPU every step would wait for the read."""
+    """forward's arguments: shapes and dtypes always; values on a CPU only (a GPU would wait)."""
     cfg = model.cfg
     dims = 3 if cfg.classifier == "choice" else 2  # multiple choice: (batch, choices, seq)
     if not torch.is_tensor(input_ids) or input_ids.dim() != dims or input_ids.numel() == 0:
@@ -715,8 +714,7 @@ def check_ids(ids, cfg: Config, rate):
 # 9. Fast paths. Each computes what section 3 defines, faster; the tests hold each one equal to
 # eager attention on padded rows.
 class RopeCache(nn.Module):
-    """rope_tables of positions 0 to max_len - 1, made once: compiled layers look cos and sin up
-    rather than each recompute them. Buffers that checkpoints leave out."""
+    """rope_tables of positions below max_len, made once and looked up; checkpoints leave it out."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -795,10 +793,9 @@ def pick_backend(cfg: Config, device: torch.device, dtype) -> str:
 
 @torch.compiler.disable  # reads the batch: one graph break here, none in the layers
 def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
-    """The backend for a forward on device (doc_ids' by default), decided here once, and the
-    layout it runs on: Unpadded tokens for the flash kernel, or on a CPU where cfg.unpad asks,
-    else Padded rows. Made from CPU tensors and moved, it costs the device no wait; given labels,
-    it holds the labelled tokens too, so that masked_lm needs no nonzero() on the device either."""
+    """The layout a forward on device (doc_ids' by default) runs on, its backend decided once:
+    Unpadded tokens for flash or where cfg.unpad asks on a CPU, else Padded rows. Made on the CPU,
+    it costs the device no wait; given labels, it holds the labelled tokens (no nonzero() there)."""
     device = torch.device(device or doc_ids.device)
     backend = pick_backend(cfg, device, dtype)
     starts = document_starts(doc_ids)
@@ -826,7 +823,12 @@ def moved(layout, device):
 
 def attend(q, k, v, layout, half_window: Optional[int], dropout: float):
     """The one dispatch: attention for any layout and backend. q, k, v are (B, T, heads, head_dim)
-    on Padded rows or (N, heads, head_dim) on Unpadded tokens; the output has the same shape."""
+    on Padded rows or (N, heads, head_dim) on Unpadded tokens; the output has the same shape. On a
+    CPU, bf16 and fp16 attend in fp32, which SDPA runs faster there (README: "bf16 on a CPU")."""
+    if q.is_cpu and q.dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", enabled=False):  # which would cast fp32 back down
+            out = attend(q.float(), k.float(), v.float(), layout, half_window, dropout)
+        return out.to(q.dtype)
     if isinstance(layout, Padded):
         return padded_attention(q, k, v, layout, half_window, dropout)
     if q.shape[0] == 0:  # no tokens: an all-padding batch
@@ -866,8 +868,7 @@ def window_blocks(q, k, v, mask, half_window: int, dropout: float) -> torch.Tens
 
 
 def attend_documents(q, k, v, layout: Unpadded, half_window: Optional[int], dropout: float):
-    """Unpadded tokens (N, heads, head_dim) on a CPU, one call per document: no work on padding
-    or across documents, and no mask but the window's."""
+    """Unpadded tokens (N, heads, head_dim) on a CPU: a call per document, only a window's mask."""
     # one band, sliced for each document
     band = band_mask(max(layout.seqlens), half_window, q.device)
     outs = []
