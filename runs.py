@@ -1,11 +1,12 @@
 """What train.py and finetune.py share about a run: a one-line error, checkpoints written whole and
-read back, the metrics log, and stopping cleanly on Ctrl-C or SIGTERM."""
+read back, the metrics log, and stopping cleanly on Ctrl-C or SIGTERM; train.py's closing demo."""
 
 import json
 import os
 import signal
 import sys
 
+import numpy as np
 import torch
 
 import tinyencoder as te
@@ -77,3 +78,36 @@ class StopSignals:
     def on_signal(self, signum, frame):
         self.received.append(signum)
         signal.signal(signum, signal.SIG_DFL)
+
+
+# Newlines show as ⏎, other unprintable bytes and special ids as ·.
+CHARS = {10: "⏎", **{byte: chr(byte) for byte in range(32, 127)}}
+
+
+def show(ids, hidden):
+    """The bytes between CLS and SEP as text, hidden ones as _."""
+    pairs = zip(ids[1:-1].tolist(), hidden[1:-1].tolist())
+    return "".join("_" if is_hidden else CHARS.get(byte, "·") for byte, is_hidden in pairs)
+
+
+@torch.no_grad()
+def demo(model, val_data, spans, amp):
+    """train.py's demo: a held-out line (from the middle span, at a line's start) with three masked
+    spans, what the model writes into them, and the original."""
+    start, end = spans[len(spans) // 2]
+    if (val_data[start : (start + end) // 2] == 10).any():
+        start += int(np.argmax(val_data[start:end] == 10)) + 1
+    line = val_data[start : min(end, start + 64)]
+    ids = torch.tensor(np.r_[[te.CLS], line, [te.SEP]], device=model.tok_embed.weight.device)
+    n = len(ids)
+    hide = torch.zeros_like(ids, dtype=torch.bool)
+    # three spans of three bytes, at a fifth, a half and four fifths; never the final SEP
+    for start in (n // 5, n // 2, 4 * n // 5):
+        hide[start : min(start + 3, n - 1)] = True
+    model.eval()
+    with amp:
+        logits = model(torch.where(hide, te.MASK, ids)[None]).logits[0]
+    guess = torch.where(hide, logits.argmax(-1), ids)
+    print(f"demo, held out : {show(ids, hide)}")
+    print(f"     model fills: {show(guess, torch.zeros_like(hide))}")
+    print(f"     original   : {show(ids, torch.zeros_like(hide))}")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 # -------------------------------------------------------------------------------------------------
@@ -39,6 +40,8 @@ def _train(tmp_path, *args, torchrun=False):
         "1",
         "--eval-seqs",
         "4",
+        "--dtype",
+        "float32",  # unless args say otherwise
         *map(str, args),
     ]
     run = subprocess.run(
@@ -48,14 +51,35 @@ def _train(tmp_path, *args, torchrun=False):
     return [float(x) for x in re.findall(r"^step\s+\d+/\d+ \| loss (\S+)", run.stdout, re.M)]
 
 
-def test_train_resume_is_exact(tmp_path):  # with dropout on: its masks must replay too
-    whole = _train(tmp_path, "--max-steps", 4, "--dropout", 0.1, "--out-dir", tmp_path / "a")
-    first = _train(tmp_path, "--max-steps", 2, "--dropout", 0.1, "--out-dir", tmp_path / "b")
-    rest = _train(tmp_path, "--max-steps", 4, "--out-dir", tmp_path / "b", "--resume")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_train_resume_is_exact(tmp_path, dtype):  # with dropout on: its masks must replay too
+    flags = ["--dropout", 0.1, "--dtype", dtype]
+    whole = _train(tmp_path, "--max-steps", 4, *flags, "--out-dir", tmp_path / "a")
+    first = _train(tmp_path, "--max-steps", 2, *flags, "--out-dir", tmp_path / "b")
+    # with --dtype auto, the resumed run takes its dtype from the checkpoint
+    rest = _train(
+        tmp_path, "--max-steps", 4, "--dtype", "auto", "--out-dir", tmp_path / "b", "--resume"
+    )
     assert len(whole) == 4 and first + rest == whole
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
+def test_bf16_autocast_where_the_machine_measures_it_faster(monkeypatch):
+    """train.py's --dtype auto: bf16 on a CPU whose bf16 matmuls measure 1.5x its fp32 ones."""
+    import mfu
+
+    peaks = {torch.float32: 100e9, torch.bfloat16: 210e9}  # a 2-core AMD EPYC's, roughly
+
+    def measured(device, dtype):
+        return peaks[dtype]
+
+    monkeypatch.setattr(mfu, "measured_peak", measured)
+    assert mfu.bf16_pays(torch.device("cpu"))
+    peaks[torch.bfloat16] = 40e9  # emulated: no AVX512-BF16 or AMX
+    assert not mfu.bf16_pays(torch.device("cpu"))
+    assert mfu.bf16_pays(torch.device("cuda")) and not mfu.bf16_pays(torch.device("mps"))
+
+
+def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds each split apart
     one = _train(tmp_path, "--max-steps", 2, "--batch-size", 8, "--out-dir", tmp_path / "a")
     two = _train(
         tmp_path, "--max-steps", 2, "--batch-size", 4, "--out-dir", tmp_path / "b", torchrun=True

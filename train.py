@@ -18,16 +18,12 @@ from contextlib import nullcontext
 from dataclasses import asdict, fields
 from typing import NamedTuple
 
-import numpy as np
-
-# on shared cores, spinning OpenMP threads stall everyone
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.distributed as dist
 
 import tinyencoder as te
-from mfu import flops_per_token, measured_peak, spec_peak
-from runs import Metrics, StopSignals, die, load_checkpoint, save_checkpoint
+from mfu import bf16_pays, flops_per_token, measured_peak, spec_peak
+from runs import Metrics, StopSignals, demo, die, load_checkpoint, save_checkpoint
 from data.corpus import load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
 
@@ -109,6 +105,7 @@ add("--ckpt-interval", type=int, help="steps between checkpoints (default: at ea
 add("--resume", action="store_true", help="continue exactly from ckpt_last.pt in --out-dir")
 add("--init-from", help="checkpoint to take the weights from (e.g. before a --context 8192 phase)")
 add("--compile", action=BooleanOptionalAction, help="torch.compile the model (default: on CUDA)")
+add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="autocast; see below")
 add("--position-init", choices=["sinusoids", "normal"], default="sinusoids", help="see README")
 add("--seed", type=int, default=1337)
 args = parser.parse_args()
@@ -214,8 +211,16 @@ if model.pos_embed is not None and args.position_init == "sinusoids":  # resumin
 if args.init_from:
     weights = torch.load(args.init_from, map_location=device, weights_only=True)["model"]
     model.load_state_dict(weights)
-amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+# bf16 autocast on CUDA, and on a CPU whose bf16 matmuls measure 1.5x its fp32 ones or more
+# (README: "bf16 on a CPU"); a resumed run keeps its own, to resume exactly
+if args.dtype == "auto" and checkpoint:
+    args.dtype = checkpoint["args"].get("dtype", "auto")
+if args.dtype == "auto":
+    args.dtype = "bfloat16" if bf16_pays(device) else "float32"
+compute_dtype = getattr(torch, args.dtype)
+amp = nullcontext()
+if compute_dtype != torch.float32:
+    amp = torch.autocast(device.type, compute_dtype)
 backend = te.pick_backend(cfg, device, compute_dtype)  # what the forward picks here, for the log
 train_model = model  # DDP wraps the model, and torch.compile wraps DDP, as PyTorch documents
 if ddp:
@@ -229,9 +234,10 @@ n_params = sum(p.numel() for p in model.parameters())
 shape = f"{n_params / 1e6:.2f}M parameters, {cfg.layers} layers of {cfg.hidden}"
 split = f"{B} per micro-batch x {world} processes x {args.grad_accum} accumulated"
 log(f"model: {args.arch} {args.size}, {shape}; {global_batch} x {T} tokens per step ({split})")
-attention = f"{backend} attention, torch.compile {args.compile}"
+attention = f"{backend} attention"
 if backend == "flash":
-    attention = f"flash attention ({te.FLASH}), torch.compile {args.compile}"
+    attention = f"flash attention ({te.FLASH})"
+attention += f", {args.dtype}, torch.compile {args.compile}"
 
 # Optimizer, no weight decay on biases and norms. ModernBERT decays as StableAdamW, apart from the
 # learning rate (p -= lr_t / lr_max * 1e-5 * p): AdamW's p -= lr_t * wd * p with wd = 1e-5 / lr_max.
@@ -383,7 +389,7 @@ if not lr_steps:
 eval_every = args.eval_interval or max(1, math.ceil(max_steps / 4))
 ckpt_every = args.ckpt_interval or eval_every
 # MFU against this machine's measured matmul peak, and on a GPU against its data sheet's dense bf16
-peak_flops = measured_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+peak_flops = measured_peak(device, compute_dtype)
 spec_flops = spec_peak(device)  # 0 on a CPU or a card mfu.py does not list
 schedule = f"peak lr {args.lr:g} on a {lr_steps}-step schedule"
 peaks = f"measured peak {peak_flops / 1e12:.2f} TFLOP/s, spec {spec_flops / 1e12:.0f} TFLOP/s"
@@ -456,37 +462,10 @@ while step < max_steps:
     read_step, read_time = step, time.time()  # evaluations and checkpoints are not step time
 
 
-# The demo: a held-out line with three masked spans, what the model writes into them, the original.
-# Newlines show as ⏎, other unprintable bytes and special ids as ·.
-CHARS = {10: "⏎", **{byte: chr(byte) for byte in range(32, 127)}}
-
-
-def show(ids, hidden):
-    """The bytes between CLS and SEP as text, hidden ones as _."""
-    pairs = zip(ids[1:-1].tolist(), hidden[1:-1].tolist())
-    return "".join("_" if is_hidden else CHARS.get(byte, "·") for byte, is_hidden in pairs)
-
-
 if master:
     if not results:  # a resumed run that had nothing left to do
         results = evaluate()
-    start, end = eval_spans[len(eval_spans) // 2]
-    if (val_data[start : (start + end) // 2] == 10).any():  # from a line's start
-        start += int(np.argmax(val_data[start:end] == 10)) + 1
-    line = val_data[start : min(end, start + 64)]
-    ids = torch.tensor(np.r_[[te.CLS], line, [te.SEP]], device=device)
-    n = len(ids)
-    hide = torch.zeros_like(ids, dtype=torch.bool)
-    # three spans of three bytes, at a fifth, a half and four fifths; never the final SEP
-    for start in (n // 5, n // 2, 4 * n // 5):
-        hide[start : min(start + 3, n - 1)] = True
-    model.eval()
-    with torch.no_grad(), amp:
-        logits = model(torch.where(hide, te.MASK, ids)[None]).logits[0]
-        guess = torch.where(hide, logits.argmax(-1), ids)
-    print(f"demo, held out : {show(ids, hide)}")
-    print(f"     model fills: {show(guess, torch.zeros_like(hide))}")
-    print(f"     original   : {show(ids, torch.zeros_like(hide))}")
+    demo(model, val_data, eval_spans, amp)  # a held-out line, three spans masked and filled in
     accuracy = f"held-out masked-byte accuracy {results['val_acc']:.2%} (15% masking, {args.arch})"
     bits = f"{results['val_bpb']:.3f} bits/byte"
     summary = f"final: {accuracy}, loss {results['val_loss']:.4f}, {bits}"
