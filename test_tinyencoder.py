@@ -210,7 +210,7 @@ def test_packed_documents_are_isolated(preset, unpad):
 @pytest.mark.parametrize("unpad", [False, True])
 def test_cpu_attends_bf16_in_fp32(unpad, half_window):
     """On a CPU, SDPA runs fp32 faster than bf16, and autocast would run it in bf16: bf16 q, k, v
-    attend in fp32, under autocast or not, and come back bf16, gradients too (windowed: in blocks)."""
+    attend in fp32, under autocast or not, and come back bf16, gradients too (a window: blocks)."""
     doc = packed_batch()[1]
     layout = tinyencoder.make_layout(tiny("modernbert", unpad=unpad), doc, torch.bfloat16)
     torch.manual_seed(0)
