@@ -18,7 +18,6 @@ length (sum of l * flops_per_token(l)).
 """
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -34,7 +33,7 @@ import torch
 import pipelines
 import tinyencoder as te
 import tinyencoder_hf
-from mfu import flops_per_token, measured_peak, synchronize
+from mfu import autocast, flops_per_token, measured_peak, synchronize
 
 try:
     import transformers
@@ -47,13 +46,6 @@ except ImportError:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # the masking rate of each family's recipe (train.py's RECIPES): the MLM head runs on these bytes
 MLM_RATES = {"bert": 0.15, "roberta": 0.15, "modernbert": 0.30}
-
-
-def autocast(dev, dtype):
-    """bf16 autocast; in fp32, no context at all."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(dev.type, dtype)
 
 
 def layout_key(cfg):

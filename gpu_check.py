@@ -49,9 +49,9 @@ from torch._dynamo.utils import counters
 from torch.autograd import DeviceType
 
 import tinyencoder as te
-from bench import DTYPES, Stepper, add_mfu, alternate, autocast, base_model, compare, default_dtype
+from bench import DTYPES, Stepper, add_mfu, alternate, base_model, compare, default_dtype
 from bench import hf_steppers, hf_twin, make_batches, print_setup, transformers, variant
-from mfu import measured_peak, spec_peak, synchronize
+from mfu import autocast, measured_peak, spec_peak, synchronize
 
 # (a)'s backends, each in the dtype it runs in; flash runs in half precision only
 BACKENDS = ("eager fp32", "eager bf16", "sdpa fp32", "sdpa bf16", "flash bf16")

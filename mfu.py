@@ -3,9 +3,11 @@
 MFU is the share of a peak FLOP rate that the model's own arithmetic fills:
 tokens per second x flops_per_token / peak. Two peaks: the rate this machine reaches on large
 matmuls in the run's dtype (measured), and the card's dense bf16 figure from its data sheet (what
-papers quote). Inference does a third of the training FLOPs.
+papers quote). Inference does a third of the training FLOPs. Also the dtype a run computes in:
+whether bf16 pays on this device (measured on a CPU), and its autocast context.
 """
 
+import contextlib
 import time
 
 import torch
@@ -59,6 +61,13 @@ def bf16_pays(device: torch.device) -> bool:
     if device.type != "cpu":
         return device.type == "cuda"
     return measured_peak(device, torch.bfloat16) >= 1.5 * measured_peak(device, torch.float32)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast to dtype (bf16); in fp32, no context at all."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype)
 
 
 def spec_peak(device: torch.device) -> float:

@@ -95,7 +95,7 @@ def demo(model, val_data, spans, amp):
     """train.py's demo: a held-out line (from the middle span, at a line's start) with three masked
     spans, what the model writes into them, and the original."""
     start, end = spans[len(spans) // 2]
-    if (val_data[start : (start + end) // 2] == 10).any():
+    if (val_data[start : (start + end) // 2] == 10).any():  # from a line's start
         start += int(np.argmax(val_data[start:end] == 10)) + 1
     line = val_data[start : min(end, start + 64)]
     ids = torch.tensor(np.r_[[te.CLS], line, [te.SEP]], device=model.tok_embed.weight.device)

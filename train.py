@@ -14,7 +14,6 @@ import math
 import os
 import sys
 from argparse import ArgumentParser, BooleanOptionalAction, RawDescriptionHelpFormatter
-from contextlib import nullcontext
 from dataclasses import asdict, fields
 from typing import NamedTuple
 
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import tinyencoder as te
-from mfu import bf16_pays, flops_per_token, measured_peak, spec_peak
+from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
 from runs import Metrics, StopSignals, demo, die, load_checkpoint, save_checkpoint
 from data.corpus import load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
@@ -218,9 +217,7 @@ if args.dtype == "auto" and checkpoint:
 if args.dtype == "auto":
     args.dtype = "bfloat16" if bf16_pays(device) else "float32"
 compute_dtype = getattr(torch, args.dtype)
-amp = nullcontext()
-if compute_dtype != torch.float32:
-    amp = torch.autocast(device.type, compute_dtype)
+amp = autocast(device, compute_dtype)
 backend = te.pick_backend(cfg, device, compute_dtype)  # what the forward picks here, for the log
 train_model = model  # DDP wraps the model, and torch.compile wraps DDP, as PyTorch documents
 if ddp:
