@@ -225,6 +225,62 @@ def test_cpu_attends_bf16_in_fp32(unpad, half_window):
     assert q.grad.dtype == torch.bfloat16 and q.grad.isfinite().all() and q.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_zeroes_its_share_and_keeps_the_mean(dtype):
+    """drop on a CPU: it zeroes p of the values (p rounded to 1/65536), scales the rest by the
+    exact inverse of the kept share, passes the gradient through the same mask, draws the same
+    mask from the same seed; out of training it leaves x as it is."""
+    x = torch.ones(1 << 20, dtype=dtype, requires_grad=True)
+    torch.manual_seed(0)
+    y = tinyencoder.drop(x, 0.1)
+    dropped = (y == 0).double().mean().item()
+    assert abs(dropped - 6554 / 65536) < 4 * math.sqrt(0.09 / x.numel())
+    scale = torch.tensor(65536 / (65536 - 6554)).to(dtype)
+    assert y.dtype == dtype and torch.all((y == 0) | (y == scale))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # x is 1: the gradient is the mask times the scale
+    torch.manual_seed(0)
+    assert torch.equal(tinyencoder.drop(x.detach(), 0.1), y.detach())
+    assert not torch.equal(tinyencoder.drop(x.detach(), 0.1), y.detach())
+    assert tinyencoder.drop(x, 0.5, training=False) is x
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_cpu_training_draws_no_bernoulli(unpad):
+    """BERT's dropout on a CPU (embeddings, attention probabilities, residual branches) all goes
+    through drop's mask: torch's bernoulli_ (F.dropout's, and SDPA's with dropout_p) costs about
+    nine times the random bits there. Padded rows and unpadded documents alike."""
+    model = TinyEncoder(tiny("bert", unpad=unpad)).train()
+    ids, doc = packed_batch()
+    inputs, labels = mask_tokens(ids, model.cfg, torch.Generator().manual_seed(3), rate=0.3)
+    with torch.profiler.profile() as prof:
+        model(inputs, doc, labels=labels).loss.backward()
+    ops = collections.Counter(event.name for event in prof.events())
+    assert ops["aten::bernoulli_"] == 0 and ops["aten::random_"] > 0, ops
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_cpu_attention_dropout_is_seeded_and_unbiased(unpad):
+    """Attention dropout on a CPU (section 3's attention, drop's mask), on padded rows and on
+    unpadded documents: the same seed gives the same output, and the mean over many seeds is
+    the output without dropout."""
+    doc = packed_batch()[1]
+    layout = tinyencoder.make_layout(tiny("bert", unpad=unpad), doc, torch.float32)
+    shape = (*layout.gather(doc).shape, 2, 16)  # (B, T, heads, head_dim) or (N, heads, head_dim)
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    clean = tinyencoder.attend(q, k, v, layout, None, 0.0)
+    draws = []
+    for seed in range(300):
+        torch.manual_seed(seed)
+        draws.append(tinyencoder.attend(q, k, v, layout, None, 0.1))
+    torch.manual_seed(7)
+    assert torch.equal(tinyencoder.attend(q, k, v, layout, None, 0.1), draws[7])
+    assert not torch.equal(draws[0], draws[1])
+    real = layout.gather(doc) != 0  # padding's output is never used
+    error = (torch.stack(draws).mean(0) - clean)[real].abs().max()
+    assert error < 0.1 * clean[real].abs().max()
+
+
 @pytest.mark.parametrize("unpad", [False, True])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_left_padding_and_empty_rows(preset, unpad):
@@ -907,18 +963,22 @@ def test_the_import_graph_has_no_cycle():
         assert cycle_from(module, []) is None, " -> ".join(cycle_from(module, []))
 
 
-def test_rope_tables_are_made_once_and_stay_out_of_checkpoints():
-    """RopeCache looks up exactly rope_tables' cos and sin of positions below max_len (a longer
-    document is an input error); checkpoints hold none of it."""
+def test_rope_tables_are_made_once_per_forward_and_stay_out_of_checkpoints(monkeypatch):
+    """RoPE's cos and sin are made once per forward, a table per theta that every layer looks up
+    (not again in each layer); checkpoints hold none of it."""
     model = TinyEncoder(tiny("modernbert", rope_theta=160000.0))
-    cfg = model.cfg
     assert not any("rope" in name for name in model.state_dict())
-    for positions in (torch.tensor([[0, 5, 63]]), torch.tensor([[0, 9]])):
-        looked_up = model.rope(positions)
-        for kind, theta in (("global", cfg.rope_theta), ("local", cfg.rope_theta_local)):
-            cos, sin = tinyencoder.rope_tables(positions, cfg.head_dim, theta)
-            assert torch.equal(looked_up[kind][0], cos) and torch.equal(looked_up[kind][1], sin)
-    assert model.rope.cos.shape[1] == cfg.max_len
+    thetas = []
+    made = tinyencoder.rope_tables
+
+    def counted(positions, head_dim, theta):
+        thetas.append(theta)
+        return made(positions, head_dim, theta)
+
+    monkeypatch.setattr(tinyencoder, "rope_tables", counted)
+    ids, doc = packed_batch()
+    model(ids, doc)
+    assert model.cfg.layers == 3 and sorted(thetas) == [10000.0, 160000.0]
 
 
 def test_byte_ids():
