@@ -4,6 +4,7 @@
     python bench.py --arch modernbert --layers 4 --batch 8 --steps 5 --json out.json
     python bench.py --device cuda      # bf16, torch.compile
     python bench.py --encode --threads 1  # pipelines.encode on texts of 16-510 bytes, vs AutoModel
+    python bench.py --dropout          # F.dropout against tinyencoder's drop, on a CPU
 
 The one-run GPU check (numerics, speed against transformers compiled and eager, profile, memory,
 train.py) is gpu_check.py, which uses this file as a library: base_model, Stepper, hf_steppers,
@@ -394,6 +395,7 @@ def parse_args():
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--encode", action="store_true", help="pipelines.encode against AutoModel")
     p.add_argument("--texts", type=int, default=256, help="--encode: texts per pass")
+    p.add_argument("--dropout", action="store_true", help="F.dropout against tinyencoder's drop")
     return p.parse_args()
 
 
@@ -447,6 +449,49 @@ def run_encode(args, dev):
     return [row for arch in archs for row in bench_encode(arch, args, dev)]
 
 
+def dropout_pass(dropout, x, _batch=None):
+    """One forward and backward of dropout(x) at BERT's rate, 0.1."""
+    dropout(x, 0.1).backward(x.detach())
+
+
+def bernoulli_draws(x, _batch=None):
+    """The mask F.dropout draws on a CPU: bernoulli_, a number per value."""
+    torch.empty_like(x).bernoulli_(0.9)
+
+
+def int64_draws(x, _batch=None):
+    """The random bits drop draws for the same mask: a 64-bit number per four values."""
+    torch.empty(x.numel() // 4 + 1, dtype=torch.int64).random_(-(2**63), None)
+
+
+def bench_dropout(args, dev):
+    """--dropout: F.dropout against tinyencoder's drop (forward and backward) on the attention
+    probabilities and on the hidden states of --batch rows of --seq at --hidden, and their masks'
+    draws alone; median milliseconds of --steps alternating runs."""
+    heads = max(1, args.hidden // 64)
+    shapes = dict(probs=(args.batch, heads, args.seq, args.seq))
+    shapes["hidden"] = (args.batch, args.seq, args.hidden)
+    print(
+        "dropout 0.1   shape                    F.dropout   drop  ratio  bernoulli_  int64  ratio"
+    )
+    rows = []
+    for name, shape in shapes.items():
+        x = torch.randn(shape, device=dev, requires_grad=True)
+        steps = {
+            "F.dropout": functools.partial(dropout_pass, torch.nn.functional.dropout, x),
+            "drop": functools.partial(dropout_pass, te.drop, x),
+            "bernoulli_": functools.partial(bernoulli_draws, x),
+            "int64": functools.partial(int64_draws, x),
+        }
+        times = alternate(steps, [None] * (args.warmup + args.steps), args.warmup, dev)
+        ms = {k: 1e3 * statistics.median(t) for k, t in times.items()}
+        rows.append(dict(name=name, shape=shape, **ms))
+        line = f"{name:13} {str(shape):22} {ms['F.dropout']:9.1f} {ms['drop']:6.1f} "
+        line += f"{ms['F.dropout'] / ms['drop']:5.2f}x {ms['bernoulli_']:10.1f} {ms['int64']:6.1f} "
+        print(line + f"{ms['bernoulli_'] / ms['int64']:5.1f}x", flush=True)
+    return rows
+
+
 def main():
     args = parse_args()
     if args.threads:
@@ -464,6 +509,8 @@ def main():
     report["json"] = args.json
     if args.encode:
         report["encode"] = run_encode(args, dev)
+    elif args.dropout:
+        report["dropout"] = bench_dropout(args, dev)
     else:
         report.update(run_cases(args, dev, dtype, peak))
     if args.json:

@@ -963,22 +963,27 @@ def test_the_import_graph_has_no_cycle():
         assert cycle_from(module, []) is None, " -> ".join(cycle_from(module, []))
 
 
-def test_rope_tables_are_made_once_per_forward_and_stay_out_of_checkpoints(monkeypatch):
-    """RoPE's cos and sin are made once per forward, a table per theta that every layer looks up
-    (not again in each layer); checkpoints hold none of it."""
+def test_rope_tables_are_made_once_and_stay_out_of_checkpoints(monkeypatch):
+    """The model holds rope_tables' cos and sin of every position below max_len for each theta
+    (a longer document is an input error), made once: a forward looks them up, never makes them
+    again; checkpoints hold none of it."""
     model = TinyEncoder(tiny("modernbert", rope_theta=160000.0))
-    assert not any("rope" in name for name in model.state_dict())
-    thetas = []
-    made = tinyencoder.rope_tables
+    cfg = model.cfg
+    assert not any(name in ("cos", "sin") for name in model.state_dict())
+    assert model.cos.shape[:2] == model.sin.shape[:2] == (2, cfg.max_len)
+    positions = torch.tensor([[0, 5, 63]])
+    for i, theta in enumerate((cfg.rope_theta, cfg.rope_theta_local)):
+        cos, sin = tinyencoder.rope_tables(positions, cfg.head_dim, theta)
+        assert torch.equal(model.cos[i, positions], cos) and torch.equal(
+            model.sin[i, positions], sin
+        )
 
-    def counted(positions, head_dim, theta):
-        thetas.append(theta)
-        return made(positions, head_dim, theta)
+    def made_again(*args):
+        raise AssertionError("rope_tables called in a forward")
 
-    monkeypatch.setattr(tinyencoder, "rope_tables", counted)
+    monkeypatch.setattr(tinyencoder, "rope_tables", made_again)
     ids, doc = packed_batch()
-    model(ids, doc)
-    assert model.cfg.layers == 3 and sorted(thetas) == [10000.0, 160000.0]
+    model(ids, doc).logits.sum().backward()
 
 
 def test_byte_ids():

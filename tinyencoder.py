@@ -175,8 +175,7 @@ def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
 
 def document_positions(starts: torch.Tensor) -> torch.Tensor:
     """(B, T) each token's index in its document: doc ids 1 1 1 2 2 0 -> positions 0 1 2 0 1 0."""
-    B, T = starts.shape
-    index = torch.arange(T, device=starts.device).expand(B, T)
+    index = torch.arange(starts.shape[1], device=starts.device).expand_as(starts)  # (B, T)
     start_index = torch.where(starts, index, 0).cummax(dim=1).values  # 0 0 0 3 3 5
     return index - start_index
 
@@ -354,10 +353,15 @@ class TinyEncoder(nn.Module):
         self.cfg = cfg
         H = cfg.hidden
         self.tok_embed = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_id)
-        # positions: a learned table (BERT, RoBERTa), or RoPE's turns, which have no weights
+        # positions: a learned table (BERT, RoBERTa), or RoPE's cos and sin, made once per theta
         self.pos_embed = None
         if cfg.positions == "learned":
             self.pos_embed = nn.Embedding(cfg.max_len + cfg.pos_offset, H)
+        else:
+            thetas = (cfg.rope_theta, cfg.rope_theta_local)
+            tables = [rope_tables(torch.arange(cfg.max_len), cfg.head_dim, t) for t in thetas]
+            self.register_buffer("cos", torch.stack([cos for cos, _ in tables]), persistent=False)
+            self.register_buffer("sin", torch.stack([sin for _, sin in tables]), persistent=False)
         self.type_embed = nn.Embedding(cfg.type_vocab, H) if cfg.type_vocab else None
         self.embed_norm = layer_norm(cfg)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.layers))
@@ -444,11 +448,10 @@ class TinyEncoder(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions + cfg.pos_offset)
         x = drop(self.embed_norm(x), cfg.embed_dropout, self.training)
-        # RoPE's tables, made once for every layer: {"global": (cos, sin), "local": (cos, sin)}
-        rope = None
-        if cfg.positions == "rope":
-            thetas = {"global": cfg.rope_theta, "local": cfg.rope_theta_local}
-            rope = {kind: rope_tables(positions, cfg.head_dim, t) for kind, t in thetas.items()}
+        rope = None  # {"global": (cos, sin), "local": (cos, sin)} at each token, for every layer
+        if self.pos_embed is None:
+            cos, sin = self.cos[:, positions], self.sin[:, positions]  # (2, ..., 1, head_dim / 2)
+            rope = {"global": (cos[0], sin[0]), "local": (cos[1], sin[1])}
         for layer in self.layers:
             x = layer(x, layout, rope)
         return self.final_norm(x)
@@ -614,8 +617,7 @@ def check_config(cfg: Config):
     sizes = ("hidden", "layers", "heads", "max_len", "global_every", "num_labels")
     for name in (*sizes, "rope_theta", "rope_theta_local"):
         require(cfg, name, getattr(cfg, name) > 0, "above 0")
-    dropouts = ("embed_dropout", "attn_dropout", "resid_dropout", "mlp_dropout")
-    for name in (*dropouts, "classifier_dropout"):
+    for name in (field.name for field in fields(cfg) if field.name.endswith("dropout")):
         require(cfg, name, getattr(cfg, name) < 1, "below 1")
     require(cfg, "nsp", not (cfg.nsp and cfg.classifier != "none"), "False with a classifier")
     below_vocab = f"below vocab_size={cfg.vocab_size}"
