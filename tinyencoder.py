@@ -714,7 +714,7 @@ def check_ids(ids, cfg: Config, rate):
 # 9. Fast paths. Each computes what section 3 defines, faster; the tests hold each one equal to
 # eager attention on padded rows.
 def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout(x, p, training); on a CPU, not compiled, with a mask about 9x cheaper to draw than
+    """F.dropout(x, p, training); on a CPU, not compiled, with a mask 5-9x cheaper to draw than
     bernoulli_'s: four 16-bit draws from each 64-bit one. p is rounded to 1/65536, and the kept
     values are scaled by the exact inverse of their share (README: "Dropout on a CPU")."""
     cut = round(p * 65536)
