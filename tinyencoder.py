@@ -720,7 +720,7 @@ def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     cut = round(p * 65536)
     if not (training and x.is_cpu) or torch.compiler.is_compiling() or cut in (0, 65536):
         return F.dropout(x, p, training)
-    bits = torch.empty(x.numel() // 4 + 1, dtype=torch.int64).random_(-(2**63), None)
+    bits = x.new_empty(x.numel() // 4 + 1, dtype=torch.int64).random_(-(2**63), None)
     draws = bits.view(torch.int16)[: x.numel()].view(x.shape)  # uniform in [-32768, 32768)
     keep = draws >= cut - 32768  # with probability 1 - cut / 65536
     return x * keep.to(x.dtype).mul_(65536 / (65536 - cut))
