@@ -974,9 +974,8 @@ def test_rope_tables_are_made_once_and_stay_out_of_checkpoints(monkeypatch):
     positions = torch.tensor([[0, 5, 63]])
     for i, theta in enumerate((cfg.rope_theta, cfg.rope_theta_local)):
         cos, sin = tinyencoder.rope_tables(positions, cfg.head_dim, theta)
-        assert torch.equal(model.cos[i, positions], cos) and torch.equal(
-            model.sin[i, positions], sin
-        )
+        assert torch.equal(model.cos[i, positions], cos)
+        assert torch.equal(model.sin[i, positions], sin)
 
     def made_again(*args):
         raise AssertionError("rope_tables called in a forward")

@@ -449,7 +449,7 @@ class TinyEncoder(nn.Module):
             x = x + self.pos_embed(positions + cfg.pos_offset)
         x = drop(self.embed_norm(x), cfg.embed_dropout, self.training)
         rope = None  # {"global": (cos, sin), "local": (cos, sin)} at each token, for every layer
-        if self.pos_embed is None:
+        if cfg.positions == "rope":
             cos, sin = self.cos[:, positions], self.sin[:, positions]  # (2, ..., 1, head_dim / 2)
             rope = {"global": (cos[0], sin[0]), "local": (cos[1], sin[1])}
         for layer in self.layers:
