@@ -5,6 +5,7 @@
     python bench.py --device cuda      # bf16, torch.compile
     python bench.py --encode --threads 1  # pipelines.encode on texts of 16-510 bytes, vs AutoModel
     python bench.py --dropout          # F.dropout against tinyencoder's drop, on a CPU
+    python bench.py --linear           # nn.Linear against tinyencoder's Linear, on a CPU
 
 The one-run GPU check (numerics, speed against transformers compiled and eager, profile, memory,
 train.py) is gpu_check.py, which uses this file as a library: base_model, Stepper, hf_steppers,
@@ -34,6 +35,7 @@ import torch
 import pipelines
 import tinyencoder as te
 import tinyencoder_hf
+from data.rows import to_device
 from mfu import autocast, flops_per_token, measured_peak, synchronize
 
 try:
@@ -76,7 +78,8 @@ def make_batches(cfg, n, B, T, var, dev, *, dtype, seed=0, layout_cfgs=()):
         b = dict(input_ids=inputs.to(dev), attention_mask=am.to(dev), labels=labels.to(dev))
         b["lens"] = lens.tolist()
         cfgs = [cfg, *layout_cfgs]
-        b["layouts"] = {layout_key(c): te.make_layout(c, am, dtype, dev, labels) for c in cfgs}
+        layouts = {layout_key(c): te.make_layout(c, am, dtype, dev, labels) for c in cfgs}
+        b["layouts"] = {key: to_device(layout, dev) for key, layout in layouts.items()}
         batches.append(b)
     return batches
 
@@ -396,6 +399,7 @@ def parse_args():
     p.add_argument("--encode", action="store_true", help="pipelines.encode against AutoModel")
     p.add_argument("--texts", type=int, default=256, help="--encode: texts per pass")
     p.add_argument("--dropout", action="store_true", help="F.dropout against tinyencoder's drop")
+    p.add_argument("--linear", action="store_true", help="nn.Linear against tinyencoder's Linear")
     return p.parse_args()
 
 
@@ -492,6 +496,50 @@ def bench_dropout(args, dev):
     return rows
 
 
+def linear_pass(layer, x, grad, _batch=None):
+    """layer(x) without gradients, or with them and its backward of grad where grad is given."""
+    if grad is None:
+        with torch.no_grad():
+            layer(x)
+    else:
+        layer(x).backward(grad)
+
+
+def bench_linear(args, dev):
+    """--linear: nn.Linear (F.linear: the BLAS) against tinyencoder's Linear (oneDNN's kernel in
+    fp32 on an x86 CPU) on a layer's shapes at --hidden (the GeGLU down projection's too), for
+    --batch x --seq tokens and for a variable batch's odd count; a forward alone and a forward and
+    backward, median milliseconds of --steps alternating runs."""
+    H = args.hidden
+    shapes = dict(qkv=(H, 3 * H), out=(H, H), up=(H, 4 * H), down=(4 * H, H))
+    shapes["geglu down"] = (3 * H // 2, H)
+    counts = [args.batch * args.seq, args.batch * (args.seq + 64) // 2 + 1]
+    header = (
+        "linear      tokens   in -> out   forward: F.linear Linear ratio  +backward: nn  te  ratio"
+    )
+    print(header)
+    rows = []
+    for (name, (fan_in, fan_out)), tokens in itertools.product(shapes.items(), counts):
+        reference = torch.nn.Linear(fan_in, fan_out).to(dev)
+        layer = te.Linear(fan_in, fan_out).to(dev)
+        layer.load_state_dict(reference.state_dict())
+        x = torch.randn(tokens, fan_in, device=dev, requires_grad=True)
+        grad = torch.randn(tokens, fan_out, device=dev)
+        steps = {}
+        for key, module in (("nn", reference), ("te", layer)):
+            steps[f"{key} forward"] = functools.partial(linear_pass, module, x, None)
+            steps[f"{key} train"] = functools.partial(linear_pass, module, x, grad)
+        times = alternate(steps, [None] * (args.warmup + args.steps), args.warmup, dev)
+        ms = {k: 1e3 * statistics.median(t) for k, t in times.items()}
+        rows.append(dict(name=name, tokens=tokens, fan_in=fan_in, fan_out=fan_out, **ms))
+        forward = ms["nn forward"] / ms["te forward"]
+        train = ms["nn train"] / ms["te train"]
+        line = f"{name:11} {tokens:6} {fan_in:5} -> {fan_out:<5} {ms['nn forward']:17.1f} "
+        line += f"{ms['te forward']:7.1f} {forward:5.2f}x {ms['nn train']:13.1f} "
+        print(line + f"{ms['te train']:5.1f} {train:5.2f}x", flush=True)
+    return rows
+
+
 def main():
     args = parse_args()
     if args.threads:
@@ -511,6 +559,8 @@ def main():
         report["encode"] = run_encode(args, dev)
     elif args.dropout:
         report["dropout"] = bench_dropout(args, dev)
+    elif args.linear:
+        report["linear"] = bench_linear(args, dev)
     else:
         report.update(run_cases(args, dev, dtype, peak))
     if args.json:

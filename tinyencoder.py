@@ -228,7 +228,7 @@ class Padded:
 
 
 # 4. Blocks. Each takes (B, T, hidden) rows or (N, hidden) unpadded tokens: all act on the last
-# dimensions, and attention is told the layout.
+# dimensions, and attention is told the layout. Linear is nn.Linear (section 9: its CPU kernel).
 def rope_tables(positions, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE (Su et al. 2021): pair i of a head turns by position * theta^(-2i / head_dim). cos and
     sin of each position's angles, fp32, each (..., 1, head_dim / 2) to broadcast over heads."""
@@ -254,8 +254,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         up_width = 2 * cfg.intermediate if cfg.glu else cfg.intermediate
-        self.up = nn.Linear(cfg.hidden, up_width, bias=cfg.bias)
-        self.down = nn.Linear(cfg.intermediate, cfg.hidden, bias=cfg.bias)
+        self.up = Linear(cfg.hidden, up_width, bias=cfg.bias)
+        self.down = Linear(cfg.intermediate, cfg.hidden, bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.act]
         self.glu = cfg.glu
         self.dropout = cfg.mlp_dropout
@@ -276,8 +276,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads = cfg.heads
         self.dropout = cfg.attn_dropout
-        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=cfg.bias)
-        self.out = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
+        self.qkv = Linear(cfg.hidden, 3 * cfg.hidden, bias=cfg.bias)
+        self.out = Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
         self.half_window = None
         self.kind = "global"
         if cfg.is_local(layer):
@@ -324,7 +324,7 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.head_bias)
+        self.dense = Linear(cfg.hidden, cfg.hidden, bias=cfg.head_bias)
         self.norm = layer_norm(cfg)
         self.act = ACTIVATIONS[cfg.act]
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
@@ -371,8 +371,8 @@ class TinyEncoder(nn.Module):
         self.mlm_head = MLMHead(cfg) if cfg.classifier == "none" else None
         self.classifier = Classifier(cfg) if cfg.classifier != "none" else None
         pooled = {("bert", "sequence"), ("bert", "choice"), ("roberta", "choice")}
-        self.pooler = nn.Linear(H, H) if cfg.nsp or (cfg.arch, cfg.classifier) in pooled else None
-        self.nsp_head = nn.Linear(H, 2) if cfg.nsp else None
+        self.pooler = Linear(H, H) if cfg.nsp or (cfg.arch, cfg.classifier) in pooled else None
+        self.nsp_head = Linear(H, 2) if cfg.nsp else None
         self.init_weights()
 
     def init_weights(self):
@@ -499,7 +499,7 @@ def mask_tokens(ids, cfg: Config, generator=None, rate=0.15) -> tuple[torch.Tens
 
 # -------------------------------------------------------------------------------------------------
 # (optional reading) What follows is not the papers' core: 7. fine-tuning heads and embeddings;
-# 8. input checks; 9. fast paths, each tested equal to section 3.
+# 8. input checks; 9. fast paths, each tested equal to sections 3 and 4.
 
 
 # 7. Fine-tuning heads and embeddings
@@ -516,16 +516,15 @@ class Classifier(nn.Module):
         elif cfg.arch == "roberta" and cfg.classifier == "sequence":
             self.kind = "tanh"
         if self.kind != "linear":
-            self.dense = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.head_bias)
+            self.dense = Linear(cfg.hidden, cfg.hidden, bias=cfg.head_bias)
         if self.kind == "transform":
             self.norm = layer_norm(cfg)
         self.act = ACTIVATIONS[cfg.act]
-        dropout = cfg.classifier_dropout
+        self.dropout = cfg.classifier_dropout
         if cfg.classifier == "span" and self.kind == "linear":
-            dropout = 0.0
-        self.dropout = dropout
+            self.dropout = 0.0
         outputs = {"span": 2, "choice": 1}.get(cfg.classifier, cfg.num_labels)  # start, end; score
-        self.out = nn.Linear(cfg.hidden, outputs)
+        self.out = Linear(cfg.hidden, outputs)
 
     def forward(self, x):
         if self.kind == "transform":
@@ -537,8 +536,7 @@ class Classifier(nn.Module):
 
 def classify(model, x, hidden, layout, doc_ids, labels, rows: torch.Size):
     """The fine-tuning head: logits (B, num_labels) of each row's pooled vector (BERT's through its
-    pooler), (B, choices) of each choice's, or (B, T, num_labels) of each token (num_labels 2 for
-    a span: start and end); and transformers' loss where labels are given."""
+    pooler), (B, choices), or (B, T, num_labels) of each token (2: a span's start and end); loss."""
     kind = model.cfg.classifier
     if kind in ("sequence", "choice"):
         pooled = pool(hidden, doc_ids, model.cfg.classifier_pooling)
@@ -579,9 +577,8 @@ def classifier_loss(logits, labels, doc_ids, kind: str) -> torch.Tensor:
 
 
 def span_loss(logits, spans, doc_ids) -> torch.Tensor:
-    """transformers' extractive QA loss: logits (B, T, 2), spans (B, 2) each row's first and last
-    token; the mean of the start's and the end's cross-entropy over the row. A position outside
-    the input (IGNORE_INDEX, past its end, or padding) is not counted, and padding is no answer."""
+    """transformers' extractive QA loss: logits (B, T, 2), spans (B, 2) first and last token; the
+    mean of start and end cross-entropy. Not counted: IGNORE_INDEX, past the end, padding."""
     T = logits.shape[1]
     real = doc_ids != 0
     logits = logits.float().masked_fill(~real[..., None], torch.finfo(torch.float32).min)
@@ -694,16 +691,9 @@ def check_labels(cfg: Config, labels, shape: tuple, read: bool):
     heads["choice"] = ((B,), shape[1])
     label_shape, top = heads[cfg.classifier]
     check_tensor("labels", labels, label_shape, LABEL_DTYPES, top, read, ignore=True)
-    if read and labels is not None and cfg.classifier == "span":
-        after = (labels[:, 0] > labels[:, 1]) & (labels[:, 1] != IGNORE_INDEX)
-        if after.any():
-            row = int(after.nonzero()[0])
-            start, end = labels[row].tolist()
-            raise ValueError(f"labels[{row}]: the span's start {start} is after its end {end}")
 
 
 def check_ids(ids, cfg: Config, rate):
-    """mask_tokens' arguments."""
     if not torch.is_tensor(ids):
         raise ValueError(f"mask_tokens takes a tensor of ids, got {type(ids).__name__}")
     check_tensor("ids", ids, tuple(ids.shape), INDEX_DTYPES, cfg.vocab_size, ids.is_cpu)
@@ -711,12 +701,10 @@ def check_ids(ids, cfg: Config, rate):
         raise ValueError(f"mask_tokens' rate={rate!r} must be a number in (0, 1]")
 
 
-# 9. Fast paths. Each computes what section 3 defines, faster; the tests hold each one equal to
-# eager attention on padded rows.
+# 9. Fast paths: what sections 3 and 4 define, faster; the tests hold each equal to its definition.
 def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout(x, p, training); on a CPU, not compiled, with a mask 5-9x cheaper to draw than
-    bernoulli_'s: four 16-bit draws from each 64-bit one. p is rounded to 1/65536, and the kept
-    values are scaled by the exact inverse of their share (README: "Dropout on a CPU")."""
+    """F.dropout(x, p, training); on a CPU, not compiled, four 16-bit draws from each 64-bit one,
+    5-9x cheaper than bernoulli_'s, p rounded to 1/65536 (README: "Dropout on a CPU")."""
     cut = round(p * 65536)
     if not (training and x.is_cpu) or torch.compiler.is_compiling() or cut in (0, 65536):
         return F.dropout(x, p, training)
@@ -724,6 +712,37 @@ def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     draws = bits.view(torch.int16)[: x.numel()].view(x.shape)  # uniform in [-32768, 32768)
     keep = draws >= cut - 32768  # with probability 1 - cut / 65536
     return x * keep.to(x.dtype).mul_(65536 / (65536 - cut))
+
+
+# Linear layers in fp32 on an x86 CPU: oneDNN's matmul, 6-22 % faster than F.linear's BLAS on a
+# 2-core AMD EPYC (README: "Linear layers on a CPU"), where a call has 2^24 multiply-adds or more.
+X86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if X86 else None
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fp32 = x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        large = x.numel() * self.out_features >= 2**24  # below, oneDNN's cost per call outweighs
+        if ONEDNN_LINEAR and x.is_cpu and fp32 and large and not torch.compiler.is_compiling():
+            return OneDNNLinear.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        grad_x = ONEDNN_LINEAR(grad, weight.t(), None, "none", [], "")
+        grad = grad.flatten(0, -2)  # (tokens, out)
+        grad_bias = None if bias is None else grad.sum(0)
+        return grad_x, grad.t() @ x.flatten(0, -2), grad_bias
 
 
 # The flash kernel, looked up once: the flash-attn package's, else PyTorch's own flash op (under
@@ -748,18 +767,15 @@ class Unpadded:
     cu_seqlens: torch.Tensor  # (documents + 1,) int32: document d is tokens cu[d] to cu[d + 1]
     batch_shape: torch.Size  # (B, T)
     backend: str
-    seqlens: Optional[list] = None  # on a CPU: each document's length, to attend one at a time
+    seqlens: list  # each document's length: a CPU attends to one document at a time
     labelled: Optional[torch.Tensor] = None  # as Padded's
 
     @classmethod
-    def from_doc_ids(cls, doc_ids, starts, backend: str, device) -> Unpadded:
+    def from_doc_ids(cls, doc_ids, starts, backend: str) -> Unpadded:
         indices = (doc_ids.flatten() != 0).nonzero().squeeze(1)
         first_tokens = starts.flatten()[indices].nonzero().squeeze(1)  # each document's first
         cu_seqlens = F.pad(first_tokens, (0, 1), value=indices.numel()).to(torch.int32)
-        layout = cls(indices, cu_seqlens, doc_ids.shape, backend)
-        if device.type == "cpu":
-            layout.seqlens = cu_seqlens.diff().tolist()
-        return layout
+        return cls(indices, cu_seqlens, doc_ids.shape, backend, cu_seqlens.diff().tolist())
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         return t.flatten(0, 1)[self.indices]  # (B, T, ...) -> (N, ...)
@@ -790,37 +806,24 @@ def pick_backend(cfg: Config, device: torch.device, dtype) -> str:
 @torch.compiler.disable  # reads the batch: one graph break here, none in the layers
 def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
     """The layout a forward on device (doc_ids' by default) runs on, its backend decided once:
-    Unpadded tokens for flash or where cfg.unpad asks on a CPU, else Padded rows. Made on the CPU,
-    it costs the device no wait; given labels, it holds the labelled tokens (no nonzero() there)."""
+    Unpadded tokens for flash or where cfg.unpad asks on a CPU, else Padded rows; given labels, the
+    labelled tokens. On doc_ids' device: data/rows.py makes it on the CPU and moves it, no wait."""
     device = torch.device(device or doc_ids.device)
     backend = pick_backend(cfg, device, dtype)
     starts = document_starts(doc_ids)
     if backend == "flash" or (cfg.unpad and device.type == "cpu"):
-        layout = Unpadded.from_doc_ids(doc_ids, starts, backend, device)
+        layout = Unpadded.from_doc_ids(doc_ids, starts, backend)
     else:
         layout = Padded.from_doc_ids(doc_ids, starts, cfg.half_window, backend)
     if labels is not None:
         targets = layout.gather(labels.masked_fill(doc_ids == 0, IGNORE_INDEX)).flatten()
         layout.labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    return moved(layout, device)
-
-
-def moved(layout, device):
-    """The layout's tensors on device; to a GPU through pinned memory, without waiting."""
-    for field in fields(layout):
-        value = getattr(layout, field.name)
-        if torch.is_tensor(value) and value.device != device and device.type == "cuda":
-            value = value.pin_memory().to(device, non_blocking=True)
-        elif torch.is_tensor(value):
-            value = value.to(device)
-        setattr(layout, field.name, value)
     return layout
 
 
 def attend(q, k, v, layout, half_window: Optional[int], dropout: float):
-    """The one dispatch: attention for any layout and backend. q, k, v are (B, T, heads, head_dim)
-    on Padded rows or (N, heads, head_dim) on Unpadded tokens; the output has the same shape. On a
-    CPU, bf16 and fp16 attend in fp32, which SDPA runs faster there (README: "bf16 on a CPU")."""
+    """The one dispatch: q, k, v (B, T, heads, head_dim) on Padded rows or (N, heads, head_dim) on
+    Unpadded tokens, and out likewise. A CPU attends in fp32 (README: "bf16 on a CPU")."""
     if q.is_cpu and q.dtype in (torch.float16, torch.bfloat16):
         with torch.autocast("cpu", enabled=False):  # which would cast fp32 back down
             out = attend(q.float(), k.float(), v.float(), layout, half_window, dropout)
@@ -835,8 +838,7 @@ def attend(q, k, v, layout, half_window: Optional[int], dropout: float):
 
 
 def padded_attention(q, k, v, layout: Padded, half_window: Optional[int], dropout: float):
-    """Rows (B, T, heads, head_dim) under the layout's global or local mask: eager, SDPA, or on a
-    CPU, where a window is much shorter than the rows, SDPA in blocks of the window."""
+    """Rows (B, T, heads, head_dim) under the layout's mask: eager, SDPA, or SDPA in windows."""
     mask = layout.mask if half_window is None else layout.local_mask
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
     if layout.backend == "eager":

@@ -5,6 +5,7 @@ batch over processes and micro-batches, sees the same rows and masks. The held-o
 plain rows for every recipe, masked with fixed seeds, so that the recipes' accuracies compare.
 """
 
+import dataclasses
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -142,7 +143,14 @@ def held_out_pairs(data, offsets, length, count):
 
 
 def to_device(t, device):
-    """A GPU gets t through pinned memory without waiting, so that the copy overlaps its work."""
+    """A GPU gets t, a tensor or a layout's tensors, through pinned memory without waiting, so that
+    the copy overlaps its work."""
+    if not torch.is_tensor(t):  # a layout (make_layout's): each of its tensors
+        for field in dataclasses.fields(t):
+            value = getattr(t, field.name)
+            if torch.is_tensor(value):
+                setattr(t, field.name, to_device(value, device))
+        return t
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -165,7 +173,7 @@ def collate(rows, cfg, device, rate, dtype=torch.float32):
         input_ids=to_device(torch.stack(ids), device),
         attention_mask=to_device(doc_ids, device),
         labels=to_device(labels, device),
-        layout=make_layout(cfg, doc_ids, dtype, device, labels),
+        layout=to_device(make_layout(cfg, doc_ids, dtype, device, labels), device),
     )
     if cfg.type_vocab:  # ModernBERT has no segment embeddings
         types = np.stack([row.token_types for row in rows])
