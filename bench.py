@@ -507,7 +507,7 @@ def linear_pass(layer, x, grad, _batch=None):
 
 def bench_linear(args, dev):
     """--linear: nn.Linear (F.linear: the BLAS) against tinyencoder's Linear (oneDNN's kernel in
-    fp32 on an x86 CPU) on a layer's shapes at --hidden (the GeGLU down projection's too), for
+    fp32 on an AVX-512 CPU) on a layer's shapes at --hidden (the GeGLU down projection's too), for
     --batch x --seq tokens and for a variable batch's odd count; a forward alone and a forward and
     backward, median milliseconds of --steps alternating runs."""
     H = args.hidden
