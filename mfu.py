@@ -68,7 +68,7 @@ def measured_peak(device: torch.device, dtype: torch.dtype, reps: int = 3) -> fl
 
 def bf16_pays(device: torch.device) -> bool:
     """Whether bf16 autocast speeds this device up: on CUDA, yes; on a CPU, where its bf16 matmuls
-    measure at least 1.5x its fp32 ones (AVX512-BF16 or AMX units: 2.1x on a 2-core AMD EPYC;
+    measure at least 1.5x its fp32 ones (AVX512-BF16 or AMX units: 2.0x on a 2-core AMD EPYC;
     without them bf16 is emulated, and slower)."""
     if device.type != "cpu":
         return device.type == "cuda"
