@@ -46,12 +46,16 @@ def measured_peak(device: torch.device, dtype: torch.dtype, reps: int = 3) -> fl
     """Best FLOP/s of a few square matmuls: the machine's practical matmul peak in this dtype, by
     torch.matmul and, on an AVX-512 CPU, by oneDNN's linear too (faster than the BLAS on some)."""
     # on a 2-core CPU, products of 1024 and 2048 reach the FLOP/s of 4096's (150-175 GFLOP/s each,
-    # one check) in about a second in all; 4096's took about 10 s of a 5-minute run
+    # one check) in under a second per kernel; 4096's took about 10 s of a 5-minute run
     sizes = (1024, 2048)
     if device.type == "cuda":
         sizes = (4096, 8192)
     products = [torch.matmul]
-    if device.type == "cpu" and tinyencoder.ONEDNN_LINEAR is not None:
+    fp32_or_bf16 = dtype in (
+        torch.float32,
+        torch.bfloat16,
+    )  # oneDNN's fp16 linear fails on this CPU
+    if device.type == "cpu" and fp32_or_bf16 and tinyencoder.ONEDNN_LINEAR is not None:
         products.append(onednn_matmul)
     best = 0.0
     for n, product in itertools.product(sizes, products):

@@ -271,14 +271,14 @@ needs_onednn = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(4, 256, 64), (1024, 64), (0, 64), (3, 64)])
+@pytest.mark.parametrize("shape", [(4, 256, 256), (1024, 256), (0, 256), (3, 256), (256,)])
 def test_linear_is_nn_linear_on_a_cpu(shape, bias):
     """Section 9's Linear gives nn.Linear's output and its input's, weight's and bias's gradients:
-    through oneDNN's kernel (forward, input gradient) from 2^24 multiply-adds a call (here 1024
-    tokens, 64 -> 256) on an AVX-512 CPU, else F.linear; rows, tokens, none; with, without bias."""
+    through oneDNN's kernel (forward, input gradient) from 2^29 multiply-adds a call (here 1024
+    tokens, 256 -> 2048) on an AVX-512 CPU, else F.linear; rows, tokens, one, none; +/- bias."""
     torch.manual_seed(0)
-    reference = torch.nn.Linear(64, 256, bias=bias)
-    layer = tinyencoder.Linear(64, 256, bias=bias)
+    reference = torch.nn.Linear(256, 2048, bias=bias)
+    layer = tinyencoder.Linear(256, 2048, bias=bias)
     layer.load_state_dict(reference.state_dict())
     x = torch.randn(shape)
     results = []
@@ -288,7 +288,7 @@ def test_linear_is_nn_linear_on_a_cpu(shape, bias):
             out = module(xi)
             out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
         results.append([out, xi.grad, *(p.grad for p in module.parameters())])
-    large = x.numel() >= 1024 * 64 and tinyencoder.ONEDNN_LINEAR is not None
+    large = x.numel() >= 1024 * 256 and tinyencoder.ONEDNN_LINEAR is not None
     assert onednn_calls(prof) == (2 if large else 0)
     for ours, theirs in zip(results[1], results[0]):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)  # empty tensors too
@@ -306,12 +306,13 @@ def linear_step(model, batch_kwargs, **autocast):
 @pytest.mark.parametrize("unpad", [False, True])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_fp32_cpu_linears_run_onednn_and_fall_back(preset, unpad, monkeypatch):
-    """In fp32, each linear of a layer in a CPU training step at 256 wide on 1024 tokens runs
-    oneDNN's kernel, forward and for its input's gradient; under bf16 autocast none does, and
-    without the kernel the step's loss and gradients are the ones it gives."""
+    """In fp32, each linear of a layer in a CPU training step at 512 wide on 2048 tokens (2^29
+    multiply-adds and more) runs oneDNN's kernel, forward and for its input's gradient; under bf16
+    autocast none does, and without the kernel the step's loss and gradients are the ones it
+    gives."""
     window = dict(window=32) if preset == "modernbert" else {}  # one SDPA call per document
-    model = TinyEncoder(tiny(preset, hidden=256, unpad=unpad, **window))
-    ids = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(0))
+    model = TinyEncoder(tiny(preset, hidden=512, unpad=unpad, **window))
+    ids = torch.randint(0, 256, (32, 64), generator=torch.Generator().manual_seed(0))
     doc = torch.ones_like(ids)
     doc[1::2, 40:] = 2  # odd rows pack two documents
     inputs, labels = mask_tokens(ids, model.cfg, torch.Generator().manual_seed(3), rate=0.3)

@@ -714,7 +714,7 @@ def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return x * keep.to(x.dtype).mul_(65536 / (65536 - cut))
 
 
-# fp32 linears on an AVX-512 CPU, from 2^24 multiply-adds a call: oneDNN's matmul, 3-31 % faster
+# fp32 linears on an AVX-512 CPU, from 2^29 multiply-adds a call: oneDNN's matmul, 3-31 % faster
 # than F.linear's BLAS (forward, or with backward) on a 2-core AMD EPYC (README: "Linear on a CPU").
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if AVX512 else None
@@ -723,7 +723,7 @@ ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if AVX512 e
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fp32 = x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-        large = x.numel() * self.out_features >= 2**24  # below, oneDNN's cost per call outweighs
+        large = x.numel() * self.out_features >= 2**29  # below, oneDNN's cost per shape outweighs
         if ONEDNN_LINEAR and x.is_cpu and fp32 and large and not torch.compiler.is_compiling():
             return OneDNNLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -740,9 +740,9 @@ class OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
         grad_x = ONEDNN_LINEAR(grad, weight.t(), None, "none", [], "")
-        grad = grad.flatten(0, -2)  # (tokens, out)
+        grad = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
         grad_bias = None if bias is None else grad.sum(0)
-        return grad_x, grad.t() @ x.flatten(0, -2), grad_bias
+        return grad_x, grad.t() @ x.reshape(-1, x.shape[-1]), grad_bias
 
 
 # The flash kernel, looked up once: the flash-attn package's, else PyTorch's own flash op (under

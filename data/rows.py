@@ -151,7 +151,7 @@ def to_device(t, device):
             if torch.is_tensor(value):
                 setattr(t, field.name, to_device(value, device))
         return t
-    if device.type == "cuda":
+    if device.type == "cuda" and t.is_cpu:
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
