@@ -714,7 +714,7 @@ def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return x * keep.to(x.dtype).mul_(65536 / (65536 - cut))
 
 
-# fp32 linears on an AVX-512 CPU, from 2^29 multiply-adds a call: oneDNN's matmul, 3-31 % faster
+# fp32 linears on an AVX-512 CPU, from 2^29 multiply-adds a call: oneDNN's matmul, 5-13 % faster
 # than F.linear's BLAS (forward, or with backward) on a 2-core AMD EPYC (README: "Linear on a CPU").
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if AVX512 else None
