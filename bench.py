@@ -453,6 +453,12 @@ def run_encode(args, dev):
     return [row for arch in archs for row in bench_encode(arch, args, dev)]
 
 
+def median_ms(steps, args, dev) -> dict:
+    """Each step's median milliseconds over --steps alternating runs, after --warmup."""
+    times = alternate(steps, [None] * (args.warmup + args.steps), args.warmup, dev)
+    return {k: 1e3 * statistics.median(t) for k, t in times.items()}
+
+
 def dropout_pass(dropout, x, _batch=None):
     """One forward and backward of dropout(x) at BERT's rate, 0.1."""
     dropout(x, 0.1).backward(x.detach())
@@ -487,8 +493,7 @@ def bench_dropout(args, dev):
             "bernoulli_": functools.partial(bernoulli_draws, x),
             "int64": functools.partial(int64_draws, x),
         }
-        times = alternate(steps, [None] * (args.warmup + args.steps), args.warmup, dev)
-        ms = {k: 1e3 * statistics.median(t) for k, t in times.items()}
+        ms = median_ms(steps, args, dev)
         rows.append(dict(name=name, shape=shape, **ms))
         line = f"{name:13} {str(shape):22} {ms['F.dropout']:9.1f} {ms['drop']:6.1f} "
         line += f"{ms['F.dropout'] / ms['drop']:5.2f}x {ms['bernoulli_']:10.1f} {ms['int64']:6.1f} "
@@ -529,8 +534,7 @@ def bench_linear(args, dev):
         for key, module in (("nn", reference), ("te", layer)):
             steps[f"{key} forward"] = functools.partial(linear_pass, module, x, None)
             steps[f"{key} train"] = functools.partial(linear_pass, module, x, grad)
-        times = alternate(steps, [None] * (args.warmup + args.steps), args.warmup, dev)
-        ms = {k: 1e3 * statistics.median(t) for k, t in times.items()}
+        ms = median_ms(steps, args, dev)
         rows.append(dict(name=name, tokens=tokens, fan_in=fan_in, fan_out=fan_out, **ms))
         forward = ms["nn forward"] / ms["te forward"]
         train = ms["nn train"] / ms["te train"]

@@ -51,10 +51,8 @@ def measured_peak(device: torch.device, dtype: torch.dtype, reps: int = 3) -> fl
     if device.type == "cuda":
         sizes = (4096, 8192)
     products = [torch.matmul]
-    fp32_or_bf16 = dtype in (
-        torch.float32,
-        torch.bfloat16,
-    )  # oneDNN's fp16 linear fails on this CPU
+    # oneDNN's fp16 linear fails on this CPU
+    fp32_or_bf16 = dtype in (torch.float32, torch.bfloat16)
     if device.type == "cpu" and fp32_or_bf16 and tinyencoder.ONEDNN_LINEAR is not None:
         products.append(onednn_matmul)
     best = 0.0

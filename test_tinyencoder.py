@@ -247,6 +247,11 @@ def test_cpu_dropout_zeroes_its_share_and_keeps_the_mean(dtype):
     assert tinyencoder.drop(x, 0.5, training=False) is x
 
 
+def op_calls(prof) -> collections.Counter:
+    """How often each op ran under a torch.profiler.profile."""
+    return collections.Counter(event.name for event in prof.events())
+
+
 @pytest.mark.parametrize("unpad", [False, True])
 def test_cpu_training_draws_no_bernoulli(unpad):
     """BERT's dropout on a CPU (embeddings, attention probabilities, residual branches) all goes
@@ -257,12 +262,8 @@ def test_cpu_training_draws_no_bernoulli(unpad):
     inputs, labels = mask_tokens(ids, model.cfg, torch.Generator().manual_seed(3), rate=0.3)
     with torch.profiler.profile() as prof:
         model(inputs, doc, labels=labels).loss.backward()
-    ops = collections.Counter(event.name for event in prof.events())
+    ops = op_calls(prof)
     assert ops["aten::bernoulli_"] == 0 and ops["aten::random_"] > 0, ops
-
-
-def onednn_calls(prof) -> int:
-    return collections.Counter(event.name for event in prof.events())["mkldnn::_linear_pointwise"]
 
 
 needs_onednn = pytest.mark.skipif(
@@ -289,7 +290,7 @@ def test_linear_is_nn_linear_on_a_cpu(shape, bias):
             out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
         results.append([out, xi.grad, *(p.grad for p in module.parameters())])
     large = x.numel() >= 1024 * 256 and tinyencoder.ONEDNN_LINEAR is not None
-    assert onednn_calls(prof) == (2 if large else 0)
+    assert op_calls(prof)["mkldnn::_linear_pointwise"] == (2 if large else 0)
     for ours, theirs in zip(results[1], results[0]):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)  # empty tensors too
 
@@ -299,7 +300,7 @@ def linear_step(model, batch_kwargs, **autocast):
     with torch.profiler.profile() as prof, torch.autocast("cpu", **autocast):
         loss = model(**batch_kwargs).loss
         loss.backward()
-    return onednn_calls(prof), loss.detach()
+    return op_calls(prof)["mkldnn::_linear_pointwise"], loss.detach()
 
 
 @needs_onednn
