@@ -295,6 +295,49 @@ def test_linear_is_nn_linear_on_a_cpu(shape, bias):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)  # empty tensors too
 
 
+def weight_grad_with_penalty(module, x):
+    """The weight's gradient of loss + |d loss / d x|^2: a double backward (create_graph=True)."""
+    x = x.clone().requires_grad_()
+    loss = torch.tanh(module(x)).sum()
+    (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+    return torch.autograd.grad(loss + grad_x.pow(2).sum(), module.weight)[0]
+
+
+def func_weight_grad(module, x):
+    """torch.func.grad of the same loss with respect to the weights, through functional_call."""
+    params = {name: p.detach() for name, p in module.named_parameters()}
+
+    def loss(params):
+        return torch.tanh(torch.func.functional_call(module, params, (x,))).sum()
+
+    return torch.func.grad(loss)(params)["weight"]
+
+
+@pytest.mark.parametrize(
+    "use",
+    ["jit.trace", "torch.func.grad", "vmap", "jvp", "double backward"],
+)
+def test_linear_traces_transforms_and_differentiates_twice(use):
+    """Where Linear would run oneDNN's kernel (2^29 multiply-adds a call, an AVX-512 CPU):
+    jit.trace, torch.func's grad, vmap and jvp, and a gradient penalty's double backward all give
+    nn.Linear's numbers (each raised inside the kernel or its autograd Function before)."""
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(256, 2048)
+    layer = tinyencoder.Linear(256, 2048)
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 1024, 256)  # vmap's calls see one (1024, 256) slice: 2^29 too
+    uses = {
+        "jit.trace": lambda module: torch.jit.trace(module, x)(x),
+        "torch.func.grad": lambda module: func_weight_grad(module, x),
+        "vmap": lambda module: torch.func.vmap(module)(x),
+        "jvp": lambda module: torch.func.jvp(module, (x,), (torch.ones_like(x),))[1],
+        "double backward": lambda module: weight_grad_with_penalty(module, x),
+    }
+    ours, theirs = uses[use](layer), uses[use](reference)
+    # fp32 sums of 1024 products, in two kernels' orders: within 1e-5 of the largest value
+    torch.testing.assert_close(ours, theirs, atol=1e-5 * float(theirs.detach().abs().max()), rtol=0)
+
+
 def linear_step(model, batch_kwargs, **autocast):
     """A training step on a CPU: how often it called oneDNN's linear, and its loss."""
     with torch.profiler.profile() as prof, torch.autocast("cpu", **autocast):

@@ -565,8 +565,7 @@ def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Ten
 
 
 def classifier_loss(logits, labels, doc_ids, kind: str) -> torch.Tensor:
-    """transformers' loss: the mean squared error for one label (regression), a span's (below),
-    else cross-entropy; a token classifier's padding never counts."""
+    """transformers' loss: MSE for one label (regression), span_loss, else cross-entropy."""
     if kind == "span":
         return span_loss(logits, labels, doc_ids)
     if labels.is_floating_point():
@@ -589,8 +588,7 @@ def span_loss(logits, spans, doc_ids) -> torch.Tensor:
     return (start_loss + end_loss) / 2
 
 
-# 8. Input checks: one-line ValueErrors naming the argument, for what torch would fail on deep
-# inside or answer with nonsense
+# 8. Input checks: ValueErrors naming the argument, where torch would fail deep inside or not at all
 NUMBERS = {int: numbers.Integral, float: numbers.Real, bool: bool}  # what each field type takes
 INDEX_DTYPES = (torch.int64, torch.int32)
 LABEL_DTYPES = (torch.int64,)
@@ -665,7 +663,7 @@ def check_inputs(model, input_ids, attention_mask, token_type_ids, labels, nsp_l
     if nsp_label is not None and not cfg.nsp:
         raise ValueError("next_sentence_label given, but this model has no NSP head")
     shape = tuple(input_ids.shape)
-    read = input_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+    read = input_ids.device.type == "cpu" and not transformed()
     check_tensor("input_ids", input_ids, shape, INDEX_DTYPES, cfg.vocab_size, read)
     check_tensor("attention_mask", attention_mask, shape, MASK_DTYPES, math.inf, read)
     check_tensor("token_type_ids", token_type_ids, shape, INDEX_DTYPES, cfg.type_vocab, read)
@@ -679,8 +677,7 @@ def check_inputs(model, input_ids, attention_mask, token_type_ids, labels, nsp_l
 
 
 def check_labels(cfg: Config, labels, shape: tuple, read: bool):
-    """forward's labels for its head: (B, T) ids or tags; (B,) classes, numbers or choices; (B, 2)
-    a span's first and last token (IGNORE_INDEX or past the row: not counted)."""
+    """forward's labels, of the shape and range its head takes (forward's docstring, section 7)."""
     B = shape[0]
     if cfg.classifier == "sequence" and cfg.num_labels == 1:  # regression: a number per row
         check_tensor("labels", labels, (B,), FLOAT_DTYPES, math.inf, read=False)
@@ -702,11 +699,17 @@ def check_ids(ids, cfg: Config, rate):
 
 
 # 9. Fast paths: what sections 3 and 4 define, faster; the tests hold each equal to its definition.
+def transformed() -> bool:
+    """torch.compile, jit.trace, torch.func (vmap, grad, ...): none of them knows these kernels."""
+    functorch = torch._C._are_functorch_transforms_active()
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch
+
+
 def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout(x, p, training); on a CPU, not compiled, four 16-bit draws from each 64-bit one,
+    """F.dropout(x, p, training); on a CPU, untransformed, four 16-bit draws from each 64-bit one,
     5-9x cheaper than bernoulli_'s, p rounded to 1/65536 (README: "Dropout on a CPU")."""
     cut = round(p * 65536)
-    if not (training and x.is_cpu) or torch.compiler.is_compiling() or cut in (0, 65536):
+    if not (training and x.is_cpu) or transformed() or cut in (0, 65536):
         return F.dropout(x, p, training)
     bits = x.new_empty(x.numel() // 4 + 1, dtype=torch.int64).random_(-(2**63), None)
     draws = bits.view(torch.int16)[: x.numel()].view(x.shape)  # uniform in [-32768, 32768)
@@ -714,8 +717,8 @@ def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return x * keep.to(x.dtype).mul_(65536 / (65536 - cut))
 
 
-# fp32 linears on an AVX-512 CPU, from 2^29 multiply-adds a call: oneDNN's matmul, 5-13 % faster
-# than F.linear's BLAS (forward, or with backward) on a 2-core AMD EPYC (README: "Linear on a CPU").
+# fp32 linears on an AVX-512 CPU from 2^29 multiply-adds a call (below, oneDNN's cost on each new
+# shape outweighs its gain): oneDNN's matmul, 5-13 % faster than BLAS (README: "Linear on a CPU").
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if AVX512 else None
 
@@ -723,8 +726,8 @@ ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if AVX512 e
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fp32 = x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-        large = x.numel() * self.out_features >= 2**29  # below, oneDNN's cost per shape outweighs
-        if ONEDNN_LINEAR and x.is_cpu and fp32 and large and not torch.compiler.is_compiling():
+        onednn = ONEDNN_LINEAR is not None and x.is_cpu and fp32 and not transformed()
+        if onednn and x.numel() * self.out_features >= 2**29:
             return OneDNNLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -736,10 +739,10 @@ class OneDNNLinear(torch.autograd.Function):
         return ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
-        grad_x = ONEDNN_LINEAR(grad, weight.t(), None, "none", [], "")
+        # the input's gradient is a linear too: this Function again, differentiable for create_graph
+        grad_x = OneDNNLinear.apply(grad, weight.t(), None)
         grad = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
         grad_bias = None if bias is None else grad.sum(0)
         return grad_x, grad.t() @ x.reshape(-1, x.shape[-1]), grad_bias
@@ -805,9 +808,8 @@ def pick_backend(cfg: Config, device: torch.device, dtype) -> str:
 
 @torch.compiler.disable  # reads the batch: one graph break here, none in the layers
 def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
-    """The layout a forward on device (doc_ids' by default) runs on, its backend decided once:
-    Unpadded tokens for flash or where cfg.unpad asks on a CPU, else Padded rows; given labels, the
-    labelled tokens. On doc_ids' device: data/rows.py makes it on the CPU and moves it, no wait."""
+    """The layout, on doc_ids' device, of a forward on device (doc_ids' by default): Unpadded tokens
+    for flash or where cfg.unpad asks on a CPU, else Padded rows; with labels, those labelled."""
     device = torch.device(device or doc_ids.device)
     backend = pick_backend(cfg, device, dtype)
     starts = document_starts(doc_ids)
@@ -869,15 +871,12 @@ def window_blocks(q, k, v, mask, half_window: int, dropout: float) -> torch.Tens
 
 def attend_documents(q, k, v, layout: Unpadded, half_window: Optional[int], dropout: float):
     """Unpadded tokens (N, heads, head_dim) on a CPU: a call per document, only a window's mask."""
-    # one band, sliced for each document
     band = band_mask(max(layout.seqlens), half_window, q.device)
     outs = []
     # split rather than slices: the backward of a slice zero-fills all N rows for every document
     pieces = (t.split(layout.seqlens) for t in (q, k, v))
     for n, qd, kd, vd in zip(layout.seqlens, *pieces):
-        doc_band = None
-        if band is not None and n > half_window + 1:
-            doc_band = band[:n, :n]
+        doc_band = None if band is None else band[:n, :n]
         # the document as one row, (1, n, heads, head_dim)
         row = Padded(doc_band, local_mask=doc_band, backend=layout.backend)
         outs.append(padded_attention(qd[None], kd[None], vd[None], row, half_window, dropout)[0])
