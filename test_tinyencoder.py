@@ -313,14 +313,50 @@ def func_weight_grad(module, x):
     return torch.func.grad(loss)(params)["weight"]
 
 
+def forward_tangent(module, x):
+    """The output's tangent by torch.autograd.forward_ad, for a tangent of ones on x."""
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        return torch.autograd.forward_ad.unpack_dual(module(dual)).tangent
+
+
+@needs_onednn
+@pytest.mark.parametrize("frozen", ["weights", "input"])
+def test_onednn_linear_computes_only_the_gradients_needed(frozen):
+    """Frozen weights (an adapter's base layer) get no weight gradient computed, an input that needs
+    none no input gradient; what is computed is nn.Linear's."""
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(256, 2048)
+    layer = tinyencoder.Linear(256, 2048)
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(1024, 256)
+    results = []
+    for module in (reference, layer):
+        module.requires_grad_(frozen != "weights")
+        xi = x.clone().requires_grad_(frozen != "input")
+        with torch.profiler.profile() as prof:
+            module(xi).sum().backward()
+        results.append([xi.grad, module.weight.grad, module.bias.grad])
+    ops = op_calls(prof)
+    if frozen == "weights":  # forward and the input's gradient; no weight gradient
+        assert ops["mkldnn::_linear_pointwise"] == 2 and ops["aten::mm"] == 0, ops
+    else:  # the forward alone, then the weight's gradient
+        assert ops["mkldnn::_linear_pointwise"] == 1 and ops["aten::mm"] == 1, ops
+    for ours, theirs in zip(results[1], results[0]):
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "use",
-    ["jit.trace", "torch.func.grad", "vmap", "jvp", "double backward"],
+    ["jit.trace", "torch.func.grad", "vmap", "jvp", "forward AD", "double backward"],
 )
 def test_linear_traces_transforms_and_differentiates_twice(use):
     """Where Linear would run oneDNN's kernel (2^29 multiply-adds a call, an AVX-512 CPU):
-    jit.trace, torch.func's grad, vmap and jvp, and a gradient penalty's double backward all give
-    nn.Linear's numbers (each raised inside the kernel or its autograd Function before)."""
+    jit.trace, torch.func's grad, vmap and jvp, torch.autograd.forward_ad, and a gradient penalty's
+    double backward all give nn.Linear's numbers (each raised in the kernel or its Function
+    before)."""
     torch.manual_seed(0)
     reference = torch.nn.Linear(256, 2048)
     layer = tinyencoder.Linear(256, 2048)
@@ -331,6 +367,7 @@ def test_linear_traces_transforms_and_differentiates_twice(use):
         "torch.func.grad": lambda module: func_weight_grad(module, x),
         "vmap": lambda module: torch.func.vmap(module)(x),
         "jvp": lambda module: torch.func.jvp(module, (x,), (torch.ones_like(x),))[1],
+        "forward AD": lambda module: forward_tangent(module, x),
         "double backward": lambda module: weight_grad_with_penalty(module, x),
     }
     ours, theirs = uses[use](layer), uses[use](reference)

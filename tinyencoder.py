@@ -536,7 +536,8 @@ class Classifier(nn.Module):
 
 def classify(model, x, hidden, layout, doc_ids, labels, rows: torch.Size):
     """The fine-tuning head: logits (B, num_labels) of each row's pooled vector (BERT's through its
-    pooler), (B, choices), or (B, T, num_labels) of each token (2: a span's start and end); loss."""
+    pooler), (B, choices), or (B, T, num_labels) of each token (2: a span's start and end); and
+    transformers' loss: MSE for a number per row, span_loss for spans, else cross-entropy."""
     kind = model.cfg.classifier
     if kind in ("sequence", "choice"):
         pooled = pool(hidden, doc_ids, model.cfg.classifier_pooling)
@@ -547,8 +548,15 @@ def classify(model, x, hidden, layout, doc_ids, labels, rows: torch.Size):
         logits = layout.scatter(model.classifier(x))
     if kind == "choice":
         logits = logits.view(rows)  # (B, choices): each choice's one logit
-    loss = None if labels is None else classifier_loss(logits, labels, doc_ids, kind)
-    return logits, loss
+    if labels is None:
+        return logits, None
+    if kind == "span":
+        return logits, span_loss(logits, labels, doc_ids)
+    if labels.is_floating_point():  # regression
+        return logits, F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    if labels.dim() == 2:  # a token classifier's padding never counts
+        labels = labels.masked_fill(doc_ids == 0, IGNORE_INDEX)
+    return logits, F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten())
 
 
 def as_rows(*tensors) -> list:
@@ -562,17 +570,6 @@ def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Ten
         return hidden[:, 0]
     real = (doc_ids != 0).unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     return (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
-
-
-def classifier_loss(logits, labels, doc_ids, kind: str) -> torch.Tensor:
-    """transformers' loss: MSE for one label (regression), span_loss, else cross-entropy."""
-    if kind == "span":
-        return span_loss(logits, labels, doc_ids)
-    if labels.is_floating_point():
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    if labels.dim() == 2:
-        labels = labels.masked_fill(doc_ids == 0, IGNORE_INDEX)
-    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten())
 
 
 def span_loss(logits, spans, doc_ids) -> torch.Tensor:
@@ -700,9 +697,11 @@ def check_ids(ids, cfg: Config, rate):
 
 # 9. Fast paths: what sections 3 and 4 define, faster; the tests hold each equal to its definition.
 def transformed() -> bool:
-    """torch.compile, jit.trace, torch.func (vmap, grad, ...): none of them knows these kernels."""
+    """torch.compile, jit.trace, torch.func (vmap, grad...), forward AD: none knows our kernels."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
     functorch = torch._C._are_functorch_transforms_active()
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch
+    return functorch or torch.autograd.forward_ad._current_level >= 0  # a dual level is open
 
 
 def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -741,11 +740,13 @@ class OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad  # none for what is frozen
         # the input's gradient is a linear too: this Function again, differentiable for create_graph
-        grad_x = OneDNNLinear.apply(grad, weight.t(), None)
+        grad_x = OneDNNLinear.apply(grad, weight.t(), None) if needs_x else None
         grad = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
-        grad_bias = None if bias is None else grad.sum(0)
-        return grad_x, grad.t() @ x.reshape(-1, x.shape[-1]), grad_bias
+        grad_weight = grad.t() @ x.reshape(-1, x.shape[-1]) if needs_weight else None
+        grad_bias = grad.sum(0) if needs_bias else None
+        return grad_x, grad_weight, grad_bias
 
 
 # The flash kernel, looked up once: the flash-attn package's, else PyTorch's own flash op (under
@@ -877,7 +878,6 @@ def attend_documents(q, k, v, layout: Unpadded, half_window: Optional[int], drop
     pieces = (t.split(layout.seqlens) for t in (q, k, v))
     for n, qd, kd, vd in zip(layout.seqlens, *pieces):
         doc_band = None if band is None else band[:n, :n]
-        # the document as one row, (1, n, heads, head_dim)
         row = Padded(doc_band, local_mask=doc_band, backend=layout.backend)
         outs.append(padded_attention(qd[None], kd[None], vd[None], row, half_window, dropout)[0])
     return torch.cat(outs)
