@@ -345,32 +345,40 @@ def test_onednn_linear_computes_only_the_gradients_needed(frozen):
     for ours, theirs in zip(results[1], results[0]):
         assert (ours is None) == (theirs is None)
         if ours is not None:
-            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
+@needs_onednn
 @pytest.mark.parametrize(
     "use",
     ["jit.trace", "torch.func.grad", "vmap", "jvp", "forward AD", "double backward"],
 )
 def test_linear_traces_transforms_and_differentiates_twice(use):
-    """Where Linear would run oneDNN's kernel (2^29 multiply-adds a call, an AVX-512 CPU):
-    jit.trace, torch.func's grad, vmap and jvp, torch.autograd.forward_ad, and a gradient penalty's
-    double backward all give nn.Linear's numbers (each raised in the kernel or its Function
-    before)."""
+    """Where Linear runs oneDNN's kernel (2^29 multiply-adds a call, an AVX-512 CPU): jit.trace,
+    torch.func's grad, vmap and jvp, and torch.autograd.forward_ad take F.linear instead, and a
+    gradient penalty's double backward runs the kernel; each gives nn.Linear's numbers (each raised
+    in the kernel or its autograd Function before)."""
     torch.manual_seed(0)
     reference = torch.nn.Linear(256, 2048)
     layer = tinyencoder.Linear(256, 2048)
     layer.load_state_dict(reference.state_dict())
     x = torch.randn(2, 1024, 256)  # vmap's calls see one (1024, 256) slice: 2^29 too
     uses = {
-        "jit.trace": lambda module: torch.jit.trace(module, x)(x),
+        "jit.trace": lambda module: torch.jit.trace(module, x, check_trace=False)(x),
         "torch.func.grad": lambda module: func_weight_grad(module, x),
         "vmap": lambda module: torch.func.vmap(module)(x),
         "jvp": lambda module: torch.func.jvp(module, (x,), (torch.ones_like(x),))[1],
         "forward AD": lambda module: forward_tangent(module, x),
         "double backward": lambda module: weight_grad_with_penalty(module, x),
     }
-    ours, theirs = uses[use](layer), uses[use](reference)
+    with torch.profiler.profile() as prof:
+        ours = uses[use](layer)
+    kernel_calls = op_calls(prof)["mkldnn::_linear_pointwise"]
+    if use == "double backward":  # forward, the input's gradient, and that gradient's own
+        assert kernel_calls >= 3, kernel_calls
+    else:
+        assert kernel_calls == 0, kernel_calls
+    theirs = uses[use](reference)
     # fp32 sums of 1024 products, in two kernels' orders: within 1e-5 of the largest value
     torch.testing.assert_close(ours, theirs, atol=1e-5 * float(theirs.detach().abs().max()), rtol=0)
 

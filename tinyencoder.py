@@ -674,7 +674,7 @@ def check_inputs(model, input_ids, attention_mask, token_type_ids, labels, nsp_l
 
 
 def check_labels(cfg: Config, labels, shape: tuple, read: bool):
-    """forward's labels, of the shape and range its head takes (forward's docstring, section 7)."""
+    """forward's labels, of the shape and range its head takes (forward's docstring; span_loss)."""
     B = shape[0]
     if cfg.classifier == "sequence" and cfg.num_labels == 1:  # regression: a number per row
         check_tensor("labels", labels, (B,), FLOAT_DTYPES, math.inf, read=False)
@@ -700,6 +700,7 @@ def transformed() -> bool:
     """torch.compile, jit.trace, torch.func (vmap, grad...), forward AD: none knows our kernels."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
+    # private names, but the ones torch's own autograd.Function and forward_ad read (torch 2.0 on)
     functorch = torch._C._are_functorch_transforms_active()
     return functorch or torch.autograd.forward_ad._current_level >= 0  # a dual level is open
 
