@@ -336,6 +336,24 @@ def test_fill_mask_pipeline_predicts_our_argmax(preset, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["bert", "roberta", "modernbert"])
+def test_the_saved_model_goes_through_torch_export(preset, tmp_path):
+    """torch.export (which ONNX's exporter runs on) traces the saved transformers model, and the
+    exported program gives tinyencoder's logits on padded rows: the route to ONNX and other
+    runtimes, since tinyencoder builds its layout from the mask's values, which export cannot."""
+    transformers = pytest.importorskip("transformers", reason="the exported model is transformers'")
+    model = perturb(TinyEncoder(tiny(preset, nsp=False))).eval()
+    tinyencoder_hf.save(model, str(tmp_path))
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path)).eval()
+    ids, mask = batch((24, 19, 11), lo=2, hi=VOCAB_SIZE)
+    program = torch.export.export(hf, (), dict(input_ids=ids, attention_mask=mask))
+    with torch.no_grad():
+        exported = program.module()(input_ids=ids, attention_mask=mask)
+        ours = model(ids, mask).logits
+    keep = mask.bool()
+    assert_close(exported.logits[keep], ours[keep], 1e-5)
+
+
+@pytest.mark.parametrize("preset", ["bert", "roberta", "modernbert"])
 def test_a_saved_span_model_answers_in_transformers(preset, tmp_path):
     """The saved folder answers as pipelines.answer does: its tokenizer frames question and
     context as question_row does, and AutoModelForQuestionAnswering's start and end logits give
