@@ -271,16 +271,22 @@ needs_onednn = pytest.mark.skipif(
 )
 
 
+def linear_twins(bias=True) -> tuple[torch.nn.Linear, tinyencoder.Linear]:
+    """A seeded nn.Linear(256, 2048) and a tinyencoder Linear holding its weights."""
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(256, 2048, bias=bias)
+    layer = tinyencoder.Linear(256, 2048, bias=bias)
+    layer.load_state_dict(reference.state_dict())
+    return reference, layer
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(4, 256, 256), (1024, 256), (0, 256), (3, 256), (256,)])
 def test_linear_is_nn_linear_on_a_cpu(shape, bias):
     """Section 9's Linear gives nn.Linear's output and its input's, weight's and bias's gradients:
     through oneDNN's kernel (forward, input gradient) from 2^29 multiply-adds a call (here 1024
     tokens, 256 -> 2048) on an AVX-512 CPU, else F.linear; rows, tokens, one, none; +/- bias."""
-    torch.manual_seed(0)
-    reference = torch.nn.Linear(256, 2048, bias=bias)
-    layer = tinyencoder.Linear(256, 2048, bias=bias)
-    layer.load_state_dict(reference.state_dict())
+    reference, layer = linear_twins(bias)
     x = torch.randn(shape)
     results = []
     for module in (reference, layer):
@@ -325,10 +331,7 @@ def forward_tangent(module, x):
 def test_onednn_linear_computes_only_the_gradients_needed(frozen):
     """Frozen weights (an adapter's base layer) get no weight gradient computed, an input that needs
     none no input gradient; what is computed is nn.Linear's."""
-    torch.manual_seed(0)
-    reference = torch.nn.Linear(256, 2048)
-    layer = tinyencoder.Linear(256, 2048)
-    layer.load_state_dict(reference.state_dict())
+    reference, layer = linear_twins()
     x = torch.randn(1024, 256)
     results = []
     for module in (reference, layer):
@@ -358,10 +361,7 @@ def test_linear_traces_transforms_and_differentiates_twice(use):
     torch.func's grad, vmap and jvp, and torch.autograd.forward_ad take F.linear instead, and a
     gradient penalty's double backward runs the kernel; each gives nn.Linear's numbers (each raised
     in the kernel or its autograd Function before)."""
-    torch.manual_seed(0)
-    reference = torch.nn.Linear(256, 2048)
-    layer = tinyencoder.Linear(256, 2048)
-    layer.load_state_dict(reference.state_dict())
+    reference, layer = linear_twins()
     x = torch.randn(2, 1024, 256)  # vmap's calls see one (1024, 256) slice: 2^29 too
     uses = {
         "jit.trace": lambda module: torch.jit.trace(module, x, check_trace=False)(x),
