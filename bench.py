@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import unittest.mock
 
 import torch
 
@@ -511,16 +512,25 @@ def linear_pass(layer, x, grad, _batch=None):
 
 
 def bench_linear(args, dev):
-    """--linear: nn.Linear (F.linear: the BLAS) against tinyencoder's Linear (oneDNN's kernel in
-    fp32 on an AVX-512 CPU) on a layer's shapes at --hidden (the GeGLU down projection's too), for
-    --batch x --seq tokens and for a variable batch's odd count; a forward alone and a forward and
-    backward, median milliseconds of --steps alternating runs."""
+    """--linear: nn.Linear (F.linear: the BLAS) against tinyencoder's Linear with oneDNN's kernel
+    switched on, whatever its choice on this CPU (printed), on a layer's shapes at --hidden (the
+    GeGLU down projection's too), for --batch x --seq tokens and for a variable batch's odd count;
+    a forward alone and a forward and backward, median milliseconds of --steps alternating runs."""
+    own = "oneDNN" if te.ONEDNN_LINEAR is not None else "F.linear"
+    print(f"Linear's own choice here, from 2^29 multiply-adds a call: {own}")
+    kernel = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    with unittest.mock.patch.object(te, "ONEDNN_LINEAR", kernel):
+        return linear_rows(args, dev)
+
+
+def linear_rows(args, dev):
+    """bench_linear's table: its rows, printed as they come."""
     H = args.hidden
     shapes = dict(qkv=(H, 3 * H), out=(H, H), up=(H, 4 * H), down=(4 * H, H))
     shapes["geglu down"] = (3 * H // 2, H)
     counts = [args.batch * args.seq, args.batch * (args.seq + 64) // 2 + 1]
     header = (
-        "linear      tokens   in -> out   forward: F.linear Linear ratio  +backward: nn  te  ratio"
+        "linear      tokens   in -> out   forward: F.linear oneDNN ratio  +backward: nn  te  ratio"
     )
     print(header)
     rows = []

@@ -38,13 +38,13 @@ def flops_per_token(model, seq_len: int) -> float:
 
 
 def onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T by oneDNN's linear, the kernel of tinyencoder's fp32 linears on an AVX-512 CPU."""
+    """a @ b.T by oneDNN's linear, the kernel of tinyencoder's fp32 linears where it takes it."""
     return tinyencoder.ONEDNN_LINEAR(a, b, None, "none", [], "")
 
 
 def measured_peak(device: torch.device, dtype: torch.dtype, reps: int = 3) -> float:
     """Best FLOP/s of a few square matmuls: the machine's practical matmul peak in this dtype, by
-    torch.matmul and, on an AVX-512 CPU, by oneDNN's linear too (faster than the BLAS on some)."""
+    torch.matmul and, where tinyencoder's Linear takes it, by oneDNN's linear too."""
     # on a 2-core CPU, products of 1024 and 2048 reach the FLOP/s of 4096's (150-175 GFLOP/s each,
     # one check) in under a second per kernel; 4096's took about 10 s of a 5-minute run
     sizes = (1024, 2048)

@@ -266,9 +266,19 @@ def test_cpu_training_draws_no_bernoulli(unpad):
     assert ops["aten::bernoulli_"] == 0 and ops["aten::random_"] > 0, ops
 
 
+# oneDNN's linear runs on any x86 CPU with AVX2 or more; Linear takes it on AMD ones with AVX-512
+# only (where it is faster), so the tests below switch it on wherever it runs, to test the wiring.
+ONEDNN_KERNEL = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+X86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 needs_onednn = pytest.mark.skipif(
-    tinyencoder.ONEDNN_LINEAR is None, reason="oneDNN's linear: an AVX-512 CPU"
+    ONEDNN_KERNEL is None or not X86, reason="oneDNN's linear: an x86 CPU with AVX2 or more"
 )
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """Linear with oneDNN's kernel switched on, on any CPU where it runs."""
+    monkeypatch.setattr(tinyencoder, "ONEDNN_LINEAR", ONEDNN_KERNEL)
 
 
 def linear_twins(bias=True) -> tuple[torch.nn.Linear, tinyencoder.Linear]:
@@ -280,12 +290,17 @@ def linear_twins(bias=True) -> tuple[torch.nn.Linear, tinyencoder.Linear]:
     return reference, layer
 
 
+@pytest.mark.parametrize("kernel", ["onednn", "F.linear"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(4, 256, 256), (1024, 256), (0, 256), (3, 256), (256,)])
-def test_linear_is_nn_linear_on_a_cpu(shape, bias):
+def test_linear_is_nn_linear_on_a_cpu(shape, bias, kernel, monkeypatch):
     """Section 9's Linear gives nn.Linear's output and its input's, weight's and bias's gradients:
     through oneDNN's kernel (forward, input gradient) from 2^29 multiply-adds a call (here 1024
-    tokens, 256 -> 2048) on an AVX-512 CPU, else F.linear; rows, tokens, one, none; +/- bias."""
+    tokens, 256 -> 2048) where it is on, else F.linear; rows, tokens, one, none; +/- bias."""
+    if kernel == "onednn" and (ONEDNN_KERNEL is None or not X86):
+        pytest.skip("oneDNN's linear: an x86 CPU with AVX2 or more")
+    kernels = {"onednn": ONEDNN_KERNEL, "F.linear": None}
+    monkeypatch.setattr(tinyencoder, "ONEDNN_LINEAR", kernels[kernel])
     reference, layer = linear_twins(bias)
     x = torch.randn(shape)
     results = []
@@ -295,7 +310,7 @@ def test_linear_is_nn_linear_on_a_cpu(shape, bias):
             out = module(xi)
             out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
         results.append([out, xi.grad, *(p.grad for p in module.parameters())])
-    large = x.numel() >= 1024 * 256 and tinyencoder.ONEDNN_LINEAR is not None
+    large = x.numel() >= 1024 * 256 and kernel == "onednn"
     assert op_calls(prof)["mkldnn::_linear_pointwise"] == (2 if large else 0)
     for ours, theirs in zip(results[1], results[0]):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)  # empty tensors too
@@ -328,7 +343,7 @@ def forward_tangent(module, x):
 
 @needs_onednn
 @pytest.mark.parametrize("frozen", ["weights", "input"])
-def test_onednn_linear_computes_only_the_gradients_needed(frozen):
+def test_onednn_linear_computes_only_the_gradients_needed(frozen, onednn):
     """Frozen weights (an adapter's base layer) get no weight gradient computed, an input that needs
     none no input gradient; what is computed is nn.Linear's."""
     reference, layer = linear_twins()
@@ -356,8 +371,8 @@ def test_onednn_linear_computes_only_the_gradients_needed(frozen):
     "use",
     ["jit.trace", "torch.func.grad", "vmap", "jvp", "forward AD", "double backward"],
 )
-def test_linear_traces_transforms_and_differentiates_twice(use):
-    """Where Linear runs oneDNN's kernel (2^29 multiply-adds a call, an AVX-512 CPU): jit.trace,
+def test_linear_traces_transforms_and_differentiates_twice(use, onednn):
+    """Where Linear runs oneDNN's kernel (2^29 multiply-adds a call, the kernel on): jit.trace,
     torch.func's grad, vmap and jvp, and torch.autograd.forward_ad take F.linear instead, and a
     gradient penalty's double backward runs the kernel; each gives nn.Linear's numbers (each raised
     in the kernel or its autograd Function before)."""
@@ -407,7 +422,7 @@ def test_fp32_cpu_linears_run_onednn_and_fall_back(preset, unpad, monkeypatch):
     inputs, labels = mask_tokens(ids, model.cfg, torch.Generator().manual_seed(3), rate=0.3)
     batch_kwargs = dict(input_ids=inputs, attention_mask=doc, labels=labels)
     steps = []
-    for kernel in (tinyencoder.ONEDNN_LINEAR, None):
+    for kernel in (ONEDNN_KERNEL, None):
         monkeypatch.setattr(tinyencoder, "ONEDNN_LINEAR", kernel)
         model.zero_grad()
         torch.manual_seed(0)  # the same dropout
@@ -418,7 +433,7 @@ def test_fp32_cpu_linears_run_onednn_and_fall_back(preset, unpad, monkeypatch):
     assert_close(steps[0][1], steps[1][1], 1e-5)
     for with_onednn, without in zip(steps[0][2], steps[1][2]):
         assert_close(with_onednn, without, 1e-5)
-    monkeypatch.undo()
+    monkeypatch.setattr(tinyencoder, "ONEDNN_LINEAR", ONEDNN_KERNEL)
     assert linear_step(model, batch_kwargs, dtype=torch.bfloat16)[0] == 0
 
 

@@ -11,6 +11,7 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Literal, Optional, get_args, get_type_hints
 
 import torch
@@ -366,8 +367,7 @@ class TinyEncoder(nn.Module):
         self.embed_norm = layer_norm(cfg)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.layers))
         self.final_norm = layer_norm(cfg) if cfg.prenorm else nn.Identity()
-        # the heads: MLM or a classifier (section 7); BERT's pooler (tanh(dense(first token))) for
-        # NSP and its classifiers of rows and of choices, and RoBERTa's for choices
+        # the heads: MLM or a classifier (section 7); a pooler, tanh(dense(first token)), where used
         self.mlm_head = MLMHead(cfg) if cfg.classifier == "none" else None
         self.classifier = Classifier(cfg) if cfg.classifier != "none" else None
         pooled = {("bert", "sequence"), ("bert", "choice"), ("roberta", "choice")}
@@ -505,8 +505,7 @@ def mask_tokens(ids, cfg: Config, generator=None, rate=0.15) -> tuple[torch.Tens
 # 7. Fine-tuning heads and embeddings
 class Classifier(nn.Module):
     """The family's transformers head, (..., hidden) -> (..., num_labels): dropout, linear, after
-    dropout, dense, tanh (RoBERTa's on rows) or its MLM head's dense, act, norm (ModernBERT's).
-    A span head gives 2 logits, start and end (BERT's and RoBERTa's without dropout); a choice 1."""
+    dropout, dense, tanh (RoBERTa's on rows) or its MLM head's dense, act, norm (ModernBERT's)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -522,7 +521,7 @@ class Classifier(nn.Module):
         self.act = ACTIVATIONS[cfg.act]
         self.dropout = cfg.classifier_dropout
         if cfg.classifier == "span" and self.kind == "linear":
-            self.dropout = 0.0
+            self.dropout = 0.0  # BERT's and RoBERTa's QA heads have none
         outputs = {"span": 2, "choice": 1}.get(cfg.classifier, cfg.num_labels)  # start, end; score
         self.out = Linear(cfg.hidden, outputs)
 
@@ -679,7 +678,6 @@ def check_labels(cfg: Config, labels, shape: tuple, read: bool):
     if cfg.classifier == "sequence" and cfg.num_labels == 1:  # regression: a number per row
         check_tensor("labels", labels, (B,), FLOAT_DTYPES, math.inf, read=False)
         return
-    # each head's label shape, and the bound of its values
     heads = {"none": (shape, cfg.vocab_size), "token": (shape, cfg.num_labels)}
     heads.update(sequence=((B,), cfg.num_labels), span=((B, 2), math.inf))
     heads["choice"] = ((B,), shape[1])
@@ -706,8 +704,7 @@ def transformed() -> bool:
 
 
 def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout(x, p, training); on a CPU, untransformed, four 16-bit draws from each 64-bit one,
-    5-9x cheaper than bernoulli_'s, p rounded to 1/65536 (README: "Dropout on a CPU")."""
+    """F.dropout(x, p, training); a CPU draws its mask 5-9x faster (README: "Dropout on a CPU")."""
     cut = round(p * 65536)
     if not (training and x.is_cpu) or transformed() or cut in (0, 65536):
         return F.dropout(x, p, training)
@@ -717,10 +714,12 @@ def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return x * keep.to(x.dtype).mul_(65536 / (65536 - cut))
 
 
-# fp32 linears on an AVX-512 CPU from 2^29 multiply-adds a call (below, oneDNN's cost on each new
-# shape outweighs its gain): oneDNN's matmul, 5-13 % faster than BLAS (README: "Linear on a CPU").
+# fp32 linears of 2^29 multiply-adds a call and more on an AMD CPU with AVX-512: oneDNN's matmul,
+# 5-13 % faster than MKL, which runs AVX2 code there (on Intel, MKL won). README: "Linear on a CPU"
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if AVX512 else None
+CPU_INFO = Path("/proc/cpuinfo")  # Linux's names the CPU's maker; elsewhere, F.linear it is
+AMD = CPU_INFO.exists() and "AuthenticAMD" in CPU_INFO.read_text()
+ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if AVX512 and AMD else None
 
 
 class Linear(nn.Linear):
