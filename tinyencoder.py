@@ -714,8 +714,9 @@ def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return x * keep.to(x.dtype).mul_(65536 / (65536 - cut))
 
 
-# fp32 linears of 2^29 multiply-adds a call and more on an AMD CPU with AVX-512: oneDNN's matmul,
-# 5-13 % faster than MKL, which runs AVX2 code there (on Intel, MKL won). README: "Linear on a CPU"
+# fp32 linears of 2^29 multiply-adds a call or more (below, oneDNN's cost per new shape outweighs
+# its gain) on an AMD CPU with AVX-512: oneDNN's matmul, 5-13 % faster than MKL, which runs AVX2
+# code there; on Intel, MKL won (README: "Linear on a CPU").
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 CPU_INFO = Path("/proc/cpuinfo")  # Linux's names the CPU's maker; elsewhere, F.linear it is
 AMD = CPU_INFO.exists() and "AuthenticAMD" in CPU_INFO.read_text()
