@@ -598,15 +598,24 @@ def test_classifiers_learn_a_byte_rule(preset, task):
 
 @pytest.mark.parametrize("unpad", [False, True])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_encode_is_the_same_alone_or_batched(preset, unpad):
+def test_encode_is_the_same_alone_or_batched(preset, unpad, kernels):
     """A text's embedding does not depend on the texts batched with it (nor their padding), and
-    encode leaves the model in the mode it found it in."""
+    encode leaves the model in the mode it found it in. On a CPU it runs unpadded, unpad or not,
+    and gives the padded forward's mean-pooled vectors."""
     model = perturb(TinyEncoder(tiny(preset, unpad=unpad)))
     texts = ["", "a", "hello world", "é" * 30, b"\x00\xff bytes", "x" * 62]
     if preset == "bert":  # a BERT checkpoint's pad id is the byte 0: it stays a token
         model = variant(model, pad_id=0)
     together = pipelines.encode(model, texts, batch_size=4)
     assert model.training, "encode must restore training mode"
+    assert kernels["unpadded"] > 0, dict(kernels)
+    cfg = model.cfg
+    batch = pipelines.padded([[cfg.cls_id, *byte_ids(t), cfg.sep_id] for t in texts], cfg.pad_id)
+    padded_model = variant(model, unpad=False).eval()
+    with torch.no_grad():
+        hidden = padded_model(batch["input_ids"], batch["attention_mask"]).hidden
+    vectors = tinyencoder.pool(hidden, batch["attention_mask"], "mean")
+    assert_close(together, F.normalize(vectors, dim=-1), 1e-5)
     alone = torch.cat([pipelines.encode(model, [text]) for text in texts])
     assert_close(together, alone, 1e-5)
     assert pipelines.encode(model, []).shape == (0, model.cfg.hidden)
