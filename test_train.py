@@ -236,7 +236,11 @@ def test_finetune_learns_resumes_and_exports(tmp_path):
     assert proc.wait(timeout=120) == 0 and 3 <= len(first) < 40
     rest = finetune(tmp_path, *common, "--out-dir", tmp_path / "b", "--resume")
     assert rest.returncode == 0, rest.stderr[-2000:]
-    assert first + re.findall(r"^step\s+\d+/40 \| loss (\S+)", rest.stdout, re.M) == losses
+    resumed = first + re.findall(r"^step\s+\d+/40 \| loss (\S+)", rest.stdout, re.M)
+    # the same losses, step for step; once, in a full-suite run on an Intel CPU, one printed last
+    # digit differed (0.480991 against 0.480992; never in 26 runs of the test alone): within 2e-6
+    assert len(resumed) == len(losses), (resumed, losses)
+    assert all(abs(float(a) - float(b)) <= 2e-6 for a, b in zip(resumed, losses)), (resumed, losses)
     # the best checkpoint exports as a token classifier with its label names
     export = [sys.executable, "tinyencoder_hf.py", tmp_path / "a" / "ckpt_best.pt", tmp_path / "hf"]
     done = subprocess.run(export, capture_output=True, text=True, cwd=Path(__file__).parent)
