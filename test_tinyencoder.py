@@ -290,15 +290,13 @@ def linear_twins(bias=True) -> tuple[torch.nn.Linear, tinyencoder.Linear]:
     return reference, layer
 
 
-@pytest.mark.parametrize("kernel", ["onednn", "F.linear"])
+@pytest.mark.parametrize("kernel", [pytest.param("onednn", marks=needs_onednn), "F.linear"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(4, 256, 256), (1024, 256), (0, 256), (3, 256), (256,)])
 def test_linear_is_nn_linear_on_a_cpu(shape, bias, kernel, monkeypatch):
     """Section 9's Linear gives nn.Linear's output and its input's, weight's and bias's gradients:
     through oneDNN's kernel (forward, input gradient) from 2^29 multiply-adds a call (here 1024
     tokens, 256 -> 2048) where it is on, else F.linear; rows, tokens, one, none; +/- bias."""
-    if kernel == "onednn" and (ONEDNN_KERNEL is None or not X86):
-        pytest.skip("oneDNN's linear: an x86 CPU with AVX2 or more")
     kernels = {"onednn": ONEDNN_KERNEL, "F.linear": None}
     monkeypatch.setattr(tinyencoder, "ONEDNN_LINEAR", kernels[kernel])
     reference, layer = linear_twins(bias)
