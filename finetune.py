@@ -244,7 +244,7 @@ if not args.init:
 if os.path.isdir(args.init):
     try:
         pretrained = tinyencoder_hf.load(args.init)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         die(f"--init {args.init}: {e}")
     base_cfg, weights = pretrained.cfg, pretrained.state_dict()
 elif os.path.exists(args.init):

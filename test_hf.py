@@ -455,9 +455,37 @@ def test_classifier_losses_match_transformers(name, num_labels, tmp_path):
         assert abs(ours.item() - reference.item()) <= 1e-5, (unpad, ours.item(), reference.item())
 
 
+# runs a script as if the safetensors package were not installed
+WITHOUT_SAFETENSORS = (
+    "import runpy, sys; sys.modules['safetensors'] = None; "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def test_without_safetensors_export_and_finetune_init_say_so(tmp_path):
+    """safetensors is an extra: without it, exporting a checkpoint and finetune.py --init of a
+    transformers folder each stop with one line that says what to install, and export nothing."""
+    pytest.importorskip("safetensors.torch", reason="the transformers folder is written with it")
+    model = TinyEncoder(tiny("roberta"))
+    torch.save(dict(model=model.state_dict(), cfg=dataclasses.asdict(model.cfg)), tmp_path / "c.pt")
+    tinyencoder_hf.save(model, str(tmp_path / "hf"))
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "a", "label": "x"}\n' * 4)
+    export = ["tinyencoder_hf.py", tmp_path / "c.pt", tmp_path / "out"]
+    tune = ["finetune.py", "--init", tmp_path / "hf", "--train", train, "--val", train]
+    tune += ["--out-dir", tmp_path / "tuned", "--max-steps", 1]
+    for command in (export, tune):
+        command = [sys.executable, "-c", WITHOUT_SAFETENSORS, *map(str, command)]
+        run = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
+        assert run.returncode != 0 and "pip install safetensors" in run.stderr, run.stderr[-2000:]
+        assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_checkpoints_with_retired_config_fields_still_export(tmp_path):
     """A train.py checkpoint written before sparse_prediction, static_masking and mlm_rate were
     retired exports as it was."""
+    pytest.importorskip("safetensors.torch", reason="the export writes model.safetensors")
     model = perturb(TinyEncoder(tiny("roberta"))).eval()
     retired = dict(sparse_prediction=True, static_masking=False, mlm_rate=0.15)
     saved = dict(dataclasses.asdict(model.cfg), **retired)

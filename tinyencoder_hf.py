@@ -384,14 +384,23 @@ def modernbert_keys(cfg: te.Config, act: str) -> dict:
 
 # -------------------------------------------------------------------------------------------------
 # Weights
+def safetensors_torch():
+    """The safetensors package's torch functions; without the package, an error that says so (it
+    is an extra: pip install safetensors)."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        message = "model.safetensors needs the safetensors package: pip install safetensors"
+        raise ImportError(message) from None
+    return safetensors.torch
+
+
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """model.safetensors or pytorch_model.bin, with TF-era LayerNorm names (gamma, beta) renamed."""
     safetensors_file = os.path.join(path, "model.safetensors")
     pickle_file = os.path.join(path, "pytorch_model.bin")
     if os.path.exists(safetensors_file):
-        from safetensors.torch import load_file
-
-        weights = load_file(safetensors_file)
+        weights = safetensors_torch().load_file(safetensors_file)
     elif os.path.exists(pickle_file):  # weights only: no code runs on load
         weights = torch.load(pickle_file, map_location="cpu", weights_only=True)
     else:
@@ -452,7 +461,7 @@ def save(model: te.TinyEncoder, path: str, labels=None):
     """Write what transformers' Auto classes and sentence-transformers load: config.json,
     model.safetensors, the byte tokenizer, and a mean-pooling sentence-transformers setup.
     labels: a classifier's class names, in order."""
-    from safetensors.torch import save_file
+    save_file = safetensors_torch().save_file  # before anything is written
 
     os.makedirs(path, exist_ok=True)
     write_json(path, "config.json", config_to_hf(model.cfg, labels))
@@ -588,7 +597,12 @@ def main():
     parser.add_argument("checkpoint", help="a train.py or finetune.py checkpoint (ckpt_best.pt)")
     parser.add_argument("out_dir", help="the folder to write")
     args = parser.parse_args()
-    from runs import load_checkpoint  # train.py's and finetune.py's, beside this file
+    from runs import die, load_checkpoint  # train.py's and finetune.py's, beside this file
+
+    try:
+        safetensors_torch()
+    except ImportError as e:
+        die(str(e))
 
     state, cfg = load_checkpoint(args.checkpoint, "checkpoint")
     model = te.TinyEncoder(cfg)
