@@ -190,6 +190,26 @@ def test_flash_dropout_is_seeded_and_unbiased(device, request):
         assert counted[0.1] > 0, "the kernel never got the dropout rate"
 
 
+@pytest.mark.skipif(
+    tinyencoder.FLASH != "torch flash op", reason="flash-attn is installed, or torch < 2.11"
+)
+@pytest.mark.parametrize("half_window", [None, 4])
+def test_torch_flash_op_takes_the_call_on_meta_tensors(half_window):
+    """PyTorch's own flash op, the GPU route where flash-attn is not installed, which the
+    stand-in does not reach: attend's call parses against this torch's schema, and the output
+    and every gradient have q's shape and dtype. Meta tensors carry shapes, no data, no GPU."""
+    shape = (40, 4, 64)  # (N, heads, head_dim): two documents of 10 and 30 tokens
+    q, k, v = (torch.randn(shape, device="meta", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    cu_seqlens = torch.tensor([0, 10, 40], dtype=torch.int32, device="meta")
+    indices = torch.arange(40, device="meta")
+    layout = tinyencoder.Unpadded(indices, cu_seqlens, torch.Size([2, 30]), "flash", [10, 30])
+    out = tinyencoder.attend(q, k, v, layout, half_window, 0.1)
+    assert out.is_meta and out.shape == q.shape and out.dtype == q.dtype
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(grad.shape == q.shape and grad.dtype == q.dtype for grad in grads)
+
+
 @pytest.mark.parametrize("unpad", [False, True])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_packed_documents_are_isolated(preset, unpad):
