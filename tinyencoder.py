@@ -751,7 +751,7 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 # The flash kernel, looked up once: the flash-attn package's, else PyTorch's own flash op (under
-# varlen_attn) where its schema takes a window (2.11 on). Both take cu_seqlens and dropout.
+# varlen_attn) where its schema takes a window (torch 2.4.1's does). Both take dropout.
 try:
     from flash_attn import flash_attn_varlen_func
 except ImportError:
@@ -802,7 +802,7 @@ def pick_backend(cfg: Config, device: torch.device, dtype) -> str:
     if FLASH and gpu and half and cfg.head_dim in range(8, 257, 8):
         return "flash"
     if cfg.attn_backend == "flash":
-        needs = "flash-attn or torch >= 2.11, an sm80+ GPU, fp16/bf16, head_dim 8, 16, ..., 256"
+        needs = "flash-attn or torch's flash op, sm80+ GPU, fp16/bf16, head_dim 8, 16, ..., 256"
         got = f"{device.type}, {dtype}, head_dim {cfg.head_dim}, kernel {FLASH}"
         raise ValueError(f"attn_backend='flash' needs {needs}; got {got}")
     return "sdpa"
