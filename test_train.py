@@ -404,8 +404,12 @@ def test_stdlib_tasks_tag_bytes_as_tokenize_does():
     assert len(tags) == len(data)
     spelled = {tag: bytes(b for b, t in zip(data, tags) if t == tag).decode() for tag in TAGS}
     assert spelled["keyword"] == "if" and spelled["number"] == "0x1F"
-    assert spelled["comment"] == "# é" and spelled["name"] == "xy"
-    assert spelled["operator"] == ":=+"
+    assert spelled["comment"] == "# é"
+    # from 3.12, tokenize splits an f-string: f"{x}"'s x is a name, its braces operators
+    fstring = ("xy", ":=+", 'f"{x}"')
+    if sys.version_info >= (3, 12):
+        fstring = ("xyx", ":={}+", 'f""')
+    assert (spelled["name"], spelled["operator"], spelled["string"]) == fstring
     parts = package_examples()
     assert {ex["label"] for ex in parts["val"]} == set(PACKAGES)
     assert not {ex["text"] for ex in parts["train"]} & {ex["text"] for ex in parts["val"]}
