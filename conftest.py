@@ -3,6 +3,9 @@ attention kernels that actually run. Tiny models, fixed seeds, CPU."""
 
 import collections
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +100,11 @@ def assert_close(a, b, tol=1e-4):
     assert a.shape == b.shape, (a.shape, b.shape)
     err = (a.float() - b.float()).abs().max().item()
     assert err <= tol, f"max abs diff {err:.3g} > {tol:g}"
+
+
+def run_without(package: str, script: str, *args) -> subprocess.CompletedProcess:
+    """Run script (a path beside the tests) with args as if package were not installed."""
+    code = f"import runpy, sys; sys.modules[{package!r}] = None; sys.argv = sys.argv[1:]; "
+    code += "runpy.run_path(sys.argv[0], run_name='__main__')"
+    command = [sys.executable, "-c", code, script, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)

@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CPU_BACKENDS, assert_close, assert_ran, batch, perturb, tiny, variant
+from conftest import (
+    CPU_BACKENDS,
+    assert_close,
+    assert_ran,
+    batch,
+    perturb,
+    run_without,
+    tiny,
+    variant,
+)
 import pipelines
 import tinyencoder_hf
 from tinyencoder import CLS, MASK, PAD, SEP, VOCAB_SIZE, TinyEncoder, byte_ids
@@ -455,13 +464,6 @@ def test_classifier_losses_match_transformers(name, num_labels, tmp_path):
         assert abs(ours.item() - reference.item()) <= 1e-5, (unpad, ours.item(), reference.item())
 
 
-# runs a script as if the safetensors package were not installed
-WITHOUT_SAFETENSORS = (
-    "import runpy, sys; sys.modules['safetensors'] = None; "
-    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-)
-
-
 def test_without_safetensors_export_and_finetune_init_say_so(tmp_path):
     """safetensors is an extra: without it, exporting a checkpoint and finetune.py --init of a
     transformers folder each stop with one line that says what to install, and export nothing."""
@@ -475,8 +477,7 @@ def test_without_safetensors_export_and_finetune_init_say_so(tmp_path):
     tune = ["finetune.py", "--init", tmp_path / "hf", "--train", train, "--val", train]
     tune += ["--out-dir", tmp_path / "tuned", "--max-steps", 1]
     for command in (export, tune):
-        command = [sys.executable, "-c", WITHOUT_SAFETENSORS, *map(str, command)]
-        run = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
+        run = run_without("safetensors", *command)
         assert run.returncode != 0 and "pip install safetensors" in run.stderr, run.stderr[-2000:]
         assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
     assert not (tmp_path / "out").exists()

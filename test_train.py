@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_without
+
 
 # -------------------------------------------------------------------------------------------------
 # train.py end to end: exact resume; two processes under torchrun match one with the same batch
@@ -413,6 +415,27 @@ def test_stdlib_tasks_tag_bytes_as_tokenize_does():
     parts = package_examples()
     assert {ex["label"] for ex in parts["val"]} == set(PACKAGES)
     assert not {ex["text"] for ex in parts["train"]} & {ex["text"] for ex in parts["val"]}
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no folder", "no metrics.jsonl (give train.py --out-dir folders)"),
+        ("empty", "has no evaluations yet"),
+        ("no matplotlib", 'needs matplotlib: pip install -e ".[plot]"'),
+    ],
+)
+def test_plot_metrics_bad_input_is_one_line(tmp_path, case, message):
+    """docs/plot_metrics.py: a folder without evaluations, or no matplotlib (the plot extra,
+    hidden here as if not installed), stops with one line that names it."""
+    run = tmp_path / "run"
+    if case != "no folder":
+        run.mkdir()
+        evaluation = dict(step=10, arch="bert", elapsed_s=6.0, val_acc=0.5)
+        (run / "metrics.jsonl").write_text("" if case == "empty" else json.dumps(evaluation) + "\n")
+    done = run_without("matplotlib", "docs/plot_metrics.py", run)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
 
 
 def test_runs_started_at_once_write_a_task_apart(tmp_path):

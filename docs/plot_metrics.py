@@ -9,17 +9,32 @@ Each run is a train.py --out-dir folder, optionally followed by =LABEL (default:
 import argparse
 import json
 import os
-
-import matplotlib
-
-matplotlib.use("Agg")  # write a file; no screen needed
-import matplotlib.pyplot as plt  # noqa: E402
+import sys
 
 
 def read_metrics(run_dir):
-    """The evaluations of one run, in order: dicts with step, arch, elapsed_s, val_acc, ..."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The evaluations of one run, in order: dicts with step, arch, elapsed_s, val_acc, ...; a
+    one-line error where the folder has none."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        sys.exit(f"error: {run_dir}: no metrics.jsonl (give train.py --out-dir folders)")
+    with open(path) as f:
+        evals = [json.loads(line) for line in f if line.strip()]
+    if not evals:
+        sys.exit(f"error: {path} has no evaluations yet")
+    return evals
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files (no screen needed); it is the plot extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit('error: plot_metrics.py needs matplotlib: pip install -e ".[plot]"')
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
 
 
 def main():
@@ -27,10 +42,11 @@ def main():
     parser.add_argument("runs", nargs="+", help="train.py --out-dir folders, each DIR or DIR=LABEL")
     parser.add_argument("--png", default="docs/curves.png")
     args = parser.parse_args()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for run in args.runs:
-        folder, _, label = run.partition("=")
-        evals = read_metrics(folder)
+    runs = [run.partition("=") for run in args.runs]  # (folder, "=", label)
+    metrics = {folder: read_metrics(folder) for folder, _, _ in runs}
+    fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
+    for folder, _, label in runs:
+        evals = metrics[folder]
         minutes = [e["elapsed_s"] / 60 for e in evals]
         accuracy = [100 * e["val_acc"] for e in evals]
         style = "--" if label else "-"  # labelled runs are the variants, drawn dashed
