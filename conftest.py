@@ -12,7 +12,11 @@ import torch
 import torch.nn.functional as F
 
 import tinyencoder
+from runs import settle_vector_math
 from tinyencoder import CLS, MASK, PAD, SEP, Config, TinyEncoder
+
+# this process's first sin, tanh... on several threads could be off (runs.settle_vector_math)
+settle_vector_math()
 
 PRESETS = ("bert", "roberta", "modernbert")
 CPU_BACKENDS = ("eager", "sdpa")

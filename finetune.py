@@ -32,6 +32,7 @@ import tinyencoder as te
 import tinyencoder_hf
 from data.tasks import exact_match, token_f1, write_task
 from runs import Metrics, StopSignals, die, load_checkpoint, save_checkpoint
+from runs import settle_vector_math
 
 parser = ArgumentParser(description=__doc__.splitlines()[0])
 add = parser.add_argument
@@ -52,6 +53,8 @@ add("--seed", type=int, default=0)
 add("--max-answer", type=int, default=40, help="the longest answer a span model gives, in bytes")
 add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 args = parser.parse_args()
+# each vector math kernel chosen before threads share a call, or a run may not replay (runs.py)
+settle_vector_math()
 t0 = time.time()
 
 

@@ -1,5 +1,6 @@
-"""What train.py and finetune.py share about a run: a one-line error, checkpoints written whole and
-read back, the metrics log, and stopping cleanly on Ctrl-C or SIGTERM; train.py's closing demo."""
+"""What train.py and finetune.py share about a run: vector math that replays, a one-line error,
+checkpoints written whole and read back, the metrics log, and stopping cleanly on Ctrl-C or
+SIGTERM; train.py's closing demo."""
 
 import json
 import os
@@ -11,6 +12,19 @@ import torch
 
 import tinyencoder as te
 from data.corpus import renamed_into_place
+
+
+def settle_vector_math():
+    """Pick the CPU's vector math kernels on one thread, before any call that threads share. The
+    oneMKL in torch's x86 CPU wheels (2024.2) picks each function's kernel at its first call; when
+    two threads make that call together, one thread's share can run a low-accuracy kernel: a
+    fresh process's first sin, tanh or sqrt of 8192 values was off by over 1e-6 (sin: 1.5e-4) in
+    7 to 11 of 30 processes here, and a run no longer replayed (pytorch/pytorch#188792). A
+    one-element call of each picks the right kernel first: RoPE's and train.py's sin and cos, the
+    poolers' tanh, AdamW's sqrt, and exp and log."""
+    for dtype in (torch.float32, torch.float64):
+        for function in (torch.sin, torch.cos, torch.tanh, torch.sqrt, torch.exp, torch.log):
+            function(torch.ones(1, dtype=dtype))
 
 
 def die(message: str):

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import tinyencoder as te
 from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
 from runs import Metrics, StopSignals, demo, die, load_checkpoint, save_checkpoint
+from runs import settle_vector_math
 from data.corpus import load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
 
@@ -108,6 +109,8 @@ add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="au
 add("--position-init", choices=["sinusoids", "normal"], default="sinusoids", help="see README")
 add("--seed", type=int, default=1337)
 args = parser.parse_args()
+# each vector math kernel chosen before threads share a call, or a run may not replay (runs.py)
+settle_vector_math()
 
 # Config: processes, device, and the defaults that depend on them (checkpoints record the args).
 ddp = "RANK" in os.environ  # launched by torchrun
