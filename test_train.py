@@ -5,7 +5,6 @@ import json
 import random
 import re
 import signal
-import shutil
 import string
 import subprocess
 import sys
@@ -27,11 +26,9 @@ def _train(tmp_path, *args, torchrun=False):
             (corpus / f"doc{i}.txt").write_bytes(
                 (f"document {i}: " + "the quick brown fox. " * 60).encode()
             )
-    launcher = (
-        [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc_per_node=2"]
-        if torchrun
-        else [sys.executable]
-    )
+    launcher = [sys.executable]
+    if torchrun:  # torchrun's module, so that it is this Python's with or without its venv on PATH
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = launcher + [
         "train.py",
         "--arch",
