@@ -16,8 +16,8 @@ from data.corpus import renamed_into_place
 
 def settle_vector_math():
     """Pick the CPU's vector math kernels on one thread, before any call that threads share. The
-    oneMKL in torch's x86 CPU wheels (2024.2) picks each function's kernel at its first call; when
-    two threads make that call together, one thread's share can run a low-accuracy kernel: a
+    oneMKL 2024.2 in torch 2.13.0's x86 CPU wheel picks each function's kernel at its first call;
+    when two threads make that call together, one thread's share can run a low-accuracy kernel: a
     fresh process's first sin, tanh or sqrt of 8192 values was off by over 1e-6 (sin: 1.5e-4) in
     7 to 11 of 30 processes here, and a run no longer replayed (pytorch/pytorch#188792). A
     one-element call of each picks the right kernel first: RoPE's and train.py's sin and cos, the
