@@ -112,3 +112,10 @@ def run_without(package: str, script: str, *args) -> subprocess.CompletedProcess
     code += "runpy.run_path(sys.argv[0], run_name='__main__')"
     command = [sys.executable, "-c", code, script, *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
+
+
+def tiny_checkpoint(path, arch="roberta"):
+    """A train.py-style checkpoint of a tiny untrained model."""
+    cfg = Config.from_preset(arch, hidden=32, layers=2, heads=2, max_len=64)
+    torch.save(dict(model=TinyEncoder(cfg).state_dict(), cfg=dataclasses.asdict(cfg)), path)
+    return path

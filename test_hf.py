@@ -19,6 +19,7 @@ from conftest import (
     perturb,
     run_without,
     tiny,
+    tiny_checkpoint,
     variant,
 )
 import pipelines
@@ -468,12 +469,11 @@ def test_without_safetensors_export_and_finetune_init_say_so(tmp_path):
     """safetensors is an extra: without it, exporting a checkpoint and finetune.py --init of a
     transformers folder each stop with one line that says what to install, and export nothing."""
     pytest.importorskip("safetensors.torch", reason="the transformers folder is written with it")
-    model = TinyEncoder(tiny("roberta"))
-    torch.save(dict(model=model.state_dict(), cfg=dataclasses.asdict(model.cfg)), tmp_path / "c.pt")
-    tinyencoder_hf.save(model, str(tmp_path / "hf"))
+    checkpoint = tiny_checkpoint(tmp_path / "c.pt")
+    tinyencoder_hf.save(TinyEncoder(tiny("roberta")), str(tmp_path / "hf"))
     train = tmp_path / "train.jsonl"
     train.write_text('{"text": "a", "label": "x"}\n' * 4)
-    export = ["tinyencoder_hf.py", tmp_path / "c.pt", tmp_path / "out"]
+    export = ["tinyencoder_hf.py", checkpoint, tmp_path / "out"]
     tune = ["finetune.py", "--init", tmp_path / "hf", "--train", train, "--val", train]
     tune += ["--out-dir", tmp_path / "tuned", "--max-steps", 1]
     for command in (export, tune):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_without
+from conftest import run_without, tiny_checkpoint
 
 
 # -------------------------------------------------------------------------------------------------
@@ -203,20 +203,6 @@ def test_bench_encode_runs_on_cpu():
 
 # -------------------------------------------------------------------------------------------------
 # finetune.py end to end: it learns, resumes exactly after Ctrl-C, exports, and names bad input
-def tiny_checkpoint(path, arch="roberta"):
-    """A train.py-style checkpoint of a tiny untrained model."""
-    import dataclasses
-
-    import torch
-
-    import tinyencoder as te
-
-    cfg = te.Config.from_preset(arch, hidden=32, layers=2, heads=2, max_len=64)
-    state = dict(model=te.TinyEncoder(cfg).state_dict(), cfg=dataclasses.asdict(cfg))
-    torch.save(state, path)
-    return path
-
-
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
