@@ -3,6 +3,7 @@ unpadded; tinyencoder_hf.save read back by transformers' Auto classes; checkpoin
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ HF_CLASSES = (
     "BertForPreTraining",
     "BertModel",
     "RobertaForMaskedLM",
+    "RobertaModel",
     "ModernBertForMaskedLM",
     "ModernBertModel",
     *(
@@ -71,7 +73,9 @@ def hf_logits(ref, name):
     return ref.logits
 
 
-def hf_model(transformers, name, attn, num_labels=3):
+def hf_model(transformers, name, attn, num_labels=3, **over):
+    """A small transformers model of class name (":mean" after it: mean pooling), its config
+    changed by over, with every parameter moved away from its init."""
     name, _, pooling = name.partition(":")
     if "QuestionAnswering" in name:  # qa_outputs: a start and an end logit
         num_labels = 2
@@ -84,11 +88,11 @@ def hf_model(transformers, name, attn, num_labels=3):
         intermediate_size=48,
         attn_implementation=attn,
     )
-    if name.startswith(
-        "ModernBert"
-    ):  # 4 layers: global 0, 2; window 8 < sequence 24; pad id not 50283
-        cfg = transformers.ModernBertConfig(
-            **{**common, "num_hidden_layers": 4},
+    if name.startswith("ModernBert"):
+        # 4 layers: global 0, 2; window 8 < sequence 24; pad id not 50283
+        family = transformers.ModernBertConfig
+        common.update(
+            num_hidden_layers=4,
             max_position_embeddings=256,
             local_attention=8,
             global_attn_every_n_layers=2,
@@ -104,8 +108,8 @@ def hf_model(transformers, name, attn, num_labels=3):
             },
         )
     elif name.startswith("Roberta"):
-        cfg = transformers.RobertaConfig(
-            **common,
+        family = transformers.RobertaConfig
+        common.update(
             max_position_embeddings=66,
             pad_token_id=1,
             bos_token_id=0,
@@ -114,8 +118,9 @@ def hf_model(transformers, name, attn, num_labels=3):
             layer_norm_eps=1e-5,
         )
     else:
-        cfg = transformers.BertConfig(**common, max_position_embeddings=64, pad_token_id=0)
-    return perturb(getattr(transformers, name)(cfg)).eval()
+        family = transformers.BertConfig
+        common.update(max_position_embeddings=64, pad_token_id=0)
+    return perturb(getattr(transformers, name)(family(**{**common, **over}))).eval()
 
 
 @pytest.mark.parametrize("attn", CPU_BACKENDS)
@@ -267,6 +272,123 @@ def test_load_ignores_pretraining_extras(name, extras, tmp_path):
         )
 
 
+# config.json as the hub's checkpoints write it (transformers 4's keys), at a small size
+HUB_CONFIGS = {
+    "BertForMaskedLM": dict(
+        model_type="bert",
+        attention_probs_dropout_prob=0.1,
+        hidden_dropout_prob=0.1,
+        hidden_act="gelu",
+        layer_norm_eps=1e-12,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        position_embedding_type="absolute",
+        type_vocab_size=2,
+        gradient_checkpointing=False,
+        use_cache=True,
+        transformers_version="4.6.0.dev0",
+    ),
+    "RobertaForMaskedLM": dict(
+        model_type="roberta",
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        max_position_embeddings=66,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+    ),
+    "ModernBertForMaskedLM": dict(
+        model_type="modernbert",
+        num_hidden_layers=4,
+        global_rope_theta=160000.0,
+        local_rope_theta=10000.0,
+        global_attn_every_n_layers=3,
+        local_attention=8,
+        hidden_activation="gelu",
+        classifier_activation="gelu",
+        norm_eps=1e-5,
+        norm_bias=False,
+        mlp_bias=False,
+        attention_bias=False,
+        classifier_bias=False,
+        decoder_bias=True,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        cls_token_id=CLS,
+        sep_token_id=SEP,
+        transformers_version="4.47.0.dev0",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", HUB_CONFIGS)
+def test_hub_style_configs_load_exactly(name, tmp_path):
+    """The keys of bert-base-uncased's, roberta-base's and ModernBERT-base's config.json
+    (ModernBERT's global_rope_theta, local_rope_theta, global_attn_every_n_layers) read as
+    transformers reads them."""
+    transformers = pytest.importorskip("transformers", reason="transformers reads the config")
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    hub = {**sizes, **HUB_CONFIGS[name], "architectures": [name], "vocab_size": VOCAB_SIZE}
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "config.json").write_text(json.dumps(hub))
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hub")
+    hf = perturb(transformers.AutoModelForMaskedLM.from_config(config)).eval()
+    hf.save_pretrained(tmp_path / "weights")
+    shutil.copy(tmp_path / "weights" / "model.safetensors", tmp_path / "hub")
+    loaded = tinyencoder_hf.load(str(tmp_path / "hub")).eval()
+    ids, mask = batch(lo=3, hi=PAD, pad=hub["pad_token_id"])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        for unpad in (False, True):
+            out = variant(loaded, unpad=unpad)(ids, mask).logits
+            assert_close(out[mask.bool()], ref[mask.bool()])
+
+
+@pytest.mark.parametrize(
+    "name,over,message",
+    [
+        ("BertForMaskedLM", dict(tie_word_embeddings=False), "an untied decoder"),
+        ("RobertaForMaskedLM", dict(tie_word_embeddings=False), "an untied decoder"),
+        ("ModernBertForMaskedLM", dict(tie_word_embeddings=False), "an untied decoder"),
+        ("BertForMaskedLM", dict(is_decoder=True), "is_decoder and add_cross_attention"),
+        ("RobertaForMaskedLM", dict(hidden_act="gelu_pytorch_tanh"), "applies 'gelu'"),
+        (
+            "ModernBertForMaskedLM",
+            dict(rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0}}),
+            r"RoPE scaling \('linear'\)",
+        ),
+    ],
+)
+def test_load_refuses_what_it_would_compute_differently(name, over, message, tmp_path):
+    """Checkpoints whose logits ours would not reproduce: a clear error, not a silent misload."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    hf_model(transformers, name, "eager", **over).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        tinyencoder_hf.load(str(tmp_path))
+
+
+def test_config_keys_left_out_take_transformers_defaults():
+    """A config.json may hold only what differs from its class's defaults (transformers writes
+    them all, but hand-written ones exist): max_position_embeddings 512, dropouts 0.1."""
+    cfg = tinyencoder_hf.config_from_hf({"model_type": "roberta", "pad_token_id": 1})
+    assert (cfg.max_len, cfg.pos_offset) == (510, 2)
+    assert cfg.embed_dropout == cfg.resid_dropout == cfg.attn_dropout == 0.1
+
+
+@pytest.mark.parametrize(
+    "preset,over,message",
+    [
+        ("bert", dict(prenorm=True), "no transformers equivalent; offending: {'prenorm': True}"),
+        ("roberta", dict(act="gelu_tanh"), "transformers' applies 'gelu'"),
+    ],
+)
+def test_save_refuses_what_transformers_would_compute_differently(preset, over, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tinyencoder_hf.save(TinyEncoder(tiny(preset, **over)), str(tmp_path))
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_load_reads_tf_era_layernorm_names(tmp_path):
     st = pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
     model = perturb(TinyEncoder(tiny("bert", nsp=False))).eval()
@@ -278,9 +400,8 @@ def test_load_reads_tf_era_layernorm_names(tmp_path):
         ): v
         for k, v in st.load_file(path).items()
     }
-    assert (
-        sum(k.endswith(".gamma") for k in old) == 1 + 2 * 2 + 1
-    )  # embeddings, 2 per layer, MLM head
+    # the embeddings', two per layer, the MLM head's
+    assert sum(k.endswith(".gamma") for k in old) == 1 + 2 * 2 + 1
     st.save_file(old, path)
     ids, mask = batch()
     with torch.no_grad():

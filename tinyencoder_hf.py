@@ -172,6 +172,9 @@ IGNORED_SUFFIXES = (
     "pooler.dense.weight",  # a pooler in a checkpoint of the MLM class, which does not use it
     "pooler.dense.bias",
 )
+# The copies of tied weights that IGNORED_SUFFIXES skips, and what each must equal: our decoder is
+# the token embedding, and BERT's and RoBERTa's decoder bias is their head's.
+TIED = {"decoder.weight": "tok_embed.weight", "decoder.bias": "mlm_head.bias"}
 HEAD_PREFIXES = ("cls.", "lm_head.", "head.", "decoder.")  # absent from a base model's checkpoint
 # Each classifier's parameters: ours -> transformers' (BERT's pooler is MODULES' "pooler").
 ROBERTA_ROWS = {"classifier.dense": "classifier.dense", "classifier.out": "classifier.out_proj"}
@@ -240,6 +243,9 @@ def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.
     arch = hf.get("model_type")
     if arch not in te.PRESETS:
         raise ValueError(f"model_type {arch!r} is not supported; supported: {list(te.PRESETS)}")
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        # a decoder's attention is causal (or reads an encoder): ours sees both sides
+        raise ValueError("is_decoder and add_cross_attention are not supported (an encoder only)")
     fields = dict(te.PRESETS[arch], nsp=nsp, pad_id=DEFAULT_PAD_ID[arch], classifier=classifier)
     fields["num_labels"] = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
     if hf.get("classifier_dropout") is not None:
@@ -261,8 +267,9 @@ def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.
     fields["pos_offset"] = 0
     if arch == "roberta":
         fields["pos_offset"] = fields["pad_id"] + 1
-    fields["max_len"] = hf["max_position_embeddings"] - fields["pos_offset"]
-    fields["embed_dropout"] = fields["resid_dropout"]  # one knob in transformers
+    fields["max_len"] = hf.get("max_position_embeddings", 512) - fields["pos_offset"]
+    # one knob in transformers, hidden_dropout_prob, 0.1 where the config leaves it out
+    fields["embed_dropout"] = fields.setdefault("resid_dropout", 0.1)
     return te.Config(**fields)
 
 
@@ -272,6 +279,11 @@ def modernbert_config(hf: dict, fields: dict) -> te.Config:
         later_globals = [i for i in range(1, len(types)) if types[i] == GLOBAL]
         fields["global_every"] = min(later_globals, default=len(types))
     thetas = hf.get("rope_parameters") or {}
+    kinds = [p.get("rope_type", "default") for p in thetas.values() if isinstance(p, dict)]
+    scaled = [kind for kind in kinds if kind != "default"]
+    if scaled or hf.get("rope_scaling"):
+        found = scaled or [hf["rope_scaling"]]
+        raise ValueError(f"RoPE scaling ({found[0]!r}) is not supported; only rope_type 'default'")
     for field, kind in (("rope_theta", GLOBAL), ("rope_theta_local", LOCAL)):
         fields[field] = thetas.get(kind, {}).get("rope_theta", fields[field])
     if bool(hf.get("mlp_bias")) != fields["bias"] or not hf.get("decoder_bias", True):
@@ -339,6 +351,8 @@ def config_to_hf(cfg: te.Config, labels=None) -> dict:
     bad = {k: getattr(cfg, k) for k, v in fixed_fields(cfg).items() if getattr(cfg, k) != v}
     if cfg.arch != "modernbert" and cfg.type_vocab < 1:
         bad["type_vocab"] = cfg.type_vocab
+    if cfg.arch == "roberta" and cfg.classifier == "none":
+        require_exact_gelu(cfg)
     if bad:
         raise ValueError(f"this {cfg.arch} config has no transformers equivalent; offending: {bad}")
     act = ACTIVATIONS[cfg.act][0]
@@ -435,15 +449,9 @@ def load(path: str) -> te.TinyEncoder:
     model = te.TinyEncoder(config_from_hf(hf, nsp=nsp, classifier=classifier))
     base = not any(key.startswith(tuple(BASE_PREFIX.values())) for key in weights)
     names = parameter_names(model, base)
-    wanted = {n for group in names.values() for n in group}
-    # a base model has no MLM head: ours keeps its fresh init
-    missing = [n for n in wanted if n not in weights and not (base and n.startswith(HEAD_PREFIXES))]
-    unexpected = [k for k in weights if k not in wanted and not k.endswith(IGNORED_SUFFIXES)]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: weights do not match {kind}: missing {sorted(missing)[:8]}, unexpected "
-            f"{unexpected[:8]} ({len(missing)} missing, {len(unexpected)} unexpected)"
-        )
+    check_names(path, kind, weights, names, base)
+    if model.cfg.arch == "roberta" and model.mlm_head is not None and not base:
+        require_exact_gelu(model.cfg)
     with torch.no_grad():
         for ours, theirs in names.items():
             if not all(n in weights for n in theirs):
@@ -455,6 +463,38 @@ def load(path: str) -> te.TinyEncoder:
                 raise ValueError(f"{path}: {theirs[0]} has shape {shape}, expected {expected}")
             param.copy_(value)
     return model
+
+
+def check_names(path: str, kind: str, weights: dict, names: dict, base: bool):
+    """Every parameter in the checkpoint and nothing else, but what IGNORED_SUFFIXES skips; each
+    copy of a tied weight equal to what it is tied to (an untied decoder has no place here)."""
+    wanted = {n for group in names.values() for n in group}
+    # a base model has no MLM head: ours keeps its fresh init
+    missing = [n for n in wanted if n not in weights and not (base and n.startswith(HEAD_PREFIXES))]
+    unexpected = [k for k in weights if k not in wanted and not k.endswith(IGNORED_SUFFIXES)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not match {kind}: missing {sorted(missing)[:8]}, unexpected "
+            f"{unexpected[:8]} ({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    if "mlm_head.bias" not in names:  # a classifier: no decoder to tie
+        return
+    for key in weights:
+        suffix = ".".join(key.split(".")[-2:])  # "decoder.weight", "decoder.bias", ...
+        if key in wanted or suffix not in TIED:
+            continue
+        tied_to = names[TIED[suffix]][0]
+        if tied_to in weights and not torch.equal(weights[key], weights[tied_to]):
+            raise ValueError(
+                f"{path}: {key} differs from {tied_to}: an untied decoder "
+                "(tie_word_embeddings=false) is not supported; ours is the token embedding"
+            )
+
+
+def require_exact_gelu(cfg: te.Config):
+    """RoBERTa's MLM head applies the exact GELU whatever hidden_act says; ours applies cfg.act."""
+    if cfg.act != "gelu":
+        raise ValueError(f"a RoBERTa MLM head with act={cfg.act!r}: transformers' applies 'gelu'")
 
 
 def save(model: te.TinyEncoder, path: str, labels=None):
