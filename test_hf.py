@@ -155,6 +155,36 @@ def test_parity_with_transformers(name, attn, tmp_path, kernels):
             assert_close(out.nsp_logits, ref.seq_relationship_logits)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "RobertaForMaskedLM",
+        "ModernBertForMaskedLM",
+        "ModernBertForTokenClassification",
+        "ModernBertForMultipleChoice",
+        "ModernBertForMultipleChoice:mean",
+    ],
+)
+def test_parity_on_left_padded_rows(name, tmp_path):
+    """Left padding: RoBERTa counts positions from each row's first real token, ModernBERT's RoPE
+    is relative, and its choice head pools the first real token, as ours does. (BERT counts its
+    positions from the row's first slot, padding or not, where ours start at the text.)"""
+    transformers = pytest.importorskip("transformers", reason="parity against transformers")
+    hf = hf_model(transformers, name, "sdpa")
+    hf.save_pretrained(tmp_path)
+    ids, mask, kw = hf_inputs(name, hf.config.pad_token_id)
+    ids, mask = ids.flip(-1), mask.flip(-1)
+    loaded = tinyencoder_hf.load(str(tmp_path)).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        for unpad in (False, True):
+            out = variant(loaded, unpad=unpad)(ids, mask).logits
+            if "MultipleChoice" in name:
+                assert_close(out, ref)
+            else:
+                assert_close(out[mask.bool()], ref[mask.bool()])
+
+
 # -------------------------------------------------------------------------------------------------
 # 2. tinyencoder_hf.save -> transformers Auto classes, and back
 CLASSIFIERS = [

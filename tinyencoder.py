@@ -564,10 +564,10 @@ def as_rows(*tensors) -> list:
 
 
 def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, T, hidden) -> (B, hidden): the first token ("cls") or the mean of the real ones."""
-    if pooling == "cls":
-        return hidden[:, 0]
+    """(B, T, hidden) -> (B, hidden): the first real token ("cls") or the mean of the real ones."""
     real = (doc_ids != 0).unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    if pooling == "cls":
+        return hidden[torch.arange(len(hidden)), real.squeeze(-1).argmax(dim=1)]
     return (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
 
 
