@@ -77,8 +77,8 @@ for name, (low, high) in inputs.items():
 
 
 def test_a_fresh_process_first_vector_math_is_accurate():
-    """runs.settle_vector_math: without it, 3 of 16 fresh processes here got a first sin off by
-    1.5e-4 (pytorch/pytorch#188792), and train.py's resumed runs stopped replaying."""
+    """runs.settle_vector_math: without it, about one fresh process in ten here got a first sin
+    off by 1.5e-4 (pytorch/pytorch#188792), and train.py's resumed runs stopped replaying."""
     for _ in range(6):  # one process at a time: the error needs two threads starting together
         run = subprocess.run(
             [sys.executable, "-c", FIRST_CALLS],
