@@ -21,7 +21,6 @@ import json
 import math
 import os
 import time
-from argparse import ArgumentParser
 from dataclasses import asdict, replace
 from typing import NamedTuple, Union
 
@@ -31,10 +30,10 @@ import pipelines
 import tinyencoder as te
 import tinyencoder_hf
 from data.tasks import exact_match, token_f1, write_task
-from runs import Metrics, StopSignals, die, load_checkpoint, save_checkpoint
-from runs import settle_vector_math
+from runs import COUNT, POSITIVE, Metrics, Parser, StopSignals, die, load_checkpoint
+from runs import refuse_to_overwrite, resumed_args, save_checkpoint, settle_vector_math
 
-parser = ArgumentParser(description=__doc__.splitlines()[0])
+parser = Parser(description=__doc__.splitlines()[0])
 add = parser.add_argument
 add("--task", choices=["tags", "packages", "qa"], help="a built-in task from the standard library")
 add("--train", help="JSONL to train on (instead of --task)")
@@ -43,15 +42,15 @@ add("--init", help="a train.py checkpoint (.pt) or a transformers folder")
 add("--from-scratch", action="store_true", help="--init's architecture with fresh weights")
 add("--out-dir", default="out-finetune", help="checkpoints and metrics.jsonl go here")
 add("--resume", action="store_true", help="go on from --out-dir's ckpt_last.pt")
-add("--train-examples", type=int, help="train on this many of --train's, spread through the file")
-add("--max-steps", type=int, default=600)
-add("--batch-size", type=int, default=32)
-add("--lr", type=float, default=3e-4, help="peak learning rate: 6%% warmup, then linear decay")
-add("--eval-interval", type=int, default=200)
-add("--log-interval", type=int, default=50)
+add("--train-examples", type=COUNT, help="train on this many of --train's, spread through the file")
+add("--max-steps", type=COUNT, default=600)
+add("--batch-size", type=COUNT, default=32)
+add("--lr", type=POSITIVE, default=3e-4, help="peak learning rate: 6%% warmup, then linear decay")
+add("--eval-interval", type=COUNT, default=200)
+add("--log-interval", type=COUNT, default=50)
 add("--seed", type=int, default=0)
-add("--max-answer", type=int, default=40, help="the longest answer a span model gives, in bytes")
-add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+add("--max-answer", type=COUNT, default=40, help="the longest answer a span model gives, in bytes")
+add("--device", choices=["cpu", "cuda", "mps"], help="default: cuda where there is one, else cpu")
 args = parser.parse_args()
 # each vector math kernel chosen before threads share a call, or a run may not replay (runs.py)
 settle_vector_math()
@@ -147,7 +146,14 @@ def line_targets(path, lines, kind):
         if kind == "token" and "tags" not in line.record and "spans" not in line.record:
             die(f'{where}: needs "tags" or "spans", as the first line has')
         if kind == "sequence":
-            targets.append(str(line.record["label"]))
+            label, first = line.record["label"], lines[0].record["label"]
+            # 1, "1" and true would each be a class of their own: one kind of label per file
+            if isinstance(label, bool) or not isinstance(label, (str, int)):
+                die(f'{where}: "label" must be a string or a whole number, got {label!r}')
+            if type(label) is not type(first):
+                kinds = f"of type {type(label).__name__}, line 1's of {type(first).__name__}"
+                die(f"{where}: label {label!r} is {kinds}")
+            targets.append(str(label))
         else:
             targets.append(byte_tags(line.record, where))
     return targets
@@ -190,6 +196,8 @@ def read_task(path, cfg, kind=None, labels=None) -> Task:
         kind = "sequence" if "label" in lines[0].record else "token"
         if "question" in lines[0].record:
             kind = "span"
+        if not {"label", "tags", "spans", "question"} & set(lines[0].record):
+            die(f'{path} line 1: needs "label", "tags", "spans" or "question" (see --help)')
     # the two labels of every span: where it starts and where it ends
     if kind == "span":
         return Task(kind, ["start", "end"], question_examples(path, lines, cfg))
@@ -197,6 +205,10 @@ def read_task(path, cfg, kind=None, labels=None) -> Task:
     if labels is None:
         names = targets if kind == "sequence" else [tag for tags in targets for tag in tags]
         labels = sorted(set(names))
+        if len(labels) < 2:
+            die(
+                f"{path}: every example has the label {labels[0]!r}; a classifier needs two or more"
+            )
     index = {label: i for i, label in enumerate(labels)}
     examples = []
     for line, target in zip(lines, targets):
@@ -233,10 +245,14 @@ def collate(batch, kind, cfg, device):
 os.makedirs(args.out_dir, exist_ok=True)
 ckpt_path = os.path.join(args.out_dir, "ckpt_last.pt")
 checkpoint = None
-if args.resume:
+changed = []
+if args.resume:  # the run's own flags, but those given again
     checkpoint, _ = load_checkpoint(ckpt_path, "--resume")
-    for name in ("task", "train", "val", "init", "train_examples"):
-        setattr(args, name, checkpoint["args"].get(name))
+    if "labels" not in checkpoint:
+        die(f"--resume: {ckpt_path} is not a finetune.py checkpoint")
+    changed = resumed_args(parser, args, checkpoint["args"], ("resume", "out_dir"))
+else:
+    refuse_to_overwrite(args.out_dir)
 if args.task:
     paths = write_task(args.task, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     args.train, args.val = paths["train"], paths["val"]
@@ -255,6 +271,10 @@ elif os.path.exists(args.init):
     weights = state["model"]
 else:
     die(f"--init {args.init}: no such file or folder")
+try:
+    pipelines.check_bytes(base_cfg)
+except ValueError as e:
+    die(f"--init {args.init}: {e}")
 task = read_task(args.train, base_cfg)
 kind, labels, train_examples = task.kind, task.labels, task.examples
 val_examples = read_task(args.val, base_cfg, kind, labels).examples
@@ -271,6 +291,10 @@ if longest > base_cfg.max_len:
 # The pretrained encoder with the family's classifier in place of its MLM (and NSP) head. Padded
 # batches of texts: unpadding saves the work on padding.
 cfg = replace(base_cfg, classifier=kind, num_labels=len(labels), nsp=False, unpad=True)
+args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+available = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
+if not available[args.device]:
+    die(f"--device {args.device} is not available here")
 device = torch.device(args.device)
 torch.manual_seed(args.seed)
 model = te.TinyEncoder(cfg)
@@ -290,6 +314,8 @@ if checkpoint:
     opt.load_state_dict(checkpoint["optim"])
     step, best = checkpoint["step"], checkpoint["best"]
     log(f"resumed at step {step}")
+    if changed:
+        log(f"flags changed from the run's own: {', '.join(changed)}")
 metrics = Metrics(args.out_dir, fresh=not checkpoint)
 start = "random init" if args.from_scratch else f"from {args.init}"
 # the held-out figure that picks ckpt_best.pt

@@ -18,16 +18,34 @@ import torch.nn.functional as F
 import tinyencoder as te
 
 
+def check_model(model, caller: str):
+    """A TinyEncoder on bytes. A wordpiece or BPE checkpoint loads (tinyencoder_hf.load) and gives
+    transformers' logits for its own ids, but bytes fed to it as ids mean nothing."""
+    if not isinstance(model, te.TinyEncoder):
+        raise ValueError(f"{caller} takes a TinyEncoder, got {type(model).__name__}")
+    check_bytes(model.cfg)
+
+
+def check_bytes(cfg: te.Config):
+    specials = (cfg.pad_id, cfg.cls_id, cfg.sep_id, cfg.mask_id)
+    if cfg.vocab_size != te.VOCAB_SIZE or min(specials) < 256:
+        got = f"vocab_size={cfg.vocab_size}, special ids {specials}"
+        raise ValueError(f"not a byte-level model ({got}): its tokens are not bytes")
+
+
 @torch.no_grad()
 def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch.Tensor:
     """Embeddings (N, hidden) of a list of str or bytes: each text runs as [CLS] bytes [SEP],
     pooled as te.pool() says; normalize makes each unit length. Texts of like length share a
     batch, so little is padded; on a CPU the batch runs unpadded whatever cfg.unpad says (the same
     numbers, faster). A text over max_len tokens is an error, never cut silently."""
+    check_model(model, "encode")
     cfg = model.cfg
     if isinstance(texts, (str, bytes)) or pooling not in ("mean", "cls"):
         got = f"{type(texts).__name__} and {pooling!r}"
         raise ValueError(f"encode takes a list of texts and pooling 'mean' or 'cls', got {got}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"encode's batch_size must be a whole number above 0, got {batch_size!r}")
     rows = []
     for i, text in enumerate(texts):
         if not isinstance(text, (str, bytes, bytearray)):
@@ -123,6 +141,9 @@ def span_text(ids, first: int, last: int) -> str:
 def answer(model, question, context, max_length: int = 30) -> str:
     """Extractive question answering with a span model: the context's span of at most max_length
     bytes that the model rates best, as text."""
+    check_model(model, "answer")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"answer's max_length must be a whole number above 0, got {max_length!r}")
     if model.cfg.classifier != "span":
         kind = model.cfg.classifier
         raise ValueError(f"answer needs a span model (Config.classifier='span'), not {kind!r}")
@@ -145,12 +166,15 @@ def choice_batch(cfg: te.Config, questions: list, choices: list) -> dict:
     """Multiple choice inputs: each question paired with each of its choices as [CLS] question
     [SEP] choice [SEP], padded to (B, choices, T) input_ids and attention_mask (and token_type_ids
     where the model has segments). Every question needs as many choices as the first has."""
+    check_bytes(cfg)
     if len(questions) != len(choices) or not questions:
         raise ValueError(f"{len(questions)} questions and {len(choices)} lists of choices")
     count = len(choices[0])
     rows = []
     for i, (question, options) in enumerate(zip(questions, choices)):
-        if len(options) != count or not count:
+        if isinstance(options, (str, bytes)) or not count:
+            raise ValueError(f"choices[{i}] must be a list of one choice or more, got {options!r}")
+        if len(options) != count:
             raise ValueError(f"choices[{i}] has {len(options)} choices and choices[0] {count}")
         rows += [question_row(cfg, question, option) for option in options]
     token_types = None

@@ -1,11 +1,14 @@
 """What train.py and finetune.py share about a run: vector math that replays, a one-line error,
+flags checked as they are parsed, a run's folder never overwritten and its flags kept on resume,
 checkpoints written whole and read back, the metrics log, and stopping cleanly on Ctrl-C or
 SIGTERM; train.py's closing demo."""
 
 import json
+import math
 import os
 import signal
 import sys
+from argparse import SUPPRESS, ArgumentParser, ArgumentTypeError, Namespace
 
 import numpy as np
 import torch
@@ -32,13 +35,91 @@ def die(message: str):
     sys.exit(f"error: {message}")
 
 
+class Parser(ArgumentParser):
+    """argparse's, but a bad flag is one line on stderr, as every other error of a run is."""
+
+    def error(self, message: str):
+        die(f"{message} (--help lists the flags)")
+
+
+def number(kind, low, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: a kind (int or float) from low to high, an open end leaving that bound
+    out. argparse reports a value outside as a one-line usage error that names the flag."""
+    wanted = f"at least {low}"
+    if low_open:
+        wanted = f"above {low}"
+    if high_open:
+        wanted += f" and below {high}"
+    elif high < math.inf:
+        wanted += f" and at most {high}"
+
+    def convert(text: str):
+        value = kind(text)
+        too_low = value < low or (low_open and value == low)
+        too_high = value > high or (high_open and value == high)
+        if too_low or too_high or math.isnan(value):
+            raise ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse's "invalid int value" where text does not parse
+    return convert
+
+
+COUNT = number(int, 1)  # steps, rows, intervals
+POSITIVE = number(float, 0, low_open=True)  # a learning rate, minutes
+FRACTION = number(float, 0, 1)  # of a schedule
+RATE = number(float, 0, 1, low_open=True)  # of bytes masked
+DROPOUT = number(float, 0, 1, high_open=True)
+LENGTH = number(int, 16)  # a row's tokens, with room for a sentence pair's three specials
+
+
+def given_flags(parser: ArgumentParser) -> set:
+    """The flags (as args' names) that the command line gives, rather than leaves to a default."""
+    defaults = {action.dest: action.default for action in parser._actions}
+    for action in parser._actions:
+        action.default = SUPPRESS
+    try:
+        return set(vars(parser.parse_args()))
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
+
+
+def resumed_args(parser: ArgumentParser, args: Namespace, saved: dict, keep: tuple) -> list:
+    """A resumed run goes on with the flags it was started with (saved), but for keep and those
+    given again; the given ones that differ are returned, for the log."""
+    given = given_flags(parser)
+    changed = []
+    for name, value in saved.items():
+        if name in keep or not hasattr(args, name):
+            continue
+        if name not in given:
+            setattr(args, name, value)
+        elif getattr(args, name) != value:
+            changed.append(f"--{name.replace('_', '-')} {value} -> {getattr(args, name)}")
+    return changed
+
+
+def refuse_to_overwrite(out_dir: str):
+    """A fresh run never writes over another run's checkpoints: a one-line error, the way on."""
+    for name in ("ckpt_last.pt", "ckpt_best.pt"):
+        if os.path.exists(os.path.join(out_dir, name)):
+            how = "--resume continues it; to start anew, remove it or choose another --out-dir"
+            die(f"--out-dir {out_dir} holds a run ({name}): {how}")
+
+
 def save_checkpoint(path: str, state: dict):
     """Atomic: a kill at any moment leaves the old file whole. state holds only tensors and plain
     values, so that it loads with weights_only=True (no code runs on load)."""
-    with renamed_into_place(path) as temporary, open(temporary, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with renamed_into_place(path) as temporary, open(temporary, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        # a full disk: torch.save's own error says "enforce fail at inline_container.cc"
+        reason = str(e).splitlines()[0][:160]
+        die(f"could not write {path} (is the disk full? {type(e).__name__}: {reason})")
 
 
 def load_checkpoint(path: str, flag: str) -> tuple[dict, te.Config]:

@@ -73,54 +73,51 @@ def hf_logits(ref, name):
     return ref.logits
 
 
+# Each family's small config, beyond the sizes all share. ModernBERT's 4 layers: global at 0 and 2,
+# a window of 8 under rows of 24, a pad id other than its default 50283.
+FAMILY_CONFIGS = {
+    "ModernBert": dict(
+        num_hidden_layers=4,
+        max_position_embeddings=256,
+        local_attention=8,
+        global_attn_every_n_layers=2,
+        pad_token_id=300,
+        bos_token_id=CLS,
+        cls_token_id=CLS,
+        eos_token_id=SEP,
+        sep_token_id=SEP,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 20000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+        },
+    ),
+    "Roberta": dict(
+        max_position_embeddings=66,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+    ),
+    "Bert": dict(max_position_embeddings=64, pad_token_id=0),
+}
+
+
 def hf_model(transformers, name, attn, num_labels=3, **over):
     """A small transformers model of class name (":mean" after it: mean pooling), its config
     changed by over, with every parameter moved away from its init."""
     name, _, pooling = name.partition(":")
     if "QuestionAnswering" in name:  # qa_outputs: a start and an end logit
         num_labels = 2
-    common = dict(
-        num_labels=num_labels,
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        attn_implementation=attn,
-    )
-    if name.startswith("ModernBert"):
-        # 4 layers: global 0, 2; window 8 < sequence 24; pad id not 50283
-        family = transformers.ModernBertConfig
-        common.update(
-            num_hidden_layers=4,
-            max_position_embeddings=256,
-            local_attention=8,
-            global_attn_every_n_layers=2,
-            pad_token_id=300,
-            classifier_pooling=pooling or "cls",
-            bos_token_id=CLS,
-            cls_token_id=CLS,
-            eos_token_id=SEP,
-            sep_token_id=SEP,
-            rope_parameters={
-                "full_attention": {"rope_type": "default", "rope_theta": 20000.0},
-                "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
-            },
-        )
-    elif name.startswith("Roberta"):
-        family = transformers.RobertaConfig
-        common.update(
-            max_position_embeddings=66,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            type_vocab_size=1,
-            layer_norm_eps=1e-5,
-        )
-    else:
-        family = transformers.BertConfig
-        common.update(max_position_embeddings=64, pad_token_id=0)
-    return perturb(getattr(transformers, name)(family(**{**common, **over}))).eval()
+    family = next(stem for stem in FAMILY_CONFIGS if name.startswith(stem))
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    config = dict(sizes, num_labels=num_labels, vocab_size=VOCAB_SIZE, attn_implementation=attn)
+    config.update(FAMILY_CONFIGS[family])
+    if family == "ModernBert":
+        config["classifier_pooling"] = pooling or "cls"
+    config.update(over)
+    model = getattr(transformers, name)(getattr(transformers, family + "Config")(**config))
+    return perturb(model).eval()
 
 
 @pytest.mark.parametrize("attn", CPU_BACKENDS)
@@ -403,7 +400,7 @@ def test_config_keys_left_out_take_transformers_defaults():
     them all, but hand-written ones exist): max_position_embeddings 512, dropouts 0.1."""
     cfg = tinyencoder_hf.config_from_hf({"model_type": "roberta", "pad_token_id": 1})
     assert (cfg.max_len, cfg.pos_offset) == (510, 2)
-    assert cfg.embed_dropout == cfg.resid_dropout == cfg.attn_dropout == 0.1
+    assert (cfg.embed_dropout, cfg.resid_dropout, cfg.attn_dropout) == (0.1, 0.1, 0.1)
 
 
 @pytest.mark.parametrize(
@@ -572,26 +569,25 @@ def test_encode_equals_transformers_and_sentence_transformers(preset, tmp_path):
     assert_close(unit.norm(dim=-1), torch.ones(len(texts)), 1e-5)
 
 
-@pytest.mark.parametrize(
-    "name,num_labels",
-    [
-        ("BertForSequenceClassification", 3),
-        ("RobertaForSequenceClassification", 1),  # regression: mean squared error
-        ("ModernBertForSequenceClassification:mean", 3),
-        ("BertForTokenClassification", 3),
-        ("RobertaForTokenClassification", 3),
-        ("ModernBertForTokenClassification", 3),
-        *((f"{stem}ForQuestionAnswering", 2) for stem in ("Bert", "Roberta", "ModernBert")),
-        *((f"{stem}ForMultipleChoice", 2) for stem in ("Bert", "Roberta", "ModernBert")),
-    ],
-)
+LOSS_CASES = [
+    ("BertForSequenceClassification", 3),
+    ("RobertaForSequenceClassification", 1),  # regression: mean squared error
+    ("ModernBertForSequenceClassification:mean", 3),
+    ("BertForTokenClassification", 3),
+    ("RobertaForTokenClassification", 3),
+    ("ModernBertForTokenClassification", 3),
+    *((f"{stem}ForQuestionAnswering", 2) for stem in ("Bert", "Roberta", "ModernBert")),
+    *((f"{stem}ForMultipleChoice", 2) for stem in ("Bert", "Roberta", "ModernBert")),
+]
+
+
+@pytest.mark.parametrize("name,num_labels", LOSS_CASES)
 def test_classifier_losses_match_transformers(name, num_labels, tmp_path):
     """The same loss for the same labels. A span's: rows without padding (transformers' softmax
     runs over padding too, ours does not), one end past the row (ignored by both)."""
     transformers = pytest.importorskip("transformers", reason="losses are compared to transformers")
-    hf = hf_model(transformers, name, "eager")
-    if num_labels == 1:  # one output: transformers reads it as regression
-        hf = hf_model(transformers, name, "eager", num_labels=1)
+    # one output (num_labels 1): transformers reads it as regression
+    hf = hf_model(transformers, name, "eager", num_labels=num_labels)
     hf.save_pretrained(tmp_path)
     ids, mask, _ = hf_inputs(name, hf.config.pad_token_id)
     g = torch.Generator().manual_seed(0)

@@ -758,8 +758,9 @@ def classify(preset, labels, classifier="sequence", num_labels=3):
     return TinyEncoder(cfg).eval()(ROW, labels=labels)
 
 
-def embed(preset, texts, **kw):
-    return pipelines.encode(TinyEncoder(tiny(preset)), texts, **kw)
+def embed(preset, texts, vocab_size=VOCAB_SIZE, pad_id=PAD, **kw):
+    model = TinyEncoder(tiny(preset, vocab_size=vocab_size, pad_id=pad_id))
+    return pipelines.encode(model, texts, **kw)
 
 
 def span_labels(preset, labels):
@@ -967,6 +968,22 @@ BAD_CALLS = {
     ),
     "embed an int": Bad(
         lambda p: embed(p, ["a", 5]), r"encode takes str or bytes, got int at texts\[1\]"
+    ),
+    "embed batch 0": Bad(lambda p: embed(p, ["a"], batch_size=0), "batch_size must be .* got 0"),
+    "embed wordpiece": Bad(
+        lambda p: embed(p, ["a"], vocab_size=30522, pad_id=0),
+        r"not a byte-level model \(vocab_size=30522, special ids \(0, 257, 258, 259\)\)",
+    ),
+    "embed a dict": Bad(
+        lambda p: pipelines.encode({"arch": p}, ["a"]), "encode takes a TinyEncoder, got dict"
+    ),
+    "answer length 0": Bad(
+        lambda p: pipelines.answer(TinyEncoder(tiny(p, classifier="span", nsp=False)), "q", "c", 0),
+        "answer's max_length must be a whole number above 0, got 0",
+    ),
+    "choices a str": Bad(
+        lambda p: pipelines.choice_batch(tiny(p), ["q"], ["ab"]),
+        r"choices\[0\] must be a list of one choice or more, got 'ab'",
     ),
 }
 BAD_CASES = [(case, p) for case, bad in BAD_CALLS.items() for p in bad.presets]
@@ -1179,7 +1196,7 @@ def test_rope_tables_are_made_once_and_stay_out_of_checkpoints(monkeypatch):
     model = TinyEncoder(tiny("modernbert", rope_theta=160000.0))
     cfg = model.cfg
     assert not any(name in ("cos", "sin") for name in model.state_dict())
-    assert model.cos.shape[:2] == model.sin.shape[:2] == (2, cfg.max_len)
+    assert model.cos.shape[:2] == (2, cfg.max_len) and model.sin.shape == model.cos.shape
     positions = torch.tensor([[0, 5, 63]])
     for i, theta in enumerate((cfg.rope_theta, cfg.rope_theta_local)):
         cos, sin = tinyencoder.rope_tables(positions, cfg.head_dim, theta)

@@ -122,19 +122,53 @@ def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds eac
         (["--data", "{tmp}/empty.txt"], "every file is empty"),
         (["--data", "{tmp}/tiny.txt"], "too little to train on"),
         (["--data", "{tmp}/ok.txt", "--resume", "--out-dir", "{tmp}/none"], "no checkpoint"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["--lr", "0"], "argument --lr: must be above 0, got 0"),
+        (["--mlm-rate", "1.5"], "argument --mlm-rate: must be above 0 and at most 1, got 1.5"),
+        (["--dropout", "nan"], "argument --dropout: must be at least 0 and below 1, got nan"),
+        (["--eval-seqs", "x"], "argument --eval-seqs: invalid int value: 'x'"),
+        (["--data", "{tmp}/ok.txt", "--context", "9000"], "at most 8192 bytes"),
+        (["--data", "{tmp}/ok.txt", "--init-from", "{tmp}/none.pt"], "--init-from: no checkpoint"),
+        (["--data", "{tmp}/ok.txt", "--init-from", "{tmp}/bert.pt"], "not this model's weights"),
     ],
 )
 def test_train_bad_input_is_one_line(tmp_path, args, message):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "tiny.txt").write_bytes(b"hello world, this is a tiny file.\n")
     (tmp_path / "ok.txt").write_bytes(b"the quick brown fox. " * 200)
+    tiny_checkpoint(tmp_path / "bert.pt")
     cmd = [sys.executable, "train.py", *(a.format(tmp=tmp_path) for a in args)]
+    if "--out-dir" not in args:
+        cmd += ["--out-dir", str(tmp_path / "out")]
     run = subprocess.run(
         cmd, capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).parent)
     )
-    assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, (
-        run.stderr[-2000:]
+    assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr[-2000:]
+
+
+def test_a_run_is_never_overwritten_and_resumes_with_its_own_flags(tmp_path):
+    run_dir = tmp_path / "run"
+    flags = ["--batch-size", 3, "--context", 32, "--lr", "1e-3", "--out-dir", run_dir]
+    assert len(_train(tmp_path, "--max-steps", 2, *flags)) == 2
+    saved = (run_dir / "ckpt_last.pt").read_bytes()
+    here = str(Path(__file__).parent)
+    again = [sys.executable, "train.py", "--data", str(tmp_path / "corpus"), "--out-dir", run_dir]
+    fresh = subprocess.run(again, capture_output=True, text=True, timeout=120, cwd=here)
+    assert fresh.returncode != 0, fresh.stdout[-2000:]
+    assert "holds a run (ckpt_last.pt): --resume continues it" in fresh.stderr
+    assert (run_dir / "ckpt_last.pt").read_bytes() == saved
+    # --resume alone: the run's arch, data, sizes and rate; a flag given again wins, logged
+    cmd = [sys.executable, "train.py", "--resume", "--out-dir", run_dir, "--max-steps", 3]
+    resumed = subprocess.run(
+        [*map(str, cmd), "--lr", "2e-3"], capture_output=True, text=True, timeout=120, cwd=here
     )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "model: roberta tiny" in resumed.stdout and "3 x 32 tokens per step" in resumed.stdout
+    assert "flags changed from the run's own: --max-steps 2 -> 3, --lr 0.001 -> 0.002" in (
+        resumed.stdout
+    )
+    assert re.search(r"^step\s+3/3 \| loss", resumed.stdout, re.M), resumed.stdout[-2000:]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -313,9 +347,12 @@ def test_finetune_train_examples_keeps_every_group(tmp_path):
     assert "8 training and 2 held-out examples" in run.stdout
     accuracy = float(re.search(r"held-out accuracy (\S+)%", run.stdout).group(1))
     assert accuracy == 100, run.stdout[-1500:]
-    for wrong in (0, 201):
-        bad = finetune(tmp_path, *common, "--train-examples", wrong, "--out-dir", tmp_path)
-        assert bad.returncode != 0 and f"--train-examples {wrong}: " in bad.stderr
+    messages = {0: "argument --train-examples: must be at least 1, got 0"}
+    messages[201] = f"--train-examples 201: {train} has 200"
+    for wrong, message in messages.items():
+        out = tmp_path / f"bad-{wrong}"
+        bad = finetune(tmp_path, *common, "--train-examples", wrong, "--out-dir", out)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
 
 
@@ -371,6 +408,10 @@ def test_stdlib_questions_are_spans_held_out_by_file():
         (['{"text": "ab", "tags": ["x"]}'], '"tags" must be a list with one tag per UTF-8 byte'),
         (['{"text": "ab", "spans": [[0, 5, "x"]]}'], '"spans" must be [first char, end char'),
         (['{"text": "a", "label": "x"}', '{"text": "b"}'], 'line 2: needs a "label"'),
+        (['{"text": "a", "lable": "x"}'], 'line 1: needs "label", "tags", "spans" or "question"'),
+        (['{"text": "a", "label": 0}', '{"text": "b", "label": "0"}'], "line 2: label '0' is"),
+        (['{"text": "a", "label": null}'], '"label" must be a string or a whole number, got None'),
+        (['{"text": "a", "label": "x"}'] * 2, "every example has the label 'x'"),
     ],
 )
 def test_finetune_bad_input_is_one_line(tmp_path, lines, message):
@@ -401,7 +442,8 @@ def test_finetune_init_that_is_not_a_checkpoint_is_one_line(tmp_path, content):
 
 def test_finetune_names_a_label_the_training_file_lacks(tmp_path):
     init = tiny_checkpoint(tmp_path / "init.pt")
-    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "x"}] * 4)
+    records = [{"text": "a", "label": "x"}, {"text": "c", "label": "z"}] * 2
+    train = write_jsonl(tmp_path / "train.jsonl", records)
     val = write_jsonl(tmp_path / "val.jsonl", [{"text": "b", "label": "y"}])
     run = finetune(tmp_path, "--train", train, "--val", val, "--init", init, "--max-steps", 1)
     assert run.returncode != 0 and "line 1: label 'y' is not among the training" in run.stderr
@@ -471,3 +513,17 @@ def test_runs_started_at_once_write_a_task_apart(tmp_path):
         f"tags-py{sys.version_info[0]}{sys.version_info[1]}-train.jsonl",
         f"tags-py{sys.version_info[0]}{sys.version_info[1]}-val.jsonl",
     ]
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch):
+    """A full disk: torch.save's own error names neither the file nor the cause."""
+    import runs
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3005632")
+
+    monkeypatch.setattr(runs.torch, "save", full_disk)
+    path = tmp_path / "ckpt_last.pt"
+    with pytest.raises(SystemExit, match=r"could not write .*ckpt_last.pt \(is the disk full\?"):
+        runs.save_checkpoint(str(path), {"step": 1})
+    assert list(tmp_path.iterdir()) == []

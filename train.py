@@ -13,7 +13,7 @@ t0 = time.time()
 import math
 import os
 import sys
-from argparse import ArgumentParser, BooleanOptionalAction, RawDescriptionHelpFormatter
+from argparse import BooleanOptionalAction, RawDescriptionHelpFormatter
 from dataclasses import asdict, fields
 from typing import NamedTuple
 
@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 import tinyencoder as te
 from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
-from runs import Metrics, StopSignals, demo, die, load_checkpoint, save_checkpoint
+from runs import COUNT, DROPOUT, FRACTION, LENGTH, POSITIVE, RATE, Metrics, Parser, StopSignals
+from runs import demo, die, load_checkpoint, refuse_to_overwrite, resumed_args, save_checkpoint
 from runs import settle_vector_math
 from data.corpus import load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
@@ -77,31 +78,31 @@ RECIPES = {
 }
 
 # Arguments. Those left None depend on the device, size or architecture and are filled in below.
-parser = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
+parser = Parser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
 add = parser.add_argument
 add("--arch", choices=list(te.PRESETS), default="modernbert")
 add("--size", choices=list(SIZES), help="base is the paper's (default: base on GPU, tiny on CPU)")
 add("--data", help="file, folder or glob, a document per file (default: Python's stdlib sources)")
 add("--out-dir", default="out", help="checkpoints and metrics.jsonl go here")
 add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-add("--max-steps", type=int, help="optimizer steps, exactly (default: what fits --time-budget)")
-add("--time-budget", type=float, default=9.5, help="minutes for the whole run without --max-steps")
-# never --max-steps, so that a resumed run can go further on the same curve
-add("--lr-steps", type=int, help="LR schedule length (default: the run's, else 2000)")
+add("--max-steps", type=COUNT, help="optimizer steps, exactly (default: what fits --time-budget)")
+add("--time-budget", type=POSITIVE, default=9.5, help="minutes for the run without --max-steps")
+# the LR schedule: never cut to --max-steps below 2000, so that a resumed run can go on along it
+add("--lr-steps", type=COUNT, help="schedule length (default: the run's; >= 2000 with --max-steps)")
 # ModernBERT above 1024 is its context extension: global RoPE theta 160k, lr 3e-4, 1-sqrt decay
-add("--context", type=int, help="sequence length (default: 128 on CPU, the paper's on GPU)")
-add("--batch-size", type=int, help="sequences per micro-batch and process")
-add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-add("--lr", type=float, help="peak learning rate")
-add("--warmup", type=float, help="fraction of --lr-steps spent warming up")
-add("--decay", type=float, help="modernbert: fraction of --lr-steps spent decaying at the end")
-add("--mlm-rate", type=float, help="training masking rate (default: the recipe's)")
-add("--dupe-factor", type=int, default=10, help="bert: distinct static masks per example")
-add("--dropout", type=float, help="every dropout rate (default: 0 on CPU, the preset's on GPU)")
-add("--eval-interval", type=int, help="steps between evaluations (default: 4 per run)")
-add("--eval-seqs", type=int, default=256, help="held-out rows per evaluation (256 bytes at most)")
-add("--log-interval", type=int, default=20)
-add("--ckpt-interval", type=int, help="steps between checkpoints (default: at each evaluation)")
+add("--context", type=LENGTH, help="sequence length (default: 128 on CPU, the paper's on GPU)")
+add("--batch-size", type=COUNT, help="sequences per micro-batch and process")
+add("--grad-accum", type=COUNT, default=1, help="micro-batches per optimizer step")
+add("--lr", type=POSITIVE, help="peak learning rate")
+add("--warmup", type=FRACTION, help="fraction of --lr-steps spent warming up")
+add("--decay", type=FRACTION, help="modernbert: fraction of --lr-steps spent decaying at the end")
+add("--mlm-rate", type=RATE, help="training masking rate (default: the recipe's)")
+add("--dupe-factor", type=COUNT, default=10, help="bert: distinct static masks per example")
+add("--dropout", type=DROPOUT, help="every dropout rate (default: 0 on CPU, the preset's on GPU)")
+add("--eval-interval", type=COUNT, help="steps between evaluations (default: 4 per run)")
+add("--eval-seqs", type=COUNT, default=256, help="held-out rows per evaluation (256 bytes at most)")
+add("--log-interval", type=COUNT, default=20)
+add("--ckpt-interval", type=COUNT, help="steps between checkpoints (default: at each evaluation)")
 add("--resume", action="store_true", help="continue exactly from ckpt_last.pt in --out-dir")
 add("--init-from", help="checkpoint to take the weights from (e.g. before a --context 8192 phase)")
 add("--compile", action=BooleanOptionalAction, help="torch.compile the model (default: on CUDA)")
@@ -111,6 +112,15 @@ add("--seed", type=int, default=1337)
 args = parser.parse_args()
 # each vector math kernel chosen before threads share a call, or a run may not replay (runs.py)
 settle_vector_math()
+# A resumed run goes on with its own flags, but those given again; a fresh one never overwrites one.
+checkpoint, ckpt_path, changed = None, os.path.join(args.out_dir, "ckpt_last.pt"), []
+if args.resume:
+    checkpoint, resumed_cfg = load_checkpoint(ckpt_path, "--resume")
+    if "lr_steps" not in checkpoint:
+        die(f"--resume: {ckpt_path} is not a train.py checkpoint")
+    changed = resumed_args(parser, args, checkpoint["args"], ("resume", "out_dir", "init_from"))
+else:
+    refuse_to_overwrite(args.out_dir)
 
 # Config: processes, device, and the defaults that depend on them (checkpoints record the args).
 ddp = "RANK" in os.environ  # launched by torchrun
@@ -183,9 +193,8 @@ def sinusoids(table, offset, amplitude=0.1):  # Vaswani et al.'s, from row offse
         table[offset:, 1::2] = amplitude * torch.cos(position * rate)
 
 
-checkpoint, ckpt_path = None, os.path.join(args.out_dir, "ckpt_last.pt")
-if args.resume:
-    checkpoint, cfg = load_checkpoint(ckpt_path, "--resume")
+if checkpoint:
+    cfg = resumed_cfg
     if cfg.arch != args.arch:
         die(f"--resume: {ckpt_path} is a {cfg.arch} run, not {args.arch}")
 else:
@@ -206,13 +215,20 @@ else:
     if dropout is not None:
         overrides.update({f.name: dropout for f in fields(te.Config) if f.name.endswith("dropout")})
     cfg = te.Config.from_preset(args.arch, **overrides)
+if T > cfg.max_len:
+    die(f"--context {T}: this {args.arch} reads documents of at most {cfg.max_len} bytes")
 torch.manual_seed(args.seed)
 model = te.TinyEncoder(cfg).to(device)  # checkpoints hold its names, never a wrapper's
 if model.pos_embed is not None and args.position_init == "sinusoids":  # resuming loads its own
     sinusoids(model.pos_embed.weight, cfg.pos_offset)
 if args.init_from:
-    weights = torch.load(args.init_from, map_location=device, weights_only=True)["model"]
-    model.load_state_dict(weights)
+    source, _ = load_checkpoint(args.init_from, "--init-from")
+    try:
+        model.load_state_dict(source["model"])
+    except RuntimeError as e:
+        # another architecture or size: torch's last line names a parameter that differs
+        reason = str(e).splitlines()[-1].strip()[:160]
+        die(f"--init-from {args.init_from}: not this model's weights ({reason})")
 # bf16 autocast on CUDA, and on a CPU whose bf16 matmuls measure 1.5x its fp32 ones or more
 # (README: "bf16 on a CPU"); a resumed run keeps its own, to resume exactly
 if args.dtype == "auto" and checkpoint:
@@ -258,6 +274,8 @@ if checkpoint:
     step, best, lr_steps = checkpoint["step"], checkpoint["best"], checkpoint["lr_steps"]
     max_steps = max_steps or checkpoint["max_steps"]
     log(f"resumed at step {step} from {ckpt_path}")
+    if changed:
+        log(f"flags changed from the run's own: {', '.join(changed)}")
 os.makedirs(args.out_dir, exist_ok=True)
 metrics = Metrics(args.out_dir, fresh=not checkpoint) if master else None
 # Ctrl-C, SIGTERM: finish the step (DDP: the log interval), save, leave
@@ -385,7 +403,9 @@ if max_steps is None:
     max_steps = fit(0, step_time, 4, eval_time)
     log(f"time budget {args.time_budget:g} min: ~{max_steps} steps of {step_time:.2f}s; {results}")
 if not lr_steps:
-    lr_steps = max_steps if fits_budget else 2000
+    lr_steps = max_steps if fits_budget else max(max_steps, 2000)
+if max_steps > lr_steps:  # a resumed run taken further than its schedule, or --lr-steps
+    log(f"note: the LR schedule ends at step {lr_steps}; steps after it train at LR 0")
 eval_every = args.eval_interval or max(1, math.ceil(max_steps / 4))
 ckpt_every = args.ckpt_interval or eval_every
 # MFU against this machine's measured matmul peak, and on a GPU against its data sheet's dense bf16

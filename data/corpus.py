@@ -99,7 +99,13 @@ def renamed_into_place(path):
     """A name to write path's content under, renamed to path once written, so that no reader sees
     half a file; the name is this process's own, so that two runs started at once write apart."""
     temporary = f"{path}.{os.getpid()}.tmp"
-    yield temporary
+    try:
+        yield temporary
+    except BaseException:
+        # a failed write (a full disk, a Ctrl-C) leaves no half file behind
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
     os.replace(temporary, path)
 
 
