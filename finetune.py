@@ -91,23 +91,26 @@ def read_jsonl(path):
     if not os.path.exists(path):
         die(f"{path}: no such file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                die(f"{path} line {number}: not JSON ({e.msg})")
-            texts = ("text",)
-            if isinstance(record, dict) and "question" in record:
-                texts = ("question", "context")
-            if not isinstance(record, dict) or not all(
-                isinstance(record.get(k), str) for k in texts
-            ):
-                needs = 'a "text" string, or "question" and "context" strings'
-                die(f"{path} line {number}: needs an object with {needs}")
-            records.append(Line(number, record))
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            die(f"{path} line {number}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            die(f"{path} line {number}: not JSON ({e.msg})")
+        texts = ("text",)
+        if isinstance(record, dict) and "question" in record:
+            texts = ("question", "context")
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in texts):
+            needs = 'a "text" string, or "question" and "context" strings'
+            die(f"{path} line {number}: needs an object with {needs}")
+        records.append(Line(number, record))
     if not records:
         die(f"{path}: no examples")
     return records
@@ -126,6 +129,8 @@ def byte_tags(record, where):
     for character in text:
         starts.append(starts[-1] + len(character.encode()))
     tags = ["O"] * starts[-1]
+    if not isinstance(record["spans"], list):
+        die(f'{where}: "spans" must be a list of [first char, end char, tag]')
     for span in record["spans"]:
         shaped = isinstance(span, list) and len(span) == 3
         offsets = shaped and all(isinstance(i, int) and 0 <= i <= len(text) for i in span[:2])
@@ -171,6 +176,8 @@ def question_examples(path, lines, cfg) -> list:
         if not isinstance(answers, list) or not answers:
             die(f'{where}: needs "answers", a list of {{"text", "start"}}')
         for i, answer in enumerate(answers):
+            if not isinstance(answer, dict):
+                die(f'{where}: answers[{i}] must be an object {{"text", "start"}}, got {answer!r}')
             text, start = answer.get("text"), answer.get("start")
             fits = isinstance(text, str) and isinstance(start, int) and 0 <= start and text
             if not fits or context[start : start + len(text)] != text:
@@ -298,6 +305,9 @@ if not available[args.device]:
 device = torch.device(args.device)
 torch.manual_seed(args.seed)
 model = te.TinyEncoder(cfg)
+if base_cfg.classifier != kind or base_cfg.num_labels != len(labels):
+    # another task's head (or another label count) in --init: a fresh one, as in transformers
+    weights = {name: w for name, w in weights.items() if not name.startswith("classifier.")}
 if not args.from_scratch:
     missing, unexpected = model.load_state_dict(weights, strict=False)
     fresh = [name for name in missing if not name.startswith(("classifier.", "pooler."))]
@@ -438,7 +448,10 @@ while step < args.max_steps:
     step += 1
     if not math.isfinite(out.loss.item()):
         stopped = f"loss {out.loss.item()} at step {step}: stopped"
-        die(f"{stopped}; last good checkpoint in {args.out_dir}")
+        kept = "no checkpoint yet"
+        if os.path.exists(ckpt_path):
+            kept = f"the last good checkpoint is {ckpt_path}"
+        die(f"{stopped}; {kept}")
     if step % args.log_interval == 0 or step == args.max_steps:
         step_time = (time.time() - timed_from) / args.log_interval
         minutes_left = (args.max_steps - step) * step_time / 60

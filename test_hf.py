@@ -416,6 +416,22 @@ def test_save_refuses_what_transformers_would_compute_differently(preset, over, 
     assert not (tmp_path / "config.json").exists()
 
 
+@pytest.mark.parametrize(
+    "file,content,message",
+    [
+        ("config.json", "[1, 2]", "config.json: not a JSON object, but a list"),
+        ("config.json", "{not json", "config.json: not a readable JSON file"),
+        ("model.safetensors", "not weights", "its weights are not readable"),
+    ],
+)
+def test_load_names_an_unreadable_file(file, content, message, tmp_path):
+    pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
+    tinyencoder_hf.save(TinyEncoder(tiny("roberta")), str(tmp_path))
+    (tmp_path / file).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        tinyencoder_hf.load(str(tmp_path))
+
+
 def test_load_reads_tf_era_layernorm_names(tmp_path):
     st = pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
     model = perturb(TinyEncoder(tiny("bert", nsp=False))).eval()

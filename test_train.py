@@ -367,12 +367,15 @@ QUESTION = '{"question": "q", "context": "abc", "answers": [{"text": "b", "start
         ([QUESTION.replace('"q"', '"' + "q" * 70 + '"')], "line 1: question is 70 bytes"),
         ([QUESTION, '{"question": "q", "context": "abc"}'], 'line 2: needs "answers"'),
         (['{"question": "q"}'], '"question" and "context" strings'),
+        ([QUESTION.replace('[{"text": "b", "start": 1}]', '["b"]')], "answers[0] must be an"),
+        ([QUESTION, '{"text": "caf\xe9"}'], "line 2: not UTF-8 (byte 0xe9 at offset 13)"),
     ],
 )
 def test_finetune_bad_questions_are_one_line(tmp_path, lines, message):
     init = tiny_checkpoint(tmp_path / "init.pt")
     train = tmp_path / "train.jsonl"
-    train.write_text("\n".join(lines) + "\n")
+    # latin-1: a UTF-8 line stays as it is; an e-acute alone is a byte UTF-8 cannot start with
+    train.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
     run = finetune(tmp_path, "--train", train, "--val", train, "--init", init, "--max-steps", 1)
     assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
@@ -412,6 +415,7 @@ def test_stdlib_questions_are_spans_held_out_by_file():
         (['{"text": "a", "label": 0}', '{"text": "b", "label": "0"}'], "line 2: label '0' is"),
         (['{"text": "a", "label": null}'], '"label" must be a string or a whole number, got None'),
         (['{"text": "a", "label": "x"}'] * 2, "every example has the label 'x'"),
+        (['{"text": "a", "spans": 5}'], '"spans" must be a list of [first char, end char, tag]'),
     ],
 )
 def test_finetune_bad_input_is_one_line(tmp_path, lines, message):

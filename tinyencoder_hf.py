@@ -413,12 +413,19 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     """model.safetensors or pytorch_model.bin, with TF-era LayerNorm names (gamma, beta) renamed."""
     safetensors_file = os.path.join(path, "model.safetensors")
     pickle_file = os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(safetensors_file):
-        weights = safetensors_torch().load_file(safetensors_file)
-    elif os.path.exists(pickle_file):  # weights only: no code runs on load
-        weights = torch.load(pickle_file, map_location="cpu", weights_only=True)
-    else:
+    if not os.path.exists(safetensors_file) and not os.path.exists(pickle_file):
         raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
+    try:
+        if os.path.exists(safetensors_file):
+            weights = safetensors_torch().load_file(safetensors_file)
+        else:  # weights only: no code runs on load
+            weights = torch.load(pickle_file, map_location="cpu", weights_only=True)
+    except ImportError:  # safetensors missing: its own message says what to install
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' and torch's errors alike: a bad file
+        raise ValueError(
+            f"{path}: its weights are not readable ({type(e).__name__}: {e})"
+        ) from None
     renamed = {}
     for key, value in weights.items():
         if key.endswith(".gamma"):
@@ -429,10 +436,22 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     return renamed
 
 
+def read_config(path: str) -> dict:
+    """config.json, as a dict; a ValueError that names the file where it is not one."""
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            hf = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a readable JSON file ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file}: not a JSON object, but a {type(hf).__name__}")
+    return hf
+
+
 def load(path: str) -> te.TinyEncoder:
     """A TinyEncoder from a transformers checkpoint directory, checking every name and shape."""
-    with open(os.path.join(path, "config.json")) as f:
-        hf = json.load(f)
+    hf = read_config(path)
     kind = (hf.get("architectures") or [None])[0]
     if kind is None:
         kind = BASE_CLASSES.get(hf.get("model_type"))

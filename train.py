@@ -443,7 +443,10 @@ while step < max_steps:
     interrupted, late = signals > 0, late_anywhere > 0
     if not math.isfinite(loss + grad_norm):  # read before any checkpoint can be written
         stopped = f"loss {loss}, grad norm {grad_norm} at step {step}: stopped"
-        die(f"{stopped}; last good checkpoint in {args.out_dir}")
+        kept = "no checkpoint yet"
+        if os.path.exists(ckpt_path):
+            kept = f"the last good checkpoint is {ckpt_path}"
+        die(f"{stopped}; {kept}")
     step_time = (time.time() - read_time) / (step - read_step)  # the mean since the last read
     if is_log_step:
         tokens_per_s = real_tokens / step_time

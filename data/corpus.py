@@ -49,8 +49,11 @@ def read_documents(spec):
                 if not spec and not file.endswith(".py"):
                     continue
                 path = os.path.join(folder, file)
-                with open(path, "rb") as f:
-                    data = f.read()
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                except OSError as e:  # a broken link, a file without read permission
+                    die(f"--data: cannot read {path} ({e.strerror})")
                 # the stdlib's names do not depend on where Python is installed
                 if not spec:
                     path = os.path.relpath(path, root)
@@ -59,6 +62,9 @@ def read_documents(spec):
 
 def split_documents(documents, spec):
     """{"train": (bytes, offsets), "val": (bytes, offsets)}, about 4% of the documents held out."""
+    documents = list(documents)
+    if not documents:
+        die(f"--data {spec}: no files there")
     documents = [(name, data) for name, data in documents if data]
     if not documents:
         die(f"--data {spec}: no data, every file is empty")
