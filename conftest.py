@@ -114,8 +114,8 @@ def run_without(package: str, script: str, *args) -> subprocess.CompletedProcess
     return subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
 
 
-def tiny_checkpoint(path, arch="roberta"):
-    """A train.py-style checkpoint of a tiny untrained model."""
-    cfg = Config.from_preset(arch, hidden=32, layers=2, heads=2, max_len=64)
+def tiny_checkpoint(path, arch="roberta", **overrides):
+    """A train.py-style checkpoint of a tiny untrained model (a finetune.py one, with a head)."""
+    cfg = Config.from_preset(arch, hidden=32, layers=2, heads=2, max_len=64, **overrides)
     torch.save(dict(model=TinyEncoder(cfg).state_dict(), cfg=dataclasses.asdict(cfg)), path)
     return path

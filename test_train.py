@@ -121,6 +121,8 @@ def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds eac
         (["--data", "{tmp}/missing"], "no such file or folder"),
         (["--data", "{tmp}/empty.txt"], "every file is empty"),
         (["--data", "{tmp}/tiny.txt"], "too little to train on"),
+        (["--data", "{tmp}/no-files"], "no files there"),
+        (["--data", "{tmp}/links"], "cannot read {tmp}/links/gone.txt (No such file"),
         (["--data", "{tmp}/ok.txt", "--resume", "--out-dir", "{tmp}/none"], "no checkpoint"),
         (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
         (["--lr", "0"], "argument --lr: must be above 0, got 0"),
@@ -136,6 +138,9 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "tiny.txt").write_bytes(b"hello world, this is a tiny file.\n")
     (tmp_path / "ok.txt").write_bytes(b"the quick brown fox. " * 200)
+    (tmp_path / "no-files").mkdir()
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
     tiny_checkpoint(tmp_path / "bert.pt")
     cmd = [sys.executable, "train.py", *(a.format(tmp=tmp_path) for a in args)]
     if "--out-dir" not in args:
@@ -143,7 +148,7 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
     run = subprocess.run(
         cmd, capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).parent)
     )
-    assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+    assert run.returncode != 0 and message.format(tmp=tmp_path) in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr[-2000:]
 
 
@@ -442,6 +447,16 @@ def test_finetune_init_that_is_not_a_checkpoint_is_one_line(tmp_path, content):
     run = finetune(tmp_path, "--train", train, "--val", train, "--init", init, "--max-steps", 1)
     assert run.returncode != 0 and f"--init {init}: not a" in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_finetune_from_another_tasks_checkpoint_starts_a_fresh_head(tmp_path):
+    """A span model's head (2 outputs) into a 3-label classifier: a fresh head, not a size
+    mismatch from load_state_dict."""
+    init = tiny_checkpoint(tmp_path / "span.pt", classifier="span")
+    records = [{"text": text, "label": text} for text in ("a", "b", "c")]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    run = finetune(tmp_path, "--train", train, "--val", train, "--init", init, "--max-steps", 1)
+    assert run.returncode == 0 and "3 labels" in run.stdout, run.stderr[-2000:]
 
 
 def test_finetune_names_a_label_the_training_file_lacks(tmp_path):
