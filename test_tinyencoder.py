@@ -969,10 +969,14 @@ BAD_CALLS = {
     "embed an int": Bad(
         lambda p: embed(p, ["a", 5]), r"encode takes str or bytes, got int at texts\[1\]"
     ),
+    "pool max": Bad(
+        lambda p: tinyencoder.pool(torch.zeros(2, 8, 4), ROW, "max"),
+        "pooling 'max' is neither 'cls' nor 'mean'",
+    ),
     "embed batch 0": Bad(lambda p: embed(p, ["a"], batch_size=0), "batch_size must be .* got 0"),
     "embed wordpiece": Bad(
         lambda p: embed(p, ["a"], vocab_size=30522, pad_id=0),
-        r"not a byte-level model \(vocab_size=30522, special ids \(0, 257, 258, 259\)\)",
+        r"not a byte-level model \(vocab_size=30522, not 320\): its tokens are not bytes",
     ),
     "embed a dict": Bad(
         lambda p: pipelines.encode({"arch": p}, ["a"]), "encode takes a TinyEncoder, got dict"

@@ -184,11 +184,10 @@ def document_positions(starts: torch.Tensor) -> torch.Tensor:
 def document_mask(doc_ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     """(B, 1, T, T) True where query i and key j share a document and j is not padding. A padding
     query sees itself only, so that its softmax has a key; its output is never used."""
-    T = doc_ids.shape[1]
     run = starts.cumsum(dim=1)  # (B, T) which run each token is in: 1 1 1 2 2 3
     same_document = run[:, :, None] == run[:, None, :]  # (B, T, T)
     real_key = (doc_ids != 0)[:, None, :]  # (B, 1, T)
-    itself = torch.eye(T, dtype=torch.bool, device=doc_ids.device)
+    itself = torch.eye(doc_ids.shape[1], dtype=torch.bool, device=doc_ids.device)
     return ((same_document & real_key) | itself)[:, None]
 
 
@@ -416,9 +415,8 @@ class TinyEncoder(nn.Module):
         check_inputs(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label)
         # multiple choice's (B, choices, T) inputs run as B * choices rows of T (section 7)
         rows = input_ids.shape[:-1]  # (B,), or (B, choices)
-        input_ids, attention_mask, token_type_ids = as_rows(
-            input_ids, attention_mask, token_type_ids
-        )
+        inputs = as_rows(input_ids, attention_mask, token_type_ids)
+        input_ids, attention_mask, token_type_ids = inputs
         doc_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         if layout is None:
             # Padded rows (section 3), or the unpadded tokens of a fast path (section 9)
@@ -568,7 +566,9 @@ def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Ten
     real = (doc_ids != 0).unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     if pooling == "cls":
         return hidden[torch.arange(len(hidden)), real.squeeze(-1).argmax(dim=1)]
-    return (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+    if pooling == "mean":
+        return (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+    raise ValueError(f"pooling {pooling!r} is neither 'cls' nor 'mean'")
 
 
 def span_loss(logits, spans, doc_ids) -> torch.Tensor:
