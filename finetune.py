@@ -1,9 +1,9 @@
 """Fine-tune a pretrained tinyencoder to classify texts, tag their bytes or answer questions.
 
-  python finetune.py --task tags --init out/ckpt_best.pt         # tokenize's class of each byte
-  python finetune.py --task packages --init out/ckpt_best.pt --from-scratch  # fresh weights
-  python finetune.py --task qa --init out/ckpt_best.pt  # extractive questions on functions
-  python finetune.py --train mine.jsonl --val held.jsonl --init path/to/hf-model
+  python finetune.py --task tags --init out/ckpt_best.pt --out-dir out-tags  # bytes' token classes
+  python finetune.py --task packages --init out/ckpt_best.pt --from-scratch --out-dir out-packages
+  python finetune.py --task qa --init out/ckpt_best.pt --out-dir out-qa  # questions on functions
+  python finetune.py --train mine.jsonl --val held.jsonl --init path/to/hf-model --out-dir out-mine
 
 --init takes a train.py checkpoint or a transformers folder; --from-scratch keeps its architecture
 and draws fresh weights, to measure what pretraining buys. A JSONL line is {"text": ..., "label":
@@ -212,6 +212,8 @@ def read_task(path, cfg, kind=None, labels=None) -> Task:
     if labels is None:
         names = targets if kind == "sequence" else [tag for tags in targets for tag in tags]
         labels = sorted(set(names))
+        if not labels:
+            die(f"{path}: no tags at all (every text is empty)")
         if len(labels) < 2:
             die(
                 f"{path}: every example has the label {labels[0]!r}; a classifier needs two or more"
@@ -257,7 +259,8 @@ if args.resume:  # the run's own flags, but those given again
     checkpoint, _ = load_checkpoint(ckpt_path, "--resume")
     if "labels" not in checkpoint:
         die(f"--resume: {ckpt_path} is not a finetune.py checkpoint")
-    changed = resumed_args(parser, args, checkpoint["args"], ("resume", "out_dir"))
+    fixed = ("task", "train", "val", "init", "from_scratch", "train_examples")
+    changed = resumed_args(parser, args, checkpoint["args"], ("resume", "out_dir", "device"), fixed)
 else:
     refuse_to_overwrite(args.out_dir)
 if args.task:

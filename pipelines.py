@@ -21,7 +21,8 @@ import tinyencoder as te
 def check_model(model, caller: str):
     """A TinyEncoder on bytes. A wordpiece or BPE checkpoint loads (tinyencoder_hf.load) and gives
     transformers' logits for its own ids, but bytes fed to it as ids mean nothing."""
-    if not isinstance(model, te.TinyEncoder):
+    # torch.compile's wrapper holds the model it compiled
+    if not isinstance(getattr(model, "_orig_mod", model), te.TinyEncoder):
         raise ValueError(f"{caller} takes a TinyEncoder, got {type(model).__name__}")
     check_bytes(model.cfg)
 

@@ -57,7 +57,7 @@ def number(kind, low, high=math.inf, low_open=False, high_open=False):
         value = kind(text)
         too_low = value < low or (low_open and value == low)
         too_high = value > high or (high_open and value == high)
-        if too_low or too_high or math.isnan(value):
+        if too_low or too_high or not math.isfinite(value):
             raise ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
 
@@ -85,18 +85,24 @@ def given_flags(parser: ArgumentParser) -> set:
             action.default = defaults[action.dest]
 
 
-def resumed_args(parser: ArgumentParser, args: Namespace, saved: dict, keep: tuple) -> list:
-    """A resumed run goes on with the flags it was started with (saved), but for keep and those
-    given again; the given ones that differ are returned, for the log."""
+def resumed_args(parser: ArgumentParser, args: Namespace, saved: dict, keep: tuple, fixed: tuple):
+    """A resumed run goes on with the flags it was started with (saved), but for keep (what this
+    machine decides) and those given again (one given as "auto" takes the run's); those that
+    differ are returned, for the log. One of fixed (what the checkpoint itself holds) may not."""
     given = given_flags(parser)
     changed = []
     for name, value in saved.items():
         if name in keep or not hasattr(args, name):
             continue
-        if name not in given:
+        if name not in given or getattr(args, name) == "auto":
             setattr(args, name, value)
-        elif getattr(args, name) != value:
-            changed.append(f"--{name.replace('_', '-')} {value} -> {getattr(args, name)}")
+            continue
+        if getattr(args, name) == value:
+            continue
+        change = f"--{name.replace('_', '-')} {getattr(args, name)} (the run's: {value})"
+        if name in fixed:
+            die(f"--resume goes on with the run's own model and data, not {change}")
+        changed.append(change)
     return changed
 
 
@@ -118,7 +124,9 @@ def save_checkpoint(path: str, state: dict):
             os.fsync(f.fileno())
     except (OSError, RuntimeError) as e:
         # a full disk: torch.save's own error says "enforce fail at inline_container.cc"
-        reason = str(e).splitlines()[0][:160]
+        reason = (str(e) or type(e).__name__).splitlines()[0][:160]
+        if isinstance(e, RuntimeError) and "inline_container" not in reason:
+            raise
         die(f"could not write {path} (is the disk full? {type(e).__name__}: {reason})")
 
 

@@ -395,12 +395,18 @@ def test_load_refuses_what_it_would_compute_differently(name, over, message, tmp
         tinyencoder_hf.load(str(tmp_path))
 
 
-def test_config_keys_left_out_take_transformers_defaults():
+@pytest.mark.parametrize("family", ["Bert", "Roberta", "ModernBert"])
+def test_config_keys_left_out_take_transformers_defaults(family):
     """A config.json may hold only what differs from its class's defaults (transformers writes
-    them all, but hand-written ones exist): max_position_embeddings 512, dropouts 0.1."""
-    cfg = tinyencoder_hf.config_from_hf({"model_type": "roberta", "pad_token_id": 1})
-    assert (cfg.max_len, cfg.pos_offset) == (510, 2)
-    assert (cfg.embed_dropout, cfg.resid_dropout, cfg.attn_dropout) == (0.1, 0.1, 0.1)
+    them all, but hand-written ones exist): it reads as the class's full default config does."""
+    transformers = pytest.importorskip(
+        "transformers", reason="its config classes hold the defaults"
+    )
+    full = getattr(transformers, family + "Config")().to_dict()
+    bare = tinyencoder_hf.config_from_hf({"model_type": full["model_type"]})
+    assert bare == tinyencoder_hf.config_from_hf(full)
+    with_nulls = {key: None for key in full if key not in ("model_type", "layer_types")}
+    assert tinyencoder_hf.config_from_hf({**with_nulls, "model_type": full["model_type"]}) == bare
 
 
 @pytest.mark.parametrize(

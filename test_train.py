@@ -170,9 +170,9 @@ def test_a_run_is_never_overwritten_and_resumes_with_its_own_flags(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "model: roberta tiny" in resumed.stdout and "3 x 32 tokens per step" in resumed.stdout
-    assert "flags changed from the run's own: --max-steps 2 -> 3, --lr 0.001 -> 0.002" in (
-        resumed.stdout
-    )
+    changes = "--max-steps 3 (the run's: 2), --lr 0.002 (the run's: 0.001)"
+    assert f"flags changed from the run's own: {changes}" in resumed.stdout
+    assert f"from {tmp_path / 'corpus'}" in resumed.stdout  # the run's --data, not the stdlib
     assert re.search(r"^step\s+3/3 \| loss", resumed.stdout, re.M), resumed.stdout[-2000:]
 
 
@@ -260,6 +260,8 @@ def digit_spans(n, seed):
 
 def finetune(tmp_path, *args, run=True):
     cmd = [sys.executable, "finetune.py", *map(str, args)]
+    if "--out-dir" not in args:  # not the repository's out-finetune: a run never overwrites one
+        cmd += ["--out-dir", str(tmp_path / "out-finetune")]
     here = str(Path(__file__).parent)
     if not run:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=here)

@@ -565,7 +565,7 @@ def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Ten
     """(B, T, hidden) -> (B, hidden): the first real token ("cls") or the mean of the real ones."""
     real = (doc_ids != 0).unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     if pooling == "cls":
-        return hidden[torch.arange(len(hidden)), real.squeeze(-1).argmax(dim=1)]
+        return hidden[torch.arange(len(hidden), device=hidden.device), real.squeeze(-1).argmax(1)]
     if pooling == "mean":
         return (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
     raise ValueError(f"pooling {pooling!r} is neither 'cls' nor 'mean'")

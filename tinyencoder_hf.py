@@ -96,10 +96,35 @@ ACTIVATION_KEY = {
     "roberta": "hidden_act",
     "modernbert": "hidden_activation",
 }
-DEFAULT_PAD_ID = {  # each class's default, for configs that leave pad_token_id out
-    "bert": 0,
-    "roberta": 1,
-    "modernbert": 50283,
+# transformers' defaults for the keys a config.json may leave out or set to null (transformers
+# writes each key, hand-written files may not), where our presets differ or hold nothing
+HF_DEFAULTS = {
+    "bert": dict(
+        vocab_size=30522,
+        pad_token_id=0,
+        layer_norm_eps=1e-12,
+        type_vocab_size=2,
+        max_position_embeddings=512,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    ),
+    "roberta": dict(
+        vocab_size=50265,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-12,
+        type_vocab_size=2,
+        max_position_embeddings=512,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    ),
+    "modernbert": dict(
+        vocab_size=50368,
+        pad_token_id=50283,
+        cls_token_id=50281,
+        sep_token_id=50282,
+    ),
 }
 # ModernBERT's layer_types entries
 GLOBAL, LOCAL = "full_attention", "sliding_attention"
@@ -246,14 +271,15 @@ def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.
     if hf.get("is_decoder") or hf.get("add_cross_attention"):
         # a decoder's attention is causal (or reads an encoder): ours sees both sides
         raise ValueError("is_decoder and add_cross_attention are not supported (an encoder only)")
-    fields = dict(te.PRESETS[arch], nsp=nsp, pad_id=DEFAULT_PAD_ID[arch], classifier=classifier)
+    hf = {**HF_DEFAULTS[arch], **{key: value for key, value in hf.items() if value is not None}}
+    fields = dict(te.PRESETS[arch], nsp=nsp, classifier=classifier)
     fields["num_labels"] = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
     if hf.get("classifier_dropout") is not None:
         fields["classifier_dropout"] = hf["classifier_dropout"]
     elif arch != "modernbert":  # BERT and RoBERTa fall back on their hidden dropout
-        fields["classifier_dropout"] = hf.get("hidden_dropout_prob", 0.1)
+        fields["classifier_dropout"] = hf["hidden_dropout_prob"]
     if arch == "roberta" and classifier == "choice":  # its head reads the hidden dropout only
-        fields["classifier_dropout"] = hf.get("hidden_dropout_prob", 0.1)
+        fields["classifier_dropout"] = hf["hidden_dropout_prob"]
     fields["classifier_pooling"] = hf.get("classifier_pooling", "cls")
     for ours, theirs in CONFIG_KEYS[arch].items():
         if hf.get(theirs) is not None:
@@ -267,9 +293,8 @@ def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.
     fields["pos_offset"] = 0
     if arch == "roberta":
         fields["pos_offset"] = fields["pad_id"] + 1
-    fields["max_len"] = hf.get("max_position_embeddings", 512) - fields["pos_offset"]
-    # one knob in transformers, hidden_dropout_prob, 0.1 where the config leaves it out
-    fields["embed_dropout"] = fields.setdefault("resid_dropout", 0.1)
+    fields["max_len"] = hf["max_position_embeddings"] - fields["pos_offset"]
+    fields["embed_dropout"] = fields["resid_dropout"]  # one knob in transformers
     return te.Config(**fields)
 
 
@@ -420,7 +445,7 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
             weights = safetensors_torch().load_file(safetensors_file)
         else:  # weights only: no code runs on load
             weights = torch.load(pickle_file, map_location="cpu", weights_only=True)
-    except ImportError:  # safetensors missing: its own message says what to install
+    except (ImportError, MemoryError):  # safetensors missing: its message says what to install
         raise
     except Exception as e:  # noqa: BLE001 - safetensors' and torch's errors alike: a bad file
         raise ValueError(

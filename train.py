@@ -118,7 +118,10 @@ if args.resume:
     checkpoint, resumed_cfg = load_checkpoint(ckpt_path, "--resume")
     if "lr_steps" not in checkpoint:
         die(f"--resume: {ckpt_path} is not a train.py checkpoint")
-    changed = resumed_args(parser, args, checkpoint["args"], ("resume", "out_dir", "init_from"))
+    # this machine decides its device and compile; the checkpoint holds the model
+    keep = ("resume", "out_dir", "init_from", "device", "compile")
+    fixed = ("arch", "size", "dropout", "position_init")
+    changed = resumed_args(parser, args, checkpoint["args"], keep, fixed)
 else:
     refuse_to_overwrite(args.out_dir)
 
@@ -195,8 +198,6 @@ def sinusoids(table, offset, amplitude=0.1):  # Vaswani et al.'s, from row offse
 
 if checkpoint:
     cfg = resumed_cfg
-    if cfg.arch != args.arch:
-        die(f"--resume: {ckpt_path} is a {cfg.arch} run, not {args.arch}")
 else:
     overrides = dict(SIZES[args.size])
     if args.arch == "modernbert":
@@ -231,8 +232,6 @@ if args.init_from:
         die(f"--init-from {args.init_from}: not this model's weights ({reason})")
 # bf16 autocast on CUDA, and on a CPU whose bf16 matmuls measure 1.5x its fp32 ones or more
 # (README: "bf16 on a CPU"); a resumed run keeps its own, to resume exactly
-if args.dtype == "auto" and checkpoint:
-    args.dtype = checkpoint["args"].get("dtype", "auto")
 if args.dtype == "auto":
     args.dtype = "bfloat16" if bf16_pays(device) else "float32"
 compute_dtype = getattr(torch, args.dtype)
@@ -271,7 +270,8 @@ step, best, max_steps, lr_steps = 0, float("inf"), args.max_steps, args.lr_steps
 if checkpoint:
     model.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["optim"])
-    step, best, lr_steps = checkpoint["step"], checkpoint["best"], checkpoint["lr_steps"]
+    step, best = checkpoint["step"], checkpoint["best"]
+    lr_steps = args.lr_steps or checkpoint["lr_steps"]
     max_steps = max_steps or checkpoint["max_steps"]
     log(f"resumed at step {step} from {ckpt_path}")
     if changed:

@@ -107,12 +107,11 @@ def renamed_into_place(path):
     temporary = f"{path}.{os.getpid()}.tmp"
     try:
         yield temporary
-    except BaseException:
-        # a failed write (a full disk, a Ctrl-C) leaves no half file behind
+        os.replace(temporary, path)
+    finally:
+        # a failed write or rename (a full disk, a Ctrl-C) leaves no half file behind
         if os.path.exists(temporary):
             os.remove(temporary)
-        raise
-    os.replace(temporary, path)
 
 
 def load_stdlib():
