@@ -173,6 +173,11 @@ def test_a_run_is_never_overwritten_and_resumes_with_its_own_flags(tmp_path):
     changes = "--max-steps 3 (the run's: 2), --lr 0.002 (the run's: 0.001)"
     assert f"flags changed from the run's own: {changes}" in resumed.stdout
     assert f"from {tmp_path / 'corpus'}" in resumed.stdout  # the run's --data, not the stdlib
+    # what the checkpoint itself holds cannot change
+    cmd[-1] = 4
+    other = [*map(str, cmd), "--size", "small"]
+    refused = subprocess.run(other, capture_output=True, text=True, timeout=120, cwd=here)
+    assert refused.returncode != 0 and "not --size small (the run's: tiny)" in refused.stderr
     assert re.search(r"^step\s+3/3 \| loss", resumed.stdout, re.M), resumed.stdout[-2000:]
 
 
