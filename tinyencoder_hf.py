@@ -98,26 +98,20 @@ ACTIVATION_KEY = {
 }
 # transformers' defaults for the keys a config.json may leave out or set to null (transformers
 # writes each key, hand-written files may not), where our presets differ or hold nothing
+BERT_DEFAULTS = dict(
+    vocab_size=30522,
+    pad_token_id=0,
+    layer_norm_eps=1e-12,
+    type_vocab_size=2,
+    max_position_embeddings=512,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+)
 HF_DEFAULTS = {
-    "bert": dict(
-        vocab_size=30522,
-        pad_token_id=0,
-        layer_norm_eps=1e-12,
-        type_vocab_size=2,
-        max_position_embeddings=512,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-    ),
+    "bert": BERT_DEFAULTS,
+    # RobertaConfig is BertConfig's, but for its vocabulary and special ids
     "roberta": dict(
-        vocab_size=50265,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        layer_norm_eps=1e-12,
-        type_vocab_size=2,
-        max_position_embeddings=512,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
+        BERT_DEFAULTS, vocab_size=50265, pad_token_id=1, bos_token_id=0, eos_token_id=2
     ),
     "modernbert": dict(
         vocab_size=50368,
