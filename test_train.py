@@ -18,7 +18,7 @@ from conftest import run_without, tiny_checkpoint
 
 # -------------------------------------------------------------------------------------------------
 # train.py end to end: exact resume; two processes under torchrun match one with the same batch
-def _train(tmp_path, *args, torchrun=False):
+def _corpus(tmp_path):
     corpus = tmp_path / "corpus"
     if not corpus.exists():
         corpus.mkdir()
@@ -26,6 +26,11 @@ def _train(tmp_path, *args, torchrun=False):
             (corpus / f"doc{i}.txt").write_bytes(
                 (f"document {i}: " + "the quick brown fox. " * 60).encode()
             )
+    return corpus
+
+
+def _train(tmp_path, *args, torchrun=False):
+    corpus = _corpus(tmp_path)
     launcher = [sys.executable]
     if torchrun:  # torchrun's module, so that it is this Python's with or without its venv on PATH
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -539,6 +544,20 @@ def test_runs_started_at_once_write_a_task_apart(tmp_path):
         f"tags-py{sys.version_info[0]}{sys.version_info[1]}-train.jsonl",
         f"tags-py{sys.version_info[0]}{sys.version_info[1]}-val.jsonl",
     ]
+
+
+@pytest.mark.parametrize("steps,schedule", [(300, 2000), (2500, 2500)])
+def test_the_lr_schedule_lasts_as_long_as_the_run(tmp_path, steps, schedule):
+    """--max-steps below 2000 keeps a 2000-step schedule (a resumed run can go on along it); above,
+    the schedule is as long as the run (it ended at 2000, and the steps after trained at LR 0)."""
+    cmd = [sys.executable, "train.py", "--data", _corpus(tmp_path), "--max-steps", steps]
+    cmd += ["--out-dir", tmp_path / "out", "--eval-seqs", 4]
+    here = str(Path(__file__).parent)
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, text=True, cwd=here)
+    plan = next(line for line in proc.stdout if line.startswith("training steps"))
+    proc.kill()
+    proc.wait(timeout=60)
+    assert f"training steps 1..{steps}, peak lr 0.002 on a {schedule}-step schedule" in plan
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch):
