@@ -256,7 +256,7 @@ ckpt_path = os.path.join(args.out_dir, "ckpt_last.pt")
 checkpoint = None
 changed = []
 if args.resume:  # the run's own flags, but those given again
-    checkpoint, _ = load_checkpoint(ckpt_path, "--resume")
+    checkpoint, base_cfg = load_checkpoint(ckpt_path, "--resume")
     if "labels" not in checkpoint:
         die(f"--resume: {ckpt_path} is not a finetune.py checkpoint")
     fixed = ("task", "train", "val", "init", "from_scratch", "train_examples")
@@ -270,7 +270,9 @@ if not (args.train and args.val):
     die("give --task, or --train and --val (JSONL files)")
 if not args.init:
     die("give --init: a train.py checkpoint or a transformers folder to start from")
-if os.path.isdir(args.init):
+if checkpoint:  # its own config and weights: --init is not read again (it may have moved)
+    weights = checkpoint["model"]
+elif os.path.isdir(args.init):
     try:
         pretrained = tinyencoder_hf.load(args.init)
     except (ValueError, OSError, ImportError) as e:

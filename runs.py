@@ -57,7 +57,7 @@ def number(kind, low, high=math.inf, low_open=False, high_open=False):
         value = kind(text)
         too_low = value < low or (low_open and value == low)
         too_high = value > high or (high_open and value == high)
-        if too_low or too_high or not math.isfinite(value):
+        if too_low or too_high or (kind is float and not math.isfinite(value)):
             raise ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
 
@@ -65,7 +65,7 @@ def number(kind, low, high=math.inf, low_open=False, high_open=False):
     return convert
 
 
-COUNT = number(int, 1)  # steps, rows, intervals
+COUNT = number(int, 1, 10**12)  # steps, rows, intervals: a float holds each exactly
 POSITIVE = number(float, 0, low_open=True)  # a learning rate, minutes
 FRACTION = number(float, 0, 1)  # of a schedule
 RATE = number(float, 0, 1, low_open=True)  # of bytes masked
@@ -99,6 +99,8 @@ def resumed_args(parser: ArgumentParser, args: Namespace, saved: dict, keep: tup
             continue
         if getattr(args, name) == value:
             continue
+        if value is None:  # the run left it to its default
+            value = "its default"
         change = f"--{name.replace('_', '-')} {getattr(args, name)} (the run's: {value})"
         if name in fixed:
             die(f"--resume goes on with the run's own model and data, not {change}")

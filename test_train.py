@@ -129,8 +129,13 @@ def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds eac
         (["--data", "{tmp}/no-files"], "no files there"),
         (["--data", "{tmp}/links"], "cannot read {tmp}/links/gone.txt (No such file"),
         (["--data", "{tmp}/ok.txt", "--resume", "--out-dir", "{tmp}/none"], "no checkpoint"),
-        (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (
+            ["--batch-size", "0"],
+            "argument --batch-size: must be at least 1 and at most 1000000000000, got 0",
+        ),
         (["--lr", "0"], "argument --lr: must be above 0, got 0"),
+        (["--lr", "inf"], "argument --lr: must be above 0, got inf"),
+        (["--max-steps", "1" + "0" * 400], "argument --max-steps: must be at least 1 and at most"),
         (["--mlm-rate", "1.5"], "argument --mlm-rate: must be above 0 and at most 1, got 1.5"),
         (["--dropout", "nan"], "argument --dropout: must be at least 0 and below 1, got nan"),
         (["--eval-seqs", "x"], "argument --eval-seqs: invalid int value: 'x'"),
@@ -306,6 +311,12 @@ def test_finetune_learns_resumes_and_exports(tmp_path):
     # digit differed (0.480991 against 0.480992; never in 26 runs of the test alone): within 2e-6
     assert len(resumed) == len(losses), (resumed, losses)
     assert all(abs(float(a) - float(b)) <= 2e-6 for a, b in zip(resumed, losses)), (resumed, losses)
+    # --resume reads no --init again (it may have moved), and refuses other data
+    init.rename(tmp_path / "moved.pt")
+    again = finetune(tmp_path, "--out-dir", tmp_path / "b", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    other = finetune(tmp_path, "--out-dir", tmp_path / "b", "--resume", "--val", train)
+    assert other.returncode != 0 and f"not --val {train} (the run's: {val})" in other.stderr
     # the best checkpoint exports as a token classifier with its label names
     export = [sys.executable, "tinyencoder_hf.py", tmp_path / "a" / "ckpt_best.pt", tmp_path / "hf"]
     done = subprocess.run(export, capture_output=True, text=True, cwd=Path(__file__).parent)
@@ -364,7 +375,7 @@ def test_finetune_train_examples_keeps_every_group(tmp_path):
     assert "8 training and 2 held-out examples" in run.stdout
     accuracy = float(re.search(r"held-out accuracy (\S+)%", run.stdout).group(1))
     assert accuracy == 100, run.stdout[-1500:]
-    messages = {0: "argument --train-examples: must be at least 1, got 0"}
+    messages = {0: "argument --train-examples: must be at least 1 and at most 1000000000000, got 0"}
     messages[201] = f"--train-examples 201: {train} has 200"
     for wrong, message in messages.items():
         out = tmp_path / f"bad-{wrong}"

@@ -97,7 +97,8 @@ ACTIVATION_KEY = {
     "modernbert": "hidden_activation",
 }
 # transformers' defaults for the keys a config.json may leave out or set to null (transformers
-# writes each key, hand-written files may not), where our presets differ or hold nothing
+# writes each key, hand-written files may not), where our presets differ. Not the [CLS] and [SEP]
+# ids: no forward reads them, and a byte model left without them keeps ours.
 BERT_DEFAULTS = dict(
     vocab_size=30522,
     pad_token_id=0,
@@ -110,15 +111,8 @@ BERT_DEFAULTS = dict(
 HF_DEFAULTS = {
     "bert": BERT_DEFAULTS,
     # RobertaConfig is BertConfig's, but for its vocabulary and special ids
-    "roberta": dict(
-        BERT_DEFAULTS, vocab_size=50265, pad_token_id=1, bos_token_id=0, eos_token_id=2
-    ),
-    "modernbert": dict(
-        vocab_size=50368,
-        pad_token_id=50283,
-        cls_token_id=50281,
-        sep_token_id=50282,
-    ),
+    "roberta": dict(BERT_DEFAULTS, vocab_size=50265, pad_token_id=1),
+    "modernbert": dict(vocab_size=50368, pad_token_id=50283),
 }
 # ModernBERT's layer_types entries
 GLOBAL, LOCAL = "full_attention", "sliding_attention"
@@ -439,7 +433,8 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
             weights = safetensors_torch().load_file(safetensors_file)
         else:  # weights only: no code runs on load
             weights = torch.load(pickle_file, map_location="cpu", weights_only=True)
-    except (ImportError, MemoryError):  # safetensors missing: its message says what to install
+    # safetensors missing (its message says what to install), or memory: not a bad file
+    except (ImportError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - safetensors' and torch's errors alike: a bad file
         raise ValueError(

@@ -118,8 +118,8 @@ if args.resume:
     checkpoint, resumed_cfg = load_checkpoint(ckpt_path, "--resume")
     if "lr_steps" not in checkpoint:
         die(f"--resume: {ckpt_path} is not a train.py checkpoint")
-    # this machine decides its device and compile; the checkpoint holds the model
-    keep = ("resume", "out_dir", "init_from", "device", "compile")
+    # this machine decides its device (--compile stays the run's); the checkpoint holds the model
+    keep = ("resume", "out_dir", "init_from", "device")
     fixed = ("arch", "size", "dropout", "position_init")
     changed = resumed_args(parser, args, checkpoint["args"], keep, fixed)
 else:
@@ -210,11 +210,11 @@ else:
             overrides["unpad"] = False
     else:
         overrides["max_len"] = T  # learned positions
-    dropout = args.dropout
-    if dropout is None and not on_gpu:  # short CPU runs cannot overfit
-        dropout = 0.0
-    if dropout is not None:
-        overrides.update({f.name: dropout for f in fields(te.Config) if f.name.endswith("dropout")})
+    if args.dropout is None and not on_gpu:  # short CPU runs cannot overfit
+        args.dropout = 0.0
+    if args.dropout is not None:
+        dropouts = [f.name for f in fields(te.Config) if f.name.endswith("dropout")]
+        overrides.update(dict.fromkeys(dropouts, args.dropout))
     cfg = te.Config.from_preset(args.arch, **overrides)
 if T > cfg.max_len:
     die(f"--context {T}: this {args.arch} reads documents of at most {cfg.max_len} bytes")
@@ -265,7 +265,7 @@ groups = [dict(params=matrices, weight_decay=weight_decay), dict(params=vectors,
 fused = device.type == "cuda"  # one kernel for all parameters, rather than a few per parameter
 opt = torch.optim.AdamW(groups, lr=args.lr, betas=recipe.betas, eps=1e-6, fused=fused)
 
-# Progress: a resumed run takes the checkpoint's, the schedule's length included.
+# Progress: a resumed run takes the checkpoint's, the schedule's length too unless given again.
 step, best, max_steps, lr_steps = 0, float("inf"), args.max_steps, args.lr_steps
 if checkpoint:
     model.load_state_dict(checkpoint["model"])
