@@ -61,16 +61,19 @@ def number(kind, low, high=math.inf, low_open=False, high_open=False):
             raise ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
 
-    convert.__name__ = kind.__name__  # argparse's "invalid int value" where text does not parse
+    # argparse's "invalid int value" where the text does not parse
+    convert.__name__ = kind.__name__
     return convert
 
 
-COUNT = number(int, 1, 10**12)  # steps, rows, intervals: a float holds each exactly
-POSITIVE = number(float, 0, low_open=True)  # a learning rate, minutes
-FRACTION = number(float, 0, 1)  # of a schedule
-RATE = number(float, 0, 1, low_open=True)  # of bytes masked
+# The flags' kinds of number. A count (of steps, rows, an interval) stays below 10^12, where a
+# float still holds it exactly; a length leaves a row room for a sentence pair's three specials.
+COUNT = number(int, 1, 10**12)
+POSITIVE = number(float, 0, low_open=True)
+FRACTION = number(float, 0, 1)
+RATE = number(float, 0, 1, low_open=True)
 DROPOUT = number(float, 0, 1, high_open=True)
-LENGTH = number(int, 16)  # a row's tokens, with room for a sentence pair's three specials
+LENGTH = number(int, 16)
 
 
 def given_flags(parser: ArgumentParser) -> set:
@@ -99,7 +102,8 @@ def resumed_args(parser: ArgumentParser, args: Namespace, saved: dict, keep: tup
             continue
         if getattr(args, name) == value:
             continue
-        if value is None:  # the run left it to its default
+        # None: the run left it to its default
+        if value is None:
             value = "its default"
         change = f"--{name.replace('_', '-')} {getattr(args, name)} (the run's: {value})"
         if name in fixed:
