@@ -30,8 +30,9 @@ import pipelines
 import tinyencoder as te
 import tinyencoder_hf
 from data.tasks import exact_match, token_f1, write_task
-from runs import COUNT, POSITIVE, Metrics, Parser, StopSignals, die, load_checkpoint
-from runs import refuse_to_overwrite, resumed_args, save_checkpoint, settle_vector_math
+from runs import COUNT, POSITIVE, Metrics, Parser, StopSignals, device_or_die, die, die_diverged
+from runs import load_checkpoint, refuse_to_overwrite, resumed_args, save_checkpoint
+from runs import settle_vector_math
 
 parser = Parser(description=__doc__.splitlines()[0])
 add = parser.add_argument
@@ -303,10 +304,7 @@ if longest > base_cfg.max_len:
 # The pretrained encoder with the family's classifier in place of its MLM (and NSP) head. Padded
 # batches of texts: unpadding saves the work on padding.
 cfg = replace(base_cfg, classifier=kind, num_labels=len(labels), nsp=False, unpad=True)
-args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-available = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
-if not available[args.device]:
-    die(f"--device {args.device} is not available here")
+args.device = device_or_die(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 device = torch.device(args.device)
 torch.manual_seed(args.seed)
 model = te.TinyEncoder(cfg)
@@ -452,11 +450,7 @@ while step < args.max_steps:
     opt.step()
     step += 1
     if not math.isfinite(out.loss.item()):
-        stopped = f"loss {out.loss.item()} at step {step}: stopped"
-        kept = "no checkpoint yet"
-        if os.path.exists(ckpt_path):
-            kept = f"the last good checkpoint is {ckpt_path}"
-        die(f"{stopped}; {kept}")
+        die_diverged(f"loss {out.loss.item()} at step {step}: stopped", ckpt_path)
     if step % args.log_interval == 0 or step == args.max_steps:
         step_time = (time.time() - timed_from) / args.log_interval
         minutes_left = (args.max_steps - step) * step_time / 60

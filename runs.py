@@ -120,6 +120,27 @@ def refuse_to_overwrite(out_dir: str):
             die(f"--out-dir {out_dir} holds a run ({name}): {how}")
 
 
+def device_or_die(name: str) -> str:
+    """name, or for "auto" the first of cuda, mps and cpu that this machine has; a one-line error
+    where it lacks the one named."""
+    available = dict(
+        cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True
+    )
+    if name == "auto":
+        return next(kind for kind, here in available.items() if here)
+    if not available[name]:
+        die(f"--device {name} is not available here")
+    return name
+
+
+def die_diverged(stopped: str, ckpt_path: str):
+    """Stop a run whose loss is no longer finite, naming the checkpoint to go back to, if any."""
+    kept = "no checkpoint yet"
+    if os.path.exists(ckpt_path):
+        kept = f"the last good checkpoint is {ckpt_path}"
+    die(f"{stopped}; {kept}")
+
+
 def save_checkpoint(path: str, state: dict):
     """Atomic: a kill at any moment leaves the old file whole. state holds only tensors and plain
     values, so that it loads with weights_only=True (no code runs on load)."""

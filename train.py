@@ -23,8 +23,8 @@ import torch.distributed as dist
 import tinyencoder as te
 from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
 from runs import COUNT, DROPOUT, FRACTION, LENGTH, POSITIVE, RATE, Metrics, Parser, StopSignals
-from runs import demo, die, load_checkpoint, refuse_to_overwrite, resumed_args, save_checkpoint
-from runs import settle_vector_math
+from runs import demo, device_or_die, die, die_diverged, load_checkpoint, refuse_to_overwrite
+from runs import resumed_args, save_checkpoint, settle_vector_math
 from data.corpus import load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
 
@@ -138,11 +138,7 @@ def log(message):
         print(message)
 
 
-available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
-if args.device == "auto":
-    args.device = next(name for name, here in available.items() if here)
-if not available[args.device]:
-    die(f"--device {args.device} is not available here")
+args.device = device_or_die(args.device)
 device = torch.device(args.device)
 if args.device == "cuda":
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -442,11 +438,7 @@ while step < max_steps:
     grad_norm = grad_norm / world  # every process's is the same
     interrupted, late = signals > 0, late_anywhere > 0
     if not math.isfinite(loss + grad_norm):  # read before any checkpoint can be written
-        stopped = f"loss {loss}, grad norm {grad_norm} at step {step}: stopped"
-        kept = "no checkpoint yet"
-        if os.path.exists(ckpt_path):
-            kept = f"the last good checkpoint is {ckpt_path}"
-        die(f"{stopped}; {kept}")
+        die_diverged(f"loss {loss}, grad norm {grad_norm} at step {step}: stopped", ckpt_path)
     step_time = (time.time() - read_time) / (step - read_step)  # the mean since the last read
     if is_log_step:
         tokens_per_s = real_tokens / step_time
