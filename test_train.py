@@ -139,9 +139,10 @@ def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds eac
         (["--mlm-rate", "1.5"], "argument --mlm-rate: must be above 0 and at most 1, got 1.5"),
         (["--dropout", "nan"], "argument --dropout: must be at least 0 and below 1, got nan"),
         (["--eval-seqs", "x"], "argument --eval-seqs: invalid int value: 'x'"),
-        (["--data", "{tmp}/ok.txt", "--context", "9000"], "at most 8192 bytes"),
-        (["--data", "{tmp}/ok.txt", "--init-from", "{tmp}/none.pt"], "--init-from: no checkpoint"),
-        (["--data", "{tmp}/ok.txt", "--init-from", "{tmp}/bert.pt"], "not this model's weights"),
+        # the model's flags are checked before any data is read: --data names nothing here
+        (["--data", "{tmp}/missing", "--context", "9000"], "at most 8192 bytes"),
+        (["--data", "{tmp}/missing", "--init-from", "{tmp}/none.pt"], "--init-from: no checkpoint"),
+        (["--data", "{tmp}/missing", "--init-from", "{tmp}/bert.pt"], "not this model's weights"),
     ],
 )
 def test_train_bad_input_is_one_line(tmp_path, args, message):

@@ -165,23 +165,6 @@ if args.decay is None:
 args.mlm_rate = args.mlm_rate or recipe.mlm_rate[args.size]
 deadline = t0 + args.time_budget * 60 - 15  # 15 s for the demo and the last checkpoint
 
-# Data: two byte arrays (train, val) with document offsets (data/corpus.py), cut into rows as the
-# recipe says (data/rows.py).
-corpus = load_corpus(args.data, prepare=master, wait=dist.barrier if ddp else None)
-train_data, train_offsets = corpus["train"]
-val_data, val_offsets = corpus["val"]
-trained_on = f"{len(train_offsets) - 1} documents ({len(train_data) / 1e6:.2f} MB) to train on"
-held_out = f"{len(val_offsets) - 1} held out ({len(val_data) / 1e6:.2f} MB)"
-source = f"from {args.data or 'the Python stdlib'}; {time.time() - t0:.1f}s"
-log(f"data: {trained_on}, {held_out}, {source}")
-train_rows = TrainingRows(recipe, train_data, train_offsets, T, args.seed, args.dupe_factor)
-# Evaluation: the same plain rows for every arch, masked 15% with fixed seeds, so that the three
-# recipes' accuracies compare directly; for BERT, sentence pairs too.
-eval_spans, eval_rows = held_out_rows(val_data, val_offsets, T, args.eval_seqs)
-nsp_rows = []
-if recipe.inputs == "pairs":
-    nsp_rows = held_out_pairs(val_data, val_offsets, T, len(eval_rows))
-
 
 # Model. A learned position table starts as sinusoids, not as noise (README: "Learning word order").
 def sinusoids(table, offset, amplitude=0.1):  # Vaswani et al.'s, from row offset on
@@ -226,6 +209,25 @@ if args.init_from:
         # another architecture or size: torch's last line names a parameter that differs
         reason = str(e).splitlines()[-1].strip()[:160]
         die(f"--init-from {args.init_from}: not this model's weights ({reason})")
+
+# Data: two byte arrays (train, val) with document offsets (data/corpus.py), cut into rows as the
+# recipe says (data/rows.py).
+loading = time.time()
+corpus = load_corpus(args.data, prepare=master, wait=dist.barrier if ddp else None)
+train_data, train_offsets = corpus["train"]
+val_data, val_offsets = corpus["val"]
+trained_on = f"{len(train_offsets) - 1} documents ({len(train_data) / 1e6:.2f} MB) to train on"
+held_out = f"{len(val_offsets) - 1} held out ({len(val_data) / 1e6:.2f} MB)"
+source = f"from {args.data or 'the Python stdlib'}; {time.time() - loading:.1f}s"
+log(f"data: {trained_on}, {held_out}, {source}")
+train_rows = TrainingRows(recipe, train_data, train_offsets, T, args.seed, args.dupe_factor)
+# Evaluation: the same plain rows for every arch, masked 15% with fixed seeds, so that the three
+# recipes' accuracies compare directly; for BERT, sentence pairs too.
+eval_spans, eval_rows = held_out_rows(val_data, val_offsets, T, args.eval_seqs)
+nsp_rows = []
+if recipe.inputs == "pairs":
+    nsp_rows = held_out_pairs(val_data, val_offsets, T, len(eval_rows))
+
 # bf16 autocast on CUDA, and on a CPU whose bf16 matmuls measure 1.5x its fp32 ones or more
 # (README: "bf16 on a CPU"); a resumed run keeps its own, to resume exactly
 if args.dtype == "auto":
