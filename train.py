@@ -143,7 +143,8 @@ device = torch.device(args.device)
 if args.device == "cuda":
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 if ddp:
-    if device.type == "cuda":  # one GPU per process, chosen before NCCL starts
+    # one GPU per process, chosen before NCCL starts
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
@@ -189,7 +190,8 @@ else:
             overrides["unpad"] = False
     else:
         overrides["max_len"] = T  # learned positions
-    if args.dropout is None and not on_gpu:  # short CPU runs cannot overfit
+    # no dropout on a CPU by default: its short runs cannot overfit
+    if args.dropout is None and not on_gpu:
         args.dropout = 0.0
     if args.dropout is not None:
         dropouts = [f.name for f in fields(te.Config) if f.name.endswith("dropout")]
@@ -198,7 +200,8 @@ else:
 if T > cfg.max_len:
     die(f"--context {T}: this {args.arch} reads documents of at most {cfg.max_len} bytes")
 torch.manual_seed(args.seed)
-model = te.TinyEncoder(cfg).to(device)  # checkpoints hold its names, never a wrapper's
+# the bare model: checkpoints hold its parameter names, never a wrapper's
+model = te.TinyEncoder(cfg).to(device)
 if model.pos_embed is not None and args.position_init == "sinusoids":  # resuming loads its own
     sinusoids(model.pos_embed.weight, cfg.pos_offset)
 if args.init_from:
@@ -260,7 +263,8 @@ if recipe.decoupled_decay:
 matrices = [p for p in model.parameters() if p.ndim >= 2]
 vectors = [p for p in model.parameters() if p.ndim < 2]
 groups = [dict(params=matrices, weight_decay=weight_decay), dict(params=vectors, weight_decay=0.0)]
-fused = device.type == "cuda"  # one kernel for all parameters, rather than a few per parameter
+# one kernel for all parameters, rather than a few per parameter
+fused = device.type == "cuda"
 opt = torch.optim.AdamW(groups, lr=args.lr, betas=recipe.betas, eps=1e-6, fused=fused)
 
 # Progress: a resumed run takes the checkpoint's, the schedule's length too unless given again.
