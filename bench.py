@@ -6,6 +6,7 @@
     python bench.py --encode --threads 1  # pipelines.encode on texts of 16-510 bytes, vs AutoModel
     python bench.py --dropout          # F.dropout against tinyencoder's drop, on a CPU
     python bench.py --linear           # nn.Linear against tinyencoder's Linear, on a CPU
+    python bench.py --attention        # bf16 attention cast to fp32 against kept in bf16, on a CPU
 
 The one-run GPU check (numerics, speed against transformers compiled and eager, profile, memory,
 train.py) is gpu_check.py, which uses this file as a library: base_model, Stepper, hf_steppers,
@@ -399,6 +400,7 @@ def parse_args():
     p.add_argument("--texts", type=int, default=256, help="--encode: texts per pass")
     p.add_argument("--dropout", action="store_true", help="F.dropout against tinyencoder's drop")
     p.add_argument("--linear", action="store_true", help="nn.Linear against tinyencoder's Linear")
+    p.add_argument("--attention", action="store_true", help="CPU attention in fp32 against bf16")
     return p.parse_args()
 
 
@@ -500,13 +502,13 @@ def bench_dropout(args, dev):
     return rows
 
 
-def linear_pass(layer, x, grad, _batch=None):
-    """layer(x) without gradients, or with them and its backward of grad where grad is given."""
+def forward_pass(function, inputs, grad, _batch=None):
+    """function(*inputs) without gradients, or with them and its backward of grad where given."""
     if grad is None:
         with torch.no_grad():
-            layer(x)
+            function(*inputs)
     else:
-        layer(x).backward(grad)
+        function(*inputs).backward(grad)
 
 
 def bench_linear(args, dev):
@@ -540,8 +542,8 @@ def linear_rows(args, dev):
         grad = torch.randn(tokens, fan_out, device=dev)
         steps = {}
         for key, module in (("nn", reference), ("te", layer)):
-            steps[f"{key} forward"] = functools.partial(linear_pass, module, x, None)
-            steps[f"{key} train"] = functools.partial(linear_pass, module, x, grad)
+            steps[f"{key} forward"] = functools.partial(forward_pass, module, [x], None)
+            steps[f"{key} train"] = functools.partial(forward_pass, module, [x], grad)
         ms = median_ms(steps, args, dev)
         rows.append(dict(name=name, tokens=tokens, fan_in=fan_in, fan_out=fan_out, **ms))
         forward = ms["nn forward"] / ms["te forward"]
@@ -549,6 +551,44 @@ def linear_rows(args, dev):
         line = f"{name:11} {tokens:6} {fan_in:5} -> {fan_out:<5} {ms['nn forward']:17.1f} "
         line += f"{ms['te forward']:7.1f} {forward:5.2f}x {ms['nn train']:13.1f} "
         print(line + f"{ms['te train']:5.1f} {train:5.2f}x", flush=True)
+    return rows
+
+
+def bench_attention(args, dev):
+    """--attention: bf16 queries, keys and values attending in fp32 (te.attend on a CPU: cast up,
+    and the output back down) against SDPA kept in bf16 (te.padded_attention, no casts), on --batch
+    rows of --seq at --hidden (heads of 64, a document a row) and on train.py's CPU rows (16 of 128
+    bytes, 3 documents packed in each, 4 heads of 32); a forward alone and a forward and backward,
+    median milliseconds of --steps alternating runs."""
+    shapes = {"bench rows": (args.batch, args.seq, max(1, args.hidden // 64), 64)}
+    shapes["train.py rows"] = (16, 128, 4, 32)
+    # ratio: bf16's time over fp32's, above 1 where fp32 (attend's choice on a CPU) is the faster
+    print("attention     (B, T, heads, head_dim)  forward: fp32  bf16 ratio", end="")
+    print("  +backward: fp32  bf16 ratio")
+    rows = []
+    for name, shape in shapes.items():
+        B, T = shape[:2]
+        doc_ids = torch.ones(B, T, dtype=torch.long)
+        if name == "train.py rows":
+            doc_ids += (torch.arange(T) >= T // 3).long() + (torch.arange(T) >= 2 * T // 3).long()
+        layout = te.make_layout(te.Config(attn_backend="sdpa"), doc_ids.to(dev), torch.bfloat16)
+        q, k, v = (
+            torch.randn(shape, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(3)
+        )
+        grad = torch.randn(shape, device=dev, dtype=torch.bfloat16)
+        steps = {}
+        inputs = [q, k, v, layout, None, 0.0]  # no window, no dropout
+        for key, route in (("fp32", te.attend), ("bf16", te.padded_attention)):
+            steps[f"{key} forward"] = functools.partial(forward_pass, route, inputs, None)
+            steps[f"{key} train"] = functools.partial(forward_pass, route, inputs, grad)
+        ms = median_ms(steps, args, dev)
+        rows.append(dict(name=name, shape=shape, **ms))
+        forward = ms["bf16 forward"] / ms["fp32 forward"]
+        train = ms["bf16 train"] / ms["fp32 train"]
+        line = f"{name:13} {str(shape):24} {ms['fp32 forward']:15.1f} {ms['bf16 forward']:5.1f} "
+        line += f"{forward:4.2f}x {ms['fp32 train']:16.1f} {ms['bf16 train']:5.1f} {train:4.2f}x"
+        print(line, flush=True)
     return rows
 
 
@@ -573,6 +613,8 @@ def main():
         report["dropout"] = bench_dropout(args, dev)
     elif args.linear:
         report["linear"] = bench_linear(args, dev)
+    elif args.attention:
+        report["attention"] = bench_attention(args, dev)
     else:
         report.update(run_cases(args, dev, dtype, peak))
     if args.json:

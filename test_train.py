@@ -256,6 +256,27 @@ def test_bench_encode_runs_on_cpu():
     assert all(float(diff) < 1e-4 for _, diff in rows), run.stdout
 
 
+STEPS = ("forward", "train")
+
+
+def test_bench_attention_times_both_routes(tmp_path):
+    """`bench.py --attention`, at a tiny size: a row for bench's rows and one for train.py's, each
+    with both routes' times, forward and with the backward, and their ratio (bf16's over fp32's)."""
+    command = [sys.executable, "bench.py", "--attention", "--steps", "1", "--warmup", "0"]
+    command += ["--batch", "2", "--seq", "64", "--hidden", "64", "--threads", "1"]
+    command += ["--json", str(tmp_path / "attention.json")]
+    here = str(Path(__file__).parent)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=here)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "attention.json").read_text())["attention"]
+    assert [row["name"] for row in rows] == ["bench rows", "train.py rows"]
+    assert rows[0]["shape"] == [2, 64, 1, 64] and rows[1]["shape"] == [16, 128, 4, 32]
+    for row in rows:
+        assert all(row[f"{dtype} {step}"] > 0 for dtype in ("fp32", "bf16") for step in STEPS)
+        ratios = [row[f"bf16 {step}"] / row[f"fp32 {step}"] for step in STEPS]
+        assert f"{ratios[0]:4.2f}x" in run.stdout and f"{ratios[1]:4.2f}x" in run.stdout
+
+
 # -------------------------------------------------------------------------------------------------
 # finetune.py end to end: it learns, resumes exactly after Ctrl-C, exports, and names bad input
 def write_jsonl(path, records):
