@@ -120,31 +120,32 @@ def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds eac
     assert len(one) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(one, two)), (one, two)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--data", "{tmp}/missing"], "no such file or folder"),
-        (["--data", "{tmp}/empty.txt"], "every file is empty"),
-        (["--data", "{tmp}/tiny.txt"], "too little to train on"),
-        (["--data", "{tmp}/no-files"], "no files there"),
-        (["--data", "{tmp}/links"], "cannot read {tmp}/links/gone.txt (No such file"),
-        (["--data", "{tmp}/ok.txt", "--resume", "--out-dir", "{tmp}/none"], "no checkpoint"),
-        (
-            ["--batch-size", "0"],
-            "argument --batch-size: must be at least 1 and at most 1000000000000, got 0",
-        ),
-        (["--lr", "0"], "argument --lr: must be above 0, got 0"),
-        (["--lr", "inf"], "argument --lr: must be above 0, got inf"),
-        (["--max-steps", "1" + "0" * 400], "argument --max-steps: must be at least 1 and at most"),
-        (["--mlm-rate", "1.5"], "argument --mlm-rate: must be above 0 and at most 1, got 1.5"),
-        (["--dropout", "nan"], "argument --dropout: must be at least 0 and below 1, got nan"),
-        (["--eval-seqs", "x"], "argument --eval-seqs: invalid int value: 'x'"),
-        # the model's flags are checked before any data is read: --data names nothing here
-        (["--data", "{tmp}/missing", "--context", "9000"], "at most 8192 bytes"),
-        (["--data", "{tmp}/missing", "--init-from", "{tmp}/none.pt"], "--init-from: no checkpoint"),
-        (["--data", "{tmp}/missing", "--init-from", "{tmp}/bert.pt"], "not this model's weights"),
-    ],
-)
+# train.py's bad calls and the one line each must print
+TRAIN_BAD_INPUT = [
+    (["--data", "{tmp}/missing"], "no such file or folder"),
+    (["--data", "{tmp}/empty.txt"], "every file is empty"),
+    (["--data", "{tmp}/tiny.txt"], "too little to train on"),
+    (["--data", "{tmp}/no-files"], "no files there"),
+    (["--data", "{tmp}/links"], "cannot read {tmp}/links/gone.txt (No such file"),
+    (["--data", "{tmp}/ok.txt", "--resume", "--out-dir", "{tmp}/none"], "no checkpoint"),
+    (
+        ["--batch-size", "0"],
+        "argument --batch-size: must be at least 1 and at most 1000000000000, got 0",
+    ),
+    (["--lr", "0"], "argument --lr: must be above 0, got 0"),
+    (["--lr", "inf"], "argument --lr: must be above 0, got inf"),
+    (["--max-steps", "1" + "0" * 400], "argument --max-steps: must be at least 1 and at most"),
+    (["--mlm-rate", "1.5"], "argument --mlm-rate: must be above 0 and at most 1, got 1.5"),
+    (["--dropout", "nan"], "argument --dropout: must be at least 0 and below 1, got nan"),
+    (["--eval-seqs", "x"], "argument --eval-seqs: invalid int value: 'x'"),
+    # the model's flags are checked before any data is read: --data names nothing here
+    (["--data", "{tmp}/missing", "--context", "9000"], "at most 8192 bytes"),
+    (["--data", "{tmp}/missing", "--init-from", "{tmp}/none.pt"], "--init-from: no checkpoint"),
+    (["--data", "{tmp}/missing", "--init-from", "{tmp}/bert.pt"], "not this model's weights"),
+]
+
+
+@pytest.mark.parametrize("args, message", TRAIN_BAD_INPUT)
 def test_train_bad_input_is_one_line(tmp_path, args, message):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "tiny.txt").write_bytes(b"hello world, this is a tiny file.\n")
