@@ -560,6 +560,8 @@ def bench_attention(args, dev):
     rows of --seq at --hidden (heads of 64, a document a row) and on train.py's CPU rows (16 of 128
     bytes, 3 documents packed in each, 4 heads of 32); a forward alone and a forward and backward,
     median milliseconds of --steps alternating runs."""
+    if dev.type != "cpu":
+        sys.exit("bench.py: --attention times a CPU's two routes; on a GPU, attend casts nothing")
     shapes = {"bench rows": (args.batch, args.seq, max(1, args.hidden // 64), 64)}
     shapes["train.py rows"] = (16, 128, 4, 32)
     # ratio: bf16's time over fp32's, above 1 where fp32 (attend's choice on a CPU) is the faster
