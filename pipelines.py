@@ -27,6 +27,12 @@ def check_model(model, caller: str):
     check_bytes(model.cfg)
 
 
+def check_count(caller: str, name: str, value):
+    """A ValueError unless value is a whole number above 0 (True is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{caller}'s {name} must be a whole number above 0, got {value!r}")
+
+
 def check_bytes(cfg: te.Config):
     if cfg.vocab_size != te.VOCAB_SIZE:
         got = f"vocab_size={cfg.vocab_size}, not {te.VOCAB_SIZE}"
@@ -44,8 +50,7 @@ def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch
     if isinstance(texts, (str, bytes)) or pooling not in ("mean", "cls"):
         got = f"{type(texts).__name__} and {pooling!r}"
         raise ValueError(f"encode takes a list of texts and pooling 'mean' or 'cls', got {got}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"encode's batch_size must be a whole number above 0, got {batch_size!r}")
+    check_count("encode", "batch_size", batch_size)
     rows = []
     for i, text in enumerate(texts):
         if not isinstance(text, (str, bytes, bytearray)):
@@ -142,8 +147,7 @@ def answer(model, question, context, max_length: int = 30) -> str:
     """Extractive question answering with a span model: the context's span of at most max_length
     bytes that the model rates best, as text."""
     check_model(model, "answer")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"answer's max_length must be a whole number above 0, got {max_length!r}")
+    check_count("answer", "max_length", max_length)
     if model.cfg.classifier != "span":
         kind = model.cfg.classifier
         raise ValueError(f"answer needs a span model (Config.classifier='span'), not {kind!r}")
