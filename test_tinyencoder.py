@@ -239,8 +239,10 @@ def test_packed_documents_are_isolated(preset, unpad):
 @pytest.mark.parametrize("half_window", [None, 4])
 @pytest.mark.parametrize("unpad", [False, True])
 def test_cpu_attends_bf16_in_fp32(unpad, half_window):
-    """On a CPU, SDPA runs fp32 faster than bf16, and autocast would run it in bf16: bf16 q, k, v
-    attend in fp32, under autocast or not, and come back bf16, gradients too (a window: blocks)."""
+    """On a CPU, SDPA trains faster in fp32 than in bf16, and autocast would run it in bf16: bf16 q,
+    k, v that a gradient flows to attend in fp32, under autocast or not, and come back bf16,
+    gradients too (a window: blocks). With no gradient, bf16 stays bf16 (a forward is faster so);
+    fp16 attends in fp32 either way."""
     doc = packed_batch()[1]
     layout = tinyencoder.make_layout(tiny("modernbert", unpad=unpad), doc, torch.bfloat16)
     torch.manual_seed(0)
@@ -250,9 +252,18 @@ def test_cpu_attends_bf16_in_fp32(unpad, half_window):
     for autocast in (False, True):
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             out = tinyencoder.attend(q, k, v, layout, half_window, 0.0)
+            forward_only = tinyencoder.attend(
+                q.detach(), k.detach(), v.detach(), layout, half_window, 0.0
+            )
         assert out.dtype == torch.bfloat16 and torch.equal(out, in_fp32.bfloat16())
+        assert forward_only.dtype == torch.bfloat16 and not torch.equal(forward_only, out)
+        torch.testing.assert_close(forward_only.float(), in_fp32, atol=0.05, rtol=0)
     out.float().sum().backward()
     assert q.grad.dtype == torch.bfloat16 and q.grad.isfinite().all() and q.grad.abs().sum() > 0
+    half = tinyencoder.attend(
+        q.detach().half(), k.detach().half(), v.detach().half(), layout, half_window, 0.0
+    )
+    assert half.dtype == torch.float16 and torch.equal(half, in_fp32.half())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -827,8 +827,8 @@ def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
 
 def attend(q, k, v, layout, half_window: Optional[int], dropout: float):
     """The one dispatch: q, k, v (B, T, heads, head_dim) on Padded rows or (N, heads, head_dim) on
-    Unpadded tokens, and out likewise. A CPU attends in fp32 (README: "bf16 on a CPU")."""
-    if q.is_cpu and q.dtype in (torch.float16, torch.bfloat16):
+    Unpadded tokens, and out likewise. A CPU runs fp32 where faster (README: "bf16 on a CPU")."""
+    if q.is_cpu and (q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and q.requires_grad)):
         with torch.autocast("cpu", enabled=False):  # which would cast fp32 back down
             out = attend(q.float(), k.float(), v.float(), layout, half_window, dropout)
         return out.to(q.dtype)
