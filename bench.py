@@ -7,6 +7,7 @@
     python bench.py --dropout          # F.dropout against tinyencoder's drop, on a CPU
     python bench.py --linear           # nn.Linear against tinyencoder's Linear, on a CPU
     python bench.py --attention        # bf16 attention cast to fp32 against kept in bf16, on a CPU
+    python bench.py --arch bert --profile  # and each case's ops by self time, per library
 
 The one-run GPU check (numerics, speed against transformers compiled and eager, profile, memory,
 train.py) is gpu_check.py, which uses this file as a library: base_model, Stepper, hf_steppers,
@@ -259,10 +260,21 @@ def compare(base, steps, times, timed, train, case):
 
 
 def bench_case(
-    arch, batch, step, sizes, dev, dtype, *, compile_=False, compile_hf=False, run_hf=True
+    arch,
+    batch,
+    step,
+    sizes,
+    dev,
+    dtype,
+    *,
+    compile_=False,
+    compile_hf=False,
+    run_hf=True,
+    profile=False,
 ):
     """Rows of one arch, batch ("full", "var") and step ("train", "infer"): each variant, and
-    transformers (if run_hf and it is installed; torch.compile'd too if compile_ and compile_hf)."""
+    transformers (if run_hf and it is installed; torch.compile'd too if compile_ and compile_hf).
+    With profile, each is then profiled on as many new batches (profile_steps)."""
     train = step == "train"
     var = batch == "var"
     base = base_model(arch, dev, sizes.layers, sizes.hidden)
@@ -274,13 +286,27 @@ def bench_case(
     if transformers is not None and run_hf:
         steps.update(hf_steppers(base, train, dtype, {"hf": compile_ and compile_hf}))
     cfgs = [m.cfg for m in models.values()]
-    n = sizes.warmup + sizes.steps
-    batches = make_batches(
-        base.cfg, n, sizes.batch, sizes.seq, var, dev, dtype=dtype, layout_cfgs=cfgs
-    )
+    shape = dict(B=sizes.batch, T=sizes.seq, var=var, dev=dev, dtype=dtype, layout_cfgs=cfgs)
+    batches = make_batches(base.cfg, sizes.warmup + sizes.steps, **shape)
     times = alternate(steps, batches, sizes.warmup, dev)
     case = dict(arch=arch, batch=batch, step=step)
+    if profile:
+        # batches not seen yet, as each timed one was: a kernel built for a new shape shows
+        fresh = make_batches(base.cfg, sizes.steps, seed=1, **shape)
+        profile_steps(steps, fresh, dev, " ".join(case.values()))
     return compare(base, steps, times, batches[sizes.warmup :], train, case)
+
+
+def profile_steps(steps, batches, dev, case, shown=12):
+    """--profile: each step over the batches under torch.profiler, its ops by self time (on a
+    CPU the time of the op itself; on CUDA, of the host's side of it)."""
+    for name, step in steps.items():
+        with torch.profiler.profile() as prof:
+            for b in batches:
+                step(b)
+            synchronize(dev)
+        print(f"profile: {case}, {name}, {len(batches)} steps", flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=shown))
 
 
 def random_texts(n, lo, hi, seed=0):
@@ -395,6 +421,7 @@ def parse_args():
     threads = "torch CPU threads; on a shared machine, 1 per free core avoids waiting on each other"
     p.add_argument("--threads", type=int, help=threads)
     p.add_argument("--no-hf", action="store_true", help="tinyencoder alone")
+    p.add_argument("--profile", action="store_true", help="each case's ops by self time, too")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--encode", action="store_true", help="pipelines.encode against AutoModel")
     p.add_argument("--texts", type=int, default=256, help="--encode: texts per pass")
@@ -433,6 +460,7 @@ def run_cases(args, dev, dtype, peak):
         warmup = max(warmup, 3)
     sizes = Sizes(args.layers, args.batch, args.seq, args.steps, warmup, hidden=args.hidden)
     switches = dict(compile_=args.compile, compile_hf=args.compile_hf, run_hf=not args.no_hf)
+    switches["profile"] = args.profile
     peaks = [peak]
     rows = []
     for arch in archs:
@@ -555,11 +583,12 @@ def linear_rows(args, dev):
 
 
 def bench_attention(args, dev):
-    """--attention: bf16 queries, keys and values attending in fp32 (te.attend on a CPU: cast up,
-    and the output back down) against SDPA kept in bf16 (te.padded_attention, no casts), on --batch
-    rows of --seq at --hidden (heads of 64, a document a row) and on train.py's CPU rows (16 of 128
-    bytes, 3 documents packed in each, 4 heads of 32); a forward alone and a forward and backward,
-    median milliseconds of --steps alternating runs."""
+    """--attention: bf16 queries, keys and values that need gradients attending in fp32 (te.attend
+    on a CPU: cast up, and the output back down; without gradients it would keep bf16) against
+    SDPA kept in bf16 (te.padded_attention, no casts), on --batch rows of --seq at --hidden (heads
+    of 64, a document a row) and on train.py's CPU rows (16 of 128 bytes, 3 documents packed in
+    each, 4 heads of 32); a forward alone and a forward and backward, median milliseconds of
+    --steps alternating runs."""
     if dev.type != "cpu":
         sys.exit("bench.py: --attention times a CPU's two routes; on a GPU, attend casts nothing")
     shapes = {"bench rows": (args.batch, args.seq, max(1, args.hidden // 64), 64)}

@@ -257,6 +257,28 @@ def test_bench_encode_runs_on_cpu():
     assert all(float(diff) < 1e-4 for _, diff in rows), run.stdout
 
 
+def test_bench_profiles_every_step(tmp_path):
+    """`bench.py --profile`, at a tiny size: the table's rows (each variant beside transformers),
+    and after each case a profile of each model's steps, ops by self time, matmuls among them."""
+    pytest.importorskip("transformers", reason="bench.py compares against transformers")
+    command = [sys.executable, "bench.py", "--arch", "bert", "--profile", "--steps", "1"]
+    command += ["--layers", "1", "--hidden", "64", "--batch", "2", "--seq", "64", "--threads", "1"]
+    command += ["--json", str(tmp_path / "bench.json")]
+    here = str(Path(__file__).parent)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=here)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert len(rows) == 6  # full train, full infer; var train and infer, published and unpad
+    cases = [f"{batch} {step}" for batch in ("full", "var") for step in ("train", "infer")]
+    for case in cases:
+        names = ["published", "hf"] if case.startswith("full") else ["published", "unpad", "hf"]
+        for name in names:
+            table = run.stdout.split(f"profile: bert {case}, {name}, 1 steps\n")[1]
+            assert "Self CPU time total" in table.split("profile:")[0], (case, name)
+            assert "mm " in table.split("profile:")[0], (case, name)  # aten::mm or aten::addmm
+    assert run.stdout.count("profile: ") == 10
+
+
 STEPS = ("forward", "train")
 
 
