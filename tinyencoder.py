@@ -860,13 +860,12 @@ def window_blocks(q, k, v, mask, half_window: int, dropout: float) -> torch.Tens
     """Sliding-window SDPA in blocks of half_window queries: block i sees key blocks i - 1 to
     i + 1, which hold every key in its queries' windows, so a local layer costs O(T * window)."""
     w = half_window
-    key_blocks, value_blocks = k.split(w, dim=-2), v.split(w, dim=-2)
     outs = []
     for i, q_block in enumerate(q.split(w, dim=-2)):
-        first, end = max(i - 1, 0), min(i + 2, len(key_blocks))
-        block_mask = mask[..., i * w : i * w + q_block.shape[-2], first * w : end * w]
-        keys = torch.cat(key_blocks[first:end], dim=-2)
-        values = torch.cat(value_blocks[first:end], dim=-2)
+        first, end = max(i - 1, 0) * w, (i + 2) * w  # slices stop at T
+        # keys and values as views: a forward copies nothing; a backward costs about a cat's
+        keys, values = k[..., first:end, :], v[..., first:end, :]
+        block_mask = mask[..., i * w : i * w + q_block.shape[-2], first:end]
         outs.append(F.scaled_dot_product_attention(q_block, keys, values, block_mask, dropout))
     return torch.cat(outs, dim=-2)
 
