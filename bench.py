@@ -7,7 +7,7 @@
     python bench.py --dropout          # F.dropout against tinyencoder's drop, on a CPU
     python bench.py --linear           # nn.Linear against tinyencoder's Linear, on a CPU
     python bench.py --attention        # bf16 attention cast to fp32 against kept in bf16, on a CPU
-    python bench.py --arch bert --profile  # and each case's ops by self time, per library
+    python bench.py --arch bert --profile  # and each case's ops by self time, per model
 
 The one-run GPU check (numerics, speed against transformers compiled and eager, profile, memory,
 train.py) is gpu_check.py, which uses this file as a library: base_model, Stepper, hf_steppers,

@@ -862,8 +862,8 @@ def window_blocks(q, k, v, mask, half_window: int, dropout: float) -> torch.Tens
     w = half_window
     outs = []
     for i, q_block in enumerate(q.split(w, dim=-2)):
-        first, end = max(i - 1, 0) * w, (i + 2) * w  # slices stop at T
-        # keys and values as views: a forward copies nothing; a backward costs about a cat's
+        first, end = max(i - 1, 0) * w, (i + 2) * w
+        # keys and values as views, cut at T: a forward copies nothing, a backward about a cat's
         keys, values = k[..., first:end, :], v[..., first:end, :]
         block_mask = mask[..., i * w : i * w + q_block.shape[-2], first:end]
         outs.append(F.scaled_dot_product_attention(q_block, keys, values, block_mask, dropout))
