@@ -286,13 +286,13 @@ def bench_case(
     if transformers is not None and run_hf:
         steps.update(hf_steppers(base, train, dtype, {"hf": compile_ and compile_hf}))
     cfgs = [m.cfg for m in models.values()]
-    shape = dict(B=sizes.batch, T=sizes.seq, var=var, dev=dev, dtype=dtype, layout_cfgs=cfgs)
-    batches = make_batches(base.cfg, sizes.warmup + sizes.steps, **shape)
+    batch_kw = dict(B=sizes.batch, T=sizes.seq, var=var, dev=dev, dtype=dtype, layout_cfgs=cfgs)
+    batches = make_batches(base.cfg, sizes.warmup + sizes.steps, **batch_kw)
     times = alternate(steps, batches, sizes.warmup, dev)
     case = dict(arch=arch, batch=batch, step=step)
     if profile:
-        # batches not seen yet, as each timed one was: a kernel built for a new shape shows
-        fresh = make_batches(base.cfg, sizes.steps, seed=1, **shape)
+        # new batches, as each timed one was: the profile then shows kernels built for new shapes
+        fresh = make_batches(base.cfg, sizes.steps, seed=1, **batch_kw)
         profile_steps(steps, fresh, dev, " ".join(case.values()))
     return compare(base, steps, times, batches[sizes.warmup :], train, case)
 
@@ -460,7 +460,7 @@ def run_cases(args, dev, dtype, peak):
         warmup = max(warmup, 3)
     sizes = Sizes(args.layers, args.batch, args.seq, args.steps, warmup, hidden=args.hidden)
     switches = dict(compile_=args.compile, compile_hf=args.compile_hf, run_hf=not args.no_hf)
-    switches["profile"] = args.profile
+    switches.update(profile=args.profile)
     peaks = [peak]
     rows = []
     for arch in archs:
@@ -583,8 +583,8 @@ def linear_rows(args, dev):
 
 
 def bench_attention(args, dev):
-    """--attention: bf16 queries, keys and values that need gradients attending in fp32 (te.attend
-    on a CPU: cast up, and the output back down; without gradients it would keep bf16) against
+    """--attention: bf16 queries, keys and values that need gradients, so that te.attend runs its
+    fp32 route on a CPU even in the no_grad forward (cast up, and the output back down), against
     SDPA kept in bf16 (te.padded_attention, no casts), on --batch rows of --seq at --hidden (heads
     of 64, a document a row) and on train.py's CPU rows (16 of 128 bytes, 3 documents packed in
     each, 4 heads of 32); a forward alone and a forward and backward, median milliseconds of
@@ -593,7 +593,7 @@ def bench_attention(args, dev):
         sys.exit("bench.py: --attention times a CPU's two routes; on a GPU, attend casts nothing")
     shapes = {"bench rows": (args.batch, args.seq, max(1, args.hidden // 64), 64)}
     shapes["train.py rows"] = (16, 128, 4, 32)
-    # ratio: bf16's time over fp32's, above 1 where fp32 (attend's choice on a CPU) is the faster
+    # ratio: bf16's time over fp32's, above 1 where fp32 (attend's for training on a CPU) is faster
     print("attention     (B, T, heads, head_dim)  forward: fp32  bf16 ratio", end="")
     print("  +backward: fp32  bf16 ratio")
     rows = []

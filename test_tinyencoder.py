@@ -79,6 +79,23 @@ def test_backends_and_unpadding_agree_on_every_gradient(preset, rows, kernels):
             assert_close(got[name], grad, 1e-4 * max(1.0, grad.abs().max().item()))
 
 
+@pytest.mark.parametrize("T", [24, 27])
+def test_window_blocks_equal_one_masked_call(T):
+    """window_blocks, on rows that are a whole number of blocks and on rows that end in a short
+    block, equals one SDPA call under the band mask: output and the gradients of q, k and v."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    band = tinyencoder.band_mask(T, 4, torch.device("cpu"))
+    grad = torch.randn(2, 3, T, 8, dtype=torch.float64)
+    blocks = tinyencoder.window_blocks(q, k, v, band, 4, 0.0)
+    blocks_grads = torch.autograd.grad(blocks, (q, k, v), grad)
+    one_call = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+    one_call_grads = torch.autograd.grad(one_call, (q, k, v), grad)
+    assert_close(blocks, one_call, 1e-6)
+    for got, want in zip(blocks_grads, one_call_grads):
+        assert_close(got, want, 1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a CUDA device")
 @pytest.mark.parametrize("preset", PRESETS)
 def test_flash_matches_eager_on_cuda(preset):
@@ -238,7 +255,7 @@ def test_packed_documents_are_isolated(preset, unpad):
 
 @pytest.mark.parametrize("half_window", [None, 4])
 @pytest.mark.parametrize("unpad", [False, True])
-def test_cpu_attends_bf16_in_fp32(unpad, half_window):
+def test_cpu_attention_dtype_routes(unpad, half_window):
     """On a CPU, SDPA trains faster in fp32 than in bf16, and autocast would run it in bf16: bf16 q,
     k, v that a gradient flows to attend in fp32, under autocast or not, and come back bf16,
     gradients too (a window: blocks). With no gradient, bf16 stays bf16 (a forward is faster so);

@@ -827,7 +827,7 @@ def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
 
 def attend(q, k, v, layout, half_window: Optional[int], dropout: float):
     """The one dispatch: q, k, v (B, T, heads, head_dim) on Padded rows or (N, heads, head_dim) on
-    Unpadded tokens, and out likewise. A CPU runs fp32 where faster (README: "bf16 on a CPU")."""
+    Unpadded tokens, and out likewise. A CPU trains in fp32; bf16 inference stays bf16 (README)."""
     if q.is_cpu and (q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and q.requires_grad)):
         with torch.autocast("cpu", enabled=False):  # which would cast fp32 back down
             out = attend(q.float(), k.float(), v.float(), layout, half_window, dropout)
@@ -860,12 +860,13 @@ def window_blocks(q, k, v, mask, half_window: int, dropout: float) -> torch.Tens
     """Sliding-window SDPA in blocks of half_window queries: block i sees key blocks i - 1 to
     i + 1, which hold every key in its queries' windows, so a local layer costs O(T * window)."""
     w = half_window
+    key_blocks, value_blocks = k.split(w, dim=-2), v.split(w, dim=-2)
     outs = []
     for i, q_block in enumerate(q.split(w, dim=-2)):
-        first, end = max(i - 1, 0) * w, (i + 2) * w
-        # keys and values as views, cut at T: a forward copies nothing, a backward about a cat's
-        keys, values = k[..., first:end, :], v[..., first:end, :]
-        block_mask = mask[..., i * w : i * w + q_block.shape[-2], first:end]
+        first, end = max(i - 1, 0), min(i + 2, len(key_blocks))
+        block_mask = mask[..., i * w : i * w + q_block.shape[-2], first * w : end * w]
+        keys = torch.cat(key_blocks[first:end], dim=-2)
+        values = torch.cat(value_blocks[first:end], dim=-2)
         outs.append(F.scaled_dot_product_attention(q_block, keys, values, block_mask, dropout))
     return torch.cat(outs, dim=-2)
 
