@@ -243,15 +243,22 @@ def test_gpu_check_numerics_run_on_cpu():
         assert "unavailable" in results["flash bf16"]["note"]
 
 
+def _bench(*args):
+    """bench.py at a tiny size (BERT, 1 layer of 64, 2 rows of 64, 1 timed step, one thread) with
+    args; it must exit 0."""
+    command = [sys.executable, "bench.py", "--arch", "bert", "--layers", "1", "--hidden", "64"]
+    command += ["--batch", "2", "--seq", "64", "--steps", "1", "--threads", "1", *map(str, args)]
+    here = str(Path(__file__).parent)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=here)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
 def test_bench_encode_runs_on_cpu():
     """`bench.py --encode`, at a tiny size: a row (encode unpads on a CPU, so one variant), and
     pipelines.encode's vectors the same as transformers' mean-pooled AutoModel's."""
     pytest.importorskip("transformers", reason="bench.py compares against transformers")
-    command = [sys.executable, "bench.py", "--encode", "--steps", "1", "--texts", "8"]
-    command += ["--layers", "1", "--hidden", "64", "--arch", "bert", "--threads", "1"]
-    here = str(Path(__file__).parent)
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=here)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = _bench("--encode", "--texts", "8")
     rows = re.findall(r"^bert +(\w+) .* max\|diff\| (\S+)$", run.stdout, re.M)
     assert [name for name, _ in rows] == ["published"], run.stdout
     assert all(float(diff) < 1e-4 for _, diff in rows), run.stdout
@@ -261,13 +268,9 @@ def test_bench_profiles_every_step(tmp_path):
     """`bench.py --profile`, at a tiny size: the table's rows (each variant beside transformers),
     and after each case a profile of each model's steps, ops by self time, matmuls among them."""
     pytest.importorskip("transformers", reason="bench.py compares against transformers")
-    command = [sys.executable, "bench.py", "--arch", "bert", "--profile", "--steps", "1"]
-    command += ["--layers", "1", "--hidden", "64", "--batch", "2", "--seq", "64", "--threads", "1"]
-    command += ["--json", str(tmp_path / "bench.json")]
-    here = str(Path(__file__).parent)
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=here)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    json_path = tmp_path / "bench.json"
+    run = _bench("--profile", "--json", json_path)
+    rows = json.loads(json_path.read_text())["rows"]
     assert len(rows) == 6  # full train, full infer; var train and infer, published and unpad
     cases = [f"{batch} {step}" for batch in ("full", "var") for step in ("train", "infer")]
     for case in cases:
@@ -285,13 +288,9 @@ STEPS = ("forward", "train")
 def test_bench_attention_times_both_routes(tmp_path):
     """`bench.py --attention`, at a tiny size: a row for bench's rows and one for train.py's, each
     with both routes' times, forward and with the backward, and their ratio (bf16's over fp32's)."""
-    command = [sys.executable, "bench.py", "--attention", "--steps", "1", "--warmup", "0"]
-    command += ["--batch", "2", "--seq", "64", "--hidden", "64", "--threads", "1"]
-    command += ["--json", str(tmp_path / "attention.json")]
-    here = str(Path(__file__).parent)
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=here)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = json.loads((tmp_path / "attention.json").read_text())["attention"]
+    json_path = tmp_path / "attention.json"
+    run = _bench("--attention", "--warmup", "0", "--json", json_path)
+    rows = json.loads(json_path.read_text())["attention"]
     assert [row["name"] for row in rows] == ["bench rows", "train.py rows"]
     assert rows[0]["shape"] == [2, 64, 1, 64] and rows[1]["shape"] == [16, 128, 4, 32]
     for row in rows:
