@@ -10,6 +10,7 @@ question-answering pipeline reads them through the saved tokenizer: [CLS] questi
 """
 
 import dataclasses
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,11 @@ def check_count(caller: str, name: str, value):
         raise ValueError(f"{caller}'s {name} must be a whole number above 0, got {value!r}")
 
 
+def is_list(value) -> bool:
+    """A list or tuple: a str is not a list of texts, and None is not an empty one."""
+    return isinstance(value, (list, tuple))
+
+
 def check_bytes(cfg: te.Config):
     if cfg.vocab_size != te.VOCAB_SIZE:
         got = f"vocab_size={cfg.vocab_size}, not {te.VOCAB_SIZE}"
@@ -47,7 +53,10 @@ def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch
     numbers, faster). A text over max_len tokens is an error, never cut silently."""
     check_model(model, "encode")
     cfg = model.cfg
-    if isinstance(texts, (str, bytes)) or pooling not in ("mean", "cls"):
+    if cfg.classifier == "choice":
+        raise ValueError("encode takes a model of rows of text, not a multiple-choice one")
+    texts_given = isinstance(texts, Iterable) and not isinstance(texts, (str, bytes))
+    if not texts_given or pooling not in ("mean", "cls"):
         got = f"{type(texts).__name__} and {pooling!r}"
         raise ValueError(f"encode takes a list of texts and pooling 'mean' or 'cls', got {got}")
     check_count("encode", "batch_size", batch_size)
@@ -171,12 +180,15 @@ def choice_batch(cfg: te.Config, questions: list, choices: list) -> dict:
     [SEP] choice [SEP], padded to (B, choices, T) input_ids and attention_mask (and token_type_ids
     where the model has segments). Every question needs as many choices as the first has."""
     check_bytes(cfg)
+    if not (is_list(questions) and is_list(choices)):
+        got = f"{type(questions).__name__} and {type(choices).__name__}"
+        raise ValueError(f"choice_batch takes a list of questions and one of choices, got {got}")
     if len(questions) != len(choices) or not questions:
         raise ValueError(f"{len(questions)} questions and {len(choices)} lists of choices")
-    count = len(choices[0])
+    count = len(choices[0]) if is_list(choices[0]) else 0
     rows = []
     for i, (question, options) in enumerate(zip(questions, choices)):
-        if isinstance(options, (str, bytes)) or not count:
+        if not is_list(options) or not count:
             raise ValueError(f"choices[{i}] must be a list of one choice or more, got {options!r}")
         if len(options) != count:
             raise ValueError(f"choices[{i}] has {len(options)} choices and choices[0] {count}")

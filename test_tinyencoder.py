@@ -994,8 +994,37 @@ BAD_CALLS = {
     "embed too long": Bad(
         lambda p: embed(p, ["x" * 63]), r"texts\[0\] is 65 tokens, over max_len=64"
     ),
+    "embed None": Bad(lambda p: embed(p, None), "a list of texts .* got NoneType and .mean."),
+    "embed a choice model": Bad(
+        lambda p: pipelines.encode(TinyEncoder(tiny(p, nsp=False, classifier="choice")), ["a"]),
+        "encode takes a model of rows of text, not a multiple-choice one",
+    ),
+    "questions a str": Bad(
+        lambda p: pipelines.choice_batch(tiny(p), "q", [["a", "b"]]),
+        "choice_batch takes a list of questions and one of choices, got str and list",
+    ),
+    "choices None": Bad(
+        lambda p: pipelines.choice_batch(tiny(p), ["q"], [None]),
+        r"choices\[0\] must be a list of one choice or more, got None",
+    ),
     "embed an int": Bad(
         lambda p: embed(p, ["a", 5]), r"encode takes str or bytes, got int at texts\[1\]"
+    ),
+    "ids on meta": Bad(
+        lambda p: forward(p, ROW.to("meta")),
+        "input_ids is on meta, the model on cpu: move it there",
+    ),
+    "mask on meta": Bad(
+        lambda p: forward(p, attention_mask=ONES.to("meta")), "attention_mask is on meta, the model"
+    ),
+    "labels on meta": Bad(lambda p: forward(p, labels=ROW.to("meta")), "labels is on meta, the"),
+    "pool no mask": Bad(
+        lambda p: tinyencoder.pool(torch.zeros(2, 8, 4), None, "mean"),
+        r"pool's doc_ids must be a \(2, 8\) tensor",
+    ),
+    "pool mask shape": Bad(
+        lambda p: tinyencoder.pool(torch.zeros(2, 8, 4), ROW[:, :7], "mean"),
+        r"pool's doc_ids must be a \(2, 8\) tensor",
     ),
     "pool max": Bad(
         lambda p: tinyencoder.pool(torch.zeros(2, 8, 4), ROW, "max"),
@@ -1039,6 +1068,10 @@ def test_legitimate_edge_cases_keep_working(preset):
         for dtype in (torch.bool, torch.uint8, torch.int32, torch.float16, torch.float32):
             assert_close(model(ids, mask.to(dtype)).logits, ref, 0)
         assert_close(model(ids.int(), mask).logits, ref, 0)
+        # int32 ids give int64 labels, which forward takes
+        inputs, masked_labels = mask_tokens(ids.int(), model.cfg, torch.Generator().manual_seed(0))
+        assert inputs.dtype == masked_labels.dtype == torch.int64
+        assert model(inputs, mask, labels=masked_labels).loss.isfinite()
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[:, 2] = ids[:, 2]
         assert model(ids, mask, labels=labels).loss.isfinite()
@@ -1052,14 +1085,16 @@ def test_legitimate_edge_cases_keep_working(preset):
 
 
 def test_values_are_not_read_off_the_host():
-    """read=False (a GPU batch) skips the value checks, which would wait for the device, but
-    shapes and dtypes are still checked."""
-    out_of_range = torch.full((2, 8), 999)
-    check_tensor("ids", out_of_range, (2, 8), INDEX_DTYPES, VOCAB_SIZE, read=False)
+    """Off a CPU (a GPU batch; here the meta device) the value checks, which would wait for the
+    device, are skipped, but shapes, dtypes and the device are still checked."""
+    out_of_range, meta = torch.full((2, 8), 999), torch.device("meta")
+    check_tensor("ids", out_of_range.to(meta), (2, 8), INDEX_DTYPES, VOCAB_SIZE, meta)
     with pytest.raises(ValueError, match="got 999"):
-        check_tensor("ids", out_of_range, (2, 8), INDEX_DTYPES, VOCAB_SIZE, read=True)
+        check_tensor("ids", out_of_range, (2, 8), INDEX_DTYPES, VOCAB_SIZE, out_of_range.device)
     with pytest.raises(ValueError, match="ids must be a"):
-        check_tensor("ids", out_of_range.float(), (2, 8), INDEX_DTYPES, VOCAB_SIZE, read=False)
+        check_tensor("ids", out_of_range.float().to(meta), (2, 8), INDEX_DTYPES, VOCAB_SIZE, meta)
+    with pytest.raises(ValueError, match="ids is on cpu, the model on meta"):
+        check_tensor("ids", out_of_range, (2, 8), INDEX_DTYPES, VOCAB_SIZE, meta)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1313,6 +1348,11 @@ def test_packed_row_longer_than_max_len(preset):
     out = model(ids, docs).logits
     alone = model(ids[:, 40:]).logits
     assert torch.allclose(out[:, 40:], alone, atol=1e-5)
+    # beside a row of one short document and 70 tokens of padding, which is not a long document
+    short = torch.tensor([[1] * 10 + [0] * 70])
+    both = model(ids.expand(2, -1), torch.cat([docs, short])).logits
+    assert torch.allclose(both[:1, 40:], alone, atol=1e-5)
+    assert torch.allclose(both[1:, :10], model(ids[:, :10]).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("unpad", [False, True])

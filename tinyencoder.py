@@ -169,9 +169,9 @@ def eager_attention(q, k, v, mask: Optional[torch.Tensor], dropout: float) -> to
 
 
 def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) True where a run of equal ids starts: doc ids 1 1 1 2 2 0 -> 1 0 0 1 0 1."""
+    """(B, T) True where a run of equal ids starts, and at padding: 1 1 2 0 0 -> 1 0 1 1 1."""
     left_neighbour = F.pad(doc_ids, (1, 0), value=-1)[:, :-1]
-    return doc_ids != left_neighbour
+    return (doc_ids != left_neighbour) | (doc_ids == 0)
 
 
 def document_positions(starts: torch.Tensor) -> torch.Tensor:
@@ -484,6 +484,7 @@ def mask_tokens(ids, cfg: Config, generator=None, rate=0.15) -> tuple[torch.Tens
     (inputs, labels), labels IGNORE_INDEX where nothing was picked. Static or dynamic masking is
     the generator's: reseed it per example for fixed masks (BERT), keep one going for new ones."""
     check_ids(ids, cfg, rate)
+    ids = ids.long()  # labels are int64, as cross-entropy takes them
     specials = torch.tensor([cfg.pad_id, cfg.cls_id, cfg.sep_id, cfg.mask_id], device=ids.device)
     picked = torch.rand(ids.shape, generator=generator, device=ids.device) < rate
     picked = picked & ~torch.isin(ids, specials)
@@ -495,7 +496,6 @@ def mask_tokens(ids, cfg: Config, generator=None, rate=0.15) -> tuple[torch.Tens
     return inputs, labels
 
 
-# -------------------------------------------------------------------------------------------------
 # (optional reading) What follows is not the papers' core: 7. fine-tuning heads and embeddings;
 # 8. input checks; 9. fast paths, each tested equal to sections 3 and 4.
 
@@ -563,6 +563,8 @@ def as_rows(*tensors) -> list:
 
 def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, T, hidden) -> (B, hidden): the first real token ("cls") or the mean of the real ones."""
+    if not torch.is_tensor(doc_ids) or doc_ids.shape != hidden.shape[:2]:
+        raise ValueError(f"pool's doc_ids must be a {tuple(hidden.shape[:2])} tensor like hidden's")
     real = (doc_ids != 0).unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     if pooling == "cls":
         return hidden[torch.arange(len(hidden), device=hidden.device), real.squeeze(-1).argmax(1)]
@@ -625,16 +627,18 @@ def require(cfg: Config, name: str, ok: bool, allowed: str):
         raise ValueError(f"Config.{name}={getattr(cfg, name)!r} must be {allowed}")
 
 
-def check_tensor(name, t, shape, dtypes, top: float, read: bool, ignore: bool = False):
-    """A ValueError naming `name` unless t is None or a tensor of this shape and dtype holding whole
-    numbers in [0, top) (or IGNORE_INDEX, where ignore); values are read only where `read`."""
+def check_tensor(name, t, shape, dtypes, top: Optional[float], device, ignore: bool = False):
+    """A ValueError naming `name` unless t is None or a tensor of this shape and dtype on device,
+    whose values (read on CPUs only: a GPU would wait) are whole numbers in [0, top) or ignored."""
     if t is None:
         return
     if not torch.is_tensor(t) or tuple(t.shape) != shape or t.dtype not in dtypes:
         got = f"{tuple(t.shape)} {t.dtype}" if torch.is_tensor(t) else type(t).__name__
         allowed = "/".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
         raise ValueError(f"{name} must be a {shape} tensor of {allowed}, got {got}")
-    if not read:
+    if t.device != device:  # torch would fail inside a layer, naming neither
+        raise ValueError(f"{name} is on {t.device}, the model on {device}: move it there")
+    if top is None or device.type != "cpu" or transformed():
         return
     values = t.double()
     if ignore:
@@ -647,7 +651,7 @@ def check_tensor(name, t, shape, dtypes, top: float, read: bool, ignore: bool = 
 
 
 def check_inputs(model, input_ids, attention_mask, token_type_ids, labels, nsp_label):
-    """forward's arguments: shapes and dtypes always; values on a CPU only (a GPU would wait)."""
+    """forward's arguments: shapes, dtypes and device always; values where check_tensor reads."""
     cfg = model.cfg
     dims = 3 if cfg.classifier == "choice" else 2  # multiple choice: (batch, choices, seq)
     if not torch.is_tensor(input_ids) or input_ids.dim() != dims or input_ids.numel() == 0:
@@ -659,36 +663,32 @@ def check_inputs(model, input_ids, attention_mask, token_type_ids, labels, nsp_l
     if nsp_label is not None and not cfg.nsp:
         raise ValueError("next_sentence_label given, but this model has no NSP head")
     shape = tuple(input_ids.shape)
-    read = input_ids.device.type == "cpu" and not transformed()
-    check_tensor("input_ids", input_ids, shape, INDEX_DTYPES, cfg.vocab_size, read)
-    check_tensor("attention_mask", attention_mask, shape, MASK_DTYPES, math.inf, read)
-    check_tensor("token_type_ids", token_type_ids, shape, INDEX_DTYPES, cfg.type_vocab, read)
-    check_labels(cfg, labels, shape, read)
-    check_tensor("next_sentence_label", nsp_label, shape[:1], LABEL_DTYPES, 2, read, ignore=True)
-    if read:  # the position table and RoPE's have max_len rows: no document may be longer
+    device = model.tok_embed.weight.device
+    check_tensor("input_ids", input_ids, shape, INDEX_DTYPES, cfg.vocab_size, device)
+    check_tensor("attention_mask", attention_mask, shape, MASK_DTYPES, math.inf, device)
+    check_tensor("token_type_ids", token_type_ids, shape, INDEX_DTYPES, cfg.type_vocab, device)
+    check_tensor("next_sentence_label", nsp_label, shape[:1], LABEL_DTYPES, 2, device, ignore=True)
+    # labels: the shape and range that the head takes (forward's docstring; span_loss)
+    heads = {"none": (shape, cfg.vocab_size), "token": (shape, cfg.num_labels)}
+    heads.update(sequence=(shape[:1], cfg.num_labels), span=((shape[0], 2), math.inf))
+    heads["choice"] = (shape[:1], shape[1])  # (B,) labels, each below the number of choices
+    label_shape, top = heads[cfg.classifier]
+    if cfg.classifier == "sequence" and cfg.num_labels == 1:  # regression: any number per row
+        check_tensor("labels", labels, label_shape, FLOAT_DTYPES, None, device)
+    else:
+        check_tensor("labels", labels, label_shape, LABEL_DTYPES, top, device, ignore=True)
+    # the position table and RoPE's have max_len rows: no document may be longer
+    if device.type == "cpu" and not transformed():
         doc_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         longest = int(document_positions(document_starts(doc_ids.flatten(0, -2))).max()) + 1
         if longest > cfg.max_len:
             raise ValueError(f"a document of {longest} tokens exceeds max_len={cfg.max_len}")
 
 
-def check_labels(cfg: Config, labels, shape: tuple, read: bool):
-    """forward's labels, of the shape and range its head takes (forward's docstring; span_loss)."""
-    B = shape[0]
-    if cfg.classifier == "sequence" and cfg.num_labels == 1:  # regression: a number per row
-        check_tensor("labels", labels, (B,), FLOAT_DTYPES, math.inf, read=False)
-        return
-    heads = {"none": (shape, cfg.vocab_size), "token": (shape, cfg.num_labels)}
-    heads.update(sequence=((B,), cfg.num_labels), span=((B, 2), math.inf))
-    heads["choice"] = ((B,), shape[1])
-    label_shape, top = heads[cfg.classifier]
-    check_tensor("labels", labels, label_shape, LABEL_DTYPES, top, read, ignore=True)
-
-
 def check_ids(ids, cfg: Config, rate):
     if not torch.is_tensor(ids):
         raise ValueError(f"mask_tokens takes a tensor of ids, got {type(ids).__name__}")
-    check_tensor("ids", ids, tuple(ids.shape), INDEX_DTYPES, cfg.vocab_size, ids.is_cpu)
+    check_tensor("ids", ids, tuple(ids.shape), INDEX_DTYPES, cfg.vocab_size, ids.device)
     if not isinstance(rate, numbers.Real) or not 0 < rate <= 1:
         raise ValueError(f"mask_tokens' rate={rate!r} must be a number in (0, 1]")
 
