@@ -416,6 +416,7 @@ def test_config_keys_left_out_take_transformers_defaults(family):
     [
         ("bert", dict(prenorm=True), "no transformers equivalent; offending: {'prenorm': True}"),
         ("roberta", dict(act="gelu_tanh"), "transformers' applies 'gelu'"),
+        ("roberta", dict(pad_id=1, pos_offset=2), "a byte-level RoBERTa with pad_id=1, a byte"),
     ],
 )
 def test_save_refuses_what_transformers_would_compute_differently(preset, over, message, tmp_path):
@@ -423,6 +424,17 @@ def test_save_refuses_what_transformers_would_compute_differently(preset, over, 
     with pytest.raises(ValueError, match=re.escape(message)):
         tinyencoder_hf.save(TinyEncoder(tiny(preset, **over)), str(tmp_path))
     assert not (tmp_path / "config.json").exists()
+
+
+def test_save_writes_numpy_numbers_as_json_numbers(tmp_path):
+    """Config takes numpy's integers and floats; config.json gets plain numbers, and the folder
+    loads back to the same Config."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("safetensors.torch", reason="save writes model.safetensors")
+    cfg = tiny("bert", hidden=np.int64(32), init_std=np.float32(0.5), attn_dropout=np.float64(0))
+    tinyencoder_hf.save(TinyEncoder(cfg), str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_size"] == 32
+    assert tinyencoder_hf.load(str(tmp_path)).cfg == cfg
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ and writing .safetensors needs the safetensors package; transformers itself is n
 """
 
 import json
+import numbers
 import os
 
 import torch
@@ -366,6 +367,12 @@ def config_to_hf(cfg: te.Config, labels=None) -> dict:
         bad["type_vocab"] = cfg.type_vocab
     if cfg.arch == "roberta" and cfg.classifier == "none":
         require_exact_gelu(cfg)
+    # transformers' RoBERTa numbers positions from input_ids != pad_token_id: a byte would vanish
+    if cfg.arch == "roberta" and cfg.vocab_size == te.VOCAB_SIZE and cfg.pad_id < 256:
+        raise ValueError(
+            f"a byte-level RoBERTa with pad_id={cfg.pad_id}, a byte: transformers "
+            "would read that byte as padding; use an id from 256 on"
+        )
     if bad:
         raise ValueError(f"this {cfg.arch} config has no transformers equivalent; offending: {bad}")
     act = ACTIVATIONS[cfg.act][0]
@@ -535,25 +542,35 @@ def save(model: te.TinyEncoder, path: str, labels=None):
     model.safetensors, the byte tokenizer, and a mean-pooling sentence-transformers setup.
     labels: a classifier's class names, in order."""
     save_file = safetensors_torch().save_file  # before anything is written
-
-    os.makedirs(path, exist_ok=True)
-    write_json(path, "config.json", config_to_hf(model.cfg, labels))
+    files = {"config.json": config_to_hf(model.cfg, labels)}
+    files["tokenizer.json"] = tokenizer_json(model.cfg)
+    files["tokenizer_config.json"] = tokenizer_config(model.cfg)
+    files.update(sentence_transformers_files(model.cfg))
+    # every file's text before the first is written: an error leaves no half-written folder
+    texts = {
+        name: json.dumps(content, indent=2, ensure_ascii=False, default=plain_number)
+        for name, content in files.items()
+    }
     weights = {}
     for ours, theirs in parameter_names(model).items():
         parts = model.get_parameter(ours).detach().chunk(len(theirs))  # our qkv splits in three
         for name, part in zip(theirs, parts):
             weights[name] = part.contiguous().cpu().clone()
+    os.makedirs(path, exist_ok=True)
     save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    write_json(path, "tokenizer.json", tokenizer_json(model.cfg))
-    write_json(path, "tokenizer_config.json", tokenizer_config(model.cfg))
-    for name, content in sentence_transformers_files(model.cfg).items():
-        write_json(path, name, content)
+    for name, text in texts.items():
+        os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+        with open(os.path.join(path, name), "w") as f:
+            f.write(text)
 
 
-def write_json(folder: str, name: str, content):
-    os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
-    with open(os.path.join(folder, name), "w") as f:
-        json.dump(content, f, indent=2, ensure_ascii=False)
+def plain_number(value):
+    """JSON for a number of another library's type (numpy's int64, float32), which Config takes."""
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 # -------------------------------------------------------------------------------------------------
