@@ -31,7 +31,7 @@ import tinyencoder as te
 import tinyencoder_hf
 from data.tasks import exact_match, token_f1, write_task
 from runs import COUNT, POSITIVE, Metrics, Parser, StopSignals, device_or_die, die, die_diverged
-from runs import load_checkpoint, refuse_to_overwrite, resumed_args, save_checkpoint
+from runs import SEED, load_checkpoint, refuse_to_overwrite, resumed_args, save_checkpoint
 from runs import settle_vector_math
 
 parser = Parser(description=__doc__.splitlines()[0])
@@ -49,10 +49,12 @@ add("--batch-size", type=COUNT, default=32)
 add("--lr", type=POSITIVE, default=3e-4, help="peak learning rate: 6%% warmup, then linear decay")
 add("--eval-interval", type=COUNT, default=200)
 add("--log-interval", type=COUNT, default=50)
-add("--seed", type=int, default=0)
+add("--seed", type=SEED, default=0)
 add("--max-answer", type=COUNT, default=40, help="the longest answer a span model gives, in bytes")
 add("--device", choices=["cpu", "cuda", "mps"], help="default: cuda where there is one, else cpu")
 args = parser.parse_args()
+if args.task and (args.train or args.val):
+    die("give --task, or --train and --val, not both: --task names its own files")
 # each vector math kernel chosen before threads share a call, or a run may not replay (runs.py)
 settle_vector_math()
 t0 = time.time()
@@ -89,7 +91,7 @@ class Line(NamedTuple):
 def read_jsonl(path):
     """The file's Lines, with a one-line error for a missing file or a line that is not a JSON
     object with a "text" string."""
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         die(f"{path}: no such file")
     records = []
     with open(path, "rb") as f:
@@ -252,7 +254,6 @@ def collate(batch, kind, cfg, device):
 
 # -------------------------------------------------------------------------------------------------
 # The pretrained model, or a checkpoint of this script to resume
-os.makedirs(args.out_dir, exist_ok=True)
 ckpt_path = os.path.join(args.out_dir, "ckpt_last.pt")
 checkpoint = None
 changed = []
@@ -264,6 +265,7 @@ if args.resume:  # the run's own flags, but those given again
     changed = resumed_args(parser, args, checkpoint["args"], ("resume", "out_dir", "device"), fixed)
 else:
     refuse_to_overwrite(args.out_dir)
+os.makedirs(args.out_dir, exist_ok=True)
 if args.task:
     paths = write_task(args.task, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     args.train, args.val = paths["train"], paths["val"]

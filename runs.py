@@ -74,6 +74,8 @@ FRACTION = number(float, 0, 1)
 RATE = number(float, 0, 1, low_open=True)
 DROPOUT = number(float, 0, 1, high_open=True)
 LENGTH = number(int, 16)
+# numpy's generators take no seed below 0; torch's none past 2^64 (a step's adds up to 10^18)
+SEED = number(int, 0, 2**32 - 1)
 
 
 def given_flags(parser: ArgumentParser) -> set:
@@ -113,7 +115,13 @@ def resumed_args(parser: ArgumentParser, args: Namespace, saved: dict, keep: tup
 
 
 def refuse_to_overwrite(out_dir: str):
-    """A fresh run never writes over another run's checkpoints: a one-line error, the way on."""
+    """A fresh run never writes over another run's checkpoints: a one-line error, the way on. An
+    --out-dir that cannot be a folder (a file, or one inside a file) is refused before any work."""
+    existing = os.path.abspath(out_dir or os.sep)  # "" is no folder's name
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not out_dir or not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        die(f"--out-dir {out_dir!r} cannot be made a folder here: {existing} is not a writable one")
     for name in ("ckpt_last.pt", "ckpt_best.pt"):
         if os.path.exists(os.path.join(out_dir, name)):
             how = "--resume continues it; to start anew, remove it or choose another --out-dir"
@@ -168,7 +176,23 @@ def load_checkpoint(path: str, flag: str) -> tuple[dict, te.Config]:
         die(f"{flag} {path}: not a readable checkpoint ({type(e).__name__})")
     if not isinstance(state, dict) or "model" not in state or "cfg" not in state:
         die(f"{flag} {path}: not a checkpoint of train.py or finetune.py")
-    return state, config_from_saved(state["cfg"])
+    try:
+        return state, config_from_saved(state["cfg"])
+    except (TypeError, ValueError) as e:  # a field this version lacks, or a value it refuses
+        die(f"{flag} {path}: its config is not one this tinyencoder.py takes ({e})")
+
+
+def check_resumed(checkpoint: dict, global_batch: int, split: str, max_steps: int | None):
+    """A resumed run takes as many rows a step as the run did (the step numbers the rows), and
+    stops at --max-steps, if given again, no earlier than the step it resumes at. A fresh run's
+    checkpoint is {}."""
+    rows = checkpoint.get("global_batch", global_batch)
+    if rows != global_batch:
+        how = "resume with the run's processes, --batch-size and --grad-accum"
+        die(f"--resume: the run took {rows} rows a step, this one {global_batch} ({split}): {how}")
+    step = checkpoint.get("step", 0)
+    if max_steps is not None and max_steps < step:
+        die(f"--resume: the run is at step {step}, past --max-steps {max_steps}")
 
 
 # Fields that older checkpoints record and Config no longer has; none changed a weight
@@ -207,7 +231,10 @@ class StopSignals:
 
     def on_signal(self, signum, frame):
         self.received.append(signum)
-        signal.signal(signum, signal.SIG_DFL)
+        if len(self.received) > 1:
+            # a third stops the process whatever it runs; this one lets `finally` remove half files
+            signal.signal(signum, signal.SIG_DFL)
+            die(f"stopped at once by a second {signal.Signals(signum).name}; checkpoints are whole")
 
 
 # Newlines show as ⏎, other unprintable bytes and special ids as ·.

@@ -138,6 +138,14 @@ TRAIN_BAD_INPUT = [
     (["--mlm-rate", "1.5"], "argument --mlm-rate: must be above 0 and at most 1, got 1.5"),
     (["--dropout", "nan"], "argument --dropout: must be at least 0 and below 1, got nan"),
     (["--eval-seqs", "x"], "argument --eval-seqs: invalid int value: 'x'"),
+    (["--seed", "-1"], "argument --seed: must be at least 0 and at most 4294967295, got -1"),
+    (["--out-dir", "{tmp}/ok.txt"], "--out-dir '{tmp}/ok.txt' cannot be made a folder here"),
+    (["--out-dir", "{tmp}/ok.txt/run"], "{tmp}/ok.txt is not a writable one"),
+    (["--out-dir", ""], "--out-dir '' cannot be made a folder here"),
+    (
+        ["--data", "{tmp}/missing", "--init-from", "{tmp}/future.pt"],
+        "future.pt: its config is not one this tinyencoder.py takes (",
+    ),
     # the model's flags are checked before any data is read: --data names nothing here
     (["--data", "{tmp}/missing", "--context", "9000"], "at most 8192 bytes"),
     (["--data", "{tmp}/missing", "--init-from", "{tmp}/none.pt"], "--init-from: no checkpoint"),
@@ -154,6 +162,9 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
     (tmp_path / "links").mkdir()
     (tmp_path / "links" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
     tiny_checkpoint(tmp_path / "bert.pt")
+    future = torch.load(tiny_checkpoint(tmp_path / "future.pt"), weights_only=True)
+    future["cfg"]["a_field_of_a_later_version"] = True
+    torch.save(future, tmp_path / "future.pt")
     cmd = [sys.executable, "train.py", *(a.format(tmp=tmp_path) for a in args)]
     if "--out-dir" not in args:
         cmd += ["--out-dir", str(tmp_path / "out")]
@@ -190,6 +201,14 @@ def test_a_run_is_never_overwritten_and_resumes_with_its_own_flags(tmp_path):
     other = [*map(str, cmd), "--size", "small"]
     refused = subprocess.run(other, capture_output=True, text=True, timeout=120, cwd=here)
     assert refused.returncode != 0 and "not --size small (the run's: tiny)" in refused.stderr
+    # nor the rows a step (processes x --batch-size x --grad-accum), which number the data
+    other = [*map(str, cmd), "--batch-size", "2"]
+    refused = subprocess.run(other, capture_output=True, text=True, timeout=120, cwd=here)
+    assert "the run took 3 rows a step, this one 2 (2 per micro-batch x 1" in refused.stderr
+    # and a run at step 3 does not stop at step 2
+    cmd[-1] = 2
+    refused = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=here)
+    assert "the run is at step 3, past --max-steps 2" in refused.stderr, refused.stderr[-2000:]
     assert re.search(r"^step\s+3/3 \| loss", resumed.stdout, re.M), resumed.stdout[-2000:]
 
 
@@ -221,6 +240,9 @@ def test_learned_positions_learn_word_order(tmp_path, arch):
     assert run.returncode == 0, run.stderr[-2000:]
     accuracy = float(re.search(r"held-out masked-byte accuracy (\S+)%", run.stdout).group(1))
     assert accuracy >= 75, run.stdout[-1500:]
+    table = [sys.executable, "docs/position_table.py", str(tmp_path / "out" / "ckpt_last.pt")]
+    described = subprocess.run(table, capture_output=True, text=True, cwd=here, timeout=120)
+    assert "step 600: position rows norm" in described.stdout, described.stderr[-2000:]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -501,6 +523,26 @@ def test_finetune_bad_input_is_one_line(tmp_path, lines, message):
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train", "{tmp}", "--val", "{tmp}/val.jsonl"], "{tmp}: no such file"),
+        (
+            ["--task", "tags", "--train", "{tmp}/val.jsonl"],
+            "give --task, or --train and --val, not",
+        ),
+        (["--task", "tags", "--out-dir", "{tmp}/val.jsonl"], "val.jsonl' cannot be made a folder"),
+        (["--task", "tags", "--seed", "-3"], "argument --seed: must be at least 0"),
+    ],
+)
+def test_finetune_bad_flags_are_one_line(tmp_path, flags, message):
+    write_jsonl(tmp_path / "val.jsonl", [{"text": "a", "label": "x"}])
+    init = ["--init", tiny_checkpoint(tmp_path / "init.pt"), "--max-steps", 1]
+    run = finetune(tmp_path, *(str(flag).format(tmp=tmp_path) for flag in flags), *init)
+    assert run.returncode != 0 and message.format(tmp=tmp_path) in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize("content", [b"not a checkpoint", None])
 def test_finetune_init_that_is_not_a_checkpoint_is_one_line(tmp_path, content):
     import torch
@@ -613,6 +655,44 @@ def test_the_lr_schedule_lasts_as_long_as_the_run(tmp_path, steps, schedule):
     proc.kill()
     proc.wait(timeout=60)
     assert f"training steps 1..{steps}, peak lr 0.002 on a {schedule}-step schedule" in plan
+
+
+def test_a_resumed_run_has_the_time_budget_the_run_left(tmp_path):
+    """A run fitted to --time-budget records the time it has spent; resumed, it stops when the
+    budget is spent in all, not a whole budget later."""
+    run_dir = tmp_path / "run"
+    _train(tmp_path, "--max-steps", 2, "--context", 32, "--out-dir", run_dir)
+    state = torch.load(run_dir / "ckpt_last.pt", weights_only=True)
+    assert 0 < state["elapsed_s"] < 300 and state["global_batch"] == 64
+    # as if a run of one minute without --max-steps had used 50 s of it, with 1000 steps planned
+    state["args"].update(max_steps=None, time_budget=1.0)
+    state.update(max_steps=1000, elapsed_s=50.0)
+    torch.save(state, run_dir / "ckpt_last.pt")
+    cmd = [sys.executable, "train.py", "--resume", "--out-dir", run_dir]
+    here = str(Path(__file__).parent)
+    run = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=here, timeout=300)
+    assert "time budget reached: stopping after step 3 of 1000" in run.stdout, run.stdout[-2000:]
+
+
+def test_a_second_signal_stops_at_once_and_leaves_no_half_file(tmp_path):
+    """The first Ctrl-C or SIGTERM asks the loop to stop after its step; a second stops at once,
+    but through `finally`, so that a checkpoint being written leaves no half file."""
+    import runs
+    from data.corpus import renamed_into_place
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = runs.StopSignals()
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.received == [signal.SIGTERM]
+        with pytest.raises(SystemExit, match="stopped at once by a second SIGINT"):
+            with renamed_into_place(str(tmp_path / "ckpt_last.pt")) as temporary:
+                Path(temporary).write_bytes(b"half a checkpoint")
+                signal.raise_signal(signal.SIGINT)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch):

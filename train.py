@@ -24,7 +24,7 @@ import tinyencoder as te
 from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
 from runs import COUNT, DROPOUT, FRACTION, LENGTH, POSITIVE, RATE, Metrics, Parser, StopSignals
 from runs import demo, device_or_die, die, die_diverged, load_checkpoint, refuse_to_overwrite
-from runs import resumed_args, save_checkpoint, settle_vector_math
+from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math
 from data.corpus import load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
 
@@ -108,12 +108,12 @@ add("--init-from", help="checkpoint to take the weights from (e.g. before a --co
 add("--compile", action=BooleanOptionalAction, help="torch.compile the model (default: on CUDA)")
 add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="autocast; see below")
 add("--position-init", choices=["sinusoids", "normal"], default="sinusoids", help="see README")
-add("--seed", type=int, default=1337)
+add("--seed", type=SEED, default=1337)
 args = parser.parse_args()
 # each vector math kernel chosen before threads share a call, or a run may not replay (runs.py)
 settle_vector_math()
 # A resumed run goes on with its own flags, but those given again; a fresh one never overwrites one.
-checkpoint, ckpt_path, changed = None, os.path.join(args.out_dir, "ckpt_last.pt"), []
+checkpoint, ckpt_path, changed = {}, os.path.join(args.out_dir, "ckpt_last.pt"), []
 if args.resume:
     checkpoint, resumed_cfg = load_checkpoint(ckpt_path, "--resume")
     if "lr_steps" not in checkpoint:
@@ -127,9 +127,7 @@ else:
 
 # Config: processes, device, and the defaults that depend on them (checkpoints record the args).
 ddp = "RANK" in os.environ  # launched by torchrun
-rank, world = 0, 1
-if ddp:
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 master = rank == 0
 
 
@@ -157,6 +155,8 @@ T = args.context  # sequence length, as in tinyencoder
 args.batch_size = args.batch_size or max(1, (32768 if on_gpu else 2048) // T)
 B = args.batch_size  # sequences per micro-batch and process, as in tinyencoder
 global_batch = B * world * args.grad_accum  # sequences per optimizer step, over all processes
+split = f"{B} per micro-batch x {world} processes x {args.grad_accum} accumulated"
+check_resumed(checkpoint, global_batch, split, args.max_steps)
 # ModernBERT's context extension: global RoPE theta 160k, lr 3e-4, a 1-sqrt decay over the last 1/6
 extension = args.arch == "modernbert" and T > 1024
 args.lr = args.lr or (3e-4 if extension else recipe.lr[args.size])
@@ -164,7 +164,9 @@ args.warmup = recipe.warmup[args.size] if args.warmup is None else args.warmup
 if args.decay is None:
     args.decay = 1 / 6 if extension else 0.2
 args.mlm_rate = args.mlm_rate or recipe.mlm_rate[args.size]
-deadline = t0 + args.time_budget * 60 - 15  # 15 s for the demo and the last checkpoint
+# 15 s for the demo and the last checkpoint; a resumed run has spent part of its budget before
+spent = checkpoint.get("elapsed_s", 0.0)
+deadline = t0 + args.time_budget * 60 - 15 - spent
 
 
 # Model. A learned position table starts as sinusoids, not as noise (README: "Learning word order").
@@ -248,7 +250,6 @@ if args.compile:
     train_model = torch.compile(train_model)
 n_params = sum(p.numel() for p in model.parameters())
 shape = f"{n_params / 1e6:.2f}M parameters, {cfg.layers} layers of {cfg.hidden}"
-split = f"{B} per micro-batch x {world} processes x {args.grad_accum} accumulated"
 log(f"model: {args.arch} {args.size}, {shape}; {global_batch} x {T} tokens per step ({split})")
 attention = f"{backend} attention"
 if backend == "flash":
@@ -344,6 +345,7 @@ def evaluate():
 def save(path):
     state = dict(model=model.state_dict(), optim=opt.state_dict(), step=step, lr_steps=lr_steps)
     state.update(max_steps=max_steps, best=best, cfg=asdict(cfg), args=vars(args))
+    state.update(global_batch=global_batch, elapsed_s=spent + time.time() - t0)
     save_checkpoint(path, state)
 
 

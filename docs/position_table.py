@@ -9,17 +9,15 @@ import argparse
 import os
 import sys
 
-import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tinyencoder as te  # noqa: E402
-from tinyencoder_hf import checkpoint_config  # noqa: E402
+from runs import load_checkpoint  # noqa: E402
 
 
 def describe(path):
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = checkpoint_config(state["cfg"])
+    state, cfg = load_checkpoint(path, "position_table.py")
     model = te.TinyEncoder(cfg)
     model.load_state_dict(state["model"])
     if model.pos_embed is None:
