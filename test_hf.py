@@ -240,15 +240,24 @@ def test_save_round_trip(preset, over, tmp_path):
     assert torch.equal(back.logits, out.logits)
 
 
-def test_load_rejects_unsupported_architecture(tmp_path):
+@pytest.mark.parametrize("architectures", [["GPT2LMHeadModel"], "GPT2LMHeadModel"])
+def test_load_rejects_unsupported_architecture(tmp_path, architectures):
+    """A class in a list, as transformers writes it, or alone, as a hand-written config may."""
     (tmp_path / "config.json").write_text(
-        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+        json.dumps({"architectures": architectures, "model_type": "gpt2"})
     )
     with pytest.raises(
         ValueError,
         match=r"'GPT2LMHeadModel' is not supported.*BertForMaskedLM.*ModernBertForMaskedLM",
     ):
         tinyencoder_hf.load(str(tmp_path))
+
+
+def test_save_onto_a_file_is_one_value_error(tmp_path):
+    pytest.importorskip("safetensors.torch", reason="save checks for safetensors first")
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ValueError, match="taken is a file, not a folder"):
+        tinyencoder_hf.save(TinyEncoder(tiny("bert")), str(tmp_path / "taken"))
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected"])

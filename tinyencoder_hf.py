@@ -473,7 +473,10 @@ def read_config(path: str) -> dict:
 def load(path: str) -> te.TinyEncoder:
     """A TinyEncoder from a transformers checkpoint directory, checking every name and shape."""
     hf = read_config(path)
-    kind = (hf.get("architectures") or [None])[0]
+    kind = hf.get("architectures") or [None]
+    if isinstance(kind, str):  # a hand-written config's one class, not in a list
+        kind = [kind]
+    kind = kind[0]
     if kind is None:
         kind = BASE_CLASSES.get(hf.get("model_type"))
     if kind not in CLASSES:
@@ -542,6 +545,8 @@ def save(model: te.TinyEncoder, path: str, labels=None):
     model.safetensors, the byte tokenizer, and a mean-pooling sentence-transformers setup.
     labels: a classifier's class names, in order."""
     save_file = safetensors_torch().save_file  # before anything is written
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"save: {path} is a file, not a folder to write a checkpoint into")
     files = {"config.json": config_to_hf(model.cfg, labels)}
     files["tokenizer.json"] = tokenizer_json(model.cfg)
     files["tokenizer_config.json"] = tokenizer_config(model.cfg)
