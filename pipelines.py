@@ -161,6 +161,8 @@ def answer(model, question, context, max_length: int = 30) -> str:
         kind = model.cfg.classifier
         raise ValueError(f"answer needs a span model (Config.classifier='span'), not {kind!r}")
     row = question_row(model.cfg, question, context)
+    if not row.context:
+        raise ValueError("answer's context is empty: no span of it can answer")
     device = model.tok_embed.weight.device
     ids = torch.tensor([row.ids], device=device)
     token_types = None

@@ -1003,6 +1003,13 @@ BAD_CALLS = {
         lambda p: pipelines.choice_batch(tiny(p), "q", [["a", "b"]]),
         "choice_batch takes a list of questions and one of choices, got str and list",
     ),
+    "answer no context": Bad(
+        lambda p: pipelines.answer(TinyEncoder(tiny(p, classifier="span", nsp=False)), "q", ""),
+        "answer's context is empty: no span of it can answer",
+    ),
+    "rate True": Bad(
+        lambda p: mask_tokens(ROW, tiny(p), rate=True), r"mask_tokens' rate=True must be a number"
+    ),
     "choices None": Bad(
         lambda p: pipelines.choice_batch(tiny(p), ["q"], [None]),
         r"choices\[0\] must be a list of one choice or more, got None",

@@ -689,7 +689,7 @@ def check_ids(ids, cfg: Config, rate):
     if not torch.is_tensor(ids):
         raise ValueError(f"mask_tokens takes a tensor of ids, got {type(ids).__name__}")
     check_tensor("ids", ids, tuple(ids.shape), INDEX_DTYPES, cfg.vocab_size, ids.device)
-    if not isinstance(rate, numbers.Real) or not 0 < rate <= 1:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate <= 1:
         raise ValueError(f"mask_tokens' rate={rate!r} must be a number in (0, 1]")
 
 
