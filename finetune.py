@@ -57,6 +57,8 @@ if args.task and (args.train or args.val):
     die("give --task, or --train and --val, not both: --task names its own files")
 # each vector math kernel chosen before threads share a call, or a run may not replay (runs.py)
 settle_vector_math()
+# Ctrl-C, SIGTERM, from here on (setup too): the loop saves and stops after the step in flight
+stop = StopSignals()
 t0 = time.time()
 
 
@@ -435,8 +437,6 @@ def save(path):
     save_checkpoint(path, state)
 
 
-# Ctrl-C, SIGTERM: the loop saves and stops after the step in flight
-stop = StopSignals()
 results = evaluate() if step >= args.max_steps else None  # a finished run, resumed
 model.train()
 step_time, timed_from = 0.0, time.time()

@@ -112,6 +112,8 @@ add("--seed", type=SEED, default=1337)
 args = parser.parse_args()
 # each vector math kernel chosen before threads share a call, or a run may not replay (runs.py)
 settle_vector_math()
+# Ctrl-C, SIGTERM, from here on (setup too): finish the step (DDP: the log interval), save, leave
+stop = StopSignals()
 # A resumed run goes on with its own flags, but those given again; a fresh one never overwrites one.
 checkpoint, ckpt_path, changed = {}, os.path.join(args.out_dir, "ckpt_last.pt"), []
 if args.resume:
@@ -281,8 +283,6 @@ if checkpoint:
         log(f"flags changed from the run's own: {', '.join(changed)}")
 os.makedirs(args.out_dir, exist_ok=True)
 metrics = Metrics(args.out_dir, fresh=not checkpoint) if master else None
-# Ctrl-C, SIGTERM: finish the step (DDP: the log interval), save, leave
-stop = StopSignals()
 
 
 # The functions of a step: the schedule, evaluation, checkpoints, training, fitting the run.
