@@ -1362,6 +1362,29 @@ def test_packed_row_longer_than_max_len(preset):
     assert torch.allclose(both[1:, :10], model(ids[:, :10]).logits, atol=1e-5)
 
 
+def test_whole_rows_run_batched_on_a_cpu():
+    """cfg.unpad on a CPU: rows that are each one whole document stay Padded rows with no mask
+    (batched calls, as transformers' run them); padding or packing unpads. The same logits and
+    gradients either way, local layers' windows (8 tokens here) included."""
+    cfg = tiny("modernbert")
+    model = perturb(TinyEncoder(cfg))
+    ids, whole = torch.randint(0, 256, (3, 40)), torch.ones(3, 40, dtype=torch.long)
+    layout = tinyencoder.make_layout(cfg, whole, torch.float32)
+    assert isinstance(layout, tinyencoder.Padded) and layout.mask is None and cfg.unpad
+    for doc in (packed_batch()[1], batch()[1]):
+        assert isinstance(tinyencoder.make_layout(cfg, doc, torch.float32), tinyencoder.Unpadded)
+    starts = tinyencoder.document_starts(whole)
+    unpadded = tinyencoder.Unpadded.from_doc_ids(whole, starts, "sdpa")
+    results = []
+    for given in (layout, unpadded):
+        model.zero_grad()
+        out = model(ids, labels=ids, layout=given)
+        out.loss.backward()
+        results.append([out.logits, *(p.grad.clone() for p in model.parameters())])
+    for batched, per_document in zip(*results):
+        assert_close(batched, per_document, 1e-5)
+
+
 @pytest.mark.parametrize("unpad", [False, True])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_a_layout_made_ahead_gives_the_same_step(preset, unpad):

@@ -2,8 +2,7 @@
 
 Read top to bottom, each idea before any faster form of it: 1. byte vocabulary; 2. Config and
 PRESETS; 3. attention as defined; 4. blocks; 5. the model, a trunk and its heads; 6. masking. Then,
-optional reading: 7. fine-tuning heads, embeddings; 8. input checks; 9. fast paths.
-"""
+optional reading: 7. fine-tuning heads, embeddings; 8. input checks; 9. fast paths."""
 
 from __future__ import annotations
 
@@ -496,8 +495,7 @@ def mask_tokens(ids, cfg: Config, generator=None, rate=0.15) -> tuple[torch.Tens
     return inputs, labels
 
 
-# (optional reading) What follows is not the papers' core: 7. fine-tuning heads and embeddings;
-# 8. input checks; 9. fast paths, each tested equal to sections 3 and 4.
+# (optional reading) Not the papers' core: 7. heads and embeddings; 8. input checks; 9. fast paths.
 
 
 # 7. Fine-tuning heads and embeddings
@@ -811,11 +809,13 @@ def pick_backend(cfg: Config, device: torch.device, dtype) -> str:
 @torch.compiler.disable  # reads the batch: one graph break here, none in the layers
 def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
     """The layout, on doc_ids' device, of a forward on device (doc_ids' by default): Unpadded tokens
-    for flash or where cfg.unpad asks on a CPU, else Padded rows; with labels, those labelled."""
+    for flash, or where cfg.unpad asks on a CPU unless each row is one whole document (README:
+    "Whole rows on a CPU"); else Padded rows. With labels, it holds those labelled."""
     device = torch.device(device or doc_ids.device)
     backend = pick_backend(cfg, device, dtype)
     starts = document_starts(doc_ids)
-    if backend == "flash" or (cfg.unpad and device.type == "cpu"):
+    whole = device.type == "cpu" and bool((starts.sum(1) == 1).all() & (doc_ids != 0).all())
+    if backend == "flash" or (cfg.unpad and device.type == "cpu" and not whole):
         layout = Unpadded.from_doc_ids(doc_ids, starts, backend)
     else:
         layout = Padded.from_doc_ids(doc_ids, starts, cfg.half_window, backend)
