@@ -93,6 +93,8 @@ class Line(NamedTuple):
 def read_jsonl(path):
     """The file's Lines, with a one-line error for a missing file or a line that is not a JSON
     object with a "text" string."""
+    if os.path.isdir(path):
+        die(f"{path}: a folder, not a JSONL file")
     if not os.path.isfile(path):
         die(f"{path}: no such file")
     records = []

@@ -49,8 +49,9 @@ def check_bytes(cfg: te.Config):
 def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch.Tensor:
     """Embeddings (N, hidden) of a list of str or bytes: each text runs as [CLS] bytes [SEP],
     pooled as te.pool() says; normalize makes each unit length. Texts of like length share a
-    batch, so little is padded; on a CPU the batch runs unpadded whatever cfg.unpad says (the same
-    numbers, faster). A text over max_len tokens is an error, never cut silently."""
+    batch, so little is padded; on a CPU a batch with padding runs unpadded whatever cfg.unpad
+    says, one of texts of one length as rows (the same numbers, faster). A text over max_len
+    tokens is an error, never cut silently."""
     check_model(model, "encode")
     cfg = model.cfg
     if cfg.classifier == "choice":

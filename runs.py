@@ -74,7 +74,8 @@ FRACTION = number(float, 0, 1)
 RATE = number(float, 0, 1, low_open=True)
 DROPOUT = number(float, 0, 1, high_open=True)
 LENGTH = number(int, 16)
-# numpy's generators take no seed below 0; torch's none past 2^64 (a step's adds up to 10^18)
+# numpy's generators take no seed below 0, and torch's none from 2^64 on, which train.py's seed of
+# a step (seed + 1,000,003 x step + rank) must stay under for 10^12 steps: a seed below 2^32 does
 SEED = number(int, 0, 2**32 - 1)
 
 
@@ -222,7 +223,7 @@ class Metrics:
 
 class StopSignals:
     """Ctrl-C and SIGTERM ask the loop to stop after the step in flight, so that it can save first;
-    a second one stops at once."""
+    a second stops as soon as Python runs, a third at once."""
 
     def __init__(self):
         self.received = []
@@ -231,10 +232,17 @@ class StopSignals:
 
     def on_signal(self, signum, frame):
         self.received.append(signum)
-        if len(self.received) > 1:
-            # a third stops the process whatever it runs; this one lets `finally` remove half files
-            signal.signal(signum, signal.SIG_DFL)
-            die(f"stopped at once by a second {signal.Signals(signum).name}; checkpoints are whole")
+        name = signal.Signals(signum).name
+        if len(self.received) == 1:
+            print(
+                f"{name}: stopping after the step in flight; a second stops sooner", file=sys.stderr
+            )
+            return
+        # a third stops the process whatever it runs (a collective, a compile); this second one
+        # stops when Python next runs, through `finally` blocks that remove half-written files
+        for each in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(each, signal.SIG_DFL)
+        die(f"stopped by a second signal ({name}); the checkpoints on disk are whole")
 
 
 # Newlines show as ⏎, other unprintable bytes and special ids as ·.

@@ -654,8 +654,8 @@ def test_classifiers_learn_a_byte_rule(preset, task):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_encode_is_the_same_alone_or_batched(preset, unpad, kernels):
     """A text's embedding does not depend on the texts batched with it (nor their padding), and
-    encode leaves the model in the mode it found it in. On a CPU it runs unpadded, unpad or not,
-    and gives the padded forward's mean-pooled vectors."""
+    encode leaves the model in the mode it found it in. On a CPU a batch with padding runs
+    unpadded, unpad or not, and gives the padded forward's mean-pooled vectors."""
     model = perturb(TinyEncoder(tiny(preset, unpad=unpad)))
     texts = ["", "a", "hello world", "é" * 30, b"\x00\xff bytes", "x" * 62]
     if preset == "bert":  # a BERT checkpoint's pad id is the byte 0: it stays a token

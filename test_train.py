@@ -204,10 +204,14 @@ def test_a_run_is_never_overwritten_and_resumes_with_its_own_flags(tmp_path):
     # nor the rows a step (processes x --batch-size x --grad-accum), which number the data
     other = [*map(str, cmd), "--batch-size", "2"]
     refused = subprocess.run(other, capture_output=True, text=True, timeout=120, cwd=here)
+    assert refused.returncode != 0, refused.stdout[-2000:]
     assert "the run took 3 rows a step, this one 2 (2 per micro-batch x 1" in refused.stderr
     # and a run at step 3 does not stop at step 2
     cmd[-1] = 2
-    refused = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=here)
+    refused = subprocess.run(
+        list(map(str, cmd)), capture_output=True, text=True, timeout=120, cwd=here
+    )
+    assert refused.returncode != 0, refused.stdout[-2000:]
     assert "the run is at step 3, past --max-steps 2" in refused.stderr, refused.stderr[-2000:]
     assert re.search(r"^step\s+3/3 \| loss", resumed.stdout, re.M), resumed.stdout[-2000:]
 
@@ -367,7 +371,7 @@ def test_finetune_learns_resumes_and_exports(tmp_path):
     for line in proc.stdout:
         steps_before = len(first)
         first += re.findall(r"^step\s+\d+/40 \| loss (\S+)", line)
-        if steps_before < 3 <= len(first):  # one Ctrl-C: a second one stops at once, unsaved
+        if steps_before < 3 <= len(first):  # one Ctrl-C: a second one stops sooner, unsaved
             proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0 and 3 <= len(first) < 40
     rest = finetune(tmp_path, *common, "--out-dir", tmp_path / "b", "--resume")
@@ -526,7 +530,7 @@ def test_finetune_bad_input_is_one_line(tmp_path, lines, message):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--train", "{tmp}", "--val", "{tmp}/val.jsonl"], "{tmp}: no such file"),
+        (["--train", "{tmp}", "--val", "{tmp}/val.jsonl"], "{tmp}: a folder, not a JSONL file"),
         (
             ["--task", "tags", "--train", "{tmp}/val.jsonl"],
             "give --task, or --train and --val, not",
@@ -674,9 +678,10 @@ def test_a_resumed_run_has_the_time_budget_the_run_left(tmp_path):
     assert "time budget reached: stopping after step 3 of 1000" in run.stdout, run.stdout[-2000:]
 
 
-def test_a_second_signal_stops_at_once_and_leaves_no_half_file(tmp_path):
-    """The first Ctrl-C or SIGTERM asks the loop to stop after its step; a second stops at once,
-    but through `finally`, so that a checkpoint being written leaves no half file."""
+def test_a_second_signal_stops_at_once_and_leaves_no_half_file(tmp_path, capfd):
+    """The first Ctrl-C or SIGTERM asks the loop to stop after its step (and says so); a second
+    stops as soon as Python runs, through `finally`, so that a checkpoint being written leaves no
+    half file; a third would find both signals' default action back."""
     import runs
     from data.corpus import renamed_into_place
 
@@ -685,11 +690,13 @@ def test_a_second_signal_stops_at_once_and_leaves_no_half_file(tmp_path):
         stop = runs.StopSignals()
         signal.raise_signal(signal.SIGTERM)
         assert stop.received == [signal.SIGTERM]
-        with pytest.raises(SystemExit, match="stopped at once by a second SIGINT"):
+        assert "SIGTERM: stopping after the step in flight" in capfd.readouterr().err
+        with pytest.raises(SystemExit, match=r"stopped by a second signal \(SIGINT\)"):
             with renamed_into_place(str(tmp_path / "ckpt_last.pt")) as temporary:
                 Path(temporary).write_bytes(b"half a checkpoint")
                 signal.raise_signal(signal.SIGINT)
         assert list(tmp_path.iterdir()) == []
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == signal.SIG_DFL
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

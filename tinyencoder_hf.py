@@ -473,10 +473,10 @@ def read_config(path: str) -> dict:
 def load(path: str) -> te.TinyEncoder:
     """A TinyEncoder from a transformers checkpoint directory, checking every name and shape."""
     hf = read_config(path)
-    kind = hf.get("architectures") or [None]
-    if isinstance(kind, str):  # a hand-written config's one class, not in a list
-        kind = [kind]
-    kind = kind[0]
+    classes = hf.get("architectures") or [None]
+    if isinstance(classes, str):  # a hand-written config's one class, not in a list
+        classes = [classes]
+    kind = classes[0]
     if kind is None:
         kind = BASE_CLASSES.get(hf.get("model_type"))
     if kind not in CLASSES:
@@ -551,7 +551,7 @@ def save(model: te.TinyEncoder, path: str, labels=None):
     files["tokenizer.json"] = tokenizer_json(model.cfg)
     files["tokenizer_config.json"] = tokenizer_config(model.cfg)
     files.update(sentence_transformers_files(model.cfg))
-    # every file's text before the first is written: an error leaves no half-written folder
+    # every file's text before the first is written: a value JSON cannot hold writes no file
     texts = {
         name: json.dumps(content, indent=2, ensure_ascii=False, default=plain_number)
         for name, content in files.items()

@@ -129,7 +129,8 @@ else:
 
 # Config: processes, device, and the defaults that depend on them (checkpoints record the args).
 ddp = "RANK" in os.environ  # launched by torchrun
-rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+rank = int(os.environ["RANK"]) if ddp else 0
+world = int(os.environ["WORLD_SIZE"]) if ddp else 1
 master = rank == 0
 
 
@@ -166,9 +167,8 @@ args.warmup = recipe.warmup[args.size] if args.warmup is None else args.warmup
 if args.decay is None:
     args.decay = 1 / 6 if extension else 0.2
 args.mlm_rate = args.mlm_rate or recipe.mlm_rate[args.size]
-# 15 s for the demo and the last checkpoint; a resumed run has spent part of its budget before
-spent = checkpoint.get("elapsed_s", 0.0)
-deadline = t0 + args.time_budget * 60 - 15 - spent
+spent = checkpoint.get("elapsed_s", 0.0)  # a resumed run's budget is what the run left
+deadline = t0 + args.time_budget * 60 - 15 - spent  # 15 s for the demo and the last checkpoint
 
 
 # Model. A learned position table starts as sinusoids, not as noise (README: "Learning word order").
@@ -468,7 +468,7 @@ while step < max_steps:
         results = evaluate()
         log(f"eval step {step}: " + " ".join(f"{name} {value}" for name, value in results.items()))
         record = dict(step=step, arch=args.arch, train_loss=loss, tokens=step * global_batch * T)
-        metrics.write(dict(record, elapsed_s=round(time.time() - t0, 1), **results))
+        metrics.write(dict(record, elapsed_s=round(spent + time.time() - t0, 1), **results))
         if results["val_loss"] < best:
             best = results["val_loss"]
             save(os.path.join(args.out_dir, "ckpt_best.pt"))
