@@ -426,6 +426,8 @@ def test_config_keys_left_out_take_transformers_defaults(family):
         ("bert", dict(prenorm=True), "no transformers equivalent; offending: {'prenorm': True}"),
         ("roberta", dict(act="gelu_tanh"), "transformers' applies 'gelu'"),
         ("roberta", dict(pad_id=1, pos_offset=2), "a byte-level RoBERTa with pad_id=1, a byte"),
+        ("roberta", dict(nsp=True), "next-sentence head for BERT only, not roberta"),
+        ("modernbert", dict(nsp=True), "next-sentence head for BERT only, not modernbert"),
     ],
 )
 def test_save_refuses_what_transformers_would_compute_differently(preset, over, message, tmp_path):
@@ -433,6 +435,32 @@ def test_save_refuses_what_transformers_would_compute_differently(preset, over, 
     with pytest.raises(ValueError, match=re.escape(message)):
         tinyencoder_hf.save(TinyEncoder(tiny(preset, **over)), str(tmp_path))
     assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "family, over",
+    [
+        ("ModernBert", dict(vocab_size=1000, pad_token_id=0)),  # [CLS] 50281 by default
+        ("Bert", dict(vocab_size=259)),  # [MASK] 259 by default
+        (
+            "Roberta",
+            dict(vocab_size=200, bos_token_id=0, eos_token_id=2, max_position_embeddings=66),
+        ),
+    ],
+)
+def test_special_ids_that_no_forward_reads_may_lie_outside_the_vocabulary(family, over, tmp_path):
+    """transformers builds and runs these; they load with its logits, their ids inside the table."""
+    transformers = pytest.importorskip("transformers", reason="the checkpoint is transformers'")
+    sizes = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=48)
+    config = getattr(transformers, family + "Config")(**sizes, **over)
+    hf = getattr(transformers, family + "ForMaskedLM")(config).eval()
+    hf.save_pretrained(tmp_path)
+    model = tinyencoder_hf.load(str(tmp_path)).eval()
+    ids = torch.randint(3, 150, (2, 12))
+    with torch.no_grad():
+        assert_close(model(ids).logits, hf(input_ids=ids).logits, 1e-4)
+    cfg = model.cfg
+    assert max(cfg.cls_id, cfg.sep_id, cfg.mask_id) < config.vocab_size
 
 
 def test_save_writes_numpy_numbers_as_json_numbers(tmp_path):

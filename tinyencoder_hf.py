@@ -273,6 +273,12 @@ def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.
     for ours, theirs in CONFIG_KEYS[arch].items():
         if hf.get(theirs) is not None:
             fields[ours] = hf[theirs]
+    # [CLS], [SEP] and [MASK] ids that no forward reads, outside this vocabulary (transformers'
+    # ModernBERT defaults to 50281 and 50282 whatever the vocabulary, and config.json holds no
+    # [MASK]): pad_id's, so that the Config is whole; this vocabulary's own tokenizer knows its ids
+    for name in ("cls_id", "sep_id", "mask_id"):
+        if not 0 <= fields.get(name, getattr(te.Config, name)) < fields["vocab_size"]:
+            fields[name] = fields["pad_id"]
     fields["act"] = activation_from_hf(hf.get(ACTIVATION_KEY[arch]) or "gelu")
     if arch == "modernbert":
         return modernbert_config(hf, fields)
@@ -367,6 +373,10 @@ def config_to_hf(cfg: te.Config, labels=None) -> dict:
         bad["type_vocab"] = cfg.type_vocab
     if cfg.arch == "roberta" and cfg.classifier == "none":
         require_exact_gelu(cfg)
+    if cfg.nsp and cfg.arch != "bert":
+        raise ValueError(
+            f"nsp=True: transformers has a next-sentence head for BERT only, not {cfg.arch}"
+        )
     # transformers' RoBERTa numbers positions from input_ids != pad_token_id: a byte would vanish
     if cfg.arch == "roberta" and cfg.vocab_size == te.VOCAB_SIZE and cfg.pad_id < 256:
         raise ValueError(
