@@ -394,6 +394,7 @@ def test_hub_style_configs_load_exactly(name, tmp_path):
             dict(rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0}}),
             r"RoPE scaling \('linear'\)",
         ),
+        ("ModernBertForMaskedLM", dict(decoder_bias=False), "decoder_bias must be true"),
     ],
 )
 def test_load_refuses_what_it_would_compute_differently(name, over, message, tmp_path):
@@ -402,6 +403,18 @@ def test_load_refuses_what_it_would_compute_differently(name, over, message, tmp
     hf_model(transformers, name, "eager", **over).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=message):
         tinyencoder_hf.load(str(tmp_path))
+
+
+def test_a_classifier_loads_whatever_its_unused_decoder_bias(tmp_path):
+    """decoder_bias is the MLM decoder's: a ModernBERT classifier without it loads exactly."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    name = "ModernBertForSequenceClassification"
+    hf = hf_model(transformers, name, "eager", decoder_bias=False).eval()
+    hf.save_pretrained(tmp_path)
+    ids, mask, kw = hf_inputs(name)
+    model = tinyencoder_hf.load(str(tmp_path)).eval()
+    with torch.no_grad():
+        assert_close(model(ids, **kw).logits, hf_logits(hf(input_ids=ids, **kw), name), 1e-4)
 
 
 @pytest.mark.parametrize("family", ["Bert", "Roberta", "ModernBert"])

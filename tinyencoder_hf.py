@@ -306,8 +306,11 @@ def modernbert_config(hf: dict, fields: dict) -> te.Config:
         raise ValueError(f"RoPE scaling ({found[0]!r}) is not supported; only rope_type 'default'")
     for field, kind in (("rope_theta", GLOBAL), ("rope_theta_local", LOCAL)):
         fields[field] = thetas.get(kind, {}).get("rope_theta", fields[field])
-    if bool(hf.get("mlp_bias")) != fields["bias"] or not hf.get("decoder_bias", True):
-        raise ValueError("attention_bias must equal mlp_bias and decoder_bias must be true")
+    if bool(hf.get("mlp_bias")) != fields["bias"]:
+        raise ValueError("attention_bias must equal mlp_bias")
+    # the MLM decoder's bias, which ours always has; a classifier has no decoder
+    if not hf.get("decoder_bias", True) and fields["classifier"] == "none":
+        raise ValueError("decoder_bias must be true: the MLM decoder here always has a bias")
     if activation_from_hf(hf.get("classifier_activation") or "gelu") != fields["act"]:
         raise ValueError("classifier_activation must equal hidden_activation")
     fields["resid_dropout"] = fields["attn_dropout"]  # one knob drives both in transformers
