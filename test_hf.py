@@ -405,6 +405,20 @@ def test_load_refuses_what_it_would_compute_differently(name, over, message, tmp
         tinyencoder_hf.load(str(tmp_path))
 
 
+def test_an_odd_local_window_loads_as_the_even_one_below(tmp_path):
+    """local_attention 9: transformers' local layers see 4 keys each side, as a window of 8 does."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    name = "ModernBertForMaskedLM"
+    hf = hf_model(transformers, name, "eager", local_attention=9).eval()
+    hf.save_pretrained(tmp_path)
+    ids, mask, kw = hf_inputs(name)
+    model = tinyencoder_hf.load(str(tmp_path)).eval()
+    assert model.cfg.window == 8
+    with torch.no_grad():
+        out, ref = model(ids, **kw).logits, hf(input_ids=ids, **kw).logits
+    assert_close(out[mask.bool()], ref[mask.bool()], 1e-4)
+
+
 def test_a_classifier_loads_whatever_its_unused_decoder_bias(tmp_path):
     """decoder_bias is the MLM decoder's: a ModernBERT classifier without it loads exactly."""
     transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")

@@ -314,6 +314,10 @@ def modernbert_config(hf: dict, fields: dict) -> te.Config:
     if activation_from_hf(hf.get("classifier_activation") or "gelu") != fields["act"]:
         raise ValueError("classifier_activation must equal hidden_activation")
     fields["resid_dropout"] = fields["attn_dropout"]  # one knob drives both in transformers
+    # transformers' local layers reach local_attention // 2 keys each side: an odd window of 3 or
+    # more is the even one below it (1 would reach none, which no window of ours does)
+    if fields["window"] >= 3 and fields["window"] % 2 == 1:
+        fields["window"] = fields["window"] - 1
     cfg = te.Config(**fields)
     if types and types != layer_types(cfg):
         raise ValueError(f"layer_types {types} is not 'global every n-th layer', the one pattern")
