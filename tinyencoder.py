@@ -809,12 +809,12 @@ def pick_backend(cfg: Config, device: torch.device, dtype) -> str:
 @torch.compiler.disable  # reads the batch: one graph break here, none in the layers
 def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
     """The layout, on doc_ids' device, of a forward on device (doc_ids' by default): Unpadded tokens
-    for flash, or where cfg.unpad asks on a CPU unless each row is one whole document (README:
-    "Whole rows on a CPU"); else Padded rows. With labels, it holds those labelled."""
+    for flash, or where cfg.unpad asks on a CPU unless each row is one run of document_starts (one
+    whole document: padding starts its own; README: "Whole rows on a CPU"); else Padded rows."""
     device = torch.device(device or doc_ids.device)
     backend = pick_backend(cfg, device, dtype)
     starts = document_starts(doc_ids)
-    whole = device.type == "cpu" and bool((starts.sum(1) == 1).all() & (doc_ids != 0).all())
+    whole = cfg.unpad and device.type == "cpu" and bool((starts.sum(1) == 1).all())
     if backend == "flash" or (cfg.unpad and device.type == "cpu" and not whole):
         layout = Unpadded.from_doc_ids(doc_ids, starts, backend)
     else:

@@ -380,16 +380,7 @@ def config_to_hf(cfg: te.Config, labels=None) -> dict:
         bad["type_vocab"] = cfg.type_vocab
     if cfg.arch == "roberta" and cfg.classifier == "none":
         require_exact_gelu(cfg)
-    if cfg.nsp and cfg.arch != "bert":
-        raise ValueError(
-            f"nsp=True: transformers has a next-sentence head for BERT only, not {cfg.arch}"
-        )
-    # transformers' RoBERTa numbers positions from input_ids != pad_token_id: a byte would vanish
-    if cfg.arch == "roberta" and cfg.vocab_size == te.VOCAB_SIZE and cfg.pad_id < 256:
-        raise ValueError(
-            f"a byte-level RoBERTa with pad_id={cfg.pad_id}, a byte: transformers "
-            "would read that byte as padding; use an id from 256 on"
-        )
+    refuse_what_transformers_lacks(cfg)
     if bad:
         raise ValueError(f"this {cfg.arch} config has no transformers equivalent; offending: {bad}")
     act = ACTIVATIONS[cfg.act][0]
@@ -414,6 +405,20 @@ def config_to_hf(cfg: te.Config, labels=None) -> dict:
         position_embedding_type="absolute",
     )
     return hf
+
+
+def refuse_what_transformers_lacks(cfg: te.Config):
+    """An NSP head outside BERT (no transformers class has one); a byte-level RoBERTa whose pad_id
+    is a byte (its positions count from input_ids != pad_token_id: that byte would vanish)."""
+    if cfg.nsp and cfg.arch != "bert":
+        raise ValueError(
+            f"nsp=True: transformers has a next-sentence head for BERT only, not {cfg.arch}"
+        )
+    if cfg.arch == "roberta" and cfg.vocab_size == te.VOCAB_SIZE and cfg.pad_id < 256:
+        raise ValueError(
+            f"a byte-level RoBERTa with pad_id={cfg.pad_id}, a byte: transformers "
+            "would read that byte as padding; use an id from 256 on"
+        )
 
 
 def modernbert_keys(cfg: te.Config, act: str) -> dict:
