@@ -513,6 +513,25 @@ def test_cpu_attention_dropout_is_seeded_and_unbiased(unpad):
     assert error < 0.1 * clean[real].abs().max()
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_residual_dropout_is_the_familys(preset):
+    """BERT and RoBERTa drop both branches' outputs before their residual adds; ModernBERT (its
+    attention_dropout, transformers' out_drop) only the attention's. With the attention's output
+    projection zeroed, only the MLP branch is left: training mode differs from eval mode where it
+    is dropped."""
+    cfg = tiny(preset, embed_dropout=0.0, attn_dropout=0.0, resid_dropout=0.5, mlp_dropout=0.0)
+    model = perturb(TinyEncoder(cfg))
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.out.weight.zero_()
+    ids, mask = batch()
+    real = mask.bool()
+    with torch.no_grad():
+        trained = model.train()(ids, mask).hidden[real]
+        evaluated = model.eval()(ids, mask).hidden[real]
+    assert torch.allclose(trained, evaluated, atol=1e-5) == (preset == "modernbert")
+
+
 @pytest.mark.parametrize("unpad", [False, True])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_left_padding_and_empty_rows(preset, unpad):

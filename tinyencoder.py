@@ -72,8 +72,8 @@ class Config:
     # within window / 2 on each side (window 0: all global)
     window: int = 0
     global_every: int = 1
-    # dropout: after the embeddings; on the attention probabilities; on each branch before its
-    # residual add; inside the MLP, before its down projection
+    # dropout: after the embeddings; on the attention probabilities; on each branch (ModernBERT:
+    # attention's) before its residual add; inside the MLP, before its down projection
     embed_dropout: float = 0.1
     attn_dropout: float = 0.1
     resid_dropout: float = 0.1
@@ -309,9 +309,9 @@ class Layer(nn.Module):
         self.dropout = cfg.resid_dropout
 
     def forward(self, x, layout, rope: Optional[dict]):
-        if self.prenorm:  # ModernBERT: normalise each branch's input
+        if self.prenorm:  # ModernBERT: normalise each branch's input; drop the attention's only
             x = x + drop(self.attn(self.attn_norm(x), layout, rope), self.dropout, self.training)
-            x = x + drop(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+            x = x + self.mlp(self.mlp_norm(x))
         else:  # BERT, RoBERTa: normalise after each residual add
             x = self.attn_norm(x + drop(self.attn(x, layout, rope), self.dropout, self.training))
             x = self.mlp_norm(x + drop(self.mlp(x), self.dropout, self.training))
