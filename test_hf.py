@@ -395,6 +395,16 @@ def test_hub_style_configs_load_exactly(name, tmp_path):
             r"RoPE scaling \('linear'\)",
         ),
         ("ModernBertForMaskedLM", dict(decoder_bias=False), "decoder_bias must be true"),
+        (
+            "BertForSequenceClassification",
+            dict(problem_type="multi_label_classification"),
+            "problem_type 'multi_label_classification' with num_labels=3 is not supported",
+        ),
+        (
+            "ModernBertForSequenceClassification",
+            dict(problem_type="regression"),
+            "computes 'single_label_classification'",
+        ),
     ],
 )
 def test_load_refuses_what_it_would_compute_differently(name, over, message, tmp_path):
@@ -579,6 +589,70 @@ def test_saved_tokenizer_frames_text_as_tinyencoder(preset, tmp_path):
         assert pair["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1, 1]
     else:
         assert "token_type_ids" not in pair
+
+
+@pytest.mark.parametrize(
+    "over", [dict(mask_id=300), dict(pad_id=300), dict(cls_id=280, sep_id=290)]
+)
+def test_saved_tokenizer_keeps_special_ids_past_a_gap(over, tmp_path):
+    """Special ids with unused ids before them: the tokenizers library renumbers added tokens that
+    leave a gap, so every id past the bytes has a token in the saved vocabulary."""
+    transformers = pytest.importorskip("transformers", reason="the tokenizer is transformers'")
+    cfg = tiny("modernbert", **over)
+    tinyencoder_hf.save(TinyEncoder(cfg), str(tmp_path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tokenizer("ab")["input_ids"] == [cfg.cls_id, *byte_ids("ab"), cfg.sep_id]
+    assert (tokenizer.mask_token_id, tokenizer.pad_token_id) == (cfg.mask_id, cfg.pad_id)
+    assert tokenizer("[MASK]", add_special_tokens=False)["input_ids"] == [cfg.mask_id]
+    assert len(tokenizer) == VOCAB_SIZE
+
+
+def test_save_writes_a_tokenizer_for_the_byte_vocabulary_only(tmp_path):
+    """A wordpiece-sized BERT (its [PAD] id 0, a byte) keeps its own tokenizer: none is written."""
+    pytest.importorskip("safetensors.torch", reason="save writes model.safetensors")
+    wordpiece = dict(vocab_size=1000, pad_id=0, cls_id=101, sep_id=102, mask_id=103)
+    tinyencoder_hf.save(TinyEncoder(tiny("bert", **wordpiece)), str(tmp_path / "wordpiece"))
+    tinyencoder_hf.save(TinyEncoder(tiny("bert")), str(tmp_path / "bytes"))
+    assert sorted(p.name for p in (tmp_path / "wordpiece").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    assert (tmp_path / "bytes" / "tokenizer.json").exists()
+    assert (tmp_path / "bytes" / "modules.json").exists()
+
+
+def test_a_compiled_model_saves_as_the_model_it_wraps(tmp_path):
+    pytest.importorskip("safetensors.torch", reason="save writes model.safetensors")
+    model = perturb(TinyEncoder(tiny("bert", nsp=False)))
+    tinyencoder_hf.save(torch.compile(model), str(tmp_path))  # compiles nothing until called
+    loaded = tinyencoder_hf.load(str(tmp_path)).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="save takes a TinyEncoder, got Linear"):
+        tinyencoder_hf.save(torch.nn.Linear(2, 2), str(tmp_path / "other"))
+
+
+def test_save_takes_label_names_as_a_list_or_as_id2label(tmp_path):
+    """transformers' id2label dict names the classes as a list does; the loss it will compute is
+    written (problem_type), so that float labels do not turn it into multi-label's."""
+    pytest.importorskip("safetensors.torch", reason="save writes model.safetensors")
+    model = TinyEncoder(tiny("bert", nsp=False, classifier="sequence", num_labels=2))
+    tinyencoder_hf.save(model, str(tmp_path / "a"), labels={"1": "pos", 0: "neg"})
+    written = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert written["id2label"] == {"0": "neg", "1": "pos"}
+    assert written["problem_type"] == "single_label_classification"
+    bad = [
+        (2, "labels must be a list of class names or an id2label dict, got 2"),
+        (["a", "a"], "labels must differ from each other"),
+        ({0: "a", 2: "b"}, "an id2label dict needs the ids 0 to 1, got [0, 2]"),
+        (["a"], "1 label names for num_labels=2"),
+    ]
+    for labels, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            tinyencoder_hf.save(model, str(tmp_path / "b"), labels=labels)
+    assert not (tmp_path / "b").exists()
+    regression = TinyEncoder(tiny("roberta", classifier="sequence", num_labels=1))
+    tinyencoder_hf.save(regression, str(tmp_path / "c"))
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["problem_type"] == "regression"
 
 
 @pytest.mark.parametrize("preset", ["bert", "roberta", "modernbert"])

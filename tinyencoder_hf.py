@@ -390,12 +390,12 @@ def config_to_hf(cfg: te.Config, labels=None) -> dict:
         count = cfg.num_labels
         if cfg.classifier == "span":  # qa_outputs' start and end
             count = 2
-        labels = labels or [f"LABEL_{i}" for i in range(count)]
-        if len(labels) != count:
-            raise ValueError(f"{len(labels)} label names for num_labels={count}")
+        labels = label_names(labels, count)
         hf["id2label"] = dict(enumerate(labels))
         hf["label2id"] = {label: i for i, label in enumerate(labels)}
         hf["classifier_dropout"] = cfg.classifier_dropout
+    if cfg.classifier == "sequence":  # transformers' loss then is ours, whatever the labels' dtype
+        hf["problem_type"] = problem_type(cfg)
     if cfg.arch == "modernbert":
         hf.update(modernbert_keys(cfg, act))
         return hf
@@ -405,6 +405,47 @@ def config_to_hf(cfg: te.Config, labels=None) -> dict:
         position_embedding_type="absolute",
     )
     return hf
+
+
+def problem_type(cfg: te.Config) -> str:
+    """A sequence classifier's loss here, in transformers' words: mean squared error for one
+    label, cross-entropy over more."""
+    if cfg.num_labels == 1:
+        return "regression"
+    return "single_label_classification"
+
+
+def check_problem_type(asked, cfg: te.Config):
+    """A config.json's problem_type that asks a sequence classifier for another loss than ours
+    (multi-label's binary cross-entropy, regression over several outputs) is refused."""
+    if cfg.classifier == "sequence" and asked not in (None, problem_type(cfg)):
+        raise ValueError(
+            f"problem_type {asked!r} with num_labels={cfg.num_labels} is not supported: "
+            f"a sequence classifier here computes {problem_type(cfg)!r}"
+        )
+
+
+def label_names(labels, count: int) -> list:
+    """A classifier's class names in order: LABEL_0, LABEL_1, ... where not given; a list of
+    names; or transformers' id2label, a dict of id -> name (ids as numbers or as JSON's strings)."""
+    if labels is None:
+        return [f"LABEL_{i}" for i in range(count)]
+    if isinstance(labels, dict):
+        by_id = {str(key): name for key, name in labels.items()}
+        if sorted(by_id) != sorted(str(i) for i in range(count)):
+            raise ValueError(
+                f"labels: an id2label dict needs the ids 0 to {count - 1}, got {list(labels)}"
+            )
+        labels = [by_id[str(i)] for i in range(count)]
+    if not isinstance(labels, (list, tuple)):
+        raise ValueError(
+            f"labels must be a list of class names or an id2label dict, got {labels!r}"
+        )
+    if len(labels) != count:
+        raise ValueError(f"{len(labels)} label names for num_labels={count}")
+    if len(set(labels)) != count:  # label2id would lose one
+        raise ValueError(f"labels must differ from each other, got {list(labels)}")
+    return list(labels)
 
 
 def refuse_what_transformers_lacks(cfg: te.Config):
@@ -512,6 +553,7 @@ def load(path: str) -> te.TinyEncoder:
             classifier = task
     nsp = "cls.seq_relationship.weight" in weights
     model = te.TinyEncoder(config_from_hf(hf, nsp=nsp, classifier=classifier))
+    check_problem_type(hf.get("problem_type"), model.cfg)
     base = not any(key.startswith(tuple(BASE_PREFIX.values())) for key in weights)
     names = parameter_names(model, base)
     check_names(path, kind, weights, names, base)
@@ -563,16 +605,22 @@ def require_exact_gelu(cfg: te.Config):
 
 
 def save(model: te.TinyEncoder, path: str, labels=None):
-    """Write what transformers' Auto classes and sentence-transformers load: config.json,
-    model.safetensors, the byte tokenizer, and a mean-pooling sentence-transformers setup.
-    labels: a classifier's class names, in order."""
+    """Write what transformers' Auto classes and sentence-transformers load: config.json and
+    model.safetensors; for the byte vocabulary, its tokenizer and a mean-pooling
+    sentence-transformers setup (a checkpoint of another vocabulary keeps its own tokenizer).
+    labels: a classifier's class names, in order (see label_names). A torch.compile'd model saves
+    as the model it wraps."""
     save_file = safetensors_torch().save_file  # before anything is written
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if not isinstance(model, te.TinyEncoder):
+        raise ValueError(f"save takes a TinyEncoder, got {type(model).__name__}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"save: {path} is a file, not a folder to write a checkpoint into")
     files = {"config.json": config_to_hf(model.cfg, labels)}
-    files["tokenizer.json"] = tokenizer_json(model.cfg)
-    files["tokenizer_config.json"] = tokenizer_config(model.cfg)
-    files.update(sentence_transformers_files(model.cfg))
+    if has_byte_vocabulary(model.cfg):
+        files["tokenizer.json"] = tokenizer_json(model.cfg)
+        files["tokenizer_config.json"] = tokenizer_config(model.cfg)
+        files.update(sentence_transformers_files(model.cfg))
     # every file's text before the first is written: a value JSON cannot hold writes no file
     texts = {
         name: json.dumps(content, indent=2, ensure_ascii=False, default=plain_number)
@@ -624,17 +672,26 @@ def byte_characters() -> list[str]:
 
 
 def special_ids(cfg: te.Config) -> dict[str, int]:
-    """The special tokens and their ids; the ids past them, unused, as [unused0], [unused1], ..."""
+    """The special tokens and their ids; every other id past the bytes, unused, as [unused0],
+    [unused1], ..., so that each id has a token (the tokenizers library renumbers added tokens
+    that leave a gap)."""
     ids = {
         "[PAD]": cfg.pad_id,
         "[CLS]": cfg.cls_id,
         "[SEP]": cfg.sep_id,
         "[MASK]": cfg.mask_id,
     }
-    first_unused = max(ids.values()) + 1
-    for n, token_id in enumerate(range(first_unused, cfg.vocab_size)):
+    unused = [i for i in range(256, cfg.vocab_size) if i not in ids.values()]
+    for n, token_id in enumerate(unused):
         ids[f"[unused{n}]"] = token_id
     return ids
+
+
+def has_byte_vocabulary(cfg: te.Config) -> bool:
+    """The byte vocabulary: the 256 bytes, then the special ids (pipelines' check_bytes, and no
+    special id that is a byte). A checkpoint of another vocabulary keeps its own tokenizer."""
+    specials = (cfg.pad_id, cfg.cls_id, cfg.sep_id, cfg.mask_id)
+    return cfg.vocab_size == te.VOCAB_SIZE and min(specials) >= 256
 
 
 def tokenizer_json(cfg: te.Config) -> dict:
@@ -661,6 +718,7 @@ def tokenizer_json(cfg: te.Config) -> dict:
     characters = dict(type="Split", pattern={"Regex": r"[\s\S]"}, behavior="Isolated", invert=False)
     words = dict(type="Sequence", pretokenizers=[characters, byte_level])
     vocab = {character: b for b, character in enumerate(byte_characters())}
+    vocab.update(ids)  # the ids past the bytes, in the vocabulary too: tokenizers keeps them
     framing = {name: dict(id=name, ids=[ids[name]], tokens=[name]) for name in ("[CLS]", "[SEP]")}
     return {
         "version": "1.0",
