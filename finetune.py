@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from argparse import RawDescriptionHelpFormatter
 from dataclasses import asdict, replace
 from typing import NamedTuple, Union
 
@@ -31,10 +32,17 @@ import tinyencoder as te
 import tinyencoder_hf
 from data.tasks import exact_match, token_f1, write_task
 from runs import COUNT, POSITIVE, Metrics, Parser, StopSignals, device_or_die, die, die_diverged
-from runs import SEED, load_checkpoint, refuse_to_overwrite, resumed_args, save_checkpoint
+from runs import (
+    SEED,
+    check_resumed,
+    load_checkpoint,
+    refuse_to_overwrite,
+    resumed_args,
+    save_checkpoint,
+)
 from runs import settle_vector_math
 
-parser = Parser(description=__doc__.splitlines()[0])
+parser = Parser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
 add = parser.add_argument
 add("--task", choices=["tags", "packages", "qa"], help="a built-in task from the standard library")
 add("--train", help="JSONL to train on (instead of --task)")
@@ -265,8 +273,10 @@ if args.resume:  # the run's own flags, but those given again
     checkpoint, base_cfg = load_checkpoint(ckpt_path, "--resume")
     if "labels" not in checkpoint:
         die(f"--resume: {ckpt_path} is not a finetune.py checkpoint")
-    fixed = ("task", "train", "val", "init", "from_scratch", "train_examples")
+    # and the batch size: the step numbers the rows, so the data would shift
+    fixed = ("task", "train", "val", "init", "from_scratch", "train_examples", "batch_size")
     changed = resumed_args(parser, args, checkpoint["args"], ("resume", "out_dir", "device"), fixed)
+    check_resumed(checkpoint, args.batch_size, f"--batch-size {args.batch_size}", args.max_steps)
 else:
     refuse_to_overwrite(args.out_dir)
 os.makedirs(args.out_dir, exist_ok=True)

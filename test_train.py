@@ -387,6 +387,11 @@ def test_finetune_learns_resumes_and_exports(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     other = finetune(tmp_path, "--out-dir", tmp_path / "b", "--resume", "--val", train)
     assert other.returncode != 0 and f"not --val {train} (the run's: {val})" in other.stderr
+    # the step numbers the rows: another batch size would shift the data
+    fewer = finetune(tmp_path, "--out-dir", tmp_path / "b", "--resume", "--batch-size", 8)
+    assert fewer.returncode != 0 and "not --batch-size 8 (the run's: 32)" in fewer.stderr
+    early = finetune(tmp_path, "--out-dir", tmp_path / "b", "--resume", "--max-steps", 10)
+    assert early.returncode != 0 and "the run is at step 40, past --max-steps 10" in early.stderr
     # the best checkpoint exports as a token classifier with its label names
     export = [sys.executable, "tinyencoder_hf.py", tmp_path / "a" / "ckpt_best.pt", tmp_path / "hf"]
     done = subprocess.run(export, capture_output=True, text=True, cwd=Path(__file__).parent)
