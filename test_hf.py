@@ -233,7 +233,8 @@ def test_save_round_trip(preset, over, tmp_path):
     assert_close(out.logits[keep], hf_logits(ref, name)[keep], 1e-5)
     if model.cfg.nsp:
         assert_close(out.nsp_logits, ref.seq_relationship_logits, 1e-5)
-    again = tinyencoder_hf.load(str(tmp_path)).eval()
+    again = tinyencoder_hf.load(str(tmp_path))
+    assert not again.training  # as from_pretrained's models: dropout off
     assert again.cfg == model.cfg
     with torch.no_grad():
         back = again(ids, **kw)

@@ -534,7 +534,8 @@ def read_config(path: str) -> dict:
 
 
 def load(path: str) -> te.TinyEncoder:
-    """A TinyEncoder from a transformers checkpoint directory, checking every name and shape."""
+    """A TinyEncoder from a transformers checkpoint directory, checking every name and shape; in
+    eval mode, as transformers' from_pretrained gives its models (model.train() to fine-tune)."""
     hf = read_config(path)
     classes = hf.get("architectures") or [None]
     if isinstance(classes, str):  # a hand-written config's one class, not in a list
@@ -569,7 +570,7 @@ def load(path: str) -> te.TinyEncoder:
                 shape, expected = tuple(value.shape), tuple(param.shape)
                 raise ValueError(f"{path}: {theirs[0]} has shape {shape}, expected {expected}")
             param.copy_(value)
-    return model
+    return model.eval()
 
 
 def check_names(path: str, kind: str, weights: dict, names: dict, base: bool):

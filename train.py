@@ -106,7 +106,7 @@ add("--ckpt-interval", type=COUNT, help="steps between checkpoints (default: at 
 add("--resume", action="store_true", help="continue exactly from ckpt_last.pt in --out-dir")
 add("--init-from", help="checkpoint to take the weights from (e.g. before a --context 8192 phase)")
 add("--compile", action=BooleanOptionalAction, help="torch.compile the model (default: on CUDA)")
-add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="autocast; see below")
+add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="bf16 where it pays")
 add("--position-init", choices=["sinusoids", "normal"], default="sinusoids", help="see README")
 add("--seed", type=SEED, default=1337)
 args = parser.parse_args()
