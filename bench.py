@@ -2,7 +2,7 @@
 
     python bench.py                    # CPU default: 3 layers, 768 wide, seq 512, ~14 minutes
     python bench.py --arch modernbert --layers 4 --batch 8 --steps 5 --json out.json
-    python bench.py --device cuda      # bf16, torch.compile
+    python bench.py --device cuda      # bf16, torch.compile (both libraries; --no-compile-hf)
     python bench.py --encode --threads 1  # pipelines.encode on texts of 16-510 bytes, vs AutoModel
     python bench.py --dropout          # F.dropout against tinyencoder's drop, on a CPU
     python bench.py --linear           # nn.Linear against tinyencoder's Linear, on a CPU
@@ -113,10 +113,13 @@ def variant(model, **changes):
 class Stepper:
     """One call = one training step (forward, backward, AdamW) or one no_grad inference forward.
 
-    A tinyencoder model gets the batch's layout made ahead (make_batches'), so that its step never
-    waits for the host; a transformers model gets the batch alone. compile_ wraps either in
-    torch.compile, given options (its keywords: dynamic=True traces sizes as symbols from the first
-    call). If torch.compile fails, the step runs eager from then on, and .note says why.
+    On a GPU, and compiled, a tinyencoder model gets the batch's layout made ahead (make_batches'),
+    as train.py's batch builder makes it, so that its step never waits for the host nor breaks its
+    graph; an eager step on a CPU, where the host is the device, makes its own inside the step, as
+    transformers makes its masks inside its own.
+    compile_ wraps either in torch.compile, given options (its keywords: dynamic=True traces sizes
+    as symbols from the first call). If torch.compile fails, the step runs eager from then on, and
+    .note says why.
     """
 
     def __init__(self, model, train, dtype, compile_=False, options=None):
@@ -125,6 +128,7 @@ class Stepper:
         self.dtype = dtype
         self.dev = next(model.parameters()).device
         self.forward = model
+        self.layout_ahead = compile_ or self.dev.type != "cpu"
         if compile_:
             self.forward = torch.compile(model, **(options or {}))
         self.opt = None
@@ -152,7 +156,7 @@ class Stepper:
         """The step itself, through forward: the compiled model or the eager one."""
         self.model.train(self.train)
         inputs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        if isinstance(self.model, te.TinyEncoder):
+        if isinstance(self.model, te.TinyEncoder) and self.layout_ahead:
             inputs["layout"] = b["layouts"][layout_key(self.model.cfg)]
         if not self.train:
             with torch.no_grad(), autocast(self.dev, self.dtype):
@@ -417,7 +421,7 @@ def parse_args():
     p.add_argument("--dtype", choices=DTYPES, help=dtypes)
     on_off = argparse.BooleanOptionalAction
     p.add_argument("--compile", action=on_off, help="torch.compile tinyencoder (default on CUDA)")
-    p.add_argument("--compile-hf", action="store_true", help="with --compile, transformers too")
+    p.add_argument("--compile-hf", action=on_off, help="transformers too (default: as --compile)")
     threads = "torch CPU threads; on a shared machine, 1 per free core avoids waiting on each other"
     p.add_argument("--threads", type=int, help=threads)
     p.add_argument("--no-hf", action="store_true", help="tinyencoder alone")
@@ -632,10 +636,15 @@ def main():
         args.dtype = default_dtype(dev)
     if args.compile is None:
         args.compile = dev.type == "cuda"
-    print_setup(dev, args.dtype, args.compile)
+    if args.compile_hf is None:  # the peer a GPU user picks: transformers compiled as well
+        args.compile_hf = args.compile
+    print_setup(
+        dev, args.dtype, f"{args.compile} (transformers: {args.compile and args.compile_hf})"
+    )
     dtype = DTYPES[args.dtype]
     peak = measured_peak(dev, dtype)
     report = dict(device=str(dev), dtype=args.dtype, compile=args.compile, peak_flops=peak)
+    report["compile_hf"] = args.compile and args.compile_hf
     # the report names the file it is written to, as it always has
     report["json"] = args.json
     if args.encode:
