@@ -217,8 +217,11 @@ class Metrics:
             open(self.path, "w").close()
 
     def write(self, record: dict):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk, a read-only folder: the checkpoint's write says more
+            print(f"could not write {self.path} ({e.strerror}); going on", file=sys.stderr)
 
 
 class StopSignals:

@@ -2,6 +2,7 @@
 positions that learn word order."""
 
 import json
+import os
 import random
 import re
 import signal
@@ -124,7 +125,7 @@ def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds eac
 TRAIN_BAD_INPUT = [
     (["--data", "{tmp}/missing"], "no such file or folder"),
     (["--data", "{tmp}/empty.txt"], "every file is empty"),
-    (["--data", "{tmp}/tiny.txt"], "too little to train on"),
+    (["--data", "{tmp}/tiny.txt"], "too few to measure on; give it 1 KB or more"),
     (["--data", "{tmp}/no-files"], "no files there"),
     (["--data", "{tmp}/links"], "cannot read {tmp}/links/gone.txt (No such file"),
     (["--data", "{tmp}/ok.txt", "--resume", "--out-dir", "{tmp}/none"], "no checkpoint"),
@@ -151,6 +152,47 @@ TRAIN_BAD_INPUT = [
     (["--data", "{tmp}/missing", "--init-from", "{tmp}/none.pt"], "--init-from: no checkpoint"),
     (["--data", "{tmp}/missing", "--init-from", "{tmp}/bert.pt"], "not this model's weights"),
 ]
+
+
+def test_data_reads_each_file_once_and_names_it_from_its_folder(tmp_path, monkeypatch):
+    """--data: a file reached by a folder, a link and a glob's ** is one document, named from the
+    folder spec starts at however spelled (the held-out split hashes the name); a walk into a
+    link back up ends; a pipe is skipped, not waited on; a name that is not UTF-8 and one with
+    glob characters are read."""
+    from data.corpus import read_documents, split_documents
+
+    root = tmp_path / "corp"
+    (root / "sub").mkdir(parents=True)
+    for i in range(30):
+        (root / "sub" / f"doc{i}.txt").write_bytes(b"text %d " % i * 40)
+    (root / "linked").symlink_to(root / "sub")  # the same files again, walked first
+    os.mkfifo(root / "pipe")
+    (root / os.fsdecode(b"caf\xe9[1].txt")).write_bytes(b"latin-1 name " * 10)
+    monkeypatch.chdir(tmp_path)
+    spellings = ["corp", "./corp", str(root), "corp/**", "corp/**/*", str(root) + "/**/*.txt"]
+    names = [sorted(name for name, _ in read_documents(spec)) for spec in spellings]
+    assert names[0] == sorted(
+        [f"linked/doc{i}.txt" for i in range(30)] + [os.fsdecode(b"caf\xe9[1].txt")]
+    )
+    assert all(found == names[0] for found in names[1:])
+    split = split_documents(read_documents("corp"), "corp")
+    assert len(split["train"][1]) + len(split["val"][1]) == 31 + 2  # offsets: one more each
+    literal = str(root / os.fsdecode(b"caf\xe9[1].txt"))  # not read as a glob
+    assert [data for _, data in read_documents(literal)] == [b"latin-1 name " * 10]
+    (root / "sub" / "back").symlink_to(root)  # a loop: a folder walk ends (a ** glob would not)
+    assert sorted(name for name, _ in read_documents("corp")) == names[0]
+
+
+def test_metrics_that_cannot_be_written_say_so_and_go_on(tmp_path, capsys):
+    """A full disk or a read-only folder at an evaluation: one line, and the run goes on to its
+    checkpoint, whose write stops it with its own line if it cannot be written either."""
+    from runs import Metrics
+
+    metrics = Metrics(str(tmp_path), fresh=True)
+    os.remove(metrics.path)
+    os.mkdir(metrics.path)  # a write now fails
+    metrics.write({"step": 1})
+    assert "could not write" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", TRAIN_BAD_INPUT)

@@ -25,8 +25,9 @@ def die(message):
 
 
 def read_documents(spec):
-    """(name, bytes) for each file that spec (a file, folder or glob) names; with no spec, for
-    pydoc's topics and the stdlib's .py files."""
+    """(name, bytes) for each file that spec (a file, folder or glob) names, once, whatever the
+    links and globs that reach it; with no spec, for pydoc's topics and the stdlib's .py files. A
+    name is the file's path from the folder spec starts at, however spec spells that folder."""
     if not spec:
         from pydoc_data.topics import topics
 
@@ -34,30 +35,64 @@ def read_documents(spec):
             yield f"pydoc_data/{key}", text.encode()
     pattern = spec or sysconfig.get_paths()["stdlib"]
     roots = [pattern]
-    if glob.has_magic(pattern):
+    if glob.has_magic(pattern) and not os.path.exists(pattern):  # a file named "notes[1].txt"
         roots = sorted(glob.glob(pattern, recursive=True))
     if not any(os.path.exists(root) for root in roots):
         die(f"--data {pattern}: no such file or folder")
+    base = starting_folder(pattern, roots)
+    seen = set()  # real paths read, and folders walked: a link may lead back
     for root in roots:
-        walk = [("", [], [root])]
-        if os.path.isdir(root):
-            walk = os.walk(root)
-        # sorted, so that every machine reads the documents in the same order
-        for folder, subfolders, files in walk:
-            subfolders[:] = sorted(sub for sub in subfolders if spec or sub not in SKIPPED_FOLDERS)
-            for file in sorted(files):
-                if not spec and not file.endswith(".py"):
-                    continue
-                path = os.path.join(folder, file)
-                try:
-                    with open(path, "rb") as f:
-                        data = f.read()
-                except OSError as e:  # a broken link, a file without read permission
-                    die(f"--data: cannot read {path} ({e.strerror})")
-                # the stdlib's names do not depend on where Python is installed
-                if not spec:
-                    path = os.path.relpath(path, root)
-                yield path, data
+        for path in files_under(root, skip=() if spec else SKIPPED_FOLDERS, seen=seen):
+            if not spec and not path.endswith(".py"):
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:  # a broken link, a file without read permission
+                die(f"--data: cannot read {path} ({e.strerror})")
+            yield os.path.relpath(path, base), data
+
+
+def starting_folder(pattern, roots) -> str:
+    """The folder the names start at: pattern itself, a file's folder, or a glob's leading part
+    without wildcards (corp/**/*.py: corp)."""
+    base = pattern
+    if roots != [pattern]:
+        while glob.has_magic(base):
+            base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        base = os.path.dirname(base)
+    return base or "."
+
+
+def files_under(root, skip, seen):
+    """The files at or under root, links followed, each once (seen: real paths), in sorted order,
+    so that every machine reads the documents in the same order; not pipes or devices, which
+    would block or never end."""
+    walk = [("", [], [root])]
+    if os.path.isdir(root):
+        if was_seen(root, seen):
+            return
+        walk = os.walk(root, followlinks=True)
+    for folder, subfolders, files in walk:
+        subfolders[:] = [sub for sub in sorted(subfolders) if sub not in skip]
+        # a folder reached twice (a link back up, or a glob's match inside another) is walked once
+        subfolders[:] = [sub for sub in subfolders if not was_seen(os.path.join(folder, sub), seen)]
+        for file in sorted(files):
+            path = os.path.join(folder, file)
+            if os.path.exists(path) and not os.path.isfile(path):
+                continue
+            if not was_seen(path, seen):
+                yield path
+
+
+def was_seen(path, seen) -> bool:
+    """Whether path's real path is in seen; adds it."""
+    real = os.path.realpath(path)
+    if real in seen:
+        return True
+    seen.add(real)
+    return False
 
 
 def split_documents(documents, spec):
@@ -68,7 +103,8 @@ def split_documents(documents, spec):
     documents = [(name, data) for name, data in documents if data]
     if not documents:
         die(f"--data {spec}: no data, every file is empty")
-    held = [hashlib.md5(name.encode()).digest()[0] % 25 == 0 for name, _ in documents]
+    # os.fsencode: a file name need not be valid UTF-8
+    held = [hashlib.md5(os.fsencode(name)).digest()[0] % 25 == 0 for name, _ in documents]
     if all(held) or not any(held):
         # too few documents to hold some out: hold out the last tenth of each
         cuts = [len(data) * 9 // 10 for _, data in documents]
@@ -78,10 +114,11 @@ def split_documents(documents, spec):
         train = [data for (_, data), is_held in zip(documents, held) if not is_held]
         val = [data for (_, data), is_held in zip(documents, held) if is_held]
     # 15% of fewer than 100 bytes is too few masked bytes to mean anything
-    if sum(map(len, val)) < 100:
+    held_bytes = sum(map(len, val))
+    if held_bytes < 100:
         total = sum(len(data) for _, data in documents)
-        too_little = f"{total} bytes is too little to train on and hold some out"
-        die(f"--data {spec}: {too_little}; give it 1 KB or more")
+        too_little = f"holds out {held_bytes} of its {total} bytes, too few to measure on"
+        die(f"--data {spec}: {too_little}; give it 1 KB or more, or more files")
     parts = {}
     for part, docs in (("train", train), ("val", val)):
         parts[part] = (np.frombuffer(b"".join(docs), np.uint8), np.cumsum([0, *map(len, docs)]))
@@ -129,7 +166,10 @@ def load_corpus(spec, prepare=True, wait=None):
     if spec:
         return split_documents(read_documents(spec), spec)
     if prepare:
-        prepare_stdlib()
+        try:
+            prepare_stdlib()
+        except OSError as e:  # a read-only checkout, a full disk
+            die(f"cannot write the default corpus into {HERE} ({e.strerror}): make it writable")
     if wait is not None:
         wait()
     return load_stdlib()
