@@ -207,6 +207,15 @@ def config_from_saved(saved: dict) -> te.Config:
     return te.Config(**{name: value for name, value in saved.items() if name not in RETIRED_FIELDS})
 
 
+def sinusoids(table, offset, amplitude=0.1):
+    """Vaswani et al.'s sinusoids, scaled, into a learned position table from row offset on."""
+    position = torch.arange(table.shape[0] - offset, device=table.device)[:, None]
+    rate = 10000.0 ** (-torch.arange(0, table.shape[1], 2, device=table.device) / table.shape[1])
+    with torch.no_grad():
+        table[offset:, 0::2] = amplitude * torch.sin(position * rate)
+        table[offset:, 1::2] = amplitude * torch.cos(position * rate)
+
+
 class Metrics:
     """metrics.jsonl in the run's folder, a JSON object a line: a fresh run starts it anew, a
     resumed one appends to it."""

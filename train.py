@@ -24,7 +24,7 @@ import tinyencoder as te
 from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
 from runs import COUNT, DROPOUT, FRACTION, LENGTH, POSITIVE, RATE, Metrics, Parser, StopSignals
 from runs import demo, device_or_die, die, die_diverged, load_checkpoint, refuse_to_overwrite
-from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math
+from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
 from data.corpus import load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
 
@@ -112,7 +112,7 @@ add("--seed", type=SEED, default=1337)
 args = parser.parse_args()
 # each vector math kernel chosen before threads share a call, or a run may not replay (runs.py)
 settle_vector_math()
-# Ctrl-C, SIGTERM, from here on (setup too): finish the step (DDP: the log interval), save, leave
+# Ctrl-C, SIGTERM, from here on (setup too): finish the step (DDP: within ~10 s), save, leave
 stop = StopSignals()
 # A resumed run goes on with its own flags, but those given again; a fresh one never overwrites one.
 checkpoint, ckpt_path, changed = {}, os.path.join(args.out_dir, "ckpt_last.pt"), []
@@ -171,15 +171,8 @@ spent = checkpoint.get("elapsed_s", 0.0)  # a resumed run's budget is what the r
 deadline = t0 + args.time_budget * 60 - 15 - spent  # 15 s for the demo and the last checkpoint
 
 
-# Model. A learned position table starts as sinusoids, not as noise (README: "Learning word order").
-def sinusoids(table, offset, amplitude=0.1):  # Vaswani et al.'s, from row offset on
-    position = torch.arange(table.shape[0] - offset, device=table.device)[:, None]
-    rate = 10000.0 ** (-torch.arange(0, table.shape[1], 2, device=table.device) / table.shape[1])
-    with torch.no_grad():
-        table[offset:, 0::2] = amplitude * torch.sin(position * rate)
-        table[offset:, 1::2] = amplitude * torch.cos(position * rate)
-
-
+# Model. A learned position table starts as sinusoids (runs.sinusoids), not as noise (README:
+# "Learning word order").
 if checkpoint:
     cfg = resumed_cfg
 else:
@@ -393,7 +386,7 @@ def fit(step, step_time, evals_left, eval_time):
 # Without --max-steps, time an evaluation and a step to fit the run. The steps of two batches go
 # first: a compiled model compiles on the first and recompiles for the second's shapes.
 fits_budget = args.max_steps is None
-eval_time, results = 0.0, {}
+eval_time, step_time, results = 0.0, 0.0, {}
 if max_steps is None:
     started = time.time()
     if master:
@@ -420,6 +413,8 @@ peaks = f"measured peak {peak_flops / 1e12:.2f} TFLOP/s, spec {spec_flops / 1e12
 log(f"training steps {step + 1}..{max_steps}, {schedule}; {attention}; MFU against the {peaks}")
 
 read_step, read_time = step, time.time()  # when the host last read the device
+# DDP's processes read together every agree_every steps (the same on each), to stop within ~10 s
+agree_every = 1
 while step < max_steps:
     for group in opt.param_groups:
         group["lr"] = lr_at(step, lr_steps)
@@ -434,17 +429,20 @@ while step < max_steps:
     is_eval_step = step % eval_every == 0 and max_steps - step > eval_every // 2
     is_ckpt_step = step % ckpt_every == 0 or is_last
     late = fits_budget and time.time() > deadline
-    stop_now = not ddp and (len(stop.received) > 0 or late)  # DDP's processes agree at log steps
+    # one process reads when it stops; DDP's read (and agree to stop) every agree_every steps
+    stop_now = (not ddp and (len(stop.received) > 0 or late)) or (ddp and step % agree_every == 0)
     if not (is_log_step or is_eval_step or is_ckpt_step or stop_now):
         continue  # the host waits for nothing: the device runs on while the next batch is built
     # The host reads the device, once: the step's figures, and whether every process agrees to stop
-    flags = torch.tensor([len(stop.received), late], device=device)
+    flags = torch.tensor([len(stop.received), late, step_time], device=device)
     figures = torch.cat([stats, grad_norm[None], flags])
     if ddp:
         dist.all_reduce(figures)
-    loss, correct, masked, real_tokens, grad_norm, signals, late_anywhere = figures.tolist()
+    loss, correct, masked, real_tokens, grad_norm, signals, lates, step_times = figures.tolist()
     grad_norm = grad_norm / world  # every process's is the same
-    interrupted, late = signals > 0, late_anywhere > 0
+    interrupted, late = signals > 0, lates > 0
+    if step_times > 0:  # measured on every process (at the previous read): reads ~10 s apart
+        agree_every = max(1, int(10 * world / step_times))
     if not math.isfinite(loss + grad_norm):  # read before any checkpoint can be written
         die_diverged(f"loss {loss}, grad norm {grad_norm} at step {step}: stopped", ckpt_path)
     step_time = (time.time() - read_time) / (step - read_step)  # the mean since the last read
