@@ -16,6 +16,11 @@ import torch
 import tinyencoder as te
 from data.corpus import renamed_into_place
 
+try:
+    import fcntl  # a run's lock on its folder (Metrics)
+except ImportError:
+    fcntl = None
+
 
 def settle_vector_math():
     """Pick the CPU's vector math kernels on one thread, before any call that threads share. The
@@ -218,19 +223,40 @@ def sinusoids(table, offset, amplitude=0.1):
 
 class Metrics:
     """metrics.jsonl in the run's folder, a JSON object a line: a fresh run starts it anew, a
-    resumed one appends to it."""
+    resumed one appends to it. The run holds it open and locked while it lives, so that a second
+    run on the same --out-dir (started before the first has saved a checkpoint, or a second
+    --resume) is refused before it writes anything, instead of writing over the first."""
 
     def __init__(self, out_dir: str, fresh: bool):
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        try:
+            self.file = open(self.path, "a")
+        except OSError as e:  # before any work: the checkpoints could not be written either
+            die(f"cannot write {self.path} ({e.strerror})")
+        lock_run_folder(self.file, out_dir)
         if fresh:
-            open(self.path, "w").close()
+            self.file.truncate(0)
 
     def write(self, record: dict):
         try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         except OSError as e:  # a full disk, a read-only folder: the checkpoint's write says more
             print(f"could not write {self.path} ({e.strerror}); going on", file=sys.stderr)
+
+
+def lock_run_folder(file, out_dir: str):
+    """An advisory lock on the open file: the system drops it when the process ends, however it
+    ends, so a run that crashed never leaves its folder locked. Where there is no flock
+    (Windows) or the file system has no locks, runs go unguarded, as before."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        die(f"--out-dir {out_dir} is in use: another run is writing {file.name}")
+    except OSError:
+        pass
 
 
 class StopSignals:

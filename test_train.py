@@ -188,11 +188,40 @@ def test_metrics_that_cannot_be_written_say_so_and_go_on(tmp_path, capsys):
     checkpoint, whose write stops it with its own line if it cannot be written either."""
     from runs import Metrics
 
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full to stand for a full disk here")
     metrics = Metrics(str(tmp_path), fresh=True)
-    os.remove(metrics.path)
-    os.mkdir(metrics.path)  # a write now fails
+    metrics.file = open("/dev/full", "a")  # every write: no space left on device
     metrics.write({"step": 1})
     assert "could not write" in capsys.readouterr().err
+
+
+def test_a_folder_in_use_is_refused(tmp_path):
+    """A second run on the folder of a live one that has no checkpoint yet is refused before it
+    writes anything; once the first ends, the folder is free again."""
+    from runs import Metrics, fcntl
+
+    if fcntl is None:
+        pytest.skip("no flock here: runs go unguarded")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    live = Metrics(str(run_dir), fresh=True)
+    live.write({"step": 1})
+    flags = ["--size", "tiny", "--max-steps", "1", "--batch-size", "2", "--context", "32"]
+    cmd = [sys.executable, "train.py", "--data", str(_corpus(tmp_path)), *flags]
+    second = subprocess.run(
+        [*cmd, "--out-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(Path(__file__).parent),
+    )
+    assert second.returncode != 0, second.stdout[-2000:]
+    assert f"--out-dir {run_dir} is in use: another run is writing" in second.stderr
+    assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    live.file.close()  # the first run ends
+    Metrics(str(run_dir), fresh=True).write({"step": 1})
 
 
 @pytest.mark.parametrize("args, message", TRAIN_BAD_INPUT)
