@@ -183,6 +183,18 @@ def test_data_reads_each_file_once_and_names_it_from_its_folder(tmp_path, monkey
     assert sorted(name for name, _ in read_documents("corp")) == names[0]
 
 
+def test_the_default_corpus_is_prepared_once_per_python_build():
+    """Two builds of one minor version (3.11.2 and 3.11.7) ship different stdlibs: a checkout that
+    both run prepares a corpus for each, not whichever ran first."""
+    show = "import sys; {}; import data.corpus; print(data.corpus.STDLIB_STEM)"
+    here = str(Path(__file__).parent)
+    stems = []
+    for change in ("pass", "sys.version = sys.version.replace('.', '!', 2)"):
+        cmd = [sys.executable, "-c", show.format(change)]
+        stems.append(subprocess.run(cmd, capture_output=True, text=True, cwd=here).stdout)
+    assert stems[0] != stems[1] and all(f"stdlib-py{sys.version.split()[0]}-" in s for s in stems)
+
+
 def test_metrics_that_cannot_be_written_say_so_and_go_on(tmp_path, capsys):
     """A full disk or a read-only folder at an evaluation: one line, and the run goes on to its
     checkpoint, whose write stops it with its own line if it cannot be written either."""

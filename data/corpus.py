@@ -17,7 +17,9 @@ import numpy as np
 # the standard library's tests and installed packages are not part of the default corpus
 SKIPPED_FOLDERS = ("site-packages", "test", "tests", "idle_test")
 HERE = os.path.dirname(os.path.abspath(__file__))
-STDLIB_STEM = os.path.join(HERE, "stdlib-py%d%d" % sys.version_info[:2])
+# one prepared corpus per Python build and stdlib folder: 3.11.2's stdlib is not 3.11.7's
+STDLIB_KEY = hashlib.sha256(f"{sys.version}|{sysconfig.get_paths()['stdlib']}".encode()).hexdigest()
+STDLIB_STEM = os.path.join(HERE, "stdlib-py%d.%d.%d-" % sys.version_info[:3] + STDLIB_KEY[:8])
 
 
 def die(message):
