@@ -606,6 +606,7 @@ def test_saved_tokenizer_keeps_special_ids_past_a_gap(over, tmp_path):
     assert (tokenizer.mask_token_id, tokenizer.pad_token_id) == (cfg.mask_id, cfg.pad_id)
     assert tokenizer("[MASK]", add_special_tokens=False)["input_ids"] == [cfg.mask_id]
     assert len(tokenizer) == VOCAB_SIZE
+    assert tinyencoder_hf.load(str(tmp_path)).cfg == cfg  # mask_id too, which config.json keeps
 
 
 def test_save_writes_a_tokenizer_for_the_byte_vocabulary_only(tmp_path):
@@ -620,6 +621,7 @@ def test_save_writes_a_tokenizer_for_the_byte_vocabulary_only(tmp_path):
     ]
     assert (tmp_path / "bytes" / "tokenizer.json").exists()
     assert (tmp_path / "bytes" / "modules.json").exists()
+    assert tinyencoder_hf.load(str(tmp_path / "wordpiece")).cfg.mask_id == 103
 
 
 def test_a_compiled_model_saves_as_the_model_it_wraps(tmp_path):

@@ -59,6 +59,8 @@ COMMON_KEYS = {
     "heads": "num_attention_heads",
     "intermediate": "intermediate_size",
     "pad_id": "pad_token_id",
+    # not a key of transformers' configs, which keep it as they read it: so that a reload has it
+    "mask_id": "mask_token_id",
     "init_std": "initializer_range",
 }
 BERT_KEYS = {
@@ -274,7 +276,7 @@ def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.
         if hf.get(theirs) is not None:
             fields[ours] = hf[theirs]
     # [CLS], [SEP] and [MASK] ids that no forward reads, outside this vocabulary (transformers'
-    # ModernBERT defaults to 50281 and 50282 whatever the vocabulary, and config.json holds no
+    # ModernBERT defaults to 50281 and 50282 whatever the vocabulary, and its config.json holds no
     # [MASK]): pad_id's, so that the Config is whole; this vocabulary's own tokenizer knows its ids
     for name in ("cls_id", "sep_id", "mask_id"):
         if not 0 <= fields.get(name, getattr(te.Config, name)) < fields["vocab_size"]:
