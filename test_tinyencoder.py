@@ -82,7 +82,8 @@ def test_backends_and_unpadding_agree_on_every_gradient(preset, rows, kernels):
 @pytest.mark.parametrize("T", [24, 27])
 def test_window_blocks_equal_one_masked_call(T):
     """window_blocks, on rows that are a whole number of blocks and on rows that end in a short
-    block, equals one SDPA call under the band mask: output and the gradients of q, k and v."""
+    block, equals one SDPA call under the band mask: output and the gradients of q, k and v, and
+    the output without a gradient."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     band = tinyencoder.band_mask(T, 4, torch.device("cpu"))
@@ -94,6 +95,8 @@ def test_window_blocks_equal_one_masked_call(T):
     assert_close(blocks, one_call, 1e-6)
     for got, want in zip(blocks_grads, one_call_grads):
         assert_close(got, want, 1e-6)
+    with torch.no_grad():  # no gradient to carry: the keys are slices of k and v
+        assert_close(tinyencoder.window_blocks(q, k, v, band, 4, 0.0), one_call, 1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a CUDA device")

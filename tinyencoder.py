@@ -508,12 +508,11 @@ class Classifier(nn.Module):
         self.kind = "linear"
         if cfg.arch == "modernbert":
             self.kind = "transform"
+            self.norm = layer_norm(cfg)
         elif cfg.arch == "roberta" and cfg.classifier == "sequence":
             self.kind = "tanh"
         if self.kind != "linear":
             self.dense = Linear(cfg.hidden, cfg.hidden, bias=cfg.head_bias)
-        if self.kind == "transform":
-            self.norm = layer_norm(cfg)
         self.act = ACTIVATIONS[cfg.act]
         self.dropout = cfg.classifier_dropout
         if cfg.classifier == "span" and self.kind == "linear":
@@ -865,8 +864,9 @@ def window_blocks(q, k, v, mask, half_window: int, dropout: float) -> torch.Tens
     for i, q_block in enumerate(q.split(w, dim=-2)):
         first, end = max(i - 1, 0), min(i + 2, len(key_blocks))
         block_mask = mask[..., i * w : i * w + q_block.shape[-2], first * w : end * w]
-        keys = torch.cat(key_blocks[first:end], dim=-2)
-        values = torch.cat(value_blocks[first:end], dim=-2)
+        keys, values = k[..., first * w : end * w, :], v[..., first * w : end * w, :]
+        if k.requires_grad:  # a slice's backward would fill a gradient the size of k per block
+            keys, values = (torch.cat(t[first:end], dim=-2) for t in (key_blocks, value_blocks))
         outs.append(F.scaled_dot_product_attention(q_block, keys, values, block_mask, dropout))
     return torch.cat(outs, dim=-2)
 
