@@ -99,6 +99,27 @@ def test_window_blocks_equal_one_masked_call(T):
         assert_close(tinyencoder.window_blocks(q, k, v, band, 4, 0.0), one_call, 1e-6)
 
 
+def test_eager_attention_keeps_float64():
+    """The softmax runs in fp32 or wider: float64 attention is float64 throughout (gradcheck's)."""
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+    want = torch.softmax(q @ k.transpose(-1, -2) / 2, dim=-1) @ v
+    assert_close(tinyencoder.eager_attention(q, k, v, None, 0.0), want, 1e-12)
+
+
+def test_nsp_reads_the_first_real_token():
+    """On a left-padded row BERT's NSP head reads the text's first token, not a padding slot: the
+    same logits unpadded or not, and the ones the row right-padded gives."""
+    base = perturb(TinyEncoder(tiny("bert"))).eval()
+    text = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    pads = torch.full((1, 3), PAD)
+    left, right = torch.cat([pads, text], dim=1), torch.cat([text, pads], dim=1)
+    with torch.no_grad():
+        want = base(right, (right != PAD).long()).nsp_logits
+        for unpad in (False, True):
+            got = variant(base, unpad=unpad)(left, (left != PAD).long()).nsp_logits
+            assert_close(got, want, 1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a CUDA device")
 @pytest.mark.parametrize("preset", PRESETS)
 def test_flash_matches_eager_on_cuda(preset):

@@ -158,11 +158,11 @@ PRESETS = {
 # padding. A row may pack several documents: each attends only to itself, positions from 0.
 def eager_attention(q, k, v, mask: Optional[torch.Tensor], dropout: float) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v. q, k, v: (B, heads, T, head_dim). mask: True where a
-    query may see a key, (B, 1, T, T) or (T, T), None for all. Softmax in fp32, as ModernBERT's."""
+    query may see a key, (B, 1, T, T) or (T, T), None for all. Softmax in fp32 or wider."""
     scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-1, -2)  # (B, heads, T, T)
     if mask is not None:  # in place: no gradient needs the scores themselves
         scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
-    probs = scores.float().softmax(dim=-1).to(q.dtype)
+    probs = scores.to(torch.promote_types(q.dtype, torch.float32)).softmax(dim=-1).to(q.dtype)
     probs = drop(probs, dropout)  # F.dropout; section 9 draws its mask faster on a CPU
     return probs @ v  # (B, heads, T, head_dim)
 
@@ -429,7 +429,7 @@ class TinyEncoder(nn.Module):
             logits, loss = classify(self, x, hidden, layout, doc_ids, labels, rows)
             out = Output(hidden, logits, loss)
         if self.nsp_head is not None:
-            out.nsp_logits, out.nsp_loss = self.next_sentence(hidden, next_sentence_label)
+            out.nsp_logits, out.nsp_loss = self.next_sentence(hidden, doc_ids, next_sentence_label)
         if out.nsp_loss is not None:
             out.loss = out.nsp_loss if out.loss is None else out.loss + out.nsp_loss
         return out
@@ -468,10 +468,10 @@ class TinyEncoder(nn.Module):
         loss = F.cross_entropy(logits.float(), targets[labelled], reduction="sum")
         return logits, loss / max(1, labelled.numel())
 
-    def next_sentence(self, hidden, label):
-        """BERT's NSP head on its pooler's vector of the first token: logits (B, 2), and their
+    def next_sentence(self, hidden, doc_ids, label):
+        """BERT's NSP head on its pooler's vector of the first real token: logits (B, 2), and their
         cross-entropy where a label is given (1: the second segment is a random one)."""
-        logits = self.nsp_head(torch.tanh(self.pooler(hidden[:, 0])))
+        logits = self.nsp_head(torch.tanh(self.pooler(pool(hidden, doc_ids, "cls"))))
         loss = None if label is None else F.cross_entropy(logits.float(), label)
         return logits, loss
 
