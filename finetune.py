@@ -473,10 +473,6 @@ while step < args.max_steps:
         speed = f"{examples_per_s:6.1f} examples/s | eta {minutes_left:4.1f} min"
         log(f"{progress} | lr {lr_at(step - 1):.2e} | {speed}")
         timed_from = time.time()
-    if stop.received:
-        save(ckpt_path)
-        log(f"interrupted after step {step}; saved {ckpt_path}; continue with --resume")
-        raise SystemExit(0)
     if step % args.eval_interval == 0 or step == args.max_steps:
         results = evaluate()
         # the per-label and per-word figures go to metrics.jsonl and the final lines
@@ -488,6 +484,11 @@ while step < args.max_steps:
             save(os.path.join(args.out_dir, "ckpt_best.pt"))
         save(ckpt_path)
         timed_from = time.time()
+    # after the step's evaluation, where one is due, as it would be uninterrupted
+    if stop.received:
+        save(ckpt_path)
+        log(f"interrupted after step {step}; saved {ckpt_path}; continue with --resume")
+        raise SystemExit(0)
 
 
 def kinds_of_tag(example):

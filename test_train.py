@@ -30,7 +30,7 @@ def _corpus(tmp_path):
     return corpus
 
 
-def _train(tmp_path, *args, torchrun=False):
+def _train(tmp_path, *args, torchrun=False, popen=False):
     corpus = _corpus(tmp_path)
     launcher = [sys.executable]
     if torchrun:  # torchrun's module, so that it is this Python's with or without its venv on PATH
@@ -49,11 +49,26 @@ def _train(tmp_path, *args, torchrun=False):
         "float32",  # unless args say otherwise
         *map(str, args),
     ]
-    run = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).parent)
-    )
+    here = str(Path(__file__).parent)
+    if popen:  # running, its output to be read line by line
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=here)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=here)
     assert run.returncode == 0, run.stderr[-2000:]
     return [float(x) for x in re.findall(r"^step\s+\d+/\d+ \| loss (\S+)", run.stdout, re.M)]
+
+
+def test_an_interrupted_step_is_evaluated_before_the_run_stops(tmp_path):
+    """Ctrl-C on a step due an evaluation: the run evaluates it, then saves and stops; resumed, it
+    has the metrics and best checkpoint of a run never interrupted."""
+    flags = ["--max-steps", 40, "--eval-interval", 1, "--batch-size", 3, "--context", 32]
+    _train(tmp_path, *flags, "--out-dir", tmp_path / "a")
+    proc = _train(tmp_path, *flags, "--out-dir", tmp_path / "b", popen=True)
+    for line in proc.stdout:
+        if re.match(r"step\s+3/40", line):  # one Ctrl-C: a second one stops sooner, unsaved
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0
+    _train(tmp_path, "--resume", "--out-dir", tmp_path / "b")
+    assert_same_evaluations(tmp_path / "a", tmp_path / "b", "val_loss")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -426,6 +441,16 @@ def digit_spans(n, seed):
     return records
 
 
+def assert_same_evaluations(whole, interrupted, key):
+    """The runs' metrics.jsonl hold the same steps, each once, with the same figures (key within
+    1e-5), and their ckpt_best.pt the same step."""
+    runs = [[json.loads(line) for line in open(d / "metrics.jsonl")] for d in (whole, interrupted)]
+    assert [r["step"] for r in runs[0]] == [r["step"] for r in runs[1]], runs
+    assert all(abs(a[key] - b[key]) <= 1e-5 for a, b in zip(*runs)), runs
+    best = [torch.load(d / "ckpt_best.pt", weights_only=True)["step"] for d in (whole, interrupted)]
+    assert best[0] == best[1]
+
+
 def finetune(tmp_path, *args, run=True):
     cmd = [sys.executable, "finetune.py", *map(str, args)]
     if "--out-dir" not in args:  # not the repository's out-finetune: a run never overwrites one
@@ -442,7 +467,7 @@ def test_finetune_learns_resumes_and_exports(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", digit_spans(200, 0))
     val = write_jsonl(tmp_path / "val.jsonl", digit_spans(50, 1))
     common = ["--train", train, "--val", val, "--init", init, "--max-steps", 40]
-    common += ["--lr", "3e-3", "--eval-interval", 20, "--log-interval", 1]
+    common += ["--lr", "3e-3", "--eval-interval", 1, "--log-interval", 1]
     whole = finetune(tmp_path, *common, "--out-dir", tmp_path / "a")
     assert whole.returncode == 0, whole.stderr[-2000:]
     losses = re.findall(r"^step\s+\d+/40 \| loss (\S+)", whole.stdout, re.M)
@@ -464,6 +489,8 @@ def test_finetune_learns_resumes_and_exports(tmp_path):
     # digit differed (0.480991 against 0.480992; never in 26 runs of the test alone): within 2e-6
     assert len(resumed) == len(losses), (resumed, losses)
     assert all(abs(float(a) - float(b)) <= 2e-6 for a, b in zip(resumed, losses)), (resumed, losses)
+    # every step evaluated once, the interrupted one before it stopped: the same metrics and best
+    assert_same_evaluations(tmp_path / "a", tmp_path / "b", "val_loss")
     # --resume reads no --init again (it may have moved), and refuses other data
     init.rename(tmp_path / "moved.pt")
     again = finetune(tmp_path, "--out-dir", tmp_path / "b", "--resume")

@@ -457,11 +457,7 @@ while step < max_steps:
         progress = f"step {step:5d}/{max_steps} | loss {loss:.6f} | acc {accuracy:6.1%}"
         speed = f"{tokens_per_s / 1e3:6.1f}k tok/s | {mfu} | eta {minutes_left:4.1f} min"
         log(f"{progress} | lr {lr_at(step - 1, lr_steps):.2e} | {speed}")
-    if interrupted:
-        if master:
-            save(ckpt_path)
-        log(f"interrupted after step {step}; saved {ckpt_path}; continue with --resume")
-        sys.exit(0)
+    # an interrupted step is evaluated first where one is due, as it would be uninterrupted
     if master and (is_eval_step or is_last or late):
         results = evaluate()
         log(f"eval step {step}: " + " ".join(f"{name} {value}" for name, value in results.items()))
@@ -470,8 +466,11 @@ while step < max_steps:
         if results["val_loss"] < best:
             best = results["val_loss"]
             save(os.path.join(args.out_dir, "ckpt_best.pt"))
-    if master and (is_ckpt_step or late):
+    if master and (is_ckpt_step or late or interrupted):
         save(ckpt_path)
+    if interrupted:
+        log(f"interrupted after step {step}; saved {ckpt_path}; continue with --resume")
+        sys.exit(0)
     if late:
         log(f"time budget reached: stopping after step {step} of {max_steps}")
         break
