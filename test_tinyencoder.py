@@ -678,6 +678,24 @@ def trained(model, ids, doc_ids, labels, steps):
 
 
 @pytest.mark.parametrize("task", ["sequence", "token"])
+def test_a_batch_with_no_label_that_counts_has_loss_zero(task):
+    """As the MLM loss: every label IGNORE_INDEX (a batch of empty texts to tag) gives loss 0 and
+    zero gradients, not NaN, so that one such batch does not spoil a run; others, the mean."""
+    model = TinyEncoder(tiny("roberta", classifier=task, num_labels=3))
+    ids, doc = batch()
+    shape = ids.shape if task == "token" else ids.shape[:1]
+    out = model(ids, doc, labels=torch.full(shape, IGNORE_INDEX))
+    out.loss.backward()
+    assert out.loss.item() == 0 and all(not p.grad.any() for p in model.parameters())
+    labels = torch.randint(0, 3, shape)
+    if task == "token":
+        labels = labels.masked_fill(doc == 0, IGNORE_INDEX)
+    out = model(ids, doc, labels=labels)
+    flat = out.logits.flatten(0, -2)
+    assert abs(out.loss.item() - F.cross_entropy(flat, labels.flatten()).item()) < 1e-6
+
+
+@pytest.mark.parametrize("task", ["sequence", "token"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_classifiers_learn_a_byte_rule(preset, task):
     """Each family's head learns whether a byte is >= 128: the second byte's, for a row; each

@@ -414,8 +414,10 @@ class TinyEncoder(nn.Module):
         check_inputs(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label)
         # multiple choice's (B, choices, T) inputs run as B * choices rows of T (section 7)
         rows = input_ids.shape[:-1]  # (B,), or (B, choices)
-        inputs = as_rows(input_ids, attention_mask, token_type_ids)
-        input_ids, attention_mask, token_type_ids = inputs
+        inputs = (input_ids, attention_mask, token_type_ids)
+        input_ids, attention_mask, token_type_ids = (
+            t if t is None else t.flatten(0, -2) for t in inputs
+        )
         doc_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         if layout is None:
             # Padded rows (section 3), or the unpadded tokens of a fast path (section 9)
@@ -550,12 +552,9 @@ def classify(model, x, hidden, layout, doc_ids, labels, rows: torch.Size):
         return logits, F.mse_loss(logits.squeeze(-1).float(), labels.float())
     if labels.dim() == 2:  # a token classifier's padding never counts
         labels = labels.masked_fill(doc_ids == 0, IGNORE_INDEX)
-    return logits, F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten())
-
-
-def as_rows(*tensors) -> list:
-    """Multiple choice's (B, choices, T) inputs as (B * choices, T) rows; (B, T) ones stay."""
-    return [t if t is None else t.flatten(0, -2) for t in tensors]
+    # the mean over the labels that count: 0, not NaN, where none does (a batch of empty texts)
+    loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction="sum")
+    return logits, loss / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Tensor:
