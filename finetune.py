@@ -119,6 +119,12 @@ def read_jsonl(path):
             record = json.loads(line)
         except json.JSONDecodeError as e:
             die(f"{path} line {number}: not JSON ({e.msg})")
+        try:  # JSON's "\ud800" escape reads as a lone surrogate, which no UTF-8 byte holds
+            json.dumps(record, ensure_ascii=False).encode()
+        except UnicodeEncodeError as e:
+            die(
+                f"{path} line {number}: {e.object[e.start : e.end]!r} is a lone surrogate, not text"
+            )
         texts = ("text",)
         if isinstance(record, dict) and "question" in record:
             texts = ("question", "context")
@@ -188,6 +194,8 @@ def question_examples(path, lines, cfg) -> list:
         question, context, answers = (
             line.record.get(k) for k in ("question", "context", "answers")
         )
+        if not isinstance(question, str) or not isinstance(context, str):
+            die(f'{where}: needs "question" and "context" strings, as the first line has')
         if not isinstance(answers, list) or not answers:
             die(f'{where}: needs "answers", a list of {{"text", "start"}}')
         for i, answer in enumerate(answers):
@@ -224,11 +232,11 @@ def read_task(path, cfg, kind=None, labels=None) -> Task:
     if kind == "span":
         return Task(kind, ["start", "end"], question_examples(path, lines, cfg))
     targets = line_targets(path, lines, kind)
+    if kind == "token" and not any(targets):  # nothing to learn or score
+        die(f"{path}: no tags at all (every text is empty)")
     if labels is None:
         names = targets if kind == "sequence" else [tag for tags in targets for tag in tags]
         labels = sorted(set(names))
-        if not labels:
-            die(f"{path}: no tags at all (every text is empty)")
         if len(labels) < 2:
             die(
                 f"{path}: every example has the label {labels[0]!r}; a classifier needs two or more"

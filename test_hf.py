@@ -823,3 +823,14 @@ def test_checkpoints_with_retired_config_fields_still_export(tmp_path):
     with torch.no_grad():
         exported = tinyencoder_hf.load(str(tmp_path / "hf")).eval()(ids, mask).logits
         assert_close(exported, model(ids, mask).logits)
+
+
+@pytest.mark.parametrize("where", ["file", "file/inside"])
+def test_export_to_a_path_that_cannot_be_a_folder_is_one_line(tmp_path, where):
+    pytest.importorskip("safetensors.torch", reason="the export writes model.safetensors")
+    checkpoint = tiny_checkpoint(tmp_path / "c.pt")
+    (tmp_path / "file").write_text("not a folder")
+    command = [sys.executable, "tinyencoder_hf.py", str(checkpoint), str(tmp_path / where)]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert run.returncode != 0 and f"{tmp_path / 'file'}" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr

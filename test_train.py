@@ -582,6 +582,7 @@ QUESTION = '{"question": "q", "context": "abc", "answers": [{"text": "b", "start
         (['{"question": "q"}'], '"question" and "context" strings'),
         ([QUESTION.replace('[{"text": "b", "start": 1}]', '["b"]')], "answers[0] must be an"),
         ([QUESTION, '{"text": "caf\xe9"}'], "line 2: not UTF-8 (byte 0xe9 at offset 13)"),
+        ([QUESTION, '{"text": "x", "answers": []}'], 'line 2: needs "question" and "context"'),
     ],
 )
 def test_finetune_bad_questions_are_one_line(tmp_path, lines, message):
@@ -629,6 +630,10 @@ def test_stdlib_questions_are_spans_held_out_by_file():
         (['{"text": "a", "label": null}'], '"label" must be a string or a whole number, got None'),
         (['{"text": "a", "label": "x"}'] * 2, "every example has the label 'x'"),
         (['{"text": "a", "spans": 5}'], '"spans" must be a list of [first char, end char, tag]'),
+        (
+            ['{"text": "a \\udc80", "label": "x"}'],
+            "line 1: '\\udc80' is a lone surrogate, not text",
+        ),
     ],
 )
 def test_finetune_bad_input_is_one_line(tmp_path, lines, message):
@@ -639,6 +644,21 @@ def test_finetune_bad_input_is_one_line(tmp_path, lines, message):
     val = write_jsonl(tmp_path / "val.jsonl", [{"text": "a", "label": "x"}])
     run = finetune(tmp_path, "--train", train, "--val", val, "--init", init, "--max-steps", 1)
     assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_finetune_tags_around_empty_texts(tmp_path):
+    """An empty text has nothing to tag: a batch of only such texts trains at loss 0 (before, a
+    NaN that stopped the run as diverged), and a held-out file of only them is refused."""
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    texts = [{"text": "ab", "tags": ["X", "Y"]}] * 2 + [{"text": "", "tags": []}] * 6
+    train = write_jsonl(tmp_path / "train.jsonl", texts)  # 4 batches of 2: 2 or more all empty
+    common = ["--train", train, "--init", init, "--batch-size", 2]
+    run = finetune(tmp_path, *common, "--val", train, "--max-steps", 4)
+    assert run.returncode == 0, run.stderr[-2000:]
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": "", "tags": []}])
+    run = finetune(tmp_path, *common, "--val", empty, "--out-dir", tmp_path / "b")
+    assert run.returncode != 0 and f"{empty}: no tags at all" in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
 
 

@@ -785,7 +785,12 @@ def main():
     state, cfg = load_checkpoint(args.checkpoint, "checkpoint")
     model = te.TinyEncoder(cfg)
     model.load_state_dict(state["model"])
-    save(model, args.out_dir, state.get("labels"))  # a finetune.py checkpoint names its labels
+    try:  # a finetune.py checkpoint names its labels
+        save(model, args.out_dir, state.get("labels"))
+    except ValueError as e:  # out_dir is a file, say
+        die(str(e))
+    except OSError as e:  # inside a file, read-only, a full disk
+        die(f"cannot write {args.out_dir} ({e.strerror})")
     print(f"wrote {args.out_dir}: {', '.join(sorted(os.listdir(args.out_dir)))}")
 
 
