@@ -93,13 +93,17 @@ inputs = {"sin": (0, 300), "cos": (0, 300), "tanh": (-3, 3), "sqrt": (0, 300)}
 for name, (low, high) in inputs.items():
     x = torch.linspace(low, high, 8192)  # four chunks of 2048 values: every thread takes a share
     function = getattr(torch, name)
-    print(name, (function(x).double() - function(x.double())).abs().max().item())
+    first = function(x)  # the call that may race
+    error = (first.double() - function(x.double())).abs().max().item()
+    print(name, error, torch.equal(first, function(x)))
 """
 
 
 def test_a_fresh_process_first_vector_math_is_accurate():
     """runs.settle_vector_math: without it, about one fresh process in ten here got a first sin
-    off by 1.5e-4 (pytorch/pytorch#188792), and train.py's resumed runs stopped replaying."""
+    off by 1.5e-4 (pytorch/pytorch#188792), and train.py's resumed runs stopped replaying. The
+    first call gives what every later call gives; the kernels' own accuracy varies by CPU (an AMD
+    EPYC's fp32 sqrt is off by 1.4e-6, 0.74 of a unit in the last place, at every call)."""
     for _ in range(6):  # one process at a time: the error needs two threads starting together
         run = subprocess.run(
             [sys.executable, "-c", FIRST_CALLS],
@@ -108,8 +112,9 @@ def test_a_fresh_process_first_vector_math_is_accurate():
             check=True,
             cwd=Path(__file__).parent,
         )
-        errors = dict(line.split() for line in run.stdout.splitlines())
-        assert len(errors) == 4 and all(float(e) < 1e-6 for e in errors.values()), errors
+        found = {name: rest for name, *rest in map(str.split, run.stdout.splitlines())}
+        assert len(found) == 4, run.stdout
+        assert all(float(error) < 1e-5 and same == "True" for error, same in found.values()), found
 
 
 def test_bf16_autocast_where_the_machine_measures_it_faster(monkeypatch):
