@@ -481,7 +481,8 @@ while step < args.max_steps:
         speed = f"{examples_per_s:6.1f} examples/s | eta {minutes_left:4.1f} min"
         log(f"{progress} | lr {lr_at(step - 1):.2e} | {speed}")
         timed_from = time.time()
-    if step % args.eval_interval == 0 or step == args.max_steps:
+    is_eval_step = step % args.eval_interval == 0 or step == args.max_steps
+    if is_eval_step:
         results = evaluate()
         # the per-label and per-word figures go to metrics.jsonl and the final lines
         figures = " ".join(f"{k} {v}" for k, v in results.items() if not isinstance(v, dict))
@@ -490,11 +491,11 @@ while step < args.max_steps:
         if results[score_name] > best:
             best = results[score_name]
             save(os.path.join(args.out_dir, "ckpt_best.pt"))
+    # an interrupted step is saved after its evaluation, where one is due, as uninterrupted
+    if is_eval_step or stop.received:
         save(ckpt_path)
         timed_from = time.time()
-    # after the step's evaluation, where one is due, as it would be uninterrupted
     if stop.received:
-        save(ckpt_path)
         log(f"interrupted after step {step}; saved {ckpt_path}; continue with --resume")
         raise SystemExit(0)
 
