@@ -345,11 +345,12 @@ decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on bi
 rest = [p for p in model.parameters() if p.dim() < 2]
 groups = [dict(params=decay, weight_decay=0.01), dict(params=rest, weight_decay=0.0)]
 opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-step, best = 0, -1.0
+step, best, spent = 0, -1.0, 0.0
 if checkpoint:
     model.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["optim"])
-    step, best = checkpoint["step"], checkpoint["best"]
+    # elapsed_s counts the run's time over its processes, as train.py's
+    step, best, spent = checkpoint["step"], checkpoint["best"], checkpoint.get("elapsed_s", 0.0)
     log(f"resumed at step {step}")
     if changed:
         log(f"flags changed from the run's own: {', '.join(changed)}")
@@ -454,6 +455,7 @@ def evaluate():
 def save(path):
     state = dict(model=model.state_dict(), optim=opt.state_dict(), step=step, best=best)
     state.update(cfg=asdict(cfg), args=vars(args), labels=labels)
+    state["elapsed_s"] = spent + time.time() - t0
     save_checkpoint(path, state)
 
 
@@ -487,7 +489,7 @@ while step < args.max_steps:
         # the per-label and per-word figures go to metrics.jsonl and the final lines
         figures = " ".join(f"{k} {v}" for k, v in results.items() if not isinstance(v, dict))
         log(f"eval step {step}: {figures}")
-        metrics.write(dict(step=step, elapsed_s=round(time.time() - t0, 1), **results))
+        metrics.write(dict(step=step, elapsed_s=round(spent + time.time() - t0, 1), **results))
         if results[score_name] > best:
             best = results[score_name]
             save(os.path.join(args.out_dir, "ckpt_best.pt"))

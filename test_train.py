@@ -450,9 +450,11 @@ def digit_spans(n, seed):
 
 def assert_same_evaluations(whole, interrupted, key):
     """The runs' metrics.jsonl hold the same steps, each once, with the same figures (key within
-    1e-5), and their ckpt_best.pt the same step."""
+    1e-5), the time counted on over the interruption, and their ckpt_best.pt the same step."""
     runs = [[json.loads(line) for line in open(d / "metrics.jsonl")] for d in (whole, interrupted)]
     assert [r["step"] for r in runs[0]] == [r["step"] for r in runs[1]], runs
+    elapsed = [r["elapsed_s"] for r in runs[1]]
+    assert elapsed == sorted(elapsed), runs[1]
     assert all(abs(a[key] - b[key]) <= 1e-5 for a, b in zip(*runs)), runs
     best = [torch.load(d / "ckpt_best.pt", weights_only=True)["step"] for d in (whole, interrupted)]
     assert best[0] == best[1]
@@ -489,8 +491,12 @@ def test_finetune_learns_resumes_and_exports(tmp_path):
         if steps_before < 3 <= len(first):  # one Ctrl-C: a second one stops sooner, unsaved
             proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0 and 3 <= len(first) < 40
+    saved = torch.load(tmp_path / "b" / "ckpt_last.pt", weights_only=False)
     rest = finetune(tmp_path, *common, "--out-dir", tmp_path / "b", "--resume")
     assert rest.returncode == 0, rest.stderr[-2000:]
+    # the resumed run's clock goes on from the interrupted one's, as train.py's
+    later = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")][saved["step"] :]
+    assert later and all(r["elapsed_s"] > saved["elapsed_s"] for r in later), later
     resumed = first + re.findall(r"^step\s+\d+/40 \| loss (\S+)", rest.stdout, re.M)
     # the same losses, step for step; once, in a full-suite run on an Intel CPU, one printed last
     # digit differed (0.480991 against 0.480992; never in 26 runs of the test alone): within 2e-6
