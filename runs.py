@@ -128,10 +128,12 @@ def refuse_to_overwrite(out_dir: str):
         existing = os.path.dirname(existing)
     if not out_dir or not os.path.isdir(existing) or not os.access(existing, os.W_OK):
         die(f"--out-dir {out_dir!r} cannot be made a folder here: {existing} is not a writable one")
-    for name in ("ckpt_last.pt", "ckpt_best.pt"):
-        if os.path.exists(os.path.join(out_dir, name)):
-            how = "--resume continues it; to start anew, remove it or choose another --out-dir"
-            die(f"--out-dir {out_dir} holds a run ({name}): {how}")
+    anew = "to start anew, remove it or choose another --out-dir"
+    if os.path.exists(os.path.join(out_dir, "ckpt_last.pt")):
+        die(f"--out-dir {out_dir} holds a run (ckpt_last.pt): --resume continues it; {anew}")
+    # a best checkpoint alone (the last one removed) is a run's result, and nothing to resume
+    if os.path.exists(os.path.join(out_dir, "ckpt_best.pt")):
+        die(f"--out-dir {out_dir} holds a run's ckpt_best.pt, no ckpt_last.pt to resume: {anew}")
 
 
 def device_or_die(name: str) -> str:

@@ -291,6 +291,14 @@ def test_a_run_is_never_overwritten_and_resumes_with_its_own_flags(tmp_path):
     assert fresh.returncode != 0, fresh.stdout[-2000:]
     assert "holds a run (ckpt_last.pt): --resume continues it" in fresh.stderr
     assert (run_dir / "ckpt_last.pt").read_bytes() == saved
+    # only the best checkpoint kept: no --resume to offer, since it needs ckpt_last.pt
+    from runs import refuse_to_overwrite
+
+    best_only = tmp_path / "best-only"
+    best_only.mkdir()
+    (best_only / "ckpt_best.pt").write_bytes(saved)
+    with pytest.raises(SystemExit, match="ckpt_best.pt, no ckpt_last.pt to resume"):
+        refuse_to_overwrite(str(best_only))
     # --resume alone: the run's arch, data, sizes and rate; a flag given again wins, logged
     cmd = [sys.executable, "train.py", "--resume", "--out-dir", run_dir, "--max-steps", 3]
     resumed = subprocess.run(
