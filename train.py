@@ -166,6 +166,8 @@ args.lr = args.lr or (3e-4 if extension else recipe.lr[args.size])
 args.warmup = recipe.warmup[args.size] if args.warmup is None else args.warmup
 if args.decay is None:
     args.decay = 1 / 6 if extension else 0.2
+if recipe.schedule == "wsd" and args.warmup + args.decay > 1:  # the rate would drop as warmup ends
+    die(f"--warmup {args.warmup:g} and --decay {args.decay:g} overlap: together at most 1")
 args.mlm_rate = args.mlm_rate or recipe.mlm_rate[args.size]
 spent = checkpoint.get("elapsed_s", 0.0)  # a resumed run's budget is what the run left
 deadline = t0 + args.time_budget * 60 - 15 - spent  # 15 s for the demo and the last checkpoint
