@@ -241,15 +241,23 @@ def test_save_round_trip(preset, over, tmp_path):
     assert torch.equal(back.logits, out.logits)
 
 
-@pytest.mark.parametrize("architectures", [["GPT2LMHeadModel"], "GPT2LMHeadModel"])
-def test_load_rejects_unsupported_architecture(tmp_path, architectures):
-    """A class in a list, as transformers writes it, or alone, as a hand-written config may."""
+@pytest.mark.parametrize(
+    "architectures, shown",
+    [
+        (["GPT2LMHeadModel"], "'GPT2LMHeadModel'"),
+        ("GPT2LMHeadModel", "'GPT2LMHeadModel'"),
+        (5, "5"),
+        ([["BertForMaskedLM"]], r"\['BertForMaskedLM'\]"),
+    ],
+)
+def test_load_rejects_unsupported_architecture(tmp_path, architectures, shown):
+    """A class in a list, as transformers writes it, or alone, as a hand-written config may;
+    anything else that a hand-written config holds is refused as such, by name."""
     (tmp_path / "config.json").write_text(
         json.dumps({"architectures": architectures, "model_type": "gpt2"})
     )
     with pytest.raises(
-        ValueError,
-        match=r"'GPT2LMHeadModel' is not supported.*BertForMaskedLM.*ModernBertForMaskedLM",
+        ValueError, match=rf"architecture {shown} is not supported.*BertForMaskedLM.*ModernBert"
     ):
         tinyencoder_hf.load(str(tmp_path))
 

@@ -540,12 +540,12 @@ def load(path: str) -> te.TinyEncoder:
     eval mode, as transformers' from_pretrained gives its models (model.train() to fine-tune)."""
     hf = read_config(path)
     classes = hf.get("architectures") or [None]
-    if isinstance(classes, str):  # a hand-written config's one class, not in a list
+    if not isinstance(classes, list):  # a hand-written config's one class, not in a list
         classes = [classes]
     kind = classes[0]
     if kind is None:
         kind = BASE_CLASSES.get(hf.get("model_type"))
-    if kind not in CLASSES:
+    if not isinstance(kind, str) or kind not in CLASSES:
         raise ValueError(
             f"{path}: architecture {kind!r} is not supported; supported: {list(CLASSES)}"
         )
