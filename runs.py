@@ -136,6 +136,22 @@ def refuse_to_overwrite(out_dir: str):
         die(f"--out-dir {out_dir} holds a run's ckpt_best.pt, no ckpt_last.pt to resume: {anew}")
 
 
+def check_step_fits(sizes: str, tokens: int, cfg: te.Config, device: torch.device):
+    """A one-line error, before any work, where a training step over tokens cannot fit in the
+    device's memory: each layer keeps at least its input, tokens x hidden values of 2 bytes or
+    more, for the backward. (Without it, a mistyped --batch-size swaps the machine for minutes.)"""
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    elif "SC_PHYS_PAGES" in getattr(os, "sysconf_names", {}):
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    floor = tokens * cfg.hidden * cfg.layers * 2
+    if floor > memory:
+        kept = f"{floor / 2**30:,.0f} GiB or more, over the {memory / 2**30:,.0f} GiB here"
+        die(f"{sizes}: a training step keeps {kept}; lower them (--grad-accum adds up steps)")
+
+
 def device_or_die(name: str) -> str:
     """name, or for "auto" the first of cuda, mps and cpu that this machine has; a one-line error
     where it lacks the one named."""

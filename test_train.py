@@ -172,6 +172,10 @@ TRAIN_BAD_INPUT = [
     # the model's flags are checked before any data is read: --data names nothing here
     (["--data", "{tmp}/missing", "--context", "9000"], "at most 8192 bytes"),
     (["--data", "{tmp}/missing", "--warmup", "0.9"], "--warmup 0.9 and --decay 0.2 overlap"),
+    (
+        ["--data", "{tmp}/missing", "--batch-size", "100000000", "--context", "32"],
+        "--batch-size 100000000 x --context 32: a training step keeps 3,052 GiB or more, over",
+    ),
     (["--data", "{tmp}/missing", "--init-from", "{tmp}/none.pt"], "--init-from: no checkpoint"),
     (["--data", "{tmp}/missing", "--init-from", "{tmp}/bert.pt"], "not this model's weights"),
 ]

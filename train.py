@@ -23,7 +23,8 @@ import torch.distributed as dist
 import tinyencoder as te
 from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
 from runs import COUNT, DROPOUT, FRACTION, LENGTH, POSITIVE, RATE, Metrics, Parser, StopSignals
-from runs import demo, device_or_die, die, die_diverged, load_checkpoint, refuse_to_overwrite
+from runs import check_step_fits, demo, device_or_die, die, die_diverged, load_checkpoint
+from runs import refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
 from data.corpus import load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
@@ -200,6 +201,7 @@ if T > cfg.max_len:
     die(f"--context {T}: this {args.arch} reads documents of at most {cfg.max_len} bytes")
 torch.manual_seed(args.seed)
 # the bare model: checkpoints hold its parameter names, never a wrapper's
+check_step_fits(f"--batch-size {B} x --context {T}", B * T, cfg, device)
 model = te.TinyEncoder(cfg).to(device)
 if model.pos_embed is not None and args.position_init == "sinusoids":  # resuming loads its own
     sinusoids(model.pos_embed.weight, cfg.pos_offset)
@@ -329,9 +331,8 @@ def evaluate():
                 nsp_totals[1] += len(nsp_labels)
     model.train()
     loss, correct, count = mlm_totals.tolist()
-    results = dict(
-        val_loss=loss / count, val_acc=correct / count, val_bpb=loss / count / math.log(2)
-    )
+    val_loss = loss / count  # nats per masked byte; bits per byte below
+    results = dict(val_loss=val_loss, val_acc=correct / count, val_bpb=val_loss / math.log(2))
     if nsp_rows:
         results["nsp_acc"] = (nsp_totals[0] / nsp_totals[1]).item()
     return {name: round(value, 5) for name, value in results.items()}
