@@ -146,6 +146,7 @@ def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds eac
 # train.py's bad calls and the one line each must print
 TRAIN_BAD_INPUT = [
     (["--data", "{tmp}/missing"], "no such file or folder"),
+    (["--data", ""], "--data '' names no file, folder or glob"),
     (["--data", "{tmp}/empty.txt"], "every file is empty"),
     (["--data", "{tmp}/tiny.txt"], "too few to measure on; give it 1 KB or more"),
     (["--data", "{tmp}/no-files"], "no files there"),

@@ -165,6 +165,8 @@ def load_stdlib():
 def load_corpus(spec, prepare=True, wait=None):
     """What train.py trains on: the files spec names, split by name, or else the stdlib, which the
     process told to prepare writes into data/ once, while wait (a barrier) holds the others."""
+    if spec == "":  # an unset variable in --data "$DATA": no silent switch to the stdlib
+        die("--data '' names no file, folder or glob (leave --data out for the Python stdlib)")
     if spec:
         return split_documents(read_documents(spec), spec)
     if prepare:
