@@ -262,6 +262,20 @@ def test_load_rejects_unsupported_architecture(tmp_path, architectures, shown):
         tinyencoder_hf.load(str(tmp_path))
 
 
+def test_pretraining_weights_under_a_classifier_class_are_named_as_such(tmp_path):
+    """BERT's pretraining weights (with the NSP head) in a folder whose config names a classifier:
+    refused as weights that do not match the class, not as a Config that cannot be."""
+    transformers = pytest.importorskip("transformers", reason="the checkpoint is transformers'")
+    sizes = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)
+    config = transformers.BertConfig(vocab_size=VOCAB_SIZE, pad_token_id=PAD, **sizes)
+    transformers.BertForPreTraining(config).save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["architectures"] = ["BertForSequenceClassification"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"do not match BertForSequenceClassification: missing"):
+        tinyencoder_hf.load(str(tmp_path))
+
+
 def test_save_onto_a_file_is_one_value_error(tmp_path):
     pytest.importorskip("safetensors.torch", reason="save checks for safetensors first")
     (tmp_path / "taken").write_text("a file")

@@ -554,7 +554,8 @@ def load(path: str) -> te.TinyEncoder:
     for task, suffix in TASK_SUFFIXES.items():
         if kind.endswith(suffix):
             classifier = task
-    nsp = "cls.seq_relationship.weight" in weights
+    # an NSP head with a classifier: weights that do not match the class, refused as such below
+    nsp = "cls.seq_relationship.weight" in weights and classifier == "none"
     model = te.TinyEncoder(config_from_hf(hf, nsp=nsp, classifier=classifier))
     check_problem_type(hf.get("problem_type"), model.cfg)
     base = not any(key.startswith(tuple(BASE_PREFIX.values())) for key in weights)
