@@ -200,8 +200,8 @@ else:
 if T > cfg.max_len:
     die(f"--context {T}: this {args.arch} reads documents of at most {cfg.max_len} bytes")
 torch.manual_seed(args.seed)
-# the bare model: checkpoints hold its parameter names, never a wrapper's
 check_step_fits(f"--batch-size {B} x --context {T}", B * T, cfg, device)
+# the bare model: checkpoints hold its parameter names, never a wrapper's
 model = te.TinyEncoder(cfg).to(device)
 if model.pos_embed is not None and args.position_init == "sinusoids":  # resuming loads its own
     sinusoids(model.pos_embed.weight, cfg.pos_offset)
