@@ -10,6 +10,7 @@ question-answering pipeline reads them through the saved tokenizer: [CLS] questi
 """
 
 import dataclasses
+import numbers
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -29,8 +30,8 @@ def check_model(model, caller: str):
 
 
 def check_count(caller: str, name: str, value):
-    """A ValueError unless value is a whole number above 0 (True is not one)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """A ValueError unless value is a whole number above 0: an int or NumPy's (True is not one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{caller}'s {name} must be a whole number above 0, got {value!r}")
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -723,6 +724,8 @@ def test_encode_is_the_same_alone_or_batched(preset, unpad, kernels):
         model = variant(model, pad_id=0)
     together = pipelines.encode(model, texts, batch_size=4)
     assert model.training, "encode must restore training mode"
+    # a batch size counted by NumPy is a whole number too
+    assert torch.equal(pipelines.encode(model, texts, batch_size=np.int64(4)), together)
     assert kernels["unpadded"] > 0, dict(kernels)
     cfg = model.cfg
     batch = pipelines.padded([[cfg.cls_id, *byte_ids(t), cfg.sep_id] for t in texts], cfg.pad_id)
