@@ -804,11 +804,12 @@ def pick_backend(cfg: Config, device: torch.device, dtype) -> str:
     return "sdpa"
 
 
-@torch.compiler.disable  # reads the batch: one graph break here, none in the layers
 def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
     """The layout, on doc_ids' device, of a forward on device (doc_ids' by default): Unpadded tokens
-    for flash, or where cfg.unpad asks on a CPU unless each row is one run of document_starts (one
-    whole document: padding starts its own; README: "Whole rows on a CPU"); else Padded rows."""
+    for flash, or where cfg.unpad asks on a CPU unless each row is one whole document (README:
+    "Whole rows on a CPU"); else Padded rows. Compiled, it runs as is: one graph break, no more."""
+    if torch.compiler.is_compiling():  # not a decorator, which imports torch._dynamo (1 s) here
+        return torch.compiler.disable(make_layout)(cfg, doc_ids, dtype, device, labels)
     device = torch.device(device or doc_ids.device)
     backend = pick_backend(cfg, device, dtype)
     starts = document_starts(doc_ids)
