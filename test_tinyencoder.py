@@ -782,6 +782,11 @@ def test_span_loss_counts_real_tokens_only(preset):
     ignored[1, 1] = IGNORE_INDEX
     with torch.no_grad():
         assert_close(model(ids, mask, labels=ignored).loss, losses[0], 1e-6)
+    # no span counted (every answer cut off by truncation): loss 0 and zero gradients, not NaN
+    nothing = model(ids, mask, labels=torch.full_like(spans, IGNORE_INDEX)).loss
+    nothing.backward()
+    assert nothing.item() == 0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
 @pytest.mark.parametrize("preset", PRESETS)

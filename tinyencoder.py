@@ -577,9 +577,9 @@ def span_loss(logits, spans, doc_ids) -> torch.Tensor:
     logits = logits.float().masked_fill(~real[..., None], torch.finfo(torch.float32).min)
     inside = (spans >= 0) & (spans < T) & real.gather(1, spans.clamp(0, T - 1))
     spans = spans.masked_fill(~inside, IGNORE_INDEX)
-    start_loss = F.cross_entropy(logits[..., 0], spans[:, 0])
-    end_loss = F.cross_entropy(logits[..., 1], spans[:, 1])
-    return (start_loss + end_loss) / 2
+    # start's and end's losses (B, 2), each the mean over the rows it counts in (none: 0, not NaN)
+    losses = F.cross_entropy(logits, spans, reduction="none")
+    return (losses.sum(0) / (spans != IGNORE_INDEX).sum(0).clamp(min=1)).mean()
 
 
 # 8. Input checks: ValueErrors naming the argument, where torch would fail deep inside or not at all
