@@ -320,6 +320,9 @@ def test_a_run_is_never_overwritten_and_resumes_with_its_own_flags(tmp_path):
     other = [*map(str, cmd), "--size", "small"]
     refused = subprocess.run(other, capture_output=True, text=True, timeout=120, cwd=here)
     assert refused.returncode != 0 and "not --size small (the run's: tiny)" in refused.stderr
+    other = [*map(str, cmd), "--init-from", str(tmp_path / "other.pt")]  # it was ignored
+    refused = subprocess.run(other, capture_output=True, text=True, timeout=120, cwd=here)
+    assert "not --init-from " in refused.stderr and "(the run's: its default)" in refused.stderr
     # nor the rows a step (processes x --batch-size x --grad-accum), which number the data
     other = [*map(str, cmd), "--batch-size", "2"]
     refused = subprocess.run(other, capture_output=True, text=True, timeout=120, cwd=here)
@@ -333,6 +336,17 @@ def test_a_run_is_never_overwritten_and_resumes_with_its_own_flags(tmp_path):
     assert refused.returncode != 0, refused.stdout[-2000:]
     assert "the run is at step 3, past --max-steps 2" in refused.stderr, refused.stderr[-2000:]
     assert re.search(r"^step\s+3/3 \| loss", resumed.stdout, re.M), resumed.stdout[-2000:]
+    # a run from another's weights (--init-from) resumes from its own, that file gone or not
+    import torch
+
+    init, started = tmp_path / "init.pt", tmp_path / "started"
+    init.write_bytes((run_dir / "ckpt_last.pt").read_bytes())
+    sizes = ["--batch-size", 3, "--context", 32, "--max-steps", 1]
+    _train(tmp_path, "--init-from", init, *sizes, "--lr", 1e-12, "--out-dir", started)
+    weights = [torch.load(f, weights_only=True)["model"] for f in (init, started / "ckpt_last.pt")]
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
+    init.unlink()
+    _train(tmp_path, "--resume", "--out-dir", started, "--max-steps", 2)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -122,8 +122,8 @@ if args.resume:
     if "lr_steps" not in checkpoint:
         die(f"--resume: {ckpt_path} is not a train.py checkpoint")
     # this machine decides its device (--compile stays the run's); the checkpoint holds the model
-    keep = ("resume", "out_dir", "init_from", "device")
-    fixed = ("arch", "size", "dropout", "position_init")
+    keep = ("resume", "out_dir", "device")
+    fixed = ("arch", "size", "dropout", "position_init", "init_from")
     changed = resumed_args(parser, args, checkpoint["args"], keep, fixed)
 else:
     refuse_to_overwrite(args.out_dir)
@@ -205,7 +205,7 @@ check_step_fits(f"--batch-size {B} x --context {T}", B * T, cfg, device)
 model = te.TinyEncoder(cfg).to(device)
 if model.pos_embed is not None and args.position_init == "sinusoids":  # resuming loads its own
     sinusoids(model.pos_embed.weight, cfg.pos_offset)
-if args.init_from:
+if args.init_from and not args.resume:
     source, _ = load_checkpoint(args.init_from, "--init-from")
     try:
         model.load_state_dict(source["model"])
