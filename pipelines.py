@@ -40,6 +40,18 @@ def is_list(value) -> bool:
     return isinstance(value, (list, tuple))
 
 
+def text_ids(name: str, text) -> list[int]:
+    """te.byte_ids, with a ValueError naming the argument where text is neither str nor bytes or
+    holds a lone surrogate (as a JSON "\\ud800" escape reads), which has no UTF-8 bytes."""
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise ValueError(f"{name} must be str or bytes, got {type(text).__name__}")
+    try:
+        return te.byte_ids(text)
+    except UnicodeEncodeError as e:
+        bad = f"{e.object[e.start : e.end]!r} at character {e.start}"
+        raise ValueError(f"{name}: {bad} is a lone surrogate, not text") from None
+
+
 def check_bytes(cfg: te.Config):
     if cfg.vocab_size != te.VOCAB_SIZE:
         got = f"vocab_size={cfg.vocab_size}, not {te.VOCAB_SIZE}"
@@ -64,9 +76,7 @@ def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch
     check_count("encode", "batch_size", batch_size)
     rows = []
     for i, text in enumerate(texts):
-        if not isinstance(text, (str, bytes, bytearray)):
-            raise ValueError(f"encode takes str or bytes, got {type(text).__name__} at texts[{i}]")
-        rows.append([cfg.cls_id, *te.byte_ids(text), cfg.sep_id])
+        rows.append([cfg.cls_id, *text_ids(f"encode's texts[{i}]", text), cfg.sep_id])
         if len(rows[i]) > cfg.max_len:
             raise ValueError(f"texts[{i}] is {len(rows[i])} tokens, over max_len={cfg.max_len}")
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
@@ -114,17 +124,18 @@ class QuestionRow(NamedTuple):
     context: range
 
 
-def question_row(cfg: te.Config, question, context) -> QuestionRow:
-    """The ids of a question and its context (str or bytes), with a one-line error where they do
-    not fit in max_len tokens."""
-    question, context = te.byte_ids(question), te.byte_ids(context)
+def question_row(cfg: te.Config, question, context, names=("question", "context")) -> QuestionRow:
+    """The ids of a question and its context (str or bytes), with a one-line error naming them
+    (names) where they are not text or do not fit in max_len tokens."""
+    question, context = text_ids(names[0], question), text_ids(names[1], context)
     # what [CLS] and two [SEP] leave
     room = cfg.max_len - 3
     if len(question) >= room:
-        raise ValueError(f"question is {len(question)} bytes; max_len={cfg.max_len} leaves no room")
+        full = f"max_len={cfg.max_len} leaves no room"
+        raise ValueError(f"{names[0]} is {len(question)} bytes; {full}")
     if len(question) + len(context) > room:
-        left = room - len(question)
-        raise ValueError(f"context is {len(context)} bytes; after the question, room for {left}")
+        left = f"after the question, room for {room - len(question)}"
+        raise ValueError(f"{names[1]} is {len(context)} bytes; {left}")
     ids = [cfg.cls_id, *question, cfg.sep_id, *context, cfg.sep_id]
     second = 0
     if cfg.type_vocab > 1:
@@ -196,7 +207,9 @@ def choice_batch(cfg: te.Config, questions: list, choices: list) -> dict:
             raise ValueError(f"choices[{i}] must be a list of one choice or more, got {options!r}")
         if len(options) != count:
             raise ValueError(f"choices[{i}] has {len(options)} choices and choices[0] {count}")
-        rows += [question_row(cfg, question, option) for option in options]
+        for j, option in enumerate(options):
+            names = (f"questions[{i}]", f"choices[{i}][{j}]")
+            rows.append(question_row(cfg, question, option, names))
     token_types = None
     if cfg.type_vocab:
         token_types = [row.token_types for row in rows]

@@ -1084,7 +1084,20 @@ BAD_CALLS = {
         r"choices\[0\] must be a list of one choice or more, got None",
     ),
     "embed an int": Bad(
-        lambda p: embed(p, ["a", 5]), r"encode takes str or bytes, got int at texts\[1\]"
+        lambda p: embed(p, ["a", 5]), r"encode's texts\[1\] must be str or bytes, got int"
+    ),
+    # a lone surrogate (JSON's "\udc80" escape reads as one) has no UTF-8 bytes
+    "embed a surrogate": Bad(
+        lambda p: embed(p, ["a", "x\udc80"]),
+        r"encode's texts\[1\]: '\\udc80' at character 1 is a lone surrogate, not text",
+    ),
+    "answer an int": Bad(
+        lambda p: pipelines.answer(TinyEncoder(tiny(p, classifier="span", nsp=False)), 5, "c"),
+        "question must be str or bytes, got int",
+    ),
+    "choice a surrogate": Bad(
+        lambda p: pipelines.choice_batch(tiny(p), ["q"], [["a", "\udc80"]]),
+        r"choices\[0\]\[1\]: '\\udc80' at character 0 is a lone surrogate",
     ),
     "ids on meta": Bad(
         lambda p: forward(p, ROW.to("meta")),
