@@ -17,6 +17,7 @@ library: data/tasks.py.
 """
 
 import collections
+import functools
 import json
 import math
 import os
@@ -374,6 +375,13 @@ def lr_at(step):
     return args.lr * max(0.0, (args.max_steps - step) / max(1, args.max_steps - warmup))
 
 
+@functools.lru_cache(maxsize=2)  # steps read the passes in order: this one and the next
+def shuffled(epoch: int) -> list:
+    """The order of the training examples in pass epoch: a function of epoch alone."""
+    generator = torch.Generator().manual_seed(epoch)
+    return torch.randperm(len(train_examples), generator=generator).tolist()
+
+
 def batch_at(step):
     """The training examples of a step: a fresh shuffle per pass, a function of the step alone, so
     that a resumed run reads what the uninterrupted one would have."""
@@ -381,8 +389,7 @@ def batch_at(step):
     batch = []
     for i in range(first, first + args.batch_size):
         epoch, position = divmod(i, len(train_examples))
-        order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(epoch))
-        batch.append(train_examples[order[position]])
+        batch.append(train_examples[shuffled(epoch)[position]])
     return batch
 
 
