@@ -185,7 +185,7 @@ TRAIN_BAD_INPUT = [
 def test_data_reads_each_file_once_and_names_it_from_its_folder(tmp_path, monkeypatch):
     """--data: a file reached by a folder, a link and a glob's ** is one document, named from the
     folder spec starts at however spelled (the held-out split hashes the name); a walk into a
-    link back up ends; a pipe is skipped, not waited on; a name that is not UTF-8 and one with
+    link back up ends; a pipe and hidden files are skipped; a name that is not UTF-8 and one with
     glob characters are read."""
     from data.corpus import read_documents, split_documents
 
@@ -195,6 +195,10 @@ def test_data_reads_each_file_once_and_names_it_from_its_folder(tmp_path, monkey
         (root / "sub" / f"doc{i}.txt").write_bytes(b"text %d " % i * 40)
     (root / "linked").symlink_to(root / "sub")  # the same files again, walked first
     os.mkfifo(root / "pipe")
+    # hidden files and folders (a .git) are no documents, as a glob's ** skips them too
+    (root / ".git").mkdir()
+    (root / ".git" / "objects").write_bytes(b"\x00binary")
+    (root / "sub" / ".notes.txt").write_bytes(b"hidden " * 40)
     (root / os.fsdecode(b"caf\xe9[1].txt")).write_bytes(b"latin-1 name " * 10)
     monkeypatch.chdir(tmp_path)
     spellings = ["corp", "./corp", str(root), "corp/**", "corp/**/*", str(root) + "/**/*.txt"]
@@ -209,6 +213,26 @@ def test_data_reads_each_file_once_and_names_it_from_its_folder(tmp_path, monkey
     assert [data for _, data in read_documents(literal)] == [b"latin-1 name " * 10]
     (root / "sub" / "back").symlink_to(root)  # a loop: a folder walk ends (a ** glob would not)
     assert sorted(name for name, _ in read_documents("corp")) == names[0]
+
+
+def test_a_resumed_run_reads_the_data_it_started_on(tmp_path):
+    """A run's own files in an --out-dir inside --data are not data, resumed or not; a file added
+    to --data since the run started stops --resume with one line, not another corpus."""
+    run_dir = _corpus(tmp_path) / "run"  # inside the data folder
+    here, started = str(Path(__file__).parent), []
+    for step in (1, 2, 3):
+        resume = ["--resume"] if step > 1 else ["--data", tmp_path / "corpus", "--context", 32]
+        cmd = [sys.executable, "train.py", *resume, "--max-steps", step, "--out-dir", run_dir]
+        run = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=here)
+        started.append(run)
+        if step == 2:  # now one more file
+            (tmp_path / "corpus" / "new.txt").write_bytes(b"another document. " * 40)
+    assert started[1].returncode == 0, started[1].stderr[-2000:]
+    data = [re.search(r"^data: .* from .*;", run.stdout, re.M).group(0) for run in started[:2]]
+    assert data[0] == data[1] and "6 documents" in data[0], data
+    refused = started[2]
+    assert refused.returncode != 0 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
+    assert "is not the data the run trained on (files added, removed" in refused.stderr
 
 
 def test_the_default_corpus_is_prepared_once_per_python_build():

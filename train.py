@@ -26,7 +26,7 @@ from runs import COUNT, DROPOUT, FRACTION, LENGTH, POSITIVE, RATE, Metrics, Pars
 from runs import check_step_fits, demo, device_or_die, die, die_diverged, load_checkpoint
 from runs import refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
-from data.corpus import load_corpus
+from data.corpus import check_resumed_data, describe, load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
 
 # Recipes: how each paper trained, the training twin of tinyencoder's PRESETS. Sizes override the
@@ -217,13 +217,11 @@ if args.init_from and not args.resume:
 # Data: two byte arrays (train, val) with document offsets (data/corpus.py), cut into rows as the
 # recipe says (data/rows.py).
 loading = time.time()
-corpus = load_corpus(args.data, prepare=master, wait=dist.barrier if ddp else None)
+corpus = load_corpus(args.data, args.out_dir, prepare=master, wait=dist.barrier if ddp else None)
+check_resumed_data(checkpoint, corpus, args.data)
 train_data, train_offsets = corpus["train"]
 val_data, val_offsets = corpus["val"]
-trained_on = f"{len(train_offsets) - 1} documents ({len(train_data) / 1e6:.2f} MB) to train on"
-held_out = f"{len(val_offsets) - 1} held out ({len(val_data) / 1e6:.2f} MB)"
-source = f"from {args.data or 'the Python stdlib'}; {time.time() - loading:.1f}s"
-log(f"data: {trained_on}, {held_out}, {source}")
+log(f"data: {describe(corpus, args.data)}; {time.time() - loading:.1f}s")
 train_rows = TrainingRows(recipe, train_data, train_offsets, T, args.seed, args.dupe_factor)
 # Evaluation: the same plain rows for every arch, masked 15% with fixed seeds, so that the three
 # recipes' accuracies compare directly; for BERT, sentence pairs too.
@@ -342,6 +340,7 @@ def save(path):
     state = dict(model=model.state_dict(), optim=opt.state_dict(), step=step, lr_steps=lr_steps)
     state.update(max_steps=max_steps, best=best, cfg=asdict(cfg), args=vars(args))
     state.update(global_batch=global_batch, elapsed_s=spent + time.time() - t0)
+    state.update(data_sha256=corpus["sha256"])  # a resumed run checks that it reads the same
     save_checkpoint(path, state)
 
 

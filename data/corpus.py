@@ -26,10 +26,11 @@ def die(message):
     sys.exit(f"error: {message}")  # one line, no traceback
 
 
-def read_documents(spec):
+def read_documents(spec, out_dir=None):
     """(name, bytes) for each file that spec (a file, folder or glob) names, once, whatever the
-    links and globs that reach it; with no spec, for pydoc's topics and the stdlib's .py files. A
-    name is the file's path from the folder spec starts at, however spec spells that folder."""
+    links and globs that reach it, but for those under out_dir (a run's own checkpoints); with no
+    spec, for pydoc's topics and the stdlib's .py files. A name is the file's path from the folder
+    spec starts at, however spec spells that folder."""
     if not spec:
         from pydoc_data.topics import topics
 
@@ -43,9 +44,12 @@ def read_documents(spec):
         die(f"--data {pattern}: no such file or folder")
     base = starting_folder(pattern, roots)
     seen = set()  # real paths read, and folders walked: a link may lead back
+    outputs = os.path.join(os.path.realpath(out_dir), "") if out_dir else None
     for root in roots:
         for path in files_under(root, skip=() if spec else SKIPPED_FOLDERS, seen=seen):
             if not spec and not path.endswith(".py"):
+                continue
+            if outputs and os.path.realpath(path).startswith(outputs):
                 continue
             try:
                 with open(path, "rb") as f:
@@ -70,13 +74,16 @@ def starting_folder(pattern, roots) -> str:
 def files_under(root, skip, seen):
     """The files at or under root, links followed, each once (seen: real paths), in sorted order,
     so that every machine reads the documents in the same order; not pipes or devices, which
-    would block or never end."""
+    would block or never end; not hidden ones (.git), which a glob's ** skips too."""
     walk = [("", [], [root])]
     if os.path.isdir(root):
         if was_seen(root, seen):
             return
         walk = os.walk(root, followlinks=True)
     for folder, subfolders, files in walk:
+        if folder:  # a folder walked (root named alone is read, hidden or not)
+            subfolders[:] = [sub for sub in subfolders if not sub.startswith(".")]
+            files = [file for file in files if not file.startswith(".")]
         subfolders[:] = [sub for sub in sorted(subfolders) if sub not in skip]
         # a folder reached twice (a link back up, or a glob's match inside another) is walked once
         subfolders[:] = [sub for sub in subfolders if not was_seen(os.path.join(folder, sub), seen)]
@@ -162,18 +169,41 @@ def load_stdlib():
     return parts
 
 
-def load_corpus(spec, prepare=True, wait=None):
-    """What train.py trains on: the files spec names, split by name, or else the stdlib, which the
-    process told to prepare writes into data/ once, while wait (a barrier) holds the others."""
+def load_corpus(spec, out_dir=None, prepare=True, wait=None):
+    """What train.py trains on: the files spec names but those in out_dir, split by name, or else
+    the stdlib, which the process told to prepare writes into data/ once, while wait (a barrier)
+    holds the others. Its "sha256" names its bytes, for a resumed run to check."""
     if spec == "":  # an unset variable in --data "$DATA": no silent switch to the stdlib
         die("--data '' names no file, folder or glob (leave --data out for the Python stdlib)")
     if spec:
-        return split_documents(read_documents(spec), spec)
-    if prepare:
-        try:
-            prepare_stdlib()
-        except OSError as e:  # a read-only checkout, a full disk
-            die(f"cannot write the default corpus into {HERE} ({e.strerror}): make it writable")
-    if wait is not None:
-        wait()
-    return load_stdlib()
+        corpus = split_documents(read_documents(spec, out_dir), spec)
+    else:
+        if prepare:
+            try:
+                prepare_stdlib()
+            except OSError as e:  # a read-only checkout, a full disk
+                die(f"cannot write the default corpus into {HERE} ({e.strerror}): make it writable")
+        if wait is not None:
+            wait()
+        corpus = load_stdlib()
+    digest = hashlib.sha256()
+    for data, offsets in (corpus["train"], corpus["val"]):
+        digest.update(np.int64(len(offsets)).tobytes() + offsets.astype(np.int64).tobytes())
+        digest.update(data)
+    return dict(corpus, sha256=digest.hexdigest())
+
+
+def describe(corpus, spec) -> str:
+    """A corpus in a line: documents and megabytes to train on and held out, and from where."""
+    (train, train_offsets), (val, val_offsets) = corpus["train"], corpus["val"]
+    trained_on = f"{len(train_offsets) - 1} documents ({len(train) / 1e6:.2f} MB) to train on"
+    held_out = f"{len(val_offsets) - 1} held out ({len(val) / 1e6:.2f} MB)"
+    return f"{trained_on}, {held_out}, from {spec or 'the Python stdlib'}"
+
+
+def check_resumed_data(checkpoint: dict, corpus, spec):
+    """A resumed run reads the bytes it started on (checkpoints before this check hold none)."""
+    if checkpoint.get("data_sha256", corpus["sha256"]) != corpus["sha256"]:
+        where = f"--data {spec}" if spec else "the Python stdlib (another build?)"
+        change = "files added, removed or changed, or a relative path read from another folder"
+        die(f"--resume: {where} is not the data the run trained on ({change}); put it back")
