@@ -18,6 +18,7 @@ library: data/tasks.py.
 
 import collections
 import functools
+import hashlib
 import json
 import math
 import os
@@ -325,6 +326,12 @@ if args.train_examples is not None:
 longest = max(len(example.ids) for example in train_examples + val_examples)
 if longest > base_cfg.max_len:
     die(f"an example is {longest - 2} bytes; this model reads at most {base_cfg.max_len - 2}")
+# a resumed run reads the labels and examples it started on (its checkpoint keeps their SHA-256)
+data_sha256 = hashlib.sha256(repr((labels, train_examples, val_examples)).encode()).hexdigest()
+if checkpoint and checkpoint["labels"] != labels:
+    die(f"--resume: {args.train} has the labels {labels}, the run {checkpoint['labels']}")
+if checkpoint and checkpoint.get("data_sha256", data_sha256) != data_sha256:
+    die(f"--resume: {args.train} or {args.val} holds other examples than the run read")
 
 # The pretrained encoder with the family's classifier in place of its MLM (and NSP) head. Padded
 # batches of texts: unpadding saves the work on padding.
@@ -461,7 +468,7 @@ def evaluate():
 
 def save(path):
     state = dict(model=model.state_dict(), optim=opt.state_dict(), step=step, best=best)
-    state.update(cfg=asdict(cfg), args=vars(args), labels=labels)
+    state.update(cfg=asdict(cfg), args=vars(args), labels=labels, data_sha256=data_sha256)
     state["elapsed_s"] = spent + time.time() - t0
     save_checkpoint(path, state)
 

@@ -567,6 +567,16 @@ def test_finetune_learns_resumes_and_exports(tmp_path):
     assert fewer.returncode != 0 and "not --batch-size 8 (the run's: 32)" in fewer.stderr
     early = finetune(tmp_path, "--out-dir", tmp_path / "b", "--resume", "--max-steps", 10)
     assert early.returncode != 0 and "the run is at step 40, past --max-steps 10" in early.stderr
+    # nor the same files holding other examples, or other labels (each would mean another class)
+    write_jsonl(train, digit_spans(200, 2))
+    edited = finetune(tmp_path, "--out-dir", tmp_path / "b", "--resume", "--max-steps", 41)
+    assert edited.returncode != 0 and "holds other examples than the run read" in edited.stderr
+    for path, records in ((train, digit_spans(200, 0)), (val, digit_spans(50, 1))):
+        for record in records:  # the tag "digit" renamed "number", in both files
+            record["spans"] = [[first, end, "number"] for first, end, _ in record["spans"]]
+        write_jsonl(path, records)
+    edited = finetune(tmp_path, "--out-dir", tmp_path / "b", "--resume", "--max-steps", 41)
+    assert edited.returncode != 0 and "has the labels ['O', 'number']," in edited.stderr
     # the best checkpoint exports as a token classifier with its label names
     export = [sys.executable, "tinyencoder_hf.py", tmp_path / "a" / "ckpt_best.pt", tmp_path / "hf"]
     done = subprocess.run(export, capture_output=True, text=True, cwd=Path(__file__).parent)
