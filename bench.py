@@ -40,6 +40,7 @@ import tinyencoder as te
 import tinyencoder_hf
 from data.rows import to_device
 from mfu import autocast, flops_per_token, measured_peak, synchronize
+from runs import COUNT, Parser, device_or_die, number, output_file
 
 try:
     import transformers
@@ -404,35 +405,57 @@ def print_table(rows, peak, dtype_name):
         print(f"{case}{r['te_tok_s']:>10,.0f}{hf_cols}{r['te_mfu']:>8.1%}{hf_mfu}")
 
 
+def width(text: str) -> int:
+    """An argparse type: a model width, in heads of 64."""
+    value = COUNT(text)
+    if value % 64:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 64 (heads of 64), got {text}")
+    return value
+
+
 def parse_args():
     raw = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    p = Parser(description=__doc__, formatter_class=raw)
     p.add_argument("--arch", default="all", choices=["all", *te.PRESETS])
     depth = "depth (3 keeps ModernBERT's one global attention layer in three)"
-    p.add_argument("--layers", type=int, default=3, help=depth)
-    p.add_argument("--hidden", type=int, default=768, help="width, in heads of 64")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--layers", type=COUNT, default=3, help=depth)
+    p.add_argument("--hidden", type=width, default=768, help="width, in heads of 64")
+    p.add_argument("--batch", type=COUNT, default=8)
+    p.add_argument("--seq", type=number(int, 16, 8192), default=512)
     steps = "timed steps per case, after --warmup (ratios swing with padding: use several)"
-    p.add_argument("--steps", type=int, default=5, help=steps)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=COUNT, default=5, help=steps)
+    p.add_argument("--warmup", type=number(int, 0), default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=default_device())
     dtypes = "bf16 = autocast; default bf16 on CUDA, fp32 on CPU"
     p.add_argument("--dtype", choices=DTYPES, help=dtypes)
     on_off = argparse.BooleanOptionalAction
     p.add_argument("--compile", action=on_off, help="torch.compile tinyencoder (default on CUDA)")
     p.add_argument("--compile-hf", action=on_off, help="transformers too (default: as --compile)")
     threads = "torch CPU threads; on a shared machine, 1 per free core avoids waiting on each other"
-    p.add_argument("--threads", type=int, help=threads)
+    p.add_argument("--threads", type=COUNT, help=threads)
     p.add_argument("--no-hf", action="store_true", help="tinyencoder alone")
     p.add_argument("--profile", action="store_true", help="each case's ops by self time, too")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--json", type=output_file, help="also write the results here")
     p.add_argument("--encode", action="store_true", help="pipelines.encode against AutoModel")
-    p.add_argument("--texts", type=int, default=256, help="--encode: texts per pass")
+    p.add_argument("--texts", type=COUNT, default=256, help="--encode: texts per pass")
     p.add_argument("--dropout", action="store_true", help="F.dropout against tinyencoder's drop")
     p.add_argument("--linear", action="store_true", help="nn.Linear against tinyencoder's Linear")
     p.add_argument("--attention", action="store_true", help="CPU attention in fp32 against bf16")
-    return p.parse_args()
+    args = p.parse_args()
+    device_or_die(args.device)
+    archs = te.PRESETS if args.arch == "all" else [args.arch]
+    for arch in archs:
+        longest = te.Config.from_preset(arch).max_len
+        if args.seq > longest:
+            p.error(f"--seq {args.seq}: {arch} reads at most {longest} tokens a row")
+    return args
+
+
+def default_device() -> str:
+    """cuda where this machine has it, else cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
 
 
 def default_dtype(dev):

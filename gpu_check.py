@@ -49,9 +49,11 @@ from torch._dynamo.utils import counters
 from torch.autograd import DeviceType
 
 import tinyencoder as te
-from bench import DTYPES, Stepper, add_mfu, alternate, base_model, compare, default_dtype
+from bench import DTYPES, Stepper, add_mfu, alternate, base_model, compare, default_device
+from bench import default_dtype
 from bench import hf_steppers, hf_twin, make_batches, print_setup, transformers, variant
 from mfu import autocast, measured_peak, spec_peak, synchronize
+from runs import POSITIVE, Parser, device_or_die, output_file
 
 # (a)'s backends, each in the dtype it runs in; flash runs in half precision only
 BACKENDS = ("eager fp32", "eager bf16", "sdpa fp32", "sdpa bf16", "flash bf16")
@@ -635,15 +637,17 @@ def run(report, setting):
 
 def parse_args():
     raw = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    p = Parser(description=__doc__, formatter_class=raw)
     p.add_argument("--tiny", action="store_true", help="every size small, for a CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=default_device())
     dtypes = "the speed, profile and memory sections' dtype; default bf16 on CUDA, fp32 on CPU"
     p.add_argument("--dtype", choices=DTYPES, help=dtypes)
-    p.add_argument("--json", help="write the results here, after every section")
+    p.add_argument("--json", type=output_file, help="write the results here, after every section")
     budget = "seconds the whole check may take: (e) runs BERT only if this leaves time for it"
-    p.add_argument("--budget", type=float, default=BUDGET_S, help=budget)
-    return p.parse_args()
+    p.add_argument("--budget", type=POSITIVE, default=BUDGET_S, help=budget)
+    args = p.parse_args()
+    device_or_die(args.device)
+    return args
 
 
 def main():

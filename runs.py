@@ -84,6 +84,15 @@ LENGTH = number(int, 16)
 SEED = number(int, 0, 2**32 - 1)
 
 
+def output_file(text: str) -> str:
+    """An argparse type: a file to write results to, checked before the work that fills it: not a
+    folder, and in a folder that exists and takes files."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ArgumentTypeError(f"cannot write a file at {text}")
+    return text
+
+
 def given_flags(parser: ArgumentParser) -> set:
     """The flags (as args' names) that the command line gives, rather than leaves to a default."""
     defaults = {action.dest: action.default for action in parser._actions}

@@ -437,6 +437,29 @@ def _bench(*args):
     return run
 
 
+@pytest.mark.parametrize(
+    "script,flags,message",
+    [
+        ("bench", ["--steps", "0"], "argument --steps: must be at least 1"),
+        ("bench", ["--json", "{tmp}/no/such/out.json"], "argument --json: cannot write a file at"),
+        ("bench", ["--arch", "bert", "--seq", "600"], "--seq 600: bert reads at most 512 tokens"),
+        ("bench", ["--hidden", "100"], "must be a multiple of 64 (heads of 64), got 100"),
+        ("gpu_check", ["--json", "{tmp}"], "argument --json: cannot write a file at"),
+        ("gpu_check", ["--budget", "0"], "argument --budget: must be above 0, got 0"),
+    ],
+)
+def test_bench_and_gpu_check_refuse_bad_flags_before_any_work(
+    monkeypatch, tmp_path, script, flags, message
+):
+    """One line as the flags are read, not a traceback (or a lost --json) after the work."""
+    import importlib
+
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [script, *(flag.format(tmp=tmp_path) for flag in flags)])
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        module.parse_args()
+
+
 def test_bench_encode_runs_on_cpu():
     """`bench.py --encode`, at a tiny size: a row (encode unpads on a CPU, so one variant), and
     pipelines.encode's vectors the same as transformers' mean-pooled AutoModel's."""
