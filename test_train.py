@@ -842,19 +842,35 @@ def test_stdlib_tasks_tag_bytes_as_tokenize_does():
         ("no folder", "no metrics.jsonl (give train.py --out-dir folders)"),
         ("empty", "has no evaluations yet"),
         ("no matplotlib", 'needs matplotlib: pip install -e ".[plot]"'),
+        ("finetune.py's", "is not train.py's (no arch and masked-byte accuracy)"),
+        # a line cut short by a kill is passed over: the evaluations before it are read
+        ("cut line", 'needs matplotlib: pip install -e ".[plot]"'),
     ],
 )
 def test_plot_metrics_bad_input_is_one_line(tmp_path, case, message):
-    """docs/plot_metrics.py: a folder without evaluations, or no matplotlib (the plot extra,
-    hidden here as if not installed), stops with one line that names it."""
+    """docs/plot_metrics.py: a folder without evaluations, or not train.py's, or no matplotlib
+    (the plot extra, hidden here as if not installed), stops with one line that names it."""
     run = tmp_path / "run"
+    evaluation = dict(step=10, arch="bert", elapsed_s=6.0, val_acc=0.5)
+    lines = {"empty": "", "finetune.py's": json.dumps(dict(step=10, val_macro_f1=0.5)) + "\n"}
+    lines["cut line"] = json.dumps(evaluation) + '\n{"step": 20, "arch'
     if case != "no folder":
         run.mkdir()
-        evaluation = dict(step=10, arch="bert", elapsed_s=6.0, val_acc=0.5)
-        (run / "metrics.jsonl").write_text("" if case == "empty" else json.dumps(evaluation) + "\n")
+        (run / "metrics.jsonl").write_text(lines.get(case, json.dumps(evaluation) + "\n"))
     done = run_without("matplotlib", "docs/plot_metrics.py", run)
     assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_position_table_reads_a_finetune_checkpoint(tmp_path):
+    """docs/position_table.py on a finetune.py checkpoint (a head, no train.py --context): the
+    whole table, not a KeyError."""
+    path = tiny_checkpoint(tmp_path / "tagger.pt", "bert", classifier="token", nsp=False)
+    state = torch.load(path, weights_only=True)
+    torch.save(dict(state, step=3, args=dict(task="tags")), path)
+    table = [sys.executable, "docs/position_table.py", str(path)]
+    done = subprocess.run(table, capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert done.returncode == 0 and "step 3: position rows norm" in done.stdout, done.stderr
 
 
 def test_runs_started_at_once_write_a_task_apart(tmp_path):

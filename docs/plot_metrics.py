@@ -18,10 +18,17 @@ def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         sys.exit(f"error: {run_dir}: no metrics.jsonl (give train.py --out-dir folders)")
+    evals = []
     with open(path) as f:
-        evals = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                evals.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short as the run was killed, or a blank
+                continue
     if not evals:
         sys.exit(f"error: {path} has no evaluations yet")
+    if "arch" not in evals[0] or "val_acc" not in evals[0]:
+        sys.exit(f"error: {path} is not train.py's (no arch and masked-byte accuracy)")
     return evals
 
 
@@ -40,8 +47,12 @@ def pyplot():
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("runs", nargs="+", help="train.py --out-dir folders, each DIR or DIR=LABEL")
-    parser.add_argument("--png", default="docs/curves.png")
+    # the README's picture, beside this file, from whatever folder it runs in
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser.add_argument("--png", default=os.path.join(here, "curves.png"))
     args = parser.parse_args()
+    if os.path.isdir(args.png):
+        sys.exit(f"error: --png {args.png} is a folder; give a file name")
     runs = [run.partition("=") for run in args.runs]  # (folder, "=", label)
     metrics = {folder: read_metrics(folder) for folder, _, _ in runs}
     fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)

@@ -23,7 +23,9 @@ def describe(path):
     if model.pos_embed is None:
         return f"{path}: {cfg.arch} has no position table (RoPE)"
     first = cfg.pos_offset  # RoBERTa's rows start past the pad id
-    rows = model.pos_embed.weight.detach()[first : first + state["args"]["context"]]
+    # the rows train.py's run trained (its --context); a finetune.py checkpoint's: the whole table
+    context = state["args"].get("context", cfg.max_len)
+    rows = model.pos_embed.weight.detach()[first : first + context]
     neighbours = F.cosine_similarity(rows[1:], rows[:-1], dim=-1).mean()
     byte_rows = model.tok_embed.weight.detach()[:256]
     return (
