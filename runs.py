@@ -261,8 +261,12 @@ class Metrics:
         except OSError as e:  # before any work: the checkpoints could not be written either
             die(f"cannot write {self.path} ({e.strerror})")
         lock_run_folder(self.file, out_dir)
-        if fresh:
-            self.file.truncate(0)
+        kept = b""
+        if not fresh:
+            with open(self.path, "rb") as f:
+                kept = f.read()
+        # a line cut short (the run killed as it wrote) goes: the next record starts its own line
+        self.file.truncate(kept.rfind(b"\n") + 1)
 
     def write(self, record: dict):
         try:

@@ -69,6 +69,8 @@ def test_an_interrupted_step_is_evaluated_before_the_run_stops(tmp_path):
             proc.send_signal(signal.SIGINT)
         stopped = stopped or line.startswith("interrupted after step")
     assert proc.wait(timeout=120) == 0 and stopped
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # as if killed while writing a line
+        f.write('{"step": 4, "val_lo')
     _train(tmp_path, "--resume", "--out-dir", tmp_path / "b")
     assert_same_evaluations(tmp_path / "a", tmp_path / "b", "val_loss")
 
