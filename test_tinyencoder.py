@@ -696,6 +696,21 @@ def test_a_batch_with_no_label_that_counts_has_loss_zero(task):
     assert abs(out.loss.item() - F.cross_entropy(flat, labels.flatten()).item()) < 1e-6
 
 
+def test_nsp_with_no_label_that_counts_has_loss_zero():
+    """BERT's NSP head as the others: every next_sentence_label IGNORE_INDEX gives loss 0 and zero
+    gradients, not NaN; others, the mean cross-entropy over those that count."""
+    model = TinyEncoder(tiny("bert", nsp=True))
+    ids, doc = batch()
+    out = model(ids, doc, next_sentence_label=torch.full(ids.shape[:1], IGNORE_INDEX))
+    out.loss.backward()
+    assert out.loss.item() == 0  # the MLM head, given no labels, has no gradient at all
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    label = torch.tensor([IGNORE_INDEX, *[1] * (len(ids) - 1)])
+    out = model(ids, doc, next_sentence_label=label)
+    expected = F.cross_entropy(out.nsp_logits[1:], label[1:])
+    assert abs(out.nsp_loss.item() - expected.item()) < 1e-6
+
+
 @pytest.mark.parametrize("task", ["sequence", "token"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_classifiers_learn_a_byte_rule(preset, task):

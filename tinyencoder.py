@@ -466,15 +466,13 @@ class TinyEncoder(nn.Module):
         if labelled is None:
             labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         logits = self.mlm_head(x.flatten(0, -2)[labelled], self.tok_embed.weight)
-        # the sum over a count of at least 1: a batch with nothing masked has loss 0, not NaN
-        loss = F.cross_entropy(logits.float(), targets[labelled], reduction="sum")
-        return logits, loss / max(1, labelled.numel())
+        return logits, counted_mean(logits, targets[labelled])  # nothing masked: 0, not NaN
 
     def next_sentence(self, hidden, doc_ids, label):
         """BERT's NSP head on its pooler's vector of the first real token: logits (B, 2), and their
         cross-entropy where a label is given (1: the second segment is a random one)."""
         logits = self.nsp_head(torch.tanh(self.pooler(pool(hidden, doc_ids, "cls"))))
-        loss = None if label is None else F.cross_entropy(logits.float(), label)
+        loss = None if label is None else counted_mean(logits, label)
         return logits, loss
 
 
@@ -552,9 +550,12 @@ def classify(model, x, hidden, layout, doc_ids, labels, rows: torch.Size):
         return logits, F.mse_loss(logits.squeeze(-1).float(), labels.float())
     if labels.dim() == 2:  # a token classifier's padding never counts
         labels = labels.masked_fill(doc_ids == 0, IGNORE_INDEX)
-    # the mean over the labels that count: 0, not NaN, where none does (a batch of empty texts)
-    loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction="sum")
-    return logits, loss / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return logits, counted_mean(logits.flatten(0, -2), labels.flatten())
+
+
+def counted_mean(logits, labels) -> torch.Tensor:  # cross-entropy over the labels that count
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+    return loss / (labels != IGNORE_INDEX).sum().clamp(min=1)  # none counts: 0, not NaN
 
 
 def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -577,9 +578,8 @@ def span_loss(logits, spans, doc_ids) -> torch.Tensor:
     logits = logits.float().masked_fill(~real[..., None], torch.finfo(torch.float32).min)
     inside = (spans >= 0) & (spans < T) & real.gather(1, spans.clamp(0, T - 1))
     spans = spans.masked_fill(~inside, IGNORE_INDEX)
-    # start's and end's losses (B, 2), each the mean over the rows it counts in (none: 0, not NaN)
-    losses = F.cross_entropy(logits, spans, reduction="none")
-    return (losses.sum(0) / (spans != IGNORE_INDEX).sum(0).clamp(min=1)).mean()
+    start, end = (counted_mean(logits[..., i], spans[:, i]) for i in (0, 1))
+    return (start + end) / 2
 
 
 # 8. Input checks: ValueErrors naming the argument, where torch would fail deep inside or not at all
