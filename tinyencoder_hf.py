@@ -537,7 +537,8 @@ def read_config(path: str) -> dict:
 
 def load(path: str) -> te.TinyEncoder:
     """A TinyEncoder from a transformers checkpoint directory, checking every name and shape; in
-    eval mode, as transformers' from_pretrained gives its models (model.train() to fine-tune)."""
+    eval mode, as transformers' from_pretrained gives its models (model.train() to fine-tune), and
+    in fp32 whatever the checkpoint stores (model.to(dtype) for another)."""
     hf = read_config(path)
     classes = hf.get("architectures") or [None]
     if not isinstance(classes, list):  # a hand-written config's one class, not in a list
