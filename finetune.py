@@ -424,7 +424,7 @@ def evaluate_answers():
             by_word[question.split(" ")[0]].append(right)
     model.train()
     results = dict(val_loss=loss, val_exact=exact, val_token_f1=f1)
-    results = {name: round(value / len(val_examples), 5) for name, value in results.items()}
+    results = {name: round(value / len(val_examples), 6) for name, value in results.items()}
     by_word = {word: round(sum(v) / len(v), 4) for word, v in sorted(by_word.items())}
     results["val_exact_by_word"] = by_word
     return results
@@ -459,7 +459,7 @@ def evaluate():
     present = (confusion.sum(0) + confusion.sum(1)) > 0  # labels seen in gold or predictions
     results = dict(val_loss=loss / count, val_acc=correct / count)
     results["val_macro_f1"] = f1[present].mean().item()
-    results = {name: round(value, 5) for name, value in results.items()}
+    results = {name: round(value, 6) for name, value in results.items()}
     results["val_f1"] = {
         labels[i]: round(f1[i].item(), 4) for i in range(len(labels)) if present[i]
     }
