@@ -277,7 +277,7 @@ def collate(batch, kind, cfg, device):
 # -------------------------------------------------------------------------------------------------
 # The pretrained model, or a checkpoint of this script to resume
 ckpt_path = os.path.join(args.out_dir, "ckpt_last.pt")
-checkpoint = None
+checkpoint = {}
 changed = []
 if args.resume:  # the run's own flags, but those given again
     checkpoint, base_cfg = load_checkpoint(ckpt_path, "--resume")
@@ -362,7 +362,7 @@ if checkpoint:
     log(f"resumed at step {step}")
     if changed:
         log(f"flags changed from the run's own: {', '.join(changed)}")
-metrics = Metrics(args.out_dir, fresh=not checkpoint)
+metrics = Metrics(args.out_dir, checkpoint.get("step"))
 start = "random init" if args.from_scratch else f"from {args.init}"
 # the held-out figure that picks ckpt_best.pt
 score_name = "val_acc"

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from argparse import SUPPRESS, ArgumentParser, ArgumentTypeError, Namespace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -254,19 +255,19 @@ class Metrics:
     run on the same --out-dir (started before the first has saved a checkpoint, or a second
     --resume) is refused before it writes anything, instead of writing over the first."""
 
-    def __init__(self, out_dir: str, fresh: bool):
+    def __init__(self, out_dir: str, resumed_step: Optional[int]):
+        """resumed_step: the checkpoint's step, where the run resumes; None for a fresh run."""
         self.path = os.path.join(out_dir, "metrics.jsonl")
         try:
             self.file = open(self.path, "a")
         except OSError as e:  # before any work: the checkpoints could not be written either
             die(f"cannot write {self.path} ({e.strerror})")
         lock_run_folder(self.file, out_dir)
-        kept = b""
-        if not fresh:
+        kept = 0
+        if resumed_step is not None:
             with open(self.path, "rb") as f:
-                kept = f.read()
-        # a line cut short (the run killed as it wrote) goes: the next record starts its own line
-        self.file.truncate(kept.rfind(b"\n") + 1)
+                kept = kept_bytes(f.read().splitlines(keepends=True), resumed_step)
+        self.file.truncate(kept)
 
     def write(self, record: dict):
         try:
@@ -274,6 +275,24 @@ class Metrics:
             self.file.flush()
         except OSError as e:  # a full disk, a read-only folder: the checkpoint's write says more
             print(f"could not write {self.path} ({e.strerror}); going on", file=sys.stderr)
+
+
+def kept_bytes(lines: list, resumed_step: int) -> int:
+    """How much of metrics.jsonl a run resumed at resumed_step keeps: up to its last whole record
+    of a step at most that. A line cut short by a kill goes, and so do the records written after
+    the checkpoint (a kill before its save): the resumed run writes them again."""
+    for i in reversed(range(len(lines))):
+        if lines[i].endswith(b"\n") and record_step(lines[i]) <= resumed_step:
+            return sum(len(line) for line in lines[: i + 1])
+    return 0
+
+
+def record_step(line: bytes) -> float:
+    """The step of one line of metrics.jsonl; inf where the line is no record of a step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def lock_run_folder(file, out_dir: str):

@@ -69,8 +69,10 @@ def test_an_interrupted_step_is_evaluated_before_the_run_stops(tmp_path):
             proc.send_signal(signal.SIGINT)
         stopped = stopped or line.startswith("interrupted after step")
     assert proc.wait(timeout=120) == 0 and stopped
-    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # as if killed while writing a line
-        f.write('{"step": 4, "val_lo')
+    # as if killed after one more evaluation's record, before its checkpoint, and in the next's
+    saved = torch.load(tmp_path / "b" / "ckpt_last.pt", weights_only=True)["step"]
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": saved + 1, "val_loss": 0.0}) + '\n{"step": 5, "val_lo')
     _train(tmp_path, "--resume", "--out-dir", tmp_path / "b")
     assert_same_evaluations(tmp_path / "a", tmp_path / "b", "val_loss")
 
@@ -256,7 +258,7 @@ def test_metrics_that_cannot_be_written_say_so_and_go_on(tmp_path, capsys):
 
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full to stand for a full disk here")
-    metrics = Metrics(str(tmp_path), fresh=True)
+    metrics = Metrics(str(tmp_path), None)
     metrics.file = open("/dev/full", "a")  # every write: no space left on device
     metrics.write({"step": 1})
     assert "could not write" in capsys.readouterr().err
@@ -271,7 +273,7 @@ def test_a_folder_in_use_is_refused(tmp_path):
         pytest.skip("no flock here: runs go unguarded")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    live = Metrics(str(run_dir), fresh=True)
+    live = Metrics(str(run_dir), None)
     live.write({"step": 1})
     flags = ["--size", "tiny", "--max-steps", "1", "--batch-size", "2", "--context", "32"]
     cmd = [sys.executable, "train.py", "--data", str(_corpus(tmp_path)), *flags]
@@ -287,7 +289,7 @@ def test_a_folder_in_use_is_refused(tmp_path):
     assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
     live.file.close()  # the first run ends
-    Metrics(str(run_dir), fresh=True).write({"step": 1})
+    Metrics(str(run_dir), None).write({"step": 1})
 
 
 @pytest.mark.parametrize("args, message", TRAIN_BAD_INPUT)

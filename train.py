@@ -277,7 +277,7 @@ if checkpoint:
     if changed:
         log(f"flags changed from the run's own: {', '.join(changed)}")
 os.makedirs(args.out_dir, exist_ok=True)
-metrics = Metrics(args.out_dir, fresh=not checkpoint) if master else None
+metrics = Metrics(args.out_dir, checkpoint.get("step")) if master else None
 
 
 # The functions of a step: the schedule, evaluation, checkpoints, training, fitting the run.
