@@ -3,6 +3,7 @@ flags checked as they are parsed, a run's folder never overwritten and its flags
 checkpoints written whole and read back, the metrics log, and stopping cleanly on Ctrl-C or
 SIGTERM; train.py's closing demo."""
 
+import glob
 import json
 import math
 import os
@@ -263,6 +264,9 @@ class Metrics:
         except OSError as e:  # before any work: the checkpoints could not be written either
             die(f"cannot write {self.path} ({e.strerror})")
         lock_run_folder(self.file, out_dir)
+        # what a run killed as it saved left (no other run writes in a folder this one has locked)
+        for leftover in glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.pt.*.tmp")):
+            os.remove(leftover)
         kept = 0
         if resumed_step is not None:
             with open(self.path, "rb") as f:

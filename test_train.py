@@ -73,7 +73,9 @@ def test_an_interrupted_step_is_evaluated_before_the_run_stops(tmp_path):
     saved = torch.load(tmp_path / "b" / "ckpt_last.pt", weights_only=True)["step"]
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": saved + 1, "val_loss": 0.0}) + '\n{"step": 5, "val_lo')
+    (tmp_path / "b" / "ckpt_last.pt.99999.tmp").write_bytes(b"half a checkpoint")
     _train(tmp_path, "--resume", "--out-dir", tmp_path / "b")
+    assert not list((tmp_path / "b").glob("*.tmp"))
     assert_same_evaluations(tmp_path / "a", tmp_path / "b", "val_loss")
 
 
