@@ -893,6 +893,13 @@ def set_column(t, value, dtype=None):
     return t
 
 
+def changed_by_hand(preset):
+    """A model of a config whose field was set after it was made, to a value it refuses."""
+    cfg = tiny(preset)
+    cfg.heads = 5  # does not divide hidden=32
+    return TinyEncoder(cfg)
+
+
 class Bad(NamedTuple):
     call: Callable  # called with a preset name
     match: str  # a regular expression the message must match
@@ -1027,6 +1034,14 @@ BAD_CALLS = {
         lambda p: tiny(p, attn_backend="cudnn"), r"attn_backend='cudnn'.*'auto', 'flash', 'sdpa'"
     ),
     "preset": Bad(lambda p: Config.from_preset("electra"), r"unknown preset 'electra'.*'bert'"),
+    "preset given a config": Bad(
+        lambda p: Config.from_preset(tiny(p)), r"unknown preset Config\(arch='bert'", ("bert",)
+    ),
+    "model of a name": Bad(lambda p: TinyEncoder(p), r"a Config is needed .*, got str"),
+    "config changed by hand": Bad(changed_by_hand, r"Config.heads=5 must be a divisor of hidden"),
+    "masking for a model": Bad(
+        lambda p: mask_tokens(ROW, TinyEncoder(tiny(p))), "a Config is needed .*, got TinyEncoder"
+    ),
     "encode int": Bad(lambda p: byte_ids(5), "byte_ids takes str or bytes, got int"),
     "class 3 of 3": Bad(
         lambda p: classify(p, torch.tensor([0, 3])), r"labels .*\[0, 3\) or -100; got 3"

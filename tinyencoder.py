@@ -1,8 +1,6 @@
 """tinyencoder: BERT, RoBERTa and ModernBERT as flags of one byte-level encoder. Needs torch alone.
 
-Read top to bottom, each idea before any faster form of it: 1. byte vocabulary; 2. Config and
-PRESETS; 3. attention as defined; 4. blocks; 5. the model, a trunk and its heads; 6. masking. Then,
-optional reading: 7. fine-tuning heads, embeddings; 8. input checks; 9. fast paths."""
+Sections 1-6 define the model, each idea before any faster form of it; 7-9 are optional reading."""
 
 from __future__ import annotations
 
@@ -113,7 +111,7 @@ class Config:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> Config:
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
@@ -220,10 +218,9 @@ class Padded:
         return cls(mask, local_mask=local_mask, backend=backend)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        return t  # rows stay (B, T, ...): nothing is taken out
+        return t  # rows stay (B, T, ...): nothing is taken out, nor put back
 
-    def scatter(self, t: torch.Tensor) -> torch.Tensor:
-        return t
+    scatter = gather
 
 
 # 4. Blocks. Each takes (B, T, hidden) rows or (N, hidden) unpadded tokens: all act on the last
@@ -349,6 +346,7 @@ class Output:
 class TinyEncoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
+        check_config(cfg)  # a Config, still valid if a field was set by hand since it was made
         self.cfg = cfg
         H = cfg.hidden
         self.tok_embed = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_id)
@@ -592,6 +590,8 @@ MASK_DTYPES = (torch.bool, torch.uint8, *INDEX_DTYPES, *FLOAT_DTYPES)
 
 def check_config(cfg: Config):
     """Each field's type, then its range; ids below vocab_size; heads dividing hidden."""
+    if not isinstance(cfg, Config):  # TinyEncoder("bert"), mask_tokens(ids, model)
+        raise ValueError(f"a Config is needed (Config.from_preset(name)), got {type(cfg).__name__}")
     hints = get_type_hints(Config)
     for field in fields(cfg):
         value, kind = getattr(cfg, field.name), hints[field.name]
@@ -682,6 +682,7 @@ def check_inputs(model, input_ids, attention_mask, token_type_ids, labels, nsp_l
 
 
 def check_ids(ids, cfg: Config, rate):
+    check_config(cfg)
     if not torch.is_tensor(ids):
         raise ValueError(f"mask_tokens takes a tensor of ids, got {type(ids).__name__}")
     check_tensor("ids", ids, tuple(ids.shape), INDEX_DTYPES, cfg.vocab_size, ids.device)
@@ -710,9 +711,8 @@ def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return x * keep.to(x.dtype).mul_(65536 / (65536 - cut))
 
 
-# fp32 linears of 2^29 multiply-adds a call or more (below, oneDNN's cost per new shape outweighs
-# its gain) on an AMD CPU with AVX-512: oneDNN's matmul, 5-13 % faster than MKL, which runs AVX2
-# code there; on Intel, MKL won (README: "Linear on a CPU").
+# AMD CPUs with AVX-512: fp32 linears of 2^29 multiply-adds or more run oneDNN's matmul, 5-13 %
+# faster than MKL's AVX2 code; fewer pay more for its setup per shape (README: "Linear on a CPU").
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 CPU_INFO = Path("/proc/cpuinfo")  # Linux's names the CPU's maker; elsewhere, F.linear it is
 AMD = CPU_INFO.exists() and "AuthenticAMD" in CPU_INFO.read_text()
