@@ -149,7 +149,27 @@ def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds eac
     assert len(one) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(one, two)), (one, two)
 
 
-# train.py's bad calls and the one line each must print
+# two processes whose nodes hold other files under the same --data: their digests differ
+OTHER_DATA = """
+import torch.distributed as dist
+from data.corpus import check_data
+
+dist.init_process_group("gloo")
+check_data({}, {"sha256": str(dist.get_rank())}, "corpus")
+"""
+
+
+def test_processes_that_read_other_data_stop(tmp_path):
+    (tmp_path / "check.py").write_text(OTHER_DATA)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    run = subprocess.run(
+        [*torchrun, tmp_path / "check.py"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert run.returncode != 0
+    assert "error: --data corpus holds other bytes on some processes' nodes" in run.stderr
+
+
 TRAIN_BAD_INPUT = [
     (["--data", "{tmp}/missing"], "no such file or folder"),
     (["--data", ""], "--data '' names no file, folder or glob"),

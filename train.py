@@ -26,7 +26,7 @@ from runs import COUNT, DROPOUT, FRACTION, LENGTH, POSITIVE, RATE, Metrics, Pars
 from runs import check_step_fits, demo, device_or_die, die, die_diverged, load_checkpoint
 from runs import refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
-from data.corpus import check_resumed_data, describe, load_corpus
+from data.corpus import check_data, describe, load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
 
 # Recipes: how each paper trained, the training twin of tinyencoder's PRESETS. Sizes override the
@@ -218,7 +218,7 @@ if args.init_from and not args.resume:
 # recipe says (data/rows.py).
 loading = time.time()
 corpus = load_corpus(args.data, args.out_dir, prepare=master, wait=dist.barrier if ddp else None)
-check_resumed_data(checkpoint, corpus, args.data)
+check_data(checkpoint, corpus, args.data)
 train_data, train_offsets = corpus["train"]
 val_data, val_offsets = corpus["val"]
 log(f"data: {describe(corpus, args.data)}; {time.time() - loading:.1f}s")

@@ -201,9 +201,17 @@ def describe(corpus, spec) -> str:
     return f"{trained_on}, {held_out}, from {spec or 'the Python stdlib'}"
 
 
-def check_resumed_data(checkpoint: dict, corpus, spec):
-    """A resumed run reads the bytes it started on (checkpoints before this check hold none)."""
+def check_data(checkpoint: dict, corpus, spec):
+    """A resumed run reads the bytes it started on (checkpoints before this check hold none), and
+    under torchrun every process reads the same bytes: each node reads its own files."""
+    where = f"--data {spec}" if spec else "the Python stdlib (another build?)"
     if checkpoint.get("data_sha256", corpus["sha256"]) != corpus["sha256"]:
-        where = f"--data {spec}" if spec else "the Python stdlib (another build?)"
         change = "files added, removed or changed, or a relative path read from another folder"
         die(f"--resume: {where} is not the data the run trained on ({change}); put it back")
+    import torch.distributed as dist  # here: the data tools never need torch
+
+    if dist.is_available() and dist.is_initialized():
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, corpus["sha256"])
+        if len(set(digests)) > 1:
+            die(f"{where} holds other bytes on some processes' nodes: every one must read the same")
