@@ -1040,7 +1040,7 @@ BAD_CALLS = {
     "model of a name": Bad(lambda p: TinyEncoder(p), r"a Config is needed .*, got str"),
     "config changed by hand": Bad(changed_by_hand, r"Config.heads=5 must be a divisor of hidden"),
     "masking for a model": Bad(
-        lambda p: mask_tokens(ROW, TinyEncoder(tiny(p))), "a Config is needed .*, got TinyEncoder"
+        lambda p: mask_tokens(ROW, TinyEncoder(tiny(p))), "a Config, got Tensor and TinyEncoder"
     ),
     "encode int": Bad(lambda p: byte_ids(5), "byte_ids takes str or bytes, got int"),
     "class 3 of 3": Bad(
