@@ -478,6 +478,54 @@ def test_config_keys_left_out_take_transformers_defaults(family):
     assert bare == dataclasses.replace(tinyencoder_hf.config_from_hf(full), **ids)
     with_nulls = {key: None for key in full if key not in ("model_type", "layer_types")}
     assert tinyencoder_hf.config_from_hf({**with_nulls, "model_type": full["model_type"]}) == bare
+    # at another width too: intermediate_size is a fixed default, not a multiple of hidden_size
+    narrow = {"model_type": full["model_type"], "hidden_size": 64, "num_attention_heads": 4}
+    assert tinyencoder_hf.config_from_hf(narrow).intermediate == full["intermediate_size"]
+
+
+@pytest.mark.parametrize(
+    "name,over",
+    [
+        ("BertForSequenceClassification", dict(classifier_pooling="mean")),  # a key BERT ignores
+        ("RobertaForSequenceClassification", dict(classifier_pooling="mean")),
+        ("BertForMaskedLM", dict(eos_token_id=[2, 3])),  # BertConfig takes a list of ids
+        ("RobertaForMaskedLM", dict(eos_token_id=[2, 3])),
+    ],
+)
+def test_keys_transformers_ignores_or_takes_as_lists_load_exactly(name, over, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    hf = hf_model(transformers, name, "eager", **over)
+    hf.save_pretrained(tmp_path)
+    ids, mask, kw = hf_inputs(name, hf.config.pad_token_id)
+    with torch.no_grad():
+        ref = hf_logits(hf(input_ids=ids, **kw), name)
+        out = tinyencoder_hf.load(str(tmp_path))(ids, **kw).logits
+    if out.dim() == 3:  # per token: the real ones
+        out, ref = out[mask.bool()], ref[mask.bool()]
+    assert_close(out, ref, 1e-4)
+
+
+def test_a_sharded_checkpoint_loads(tmp_path):
+    """save_pretrained splits a model above max_shard_size into files listed by an index."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    name = "ModernBertForMaskedLM"
+    hf = hf_model(transformers, name, "eager")
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ids, mask, kw = hf_inputs(name)
+    with torch.no_grad():
+        ref, out = hf(input_ids=ids, **kw).logits, tinyencoder_hf.load(str(tmp_path))(ids, **kw)
+    assert_close(out.logits[mask.bool()], ref[mask.bool()], 1e-4)
+
+
+def test_a_pad_id_outside_the_vocabulary_is_named(tmp_path):
+    """ModernBERT's pad_token_id null reads as its default, 50283: outside a byte vocabulary."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    hf_model(transformers, "ModernBertForMaskedLM", "eager", pad_token_id=None).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(ValueError, match="pad_token_id 50283 is outside the vocabulary of 320"):
+        tinyencoder_hf.load(str(tmp_path))
 
 
 @pytest.mark.parametrize(

@@ -110,12 +110,13 @@ BERT_DEFAULTS = dict(
     max_position_embeddings=512,
     hidden_dropout_prob=0.1,
     attention_probs_dropout_prob=0.1,
+    intermediate_size=3072,  # not 4 x hidden_size: a fixed default, whatever the width
 )
 HF_DEFAULTS = {
     "bert": BERT_DEFAULTS,
     # RobertaConfig is BertConfig's, but for its vocabulary and special ids
     "roberta": dict(BERT_DEFAULTS, vocab_size=50265, pad_token_id=1),
-    "modernbert": dict(vocab_size=50368, pad_token_id=50283),
+    "modernbert": dict(vocab_size=50368, pad_token_id=50283, intermediate_size=1152),
 }
 # ModernBERT's layer_types entries
 GLOBAL, LOCAL = "full_attention", "sliding_attention"
@@ -271,7 +272,8 @@ def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.
         fields["classifier_dropout"] = hf["hidden_dropout_prob"]
     if arch == "roberta" and classifier == "choice":  # its head reads the hidden dropout only
         fields["classifier_dropout"] = hf["hidden_dropout_prob"]
-    fields["classifier_pooling"] = hf.get("classifier_pooling", "cls")
+    if arch == "modernbert":  # BERT's and RoBERTa's heads read the first token, whatever it says
+        fields["classifier_pooling"] = hf.get("classifier_pooling", "cls")
     for ours, theirs in CONFIG_KEYS[arch].items():
         if hf.get(theirs) is not None:
             fields[ours] = hf[theirs]
@@ -279,8 +281,13 @@ def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.
     # ModernBERT defaults to 50281 and 50282 whatever the vocabulary, and its config.json holds no
     # [MASK]): pad_id's, so that the Config is whole; this vocabulary's own tokenizer knows its ids
     for name in ("cls_id", "sep_id", "mask_id"):
-        if not 0 <= fields.get(name, getattr(te.Config, name)) < fields["vocab_size"]:
+        value = fields.get(name, getattr(te.Config, name))  # eos_token_id may be a list of ids
+        if not isinstance(value, int) or not 0 <= value < fields["vocab_size"]:
             fields[name] = fields["pad_id"]
+    if not isinstance(fields["pad_id"], int) or not 0 <= fields["pad_id"] < fields["vocab_size"]:
+        # the embedding's padding row (null reads as transformers' default, as a missing key)
+        vocab = fields["vocab_size"]
+        raise ValueError(f"pad_token_id {fields['pad_id']!r} is outside the vocabulary of {vocab}")
     fields["act"] = activation_from_hf(hf.get(ACTIVATION_KEY[arch]) or "gelu")
     if arch == "modernbert":
         return modernbert_config(hf, fields)
@@ -494,17 +501,34 @@ def safetensors_torch():
     return safetensors.torch
 
 
+def weight_files(path: str) -> list[str]:
+    """model.safetensors or pytorch_model.bin, or the shards their .index.json lists (what
+    save_pretrained writes for a model above its max_shard_size)."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(path, name)):
+            return [os.path.join(path, name)]
+        index = os.path.join(path, f"{name}.index.json")
+        if not os.path.exists(index):
+            continue
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a readable index of shards ({e!r})") from None
+        return [os.path.join(path, shard) for shard in shards]
+    raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin, nor an index of shards")
+
+
 def read_weights(path: str) -> dict[str, torch.Tensor]:
-    """model.safetensors or pytorch_model.bin, with TF-era LayerNorm names (gamma, beta) renamed."""
-    safetensors_file = os.path.join(path, "model.safetensors")
-    pickle_file = os.path.join(path, "pytorch_model.bin")
-    if not os.path.exists(safetensors_file) and not os.path.exists(pickle_file):
-        raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
+    """The checkpoint's weights, with TF-era LayerNorm names (gamma, beta) renamed."""
+    weights = {}
+    files = weight_files(path)
     try:
-        if os.path.exists(safetensors_file):
-            weights = safetensors_torch().load_file(safetensors_file)
-        else:  # weights only: no code runs on load
-            weights = torch.load(pickle_file, map_location="cpu", weights_only=True)
+        for file in files:
+            if file.endswith(".safetensors"):
+                weights.update(safetensors_torch().load_file(file))
+            else:  # weights only: no code runs on load
+                weights.update(torch.load(file, map_location="cpu", weights_only=True))
     # safetensors missing (its message says what to install), or memory: not a bad file
     except (ImportError, MemoryError):
         raise
