@@ -505,6 +505,24 @@ def test_keys_transformers_ignores_or_takes_as_lists_load_exactly(name, over, tm
     assert_close(out, ref, 1e-4)
 
 
+def test_load_then_save_keeps_the_class_names(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    names = {0: "negative", 1: "neutral", 2: "positive"}
+    hf = hf_model(transformers, "BertForSequenceClassification", "eager", id2label=names)
+    hf.save_pretrained(tmp_path / "a")
+    tinyencoder_hf.save(tinyencoder_hf.load(str(tmp_path / "a")), str(tmp_path / "b"))
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+
+
+def test_a_base_model_loads_with_a_warning_that_its_head_starts_fresh(tmp_path):
+    """As transformers' BertForMaskedLM.from_pretrained of a BertModel: the head is new."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    hf_model(transformers, "BertModel", "eager").save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="holds a base model: the MLM head starts fresh"):
+        tinyencoder_hf.load(str(tmp_path))
+
+
 def test_a_sharded_checkpoint_loads(tmp_path):
     """save_pretrained splits a model above max_shard_size into files listed by an index."""
     transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")

@@ -8,9 +8,11 @@ A transformers directory holds config.json and model.safetensors (or pytorch_mod
 and writing .safetensors needs the safetensors package; transformers itself is not needed here.
 """
 
+import contextlib
 import json
 import numbers
 import os
+import warnings
 
 import torch
 
@@ -598,6 +600,12 @@ def load(path: str) -> te.TinyEncoder:
                 shape, expected = tuple(value.shape), tuple(param.shape)
                 raise ValueError(f"{path}: {theirs[0]} has shape {shape}, expected {expected}")
             param.copy_(value)
+    if base and model.mlm_head is not None:  # as transformers' *ForMaskedLM from a base model
+        warnings.warn(f"{path} holds a base model: the MLM head starts fresh, a pooler goes unread")
+    if model.cfg.classifier in ("sequence", "token") and hf.get("id2label"):
+        # the class names, for save to write back (names only: an id2label out of order is left)
+        with contextlib.suppress(ValueError):
+            model.label_names = label_names(hf["id2label"], model.cfg.num_labels)
     return model.eval()
 
 
@@ -637,14 +645,16 @@ def save(model: te.TinyEncoder, path: str, labels=None):
     """Write what transformers' Auto classes and sentence-transformers load: config.json and
     model.safetensors; for the byte vocabulary, its tokenizer and a mean-pooling
     sentence-transformers setup (a checkpoint of another vocabulary keeps its own tokenizer).
-    labels: a classifier's class names, in order (see label_names). A torch.compile'd model saves
-    as the model it wraps."""
+    labels: a classifier's class names, in order (see label_names); by default those load read.
+    A torch.compile'd model saves as the model it wraps."""
     save_file = safetensors_torch().save_file  # before anything is written
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     if not isinstance(model, te.TinyEncoder):
         raise ValueError(f"save takes a TinyEncoder, got {type(model).__name__}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"save: {path} is a file, not a folder to write a checkpoint into")
+    if labels is None:  # the names load read from the checkpoint, if any
+        labels = getattr(model, "label_names", None)
     files = {"config.json": config_to_hf(model.cfg, labels)}
     if has_byte_vocabulary(model.cfg):
         files["tokenizer.json"] = tokenizer_json(model.cfg)
