@@ -365,34 +365,38 @@ def test_a_run_is_never_overwritten_and_resumes_with_its_own_flags(tmp_path):
     changes = "--max-steps 3 (the run's: 2), --lr 0.002 (the run's: 0.001)"
     assert f"flags changed from the run's own: {changes}" in resumed.stdout
     assert f"from {tmp_path / 'corpus'}" in resumed.stdout  # the run's --data, not the stdlib
-    # what the checkpoint itself holds cannot change
-    cmd[-1] = 4
-    other = [*map(str, cmd), "--size", "small"]
-    refused = subprocess.run(other, capture_output=True, text=True, timeout=120, cwd=here)
-    assert refused.returncode != 0 and "not --size small (the run's: tiny)" in refused.stderr
-    other = [*map(str, cmd), "--init-from", str(tmp_path / "other.pt")]  # it was ignored
-    refused = subprocess.run(other, capture_output=True, text=True, timeout=120, cwd=here)
-    assert "not --init-from " in refused.stderr and "(the run's: its default)" in refused.stderr
-    # nor the rows a step (processes x --batch-size x --grad-accum), which number the data
-    other = [*map(str, cmd), "--batch-size", "2"]
-    refused = subprocess.run(other, capture_output=True, text=True, timeout=120, cwd=here)
-    assert refused.returncode != 0, refused.stdout[-2000:]
-    assert "the run took 3 rows a step, this one 2 (2 per micro-batch x 1" in refused.stderr
-    # and a run at step 3 does not stop at step 2
-    cmd[-1] = 2
-    refused = subprocess.run(
-        list(map(str, cmd)), capture_output=True, text=True, timeout=120, cwd=here
-    )
-    assert refused.returncode != 0, refused.stdout[-2000:]
-    assert "the run is at step 3, past --max-steps 2" in refused.stderr, refused.stderr[-2000:]
     assert re.search(r"^step\s+3/3 \| loss", resumed.stdout, re.M), resumed.stdout[-2000:]
-    # a run from another's weights (--init-from) resumes from its own, that file gone or not
-    import torch
 
+
+def refused_resume(run_dir, *flags) -> str:
+    """What train.py --resume of run_dir with these flags prints as it stops with an error."""
+    cmd = [sys.executable, "train.py", "--resume", "--out-dir", run_dir, *flags]
+    here = str(Path(__file__).parent)
+    run = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=120, cwd=here)
+    assert run.returncode != 0, run.stdout[-2000:]
+    return run.stderr
+
+
+def test_a_resumed_run_keeps_what_its_checkpoint_holds(tmp_path):
+    run_dir = tmp_path / "run"
+    sizes = ["--batch-size", 3, "--context", 32]
+    assert len(_train(tmp_path, "--max-steps", 2, *sizes, "--out-dir", run_dir)) == 2
+    # the model's flags: --init-from was ignored in a resume, so it is refused too
+    stderr = refused_resume(run_dir, "--max-steps", 4, "--size", "small")
+    assert "not --size small (the run's: tiny)" in stderr
+    stderr = refused_resume(run_dir, "--max-steps", 4, "--init-from", tmp_path / "other.pt")
+    assert "not --init-from " in stderr and "(the run's: its default)" in stderr
+    # nor the rows a step (processes x --batch-size x --grad-accum), which number the data
+    stderr = refused_resume(run_dir, "--max-steps", 4, "--batch-size", 2)
+    assert "the run took 3 rows a step, this one 2 (2 per micro-batch x 1" in stderr
+    # and a run at step 2 does not stop at step 1
+    assert "the run is at step 2, past --max-steps 1" in refused_resume(run_dir, "--max-steps", 1)
+    # a run from another's weights (--init-from) resumes from its own, that file gone or not
     init, started = tmp_path / "init.pt", tmp_path / "started"
     init.write_bytes((run_dir / "ckpt_last.pt").read_bytes())
-    sizes = ["--batch-size", 3, "--context", 32, "--max-steps", 1]
-    _train(tmp_path, "--init-from", init, *sizes, "--lr", 1e-12, "--out-dir", started)
+    _train(
+        tmp_path, "--init-from", init, *sizes, "--max-steps", 1, "--lr", 1e-12, "--out-dir", started
+    )
     weights = [torch.load(f, weights_only=True)["model"] for f in (init, started / "ckpt_last.pt")]
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
     init.unlink()
@@ -571,41 +575,21 @@ def finetune(tmp_path, *args, run=True):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=here)
 
 
-def test_finetune_learns_resumes_and_exports(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="the export loads in transformers")
-    init = tiny_checkpoint(tmp_path / "init.pt")
-    train = write_jsonl(tmp_path / "train.jsonl", digit_spans(200, 0))
-    val = write_jsonl(tmp_path / "val.jsonl", digit_spans(50, 1))
-    common = ["--train", train, "--val", val, "--init", init, "--max-steps", 40]
-    common += ["--lr", "3e-3", "--eval-interval", 1, "--log-interval", 1]
-    whole = finetune(tmp_path, *common, "--out-dir", tmp_path / "a")
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    losses = re.findall(r"^step\s+\d+/40 \| loss (\S+)", whole.stdout, re.M)
-    accuracy = float(re.search(r"held-out accuracy (\S+)%", whole.stdout).group(1))
-    assert len(losses) == 40 and accuracy >= 90, whole.stdout[-1000:]
-    # Ctrl-C after a few steps, then --resume: the same losses, step for step
-    proc = finetune(tmp_path, *common, "--out-dir", tmp_path / "b", run=False)
-    first = []
+def losses_until_ctrl_c(proc, steps=3) -> list:
+    """The losses a running finetune.py prints until it stops, given a Ctrl-C at steps."""
+    losses = []
     for line in proc.stdout:
-        steps_before = len(first)
-        first += re.findall(r"^step\s+\d+/40 \| loss (\S+)", line)
-        if steps_before < 3 <= len(first):  # one Ctrl-C: a second one stops sooner, unsaved
+        steps_before = len(losses)
+        losses += re.findall(r"^step\s+\d+/\d+ \| loss (\S+)", line)
+        if steps_before < steps <= len(losses):  # one Ctrl-C: a second one stops sooner, unsaved
             proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 0 and 3 <= len(first) < 40
-    saved = torch.load(tmp_path / "b" / "ckpt_last.pt", weights_only=False)
-    rest = finetune(tmp_path, *common, "--out-dir", tmp_path / "b", "--resume")
-    assert rest.returncode == 0, rest.stderr[-2000:]
-    # the resumed run's clock goes on from the interrupted one's, as train.py's
-    later = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")][saved["step"] :]
-    assert later and all(r["elapsed_s"] > saved["elapsed_s"] for r in later), later
-    resumed = first + re.findall(r"^step\s+\d+/40 \| loss (\S+)", rest.stdout, re.M)
-    # the same losses, step for step; once, in a full-suite run on an Intel CPU, one printed last
-    # digit differed (0.480991 against 0.480992; never in 26 runs of the test alone): within 2e-6
-    assert len(resumed) == len(losses), (resumed, losses)
-    assert all(abs(float(a) - float(b)) <= 2e-6 for a, b in zip(resumed, losses)), (resumed, losses)
-    # every step evaluated once, the interrupted one before it stopped: the same metrics and best
-    assert_same_evaluations(tmp_path / "a", tmp_path / "b", "val_loss")
-    # --resume reads no --init again (it may have moved), and refuses other data
+    assert proc.wait(timeout=120) == 0
+    return losses
+
+
+def assert_resume_refuses_changes(tmp_path, init, train, val):
+    """finetune.py --resume of tmp_path/b, a finished run of 40 steps from init on train and val:
+    it reads no --init again, and refuses other data, batch size, examples or labels."""
     init.rename(tmp_path / "moved.pt")
     again = finetune(tmp_path, "--out-dir", tmp_path / "b", "--resume")
     assert again.returncode == 0, again.stderr[-2000:]
@@ -626,6 +610,37 @@ def test_finetune_learns_resumes_and_exports(tmp_path):
         write_jsonl(path, records)
     edited = finetune(tmp_path, "--out-dir", tmp_path / "b", "--resume", "--max-steps", 41)
     assert edited.returncode != 0 and "has the labels ['O', 'number']," in edited.stderr
+
+
+def test_finetune_learns_resumes_and_exports(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the export loads in transformers")
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    train = write_jsonl(tmp_path / "train.jsonl", digit_spans(200, 0))
+    val = write_jsonl(tmp_path / "val.jsonl", digit_spans(50, 1))
+    common = ["--train", train, "--val", val, "--init", init, "--max-steps", 40]
+    common += ["--lr", "3e-3", "--eval-interval", 1, "--log-interval", 1]
+    whole = finetune(tmp_path, *common, "--out-dir", tmp_path / "a")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    losses = re.findall(r"^step\s+\d+/40 \| loss (\S+)", whole.stdout, re.M)
+    accuracy = float(re.search(r"held-out accuracy (\S+)%", whole.stdout).group(1))
+    assert len(losses) == 40 and accuracy >= 90, whole.stdout[-1000:]
+    # Ctrl-C after a few steps, then --resume: the same losses, step for step
+    first = losses_until_ctrl_c(finetune(tmp_path, *common, "--out-dir", tmp_path / "b", run=False))
+    assert 3 <= len(first) < 40
+    saved = torch.load(tmp_path / "b" / "ckpt_last.pt", weights_only=False)
+    rest = finetune(tmp_path, *common, "--out-dir", tmp_path / "b", "--resume")
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    # the resumed run's clock goes on from the interrupted one's, as train.py's
+    later = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")][saved["step"] :]
+    assert later and all(r["elapsed_s"] > saved["elapsed_s"] for r in later), later
+    resumed = first + re.findall(r"^step\s+\d+/40 \| loss (\S+)", rest.stdout, re.M)
+    # the same losses, step for step; once, in a full-suite run on an Intel CPU, one printed last
+    # digit differed (0.480991 against 0.480992; never in 26 runs of the test alone): within 2e-6
+    assert len(resumed) == len(losses), (resumed, losses)
+    assert all(abs(float(a) - float(b)) <= 2e-6 for a, b in zip(resumed, losses)), (resumed, losses)
+    # every step evaluated once, the interrupted one before it stopped: the same metrics and best
+    assert_same_evaluations(tmp_path / "a", tmp_path / "b", "val_loss")
+    assert_resume_refuses_changes(tmp_path, init, train, val)
     # the best checkpoint exports as a token classifier with its label names
     export = [sys.executable, "tinyencoder_hf.py", tmp_path / "a" / "ckpt_best.pt", tmp_path / "hf"]
     done = subprocess.run(export, capture_output=True, text=True, cwd=Path(__file__).parent)

@@ -279,17 +279,7 @@ def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.
     for ours, theirs in CONFIG_KEYS[arch].items():
         if hf.get(theirs) is not None:
             fields[ours] = hf[theirs]
-    # [CLS], [SEP] and [MASK] ids that no forward reads, outside this vocabulary (transformers'
-    # ModernBERT defaults to 50281 and 50282 whatever the vocabulary, and its config.json holds no
-    # [MASK]): pad_id's, so that the Config is whole; this vocabulary's own tokenizer knows its ids
-    for name in ("cls_id", "sep_id", "mask_id"):
-        value = fields.get(name, getattr(te.Config, name))  # eos_token_id may be a list of ids
-        if not isinstance(value, int) or not 0 <= value < fields["vocab_size"]:
-            fields[name] = fields["pad_id"]
-    if not isinstance(fields["pad_id"], int) or not 0 <= fields["pad_id"] < fields["vocab_size"]:
-        # the embedding's padding row (null reads as transformers' default, as a missing key)
-        vocab = fields["vocab_size"]
-        raise ValueError(f"pad_token_id {fields['pad_id']!r} is outside the vocabulary of {vocab}")
+    special_ids_in_vocabulary(fields)
     fields["act"] = activation_from_hf(hf.get(ACTIVATION_KEY[arch]) or "gelu")
     if arch == "modernbert":
         return modernbert_config(hf, fields)
@@ -302,6 +292,21 @@ def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.
     fields["max_len"] = hf["max_position_embeddings"] - fields["pos_offset"]
     fields["embed_dropout"] = fields["resid_dropout"]  # one knob in transformers
     return te.Config(**fields)
+
+
+def special_ids_in_vocabulary(fields: dict):
+    """[CLS], [SEP] and [MASK] ids that no forward reads, outside this vocabulary (transformers'
+    ModernBERT defaults to 50281 and 50282 whatever the vocabulary, and its config.json holds no
+    [MASK]) become pad_id, so that the Config is whole; this vocabulary's own tokenizer knows its
+    ids. The pad id, the embedding's padding row, must be in it."""
+    vocab = fields["vocab_size"]
+    for name in ("cls_id", "sep_id", "mask_id"):
+        value = fields.get(name, getattr(te.Config, name))  # eos_token_id may be a list of ids
+        if not isinstance(value, int) or not 0 <= value < vocab:
+            fields[name] = fields["pad_id"]
+    # null reads as transformers' default, as a missing key does
+    if not isinstance(fields["pad_id"], int) or not 0 <= fields["pad_id"] < vocab:
+        raise ValueError(f"pad_token_id {fields['pad_id']!r} is outside the vocabulary of {vocab}")
 
 
 def modernbert_config(hf: dict, fields: dict) -> te.Config:
@@ -590,6 +595,18 @@ def load(path: str) -> te.TinyEncoder:
     check_names(path, kind, weights, names, base)
     if model.cfg.arch == "roberta" and model.mlm_head is not None and not base:
         require_exact_gelu(model.cfg)
+    copy_weights(path, model, weights, names)
+    if base and model.mlm_head is not None:  # as transformers' *ForMaskedLM from a base model
+        warnings.warn(f"{path} holds a base model: the MLM head starts fresh, a pooler goes unread")
+    if model.cfg.classifier in ("sequence", "token") and hf.get("id2label"):
+        # the class names, for save to write back (names only: an id2label out of order is left)
+        with contextlib.suppress(ValueError):
+            model.label_names = label_names(hf["id2label"], model.cfg.num_labels)
+    return model.eval()
+
+
+def copy_weights(path: str, model: te.TinyEncoder, weights: dict, names: dict):
+    """Each of our parameters from its transformers key(s), where the checkpoint holds them."""
     with torch.no_grad():
         for ours, theirs in names.items():
             if not all(n in weights for n in theirs):
@@ -600,13 +617,6 @@ def load(path: str) -> te.TinyEncoder:
                 shape, expected = tuple(value.shape), tuple(param.shape)
                 raise ValueError(f"{path}: {theirs[0]} has shape {shape}, expected {expected}")
             param.copy_(value)
-    if base and model.mlm_head is not None:  # as transformers' *ForMaskedLM from a base model
-        warnings.warn(f"{path} holds a base model: the MLM head starts fresh, a pooler goes unread")
-    if model.cfg.classifier in ("sequence", "token") and hf.get("id2label"):
-        # the class names, for save to write back (names only: an id2label out of order is left)
-        with contextlib.suppress(ValueError):
-            model.label_names = label_names(hf["id2label"], model.cfg.num_labels)
-    return model.eval()
 
 
 def check_names(path: str, kind: str, weights: dict, names: dict, base: bool):
