@@ -1189,7 +1189,7 @@ def test_legitimate_edge_cases_keep_working(preset):
         assert_close(model(ids.int(), mask).logits, ref, 0)
         # int32 ids give int64 labels, which forward takes
         inputs, masked_labels = mask_tokens(ids.int(), model.cfg, torch.Generator().manual_seed(0))
-        assert inputs.dtype == masked_labels.dtype == torch.int64
+        assert inputs.dtype == torch.int64 and masked_labels.dtype == torch.int64
         assert model(inputs, mask, labels=masked_labels).loss.isfinite()
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[:, 2] = ids[:, 2]
