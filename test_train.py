@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,6 +148,28 @@ def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds eac
         tmp_path, "--max-steps", 2, "--batch-size", 4, "--out-dir", tmp_path / "b", torchrun=True
     )
     assert len(one) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(one, two)), (one, two)
+
+
+def test_bert_pairs_take_a_random_b_from_a_line_of_another_document():
+    """B starts a line either way, so its first bytes never tell the NSP label: a random B from
+    another document, a real one from A's. A one-byte document still gets a B, a random one."""
+    from data.rows import sentence_pair
+
+    docs = [b"x"] + [b"".join(b"doc%d line%d\n" % (d, j) for j in range(6)) for d in range(1, 9)]
+    data = np.frombuffer(b"".join(docs), np.uint8)
+    offsets = np.cumsum([0] + [len(d) for d in docs])
+    labels = []
+    for slot in range(40):
+        row = sentence_pair(data, offsets, 64, slot, [slot])
+        b = bytes(row.ids[row.token_types == 1][:-1].tolist())  # B, its final SEP left out
+        a_doc = np.searchsorted(offsets, slot * 61 % len(data), "right") - 1
+        b_doc = 0  # the one-byte document, b"x"
+        if b != b"x":
+            assert re.match(rb"doc\d line", b), (slot, b)
+            b_doc = int(b[3:4])
+        assert (b_doc != a_doc) == bool(row.nsp_label), (slot, a_doc, b, row.nsp_label)
+        labels.append(row.nsp_label)
+    assert labels[0] == 1 and 0 in labels  # slot 0: A is the one-byte document
 
 
 # two processes whose nodes hold other files under the same --data: their digests differ

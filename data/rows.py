@@ -30,7 +30,9 @@ def pad(x, length, value=PAD):
 
 def sentence_pair(data, offsets, length, slot, key):
     """BERT's CLS A SEP B SEP from bytes slot * (length - 3) on, cut after a newline (code's nearest
-    thing to a sentence end); B follows A (label 0) or is a random span elsewhere (label 1)."""
+    thing to a sentence end); B follows A (label 0) or starts a random line of another document
+    (label 1), as BERT's random sentence: B starts after a newline either way, so that its first
+    byte never tells the label."""
     rng = np.random.default_rng(key)
     span = length - 3  # bytes of A and B
     start = slot * span % len(data)
@@ -44,10 +46,11 @@ def sentence_pair(data, offsets, length, slot, key):
         cut = rng.integers(1, max(2, len(chunk)))
     first, second = chunk[:cut], chunk[cut:]
     nsp_label = int(rng.random() < 0.5)
+    size = len(second)
+    if size == 0:  # A is its whole document (one byte): B can only be another's
+        nsp_label, size = 1, span - len(first)
     if nsp_label:
-        at = rng.integers(len(data))
-        doc_end = offsets[np.searchsorted(offsets, at, "right")]
-        second = data[at : min(at + len(second), doc_end)]
+        second = random_line(data, offsets, doc, size, rng)
     ids = np.concatenate([[CLS], first, [SEP], second, [SEP]])
     types = np.r_[np.zeros(len(first) + 2), np.ones(len(second) + 1)]
     doc_ids = np.ones(len(ids))
@@ -58,6 +61,22 @@ def sentence_pair(data, offsets, length, slot, key):
         nsp_label=nsp_label,
         mask_key=key,
     )
+
+
+def random_line(data, offsets, doc, size, rng):
+    """Up to size bytes from a line start (after a newline, where it has one) of a document other
+    than doc, drawn as A's is: by its length (the one a random byte is in), then a random line."""
+    doc_size = offsets[doc + 1] - offsets[doc]
+    at = rng.integers(max(1, len(data) - doc_size))  # a byte outside doc, unless doc is all
+    if at >= offsets[doc] and doc_size < len(data):
+        at += doc_size
+    other = np.searchsorted(offsets, at, "right") - 1
+    text = data[offsets[other] : offsets[other + 1]]
+    starts = np.flatnonzero(text[:-1] == 10) + 1
+    if len(starts) == 0:
+        starts = np.zeros(1, dtype=np.int64)
+    at = starts[rng.integers(len(starts))]
+    return text[at : at + size]
 
 
 class TrainingRows:
