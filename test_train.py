@@ -160,9 +160,10 @@ def test_bert_pairs_take_a_random_b_from_a_line_of_another_document():
     offsets = np.cumsum([0] + [len(d) for d in docs])
     labels = []
     for slot in range(40):
-        row = sentence_pair(data, offsets, 64, slot, [slot])
+        start = slot * 61 % len(data)  # pairs of 61 bytes, from the start of the corpus on
+        row = sentence_pair(data, offsets, 64, start, [slot])
         b = bytes(row.ids[row.token_types == 1][:-1].tolist())  # B, its final SEP left out
-        a_doc = np.searchsorted(offsets, slot * 61 % len(data), "right") - 1
+        a_doc = np.searchsorted(offsets, start, "right") - 1
         b_doc = 0  # the one-byte document, b"x"
         if b != b"x":
             assert re.match(rb"doc\d line", b), (slot, b)
@@ -170,6 +171,22 @@ def test_bert_pairs_take_a_random_b_from_a_line_of_another_document():
         assert (b_doc != a_doc) == bool(row.nsp_label), (slot, a_doc, b, row.nsp_label)
         labels.append(row.nsp_label)
     assert labels[0] == 1 and 0 in labels  # slot 0: A is the one-byte document
+
+
+def test_bert_pairs_read_every_document():
+    """Each document is cut into pairs on its own: forty of 64 bytes, under pairs of 125 bytes,
+    make forty pairs, one from each (on one grid over all bytes, 21 of them were never an A)."""
+    from types import SimpleNamespace
+
+    from data.rows import TrainingRows
+
+    docs = [b"line %02d of doc\n" % k * 4 for k in range(40)]
+    data = np.frombuffer(b"".join(docs), np.uint8)
+    offsets = np.cumsum([0] + [len(d) for d in docs])
+    recipe = SimpleNamespace(inputs="pairs", masking="static")
+    rows = TrainingRows(recipe, data, offsets, 128, 1337, 10)
+    first = [bytes(rows[i].ids[1:9].tolist()) for i in range(rows.count)]  # A's first bytes
+    assert rows.count == 40 and sorted(first) == [b"line %02d " % k for k in range(40)]
 
 
 # two processes whose nodes hold other files under the same --data: their digests differ

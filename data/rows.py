@@ -28,14 +28,13 @@ def pad(x, length, value=PAD):
     return np.concatenate([x, padding]).astype(np.int64)
 
 
-def sentence_pair(data, offsets, length, slot, key):
-    """BERT's CLS A SEP B SEP from bytes slot * (length - 3) on, cut after a newline (code's nearest
-    thing to a sentence end); B follows A (label 0) or starts a random line of another document
-    (label 1), as BERT's random sentence: B starts after a newline either way, so that its first
-    byte never tells the label."""
+def sentence_pair(data, offsets, length, start, key):
+    """BERT's CLS A SEP B SEP from the length - 3 bytes from start on, cut after a newline (code's
+    nearest thing to a sentence end); B follows A (label 0) or starts a random line of another
+    document (label 1), as BERT's random sentence: B starts after a newline either way, so that
+    its first byte never tells the label."""
     rng = np.random.default_rng(key)
     span = length - 3  # bytes of A and B
-    start = slot * span % len(data)
     doc = np.searchsorted(offsets, start, "right") - 1
     end = min(start + span, offsets[doc + 1])
     chunk = data[max(offsets[doc], end - span) : end]  # near a document's end, start earlier
@@ -82,11 +81,11 @@ def random_line(data, offsets, doc, size, rng):
 class TrainingRows:
     """Example i of a recipe's inputs: in epoch e, slot order(e)[i mod count] of the corpus.
 
-    "pairs" (BERT): a sentence pair from each length - 3 bytes. "full-sentences" (RoBERTa) and
-    "packed" (ModernBERT) read one stream of documents, each followed by SEP: RoBERTa's rows run
-    across documents behind one CLS each; ModernBERT's documents start with CLS and pack length
-    tokens a row. "static" masking (BERT) draws dupe_factor masks per slot, once; "dynamic" masks
-    are new each time.
+    "pairs" (BERT): a sentence pair from each length - 3 bytes of each document. "full-sentences"
+    (RoBERTa) and "packed" (ModernBERT) read one stream of documents, each followed by SEP:
+    RoBERTa's rows run across documents behind one CLS each; ModernBERT's documents start with CLS
+    and pack length tokens a row. "static" masking (BERT) draws dupe_factor masks per slot, once;
+    "dynamic" masks are new each time.
     """
 
     def __init__(self, recipe, data, offsets, length, seed, dupe_factor):
@@ -95,7 +94,13 @@ class TrainingRows:
         self.length = length
         self.seed, self.dupe_factor = seed, dupe_factor
         if recipe.inputs == "pairs":
-            self.count = max(1, len(data) // (length - 3))
+            # each document cut into pairs of length - 3 bytes on its own, so that a document
+            # shorter than that is a pair too (on one grid over all bytes, some were never read)
+            span = length - 3
+            pieces = np.maximum(1, -(-np.diff(offsets) // span))  # a document's pairs, rounded up
+            starts = [offsets[d] + span * np.arange(n) for d, n in enumerate(pieces)]
+            self.pair_starts = np.concatenate(starts)
+            self.count = len(self.pair_starts)
             return
         opening, self.row_len = [], length - 1
         if recipe.inputs == "packed":
@@ -119,7 +124,8 @@ class TrainingRows:
         if self.recipe.masking == "static":
             key = [self.seed, slot, epoch % self.dupe_factor]
         if self.recipe.inputs == "pairs":
-            return sentence_pair(self.data, self.offsets, self.length, slot, key)
+            start = self.pair_starts[slot]
+            return sentence_pair(self.data, self.offsets, self.length, start, key)
         first = slot * self.row_len
         where = (first + np.arange(self.row_len)) % len(self.stream)
         ids = self.stream[where].astype(np.int64)
@@ -156,8 +162,8 @@ def held_out_pairs(data, offsets, length, count):
     """count sentence pairs, spread over the held-out bytes, for next-sentence prediction."""
     pairs = []
     for j in range(count):
-        # 7919, a prime, spreads the slots
-        pairs.append(sentence_pair(data, offsets, length, j * 7919, [0, 0, 1, j]))
+        start = j * 7919 * (length - 3) % len(data)  # 7919, a prime, spreads the pairs
+        pairs.append(sentence_pair(data, offsets, length, start, [0, 0, 1, j]))
     return pairs
 
 
