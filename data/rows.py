@@ -38,18 +38,14 @@ def sentence_pair(data, offsets, length, start, key):
     doc = np.searchsorted(offsets, start, "right") - 1
     end = min(start + span, offsets[doc + 1])
     chunk = data[max(offsets[doc], end - span) : end]  # near a document's end, start earlier
-    cuts = np.flatnonzero(chunk[:-1] == 10) + 1
-    if len(cuts):
-        cut = cuts[rng.integers(len(cuts))]
-    else:
-        cut = rng.integers(1, max(2, len(chunk)))
+    cut = cut_after_a_newline(chunk, rng)
     first, second = chunk[:cut], chunk[cut:]
     nsp_label = int(rng.random() < 0.5)
     size = len(second)
     if size == 0:  # A is its whole document (one byte): B can only be another's
         nsp_label, size = 1, span - len(first)
     if nsp_label:
-        second = random_line(data, offsets, doc, size, rng)
+        second = random_second(data, offsets, doc, span, size, rng)
     ids = np.concatenate([[CLS], first, [SEP], second, [SEP]])
     types = np.r_[np.zeros(len(first) + 2), np.ones(len(second) + 1)]
     doc_ids = np.ones(len(ids))
@@ -62,20 +58,30 @@ def sentence_pair(data, offsets, length, start, key):
     )
 
 
-def random_line(data, offsets, doc, size, rng):
-    """Up to size bytes from a line start (after a newline, where it has one) of a document other
-    than doc, drawn as A's is: by its length (the one a random byte is in), then a random line."""
+def cut_after_a_newline(chunk, rng) -> int:
+    """Where a chunk splits into A and B: after one of its newlines (not its last byte), else
+    anywhere but its start."""
+    cuts = np.flatnonzero(chunk[:-1] == 10) + 1
+    if len(cuts):
+        return cuts[rng.integers(len(cuts))]
+    return rng.integers(1, max(2, len(chunk)))
+
+
+def random_second(data, offsets, doc, span, size, rng):
+    """A random B: up to size bytes of a document other than doc (doc itself in a corpus of one),
+    drawn as a real B is: the span bytes from a random byte of the corpus, cut where A and B
+    would be, so that where it starts (a line start, mostly) never tells it from a real one."""
     doc_size = offsets[doc + 1] - offsets[doc]
-    at = rng.integers(max(1, len(data) - doc_size))  # a byte outside doc, unless doc is all
-    if at >= offsets[doc] and doc_size < len(data):
-        at += doc_size
-    other = np.searchsorted(offsets, at, "right") - 1
-    text = data[offsets[other] : offsets[other + 1]]
-    starts = np.flatnonzero(text[:-1] == 10) + 1
-    if len(starts) == 0:
-        starts = np.zeros(1, dtype=np.int64)
-    at = starts[rng.integers(len(starts))]
-    return text[at : at + size]
+    start = rng.integers(max(1, len(data) - doc_size))  # a byte outside doc, unless doc is all
+    if start >= offsets[doc] and doc_size < len(data):
+        start += doc_size
+    other = np.searchsorted(offsets, start, "right") - 1
+    end = min(start + span, offsets[other + 1])
+    chunk_start = max(offsets[other], end - span)
+    at = chunk_start + cut_after_a_newline(data[chunk_start:end], rng)
+    if at >= end:  # a one-byte document: nothing follows its cut, so B is the byte itself
+        at = chunk_start
+    return data[at : min(at + size, offsets[other + 1])]
 
 
 class TrainingRows:
