@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import tinyencoder as te
-from data.corpus import renamed_into_place
+from data.corpus import TEMPORARY, renamed_into_place
 
 try:
     import fcntl  # a run's lock on its folder (Metrics)
@@ -265,7 +265,8 @@ class Metrics:
             die(f"cannot write {self.path} ({e.strerror})")
         lock_run_folder(self.file, out_dir)
         # what a run killed as it saved left (no other run writes in a folder this one has locked)
-        for leftover in glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.pt.*.tmp")):
+        checkpoints = os.path.join(glob.escape(out_dir), "ckpt_*.pt")
+        for leftover in glob.glob(TEMPORARY.format(path=checkpoints, pid="*")):
             os.remove(leftover)
         kept = 0
         if resumed_step is not None:

@@ -146,11 +146,15 @@ def prepare_stdlib():
                 array.tofile(temporary)
 
 
+# the name a file is written under before renamed_into_place renames it: its writer's own
+TEMPORARY = "{path}.{pid}.tmp"
+
+
 @contextlib.contextmanager
 def renamed_into_place(path):
     """A name to write path's content under, renamed to path once written, so that no reader sees
     half a file; the name is this process's own, so that two runs started at once write apart."""
-    temporary = f"{path}.{os.getpid()}.tmp"
+    temporary = TEMPORARY.format(path=path, pid=os.getpid())
     try:
         yield temporary
         os.replace(temporary, path)

@@ -30,14 +30,12 @@ def pad(x, length, value=PAD):
 
 def sentence_pair(data, offsets, length, start, key):
     """BERT's CLS A SEP B SEP from the length - 3 bytes from start on, cut after a newline (code's
-    nearest thing to a sentence end); B follows A (label 0) or starts a random line of another
-    document (label 1), as BERT's random sentence: B starts after a newline either way, so that
-    its first byte never tells the label."""
+    nearest thing to a sentence end); B follows A (label 0) or is cut the same way from another
+    document (label 1), as BERT's random sentence, so that where B starts never tells the label."""
     rng = np.random.default_rng(key)
     span = length - 3  # bytes of A and B
-    doc = np.searchsorted(offsets, start, "right") - 1
-    end = min(start + span, offsets[doc + 1])
-    chunk = data[max(offsets[doc], end - span) : end]  # near a document's end, start earlier
+    doc, chunk_start, end = pair_bytes(offsets, start, span)
+    chunk = data[chunk_start:end]
     cut = cut_after_a_newline(chunk, rng)
     first, second = chunk[:cut], chunk[cut:]
     nsp_label = int(rng.random() < 0.5)
@@ -58,6 +56,14 @@ def sentence_pair(data, offsets, length, start, key):
     )
 
 
+def pair_bytes(offsets, start, span):
+    """The document that byte start is in, and where the span bytes of a pair from start begin
+    and end in it: they begin earlier near the document's end, and stop at it."""
+    doc = np.searchsorted(offsets, start, "right") - 1
+    end = min(start + span, offsets[doc + 1])
+    return doc, max(offsets[doc], end - span), end
+
+
 def cut_after_a_newline(chunk, rng) -> int:
     """Where a chunk splits into A and B: after one of its newlines (not its last byte), else
     anywhere but its start."""
@@ -75,9 +81,7 @@ def random_second(data, offsets, doc, span, size, rng):
     start = rng.integers(max(1, len(data) - doc_size))  # a byte outside doc, unless doc is all
     if start >= offsets[doc] and doc_size < len(data):
         start += doc_size
-    other = np.searchsorted(offsets, start, "right") - 1
-    end = min(start + span, offsets[other + 1])
-    chunk_start = max(offsets[other], end - span)
+    other, chunk_start, end = pair_bytes(offsets, start, span)
     at = chunk_start + cut_after_a_newline(data[chunk_start:end], rng)
     if at >= end:  # a one-byte document: nothing follows its cut, so B is the byte itself
         at = chunk_start
