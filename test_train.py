@@ -281,6 +281,35 @@ def test_data_reads_each_file_once_and_names_it_from_its_folder(tmp_path, monkey
     assert sorted(name for name, _ in read_documents("corp")) == names[0]
 
 
+def test_held_out_documents_are_no_copies_of_training_ones():
+    """A document held out by its name's hash goes to training instead where most of its bytes lie
+    in lines a training document holds too (as the stdlib's code pages share theirs); one that
+    shares a few lines stays held out."""
+    from data.corpus import split_documents
+
+    def lines(doc, count):
+        return b"".join(b"line %d of document %d\n" % (i, doc) for i in range(count))
+
+    # of doc0.txt ... doc59.txt, doc8 and doc42 are held out by their names' hash
+    documents = [(f"doc{i}.txt", lines(i, 20)) for i in range(60)]
+    documents[8] = ("doc8.txt", lines(3, 20).replace(b"line 7 ", b"changed line 7 "))
+    documents[42] = ("doc42.txt", lines(42, 20) + lines(5, 4))  # 4 of 24 lines shared
+    val_bytes, val_offsets = split_documents(documents, "corp")["val"]
+    assert val_bytes.tobytes() == documents[42][1] and len(val_offsets) == 2
+    documents[8] = ("doc8.txt", lines(8, 20))  # no copy: held out again
+    val_bytes, _ = split_documents(documents, "corp")["val"]
+    assert val_bytes.tobytes() == documents[8][1] + documents[42][1]
+
+
+def test_the_default_corpus_reads_pydocs_topics_once():
+    """pydoc's topics are documents of text; pydoc_data/topics.py, the same text quoted, is not."""
+    from data.corpus import read_documents
+
+    names = [name for name, _ in read_documents(None)]
+    assert "pydoc_data/if" in names and "os.py" in names
+    assert os.path.join("pydoc_data", "topics.py") not in names
+
+
 def test_a_resumed_run_reads_the_data_it_started_on(tmp_path):
     """A run's own files in an --out-dir inside --data are not data, resumed or not; a file added
     to --data since the run started stops --resume with one line, not another corpus."""

@@ -18,7 +18,10 @@ import numpy as np
 SKIPPED_FOLDERS = ("site-packages", "test", "tests", "idle_test")
 HERE = os.path.dirname(os.path.abspath(__file__))
 # one prepared corpus per Python build and stdlib folder: 3.11.2's stdlib is not 3.11.7's
-STDLIB_KEY = hashlib.sha256(f"{sys.version}|{sysconfig.get_paths()['stdlib']}".encode()).hexdigest()
+# (and per split rule: SPLIT names the rule's version, so that a new one prepares the corpus again)
+SPLIT = 2
+STDLIB = f"{sys.version}|{sysconfig.get_paths()['stdlib']}|split {SPLIT}"
+STDLIB_KEY = hashlib.sha256(STDLIB.encode()).hexdigest()
 STDLIB_STEM = os.path.join(HERE, "stdlib-py%d.%d.%d-" % sys.version_info[:3] + STDLIB_KEY[:8])
 
 
@@ -48,6 +51,9 @@ def read_documents(spec, out_dir=None):
     for root in roots:
         for path in files_under(root, skip=() if spec else SKIPPED_FOLDERS, seen=seen):
             if not spec and not path.endswith(".py"):
+                continue
+            # pydoc's topics came first, as text; pydoc_data/topics.py holds them again, quoted
+            if not spec and os.path.relpath(path, base) == os.path.join("pydoc_data", "topics.py"):
                 continue
             if outputs and os.path.realpath(path).startswith(outputs):
                 continue
@@ -114,6 +120,8 @@ def split_documents(documents, spec):
         die(f"--data {spec}: no data, every file is empty")
     # os.fsencode: a file name need not be valid UTF-8
     held = [hashlib.md5(os.fsencode(name)).digest()[0] % 25 == 0 for name, _ in documents]
+    if any(held) and not all(held):
+        held = [is_held and not copy for is_held, copy in zip(held, near_copies(documents, held))]
     if all(held) or not any(held):
         # too few documents to hold some out: hold out the last tenth of each
         cuts = [len(data) * 9 // 10 for _, data in documents]
@@ -132,6 +140,26 @@ def split_documents(documents, spec):
     for part, docs in (("train", train), ("val", val)):
         parts[part] = (np.frombuffer(b"".join(docs), np.uint8), np.cumsum([0, *map(len, docs)]))
     return parts
+
+
+def near_copies(documents, held) -> list:
+    """Which held-out documents are near-copies of training ones: most of their bytes lie in lines
+    that a training document holds too (the code pages in the stdlib's encodings/ share most of
+    theirs). A held-out text read in training measures memory, not prediction."""
+    held_lines = set()
+    for (_, data), is_held in zip(documents, held):
+        if is_held:
+            held_lines.update(line.strip() for line in data.splitlines())
+    trained_too = set()
+    for (_, data), is_held in zip(documents, held):
+        if not is_held:
+            trained_too.update(held_lines.intersection(line.strip() for line in data.splitlines()))
+    copies = []
+    for (_, data), is_held in zip(documents, held):
+        lines = data.splitlines() if is_held else []
+        shared = sum(len(line.strip()) for line in lines if line.strip() in trained_too)
+        copies.append(shared > len(data) / 2)
+    return copies
 
 
 def prepare_stdlib():

@@ -5,7 +5,8 @@ tokenize puts it in. packages: which top-level stdlib package a function or clas
 qa: extractive questions on a function's source (a parameter's default, the exception raised, the
 name a value is bound to), answered by a span of it; scored by exact match and token F1 (below).
 All are split by file with corpus.py's hash of the file's name, so that the tagging and QA tasks'
-held-out files are the ones pretraining held out too (see PACKAGE_HOLDOUT for the packages task).
+held-out files are the ones pretraining holds out too, but for near-copies of training files, which
+pretraining trains on (corpus.near_copies; see PACKAGE_HOLDOUT for the packages task).
 """
 
 import ast
