@@ -175,11 +175,12 @@ def line_targets(path, lines, kind):
             die(f'{where}: needs "tags" or "spans", as the first line has')
         if kind == "sequence":
             label, first = line.record["label"], lines[0].record["label"]
+            number = lines[0].number  # blank lines come before it
             # 1, "1" and true would each be a class of their own: one kind of label per file
             if isinstance(label, bool) or not isinstance(label, (str, int)):
                 die(f'{where}: "label" must be a string or a whole number, got {label!r}')
             if type(label) is not type(first):
-                kinds = f"of type {type(label).__name__}, line 1's of {type(first).__name__}"
+                kinds = f"of type {type(label).__name__}, line {number}'s of {type(first).__name__}"
                 die(f"{where}: label {label!r} is {kinds}")
             targets.append(str(label))
         else:
@@ -229,7 +230,8 @@ def read_task(path, cfg, kind=None, labels=None) -> Task:
         if "question" in lines[0].record:
             kind = "span"
         if not {"label", "tags", "spans", "question"} & set(lines[0].record):
-            die(f'{path} line 1: needs "label", "tags", "spans" or "question" (see --help)')
+            needs = 'needs "label", "tags", "spans" or "question" (see --help)'
+            die(f"{path} line {lines[0].number}: {needs}")
     # the two labels of every span: where it starts and where it ends
     if kind == "span":
         return Task(kind, ["start", "end"], question_examples(path, lines, cfg))
@@ -375,7 +377,7 @@ log(
 
 
 def lr_at(step):
-    """6 % linear warmup, then linear decay to 0 (transformers' fine-tuning default)."""
+    """6 % linear warmup (RoBERTa's fine-tuning), then linear decay to 0 (transformers' default)."""
     warmup = max(1, int(0.06 * args.max_steps))
     if step < warmup:
         return args.lr * (step + 1) / warmup

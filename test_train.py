@@ -835,6 +835,9 @@ def test_stdlib_questions_are_spans_held_out_by_file():
         (['{"text": "a", "label": "x"}', '{"text": "b"}'], 'line 2: needs a "label"'),
         (['{"text": "a", "lable": "x"}'], 'line 1: needs "label", "tags", "spans" or "question"'),
         (['{"text": "a", "label": 0}', '{"text": "b", "label": "0"}'], "line 2: label '0' is"),
+        # a blank line first: the first record is line 2's
+        (["", '{"text": "a", "label": 0}', '{"text": "b", "label": "0"}'], "line 2's of int"),
+        (["", '{"text": "a", "lable": "x"}'], 'line 2: needs "label", "tags", "spans" or "q'),
         (['{"text": "a", "label": null}'], '"label" must be a string or a whole number, got None'),
         (['{"text": "a", "label": "x"}'] * 2, "every example has the label 'x'"),
         (['{"text": "a", "spans": 5}'], '"spans" must be a list of [first char, end char, tag]'),

@@ -86,8 +86,8 @@ class Config:
     num_labels: int = 2
     classifier_pooling: Literal["cls", "mean"] = "cls"
     classifier_dropout: float = 0.1
-    # execution: these change the speed, never the numbers (section 9). unpad drops the padding
-    # once and runs every layer on (tokens, hidden).
+    # execution: the speed, not the function (section 9; dropout draws apart). unpad: a CPU drops
+    # the padding once and runs every layer on (tokens, hidden), as flash always does.
     unpad: bool = False
     attn_backend: Literal["auto", "flash", "sdpa", "eager"] = "auto"
 
@@ -200,7 +200,7 @@ def band_mask(n: int, half_window: Optional[int], device) -> Optional[torch.Tens
 @dataclass
 class Padded:
     """A batch as given, B rows of T tokens; the backend that attends (section 9); the masks that
-    keep its documents apart, (B, 1, T, T) for global and local layers (None: nothing to)."""
+    keep its documents apart, (B, 1, T, T), or None, or for local layers the (T, T) band alone."""
 
     mask: Optional[torch.Tensor]
     local_mask: Optional[torch.Tensor]
@@ -335,7 +335,7 @@ class MLMHead(nn.Module):
 class Output:
     # logits: the shape masked_lm or classify gives. loss: the head's plus NSP's; mlm_loss and
     # nsp_loss apart, for logs and exact gradient accumulation
-    hidden: torch.Tensor  # (B, T, hidden), the trunk's; zeros at padding when unpadded
+    hidden: torch.Tensor  # (B or B * choices, T, hidden), the trunk's; 0 at padding if unpadded
     logits: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
     mlm_loss: Optional[torch.Tensor] = None
@@ -476,8 +476,8 @@ class TinyEncoder(nn.Module):
 
 # 6. The objective: masked-language modelling
 def mask_tokens(ids, cfg: Config, generator=None, rate=0.15) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's rule: pick rate of the ordinary tokens to predict (the recipe's: BERT's 15 %,
-    ModernBERT's 30 %); of those, 80 % become [MASK], 10 % a random byte and 10 % stay. Returns
+    """Pick each ordinary token with probability rate (BERT's 15 %, ModernBERT's 30 %) to
+    predict; as BERT, 80 % of those become [MASK], 10 % a random byte and 10 % stay. Returns
     (inputs, labels), labels IGNORE_INDEX where nothing was picked. Static or dynamic masking is
     the generator's: reseed it per example for fixed masks (BERT), keep one going for new ones."""
     check_ids(ids, cfg, rate)
@@ -590,7 +590,7 @@ MASK_DTYPES = (torch.bool, torch.uint8, *INDEX_DTYPES, *FLOAT_DTYPES)
 
 def check_config(cfg: Config):
     """Each field's type, then its range; ids below vocab_size; heads dividing hidden."""
-    if not isinstance(cfg, Config):  # TinyEncoder("bert"), mask_tokens(ids, model)
+    if not isinstance(cfg, Config):  # TinyEncoder("bert"): a name, not a Config
         raise ValueError(f"a Config is needed (Config.from_preset(name)), got {type(cfg).__name__}")
     hints = get_type_hints(Config)
     for field in fields(cfg):
@@ -673,7 +673,7 @@ def check_inputs(model, input_ids, attention_mask, token_type_ids, labels, nsp_l
         check_tensor("labels", labels, label_shape, FLOAT_DTYPES, None, device)
     else:
         check_tensor("labels", labels, label_shape, LABEL_DTYPES, top, device, ignore=True)
-    # the position table and RoPE's have max_len rows: no document may be longer
+    # the position table and RoPE's cover max_len positions: no document may be longer
     if device.type == "cpu" and not transformed():
         doc_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         longest = int(document_positions(document_starts(doc_ids.flatten(0, -2))).max()) + 1

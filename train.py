@@ -1,5 +1,5 @@
 r"""Pretrain a byte-level BERT, RoBERTa or ModernBERT with its paper's recipe: inputs, masking,
-optimizer, schedule. Top to bottom: recipes, arguments and config, data, model, optimizer, the
+optimizer, schedule. Top to bottom: recipes, arguments and config, model, data, optimizer, the
 functions of a step, the loop (log, evaluate, checkpoint), the demo.
   python train.py --arch modernbert      # Python's own sources, under 10 minutes on 2 CPU cores
   torchrun --standalone --nproc_per_node=2 train.py --arch bert --data 'notes/*.txt' \
@@ -62,7 +62,7 @@ RECIPES = {
         masking="dynamic",
         lr=dict(tiny=2e-3, small=2e-3, base=6e-4, large=4e-4),
         betas=(0.9, 0.98),
-        warmup=dict(tiny=0.2, small=0.2, base=0.05, large=0.05),  # 24k of 500k steps at base
+        warmup=dict(tiny=0.2, small=0.2, base=0.048, large=0.06),  # 24k, 30k of 500k steps
     ),
     "modernbert": Recipe(
         inputs="packed",
@@ -74,7 +74,7 @@ RECIPES = {
         weight_decay=1e-5,
         decoupled_decay=True,
         schedule="wsd",
-        warmup=dict.fromkeys(SIZES, 0.05),
+        warmup=dict.fromkeys(SIZES, 0.05),  # ours, as the decay: the paper's is 3B of 1.7T tokens
     ),
 }
 
@@ -101,7 +101,7 @@ add("--mlm-rate", type=RATE, help="training masking rate (default: the recipe's)
 add("--dupe-factor", type=COUNT, default=10, help="bert: distinct static masks per example")
 add("--dropout", type=DROPOUT, help="every dropout rate (default: 0 on CPU, the preset's on GPU)")
 add("--eval-interval", type=COUNT, help="steps between evaluations (default: 4 per run)")
-add("--eval-seqs", type=COUNT, default=256, help="held-out rows per evaluation (256 bytes at most)")
+add("--eval-seqs", type=COUNT, default=256, help="held-out rows per evaluation (254 bytes at most)")
 add("--log-interval", type=COUNT, default=20)
 add("--ckpt-interval", type=COUNT, help="steps between checkpoints (default: at each evaluation)")
 add("--resume", action="store_true", help="continue exactly from ckpt_last.pt in --out-dir")
