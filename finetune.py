@@ -16,12 +16,14 @@ ckpt_last.pt, ckpt_best.pt (best held-out accuracy, or exact match) and metrics.
 library: data/tasks.py.
 """
 
+import codecs
 import collections
 import functools
 import hashlib
 import json
 import math
 import os
+import re
 import time
 from argparse import RawDescriptionHelpFormatter
 from dataclasses import asdict, replace
@@ -109,7 +111,8 @@ def read_jsonl(path):
         die(f"{path}: no such file")
     records = []
     with open(path, "rb") as f:
-        lines = f.read().splitlines()
+        # a byte-order mark, as Windows tools write, is no part of the first line
+        lines = f.read().removeprefix(codecs.BOM_UTF8).splitlines()
     for number, raw in enumerate(lines, 1):
         try:
             line = raw.decode("utf-8")
@@ -240,7 +243,9 @@ def read_task(path, cfg, kind=None, labels=None) -> Task:
         die(f"{path}: no tags at all (every text is empty)")
     if labels is None:
         names = targets if kind == "sequence" else [tag for tags in targets for tag in tags]
-        labels = sorted(set(names))
+        # whole numbers in their order (2 before 10), as transformers' scripts take int labels
+        numeric = all(re.fullmatch(r"-?[0-9]+", name) for name in names)
+        labels = sorted(set(names), key=int) if numeric else sorted(set(names))
         if len(labels) < 2:
             die(
                 f"{path}: every example has the label {labels[0]!r}; a classifier needs two or more"
@@ -299,17 +304,19 @@ if not (args.train and args.val):
     die("give --task, or --train and --val (JSONL files)")
 if not args.init:
     die("give --init: a train.py checkpoint or a transformers folder to start from")
+init_labels = None  # the class names of the classifier it starts from, where it has its own
 if checkpoint:  # its own config and weights: --init is not read again (it may have moved)
-    weights = checkpoint["model"]
+    weights, init_labels = checkpoint["model"], checkpoint["labels"]
 elif os.path.isdir(args.init):
     try:
         pretrained = tinyencoder_hf.load(args.init)
     except (ValueError, OSError, ImportError) as e:
         die(f"--init {args.init}: {e}")
     base_cfg, weights = pretrained.cfg, pretrained.state_dict()
+    init_labels = getattr(pretrained, "label_names", None)
 elif os.path.exists(args.init):
     state, base_cfg = load_checkpoint(args.init, "--init")
-    weights = state["model"]
+    weights, init_labels = state["model"], state.get("labels")
 else:
     die(f"--init {args.init}: no such file or folder")
 try:
@@ -317,6 +324,15 @@ try:
 except ValueError as e:
     die(f"--init {args.init}: {e}")
 task = read_task(args.train, base_cfg)
+# --init's classifier of these labels keeps its class numbers, as transformers' scripts map them;
+# one of other labels gives way to a fresh head (LABEL_0, LABEL_1...: transformers' "no names")
+head_labels = None
+if init_labels and base_cfg.classifier == task.kind:
+    head_labels = list(init_labels)
+if head_labels == [f"LABEL_{i}" for i in range(base_cfg.num_labels)]:
+    head_labels = None
+if head_labels and set(head_labels) == set(task.labels):
+    task = read_task(args.train, base_cfg, task.kind, list(head_labels))
 kind, labels, train_examples = task.kind, task.labels, task.examples
 val_examples = read_task(args.val, base_cfg, kind, labels).examples
 if args.train_examples is not None:
@@ -342,9 +358,12 @@ args.device = device_or_die(args.device or ("cuda" if torch.cuda.is_available() 
 device = torch.device(args.device)
 torch.manual_seed(args.seed)
 model = te.TinyEncoder(cfg)
-if base_cfg.classifier != kind or base_cfg.num_labels != len(labels):
-    # another task's head (or another label count) in --init: a fresh one, as in transformers
+other_labels = head_labels is not None and head_labels != labels
+if base_cfg.classifier != kind or base_cfg.num_labels != len(labels) or other_labels:
+    # another task's head (or other labels) in --init: a fresh one, as in transformers
     weights = {name: w for name, w in weights.items() if not name.startswith("classifier.")}
+if other_labels:
+    log(f"--init's classifier knows the labels {head_labels}, not these: a fresh head")
 if not args.from_scratch:
     missing, unexpected = model.load_state_dict(weights, strict=False)
     fresh = [name for name in missing if not name.startswith(("classifier.", "pooler."))]

@@ -681,6 +681,38 @@ def assert_resume_refuses_changes(tmp_path, init, train, val):
     assert edited.returncode != 0 and "has the labels ['O', 'number']," in edited.stderr
 
 
+def test_finetune_keeps_the_class_numbers_of_its_init_classifier(tmp_path):
+    """--init a classifier of labels ["pos", "neg"] that says "pos": fine-tuned on those labels, a
+    step at lr 1e-12 still says "pos" (they were renumbered by sorted name, so it said "neg");
+    other labels get a fresh head, whole-number labels go in their order, a BOM is no text."""
+    pytest.importorskip("safetensors", reason="the classifier is saved as transformers saves it")
+    import tinyencoder as te
+    import tinyencoder_hf
+
+    small = dict(hidden=32, layers=1, heads=2, max_len=64, classifier="sequence", num_labels=2)
+    model = te.TinyEncoder(te.Config.from_preset("modernbert", **small))
+    with torch.no_grad():
+        model.classifier.out.weight.zero_()
+        model.classifier.out.bias.copy_(torch.tensor([10.0, -10.0]))  # class 0 always
+    tinyencoder_hf.save(model, str(tmp_path / "hf"), labels=["pos", "neg"])
+    texts = [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}]
+    train = write_jsonl(tmp_path / "train.jsonl", texts)
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": f"c{i}", "label": "pos"} for i in range(4)])
+    common = ["--init", tmp_path / "hf", "--max-steps", 1, "--lr", "1e-12", "--batch-size", 2]
+    kept = finetune(tmp_path, "--train", train, "--val", val, *common)
+    assert kept.returncode == 0 and "val_acc 1.0" in kept.stdout, kept.stdout[-2000:]
+    numbers = write_jsonl(
+        tmp_path / "numbers.jsonl", [{"text": "t", "label": i} for i in range(11)]
+    )
+    numbers.write_bytes(b"\xef\xbb\xbf" + numbers.read_bytes())  # UTF-8's byte-order mark
+    files = ["--train", numbers, "--val", numbers]
+    fresh = finetune(tmp_path, *files, *common, "--out-dir", tmp_path / "b")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "knows the labels ['pos', 'neg'], not these: a fresh head" in fresh.stdout
+    saved = torch.load(tmp_path / "b" / "ckpt_last.pt", weights_only=False)
+    assert saved["labels"] == [str(i) for i in range(11)]
+
+
 def test_finetune_learns_resumes_and_exports(tmp_path):
     transformers = pytest.importorskip("transformers", reason="the export loads in transformers")
     init = tiny_checkpoint(tmp_path / "init.pt")
