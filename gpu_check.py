@@ -20,7 +20,11 @@ batch sizes), even when another fails; each recompile's reason is logged as it h
     recompiles over 100 steps of fresh batches.
 (d) memory: the peak of a ModernBERT-base training step at 8192 tokens, ours and transformers'.
 (e) train.py: --arch modernbert --max-steps 100, its tok/s and MFU lines; --arch bert
-    --max-steps 40 as well when --budget leaves the time.
+    --max-steps 40 as well when --budget leaves the time. Each evaluates and saves at its end only.
+
+They run quick ones first, so that a run cut short while (b) compiles keeps them: (a), (d), (e)'s
+ModernBERT, (b), (c), (e)'s BERT. --sections and --archs pick some: a second run can take the
+architectures (b) had no time for (--sections speed --archs bert,roberta).
 
 --tiny shrinks every size (1 layer 256 wide in (b) and (c), 2 layers in (d)) and compiles with the
 aot_eager backend, so that a CPU runs the same code; there (c)'s busy share and syncs are None, with
@@ -68,11 +72,13 @@ PEERS = {"hf": True, "hf_eager": False}
 # for BERT. Seen on an H200 (2026-12-04): (a) 5 s, but (b)'s ModernBERT alone, its first calls
 # and 16 and 32 rows, took over 8 minutes, so (b) now checks the budget before each batch size,
 # saves each one's rows as they come, and counts the frames each step traces (the recompile
-# reasons are logged). (b) skips what would leave less than LATER_S for (c), (d) and (e)'s
-# ModernBERT, and (e) runs BERT only if BERT_TRAIN_S is left.
+# reasons are logged); and (d) and (e)'s ModernBERT run before it. (b) skips what would leave
+# less than LATER_S for (c), and (e) runs BERT last, only if BERT_TRAIN_S is left. A second run
+# can take what (b) had no time for: --sections speed,profile --archs bert,roberta.
 BUDGET_S = 450
-LATER_S = 130
+LATER_S = 40
 BERT_TRAIN_S = 100
+SECTIONS = ("numerics", "memory", "train", "speed", "profile")
 
 
 @dataclasses.dataclass
@@ -210,16 +216,18 @@ def backend_error(ref_model, key, batch, probe, ref):
     return dict(err=logit_err, grad_err=worst_grad_error(out.grads, ref.grads))
 
 
-def judge(arch, key, err, tolerance, eager_bf16):
-    """Print one backend's figures and verdict; its entry in the report.
+def judge(arch, key, err, tolerance, eager_bf16, must_run=False):
+    """Print one backend's figures and verdict; its entry in the report. A backend that cannot
+    run here is a note, or a FAIL where it must_run (flash, where `auto` would pick it).
 
     Absolute: logits within tolerance, every gradient within 0.2 of its largest fp32 entry. For
     bf16, relative as well: at most twice eager's own bf16 error (plus 1e-3 on logits, 1e-2 on
     gradients), since eager bf16 shows what rounding alone costs."""
     line = f"   {arch:<11}{key:<11} max|diff| vs fp32 eager: "
     if isinstance(err, str):
-        print(line + err)
-        return dict(err=None, note=err)
+        verdict = "  FAIL" if must_run else ""
+        print(line + err + verdict)
+        return dict(err=None, note=err, ok=not must_run)
     ok = err["err"] <= tolerance and err["grad_err"] <= 0.2
     if "bf16" in key and isinstance(eager_bf16, dict):
         ok = ok and err["err"] <= 2 * eager_bf16["err"] + 1e-3
@@ -241,7 +249,11 @@ def check_arch(arch, batch, dev):
     tolerance = 5e-2 * scale
     errors = {key: backend_error(ref_model, key, batch, probe, ref) for key in BACKENDS}
     eager_bf16 = errors.get("eager bf16")
-    results = {key: judge(arch, key, err, tolerance, eager_bf16) for key, err in errors.items()}
+    flash_here = te.pick_backend(dataclasses.replace(cfg, attn_backend="auto"), dev, torch.bfloat16)
+    results = {}
+    for key, err in errors.items():
+        must_run = key.startswith("flash") and flash_here == "flash"
+        results[key] = judge(arch, key, err, tolerance, eager_bf16, must_run)
     return dict(tolerance=tolerance, max_abs_ref=scale, results=results)
 
 
@@ -385,15 +397,15 @@ def add_mfus(rows, peak, spec):
             row[key.removesuffix("_flop_s") + "_mfu_spec"] = row[key] / spec if spec else None
 
 
-def check_speed(setting, kept, save):
-    """(b): each arch's figures, saved as each is done (save: the report so far, to its file); an
-    arch that fails is recorded and the next one runs, one that the budget has no time for is
-    skipped. Then the table."""
+def check_speed(setting, kept, save, archs):
+    """(b) for archs: each one's figures, saved as each is done (save: the report so far, to its
+    file); an arch that fails is recorded and the next one runs, one that the budget has no time
+    for is skipped. Then the table."""
     plan = speed_plan(setting.tiny)
     report = dict(flash=te.FLASH, plan=dataclasses.asdict(plan))
     rows = []
     last_s = 0.0
-    for arch in SPEED_SEQ:
+    for arch in archs:
         if setting.left() < LATER_S + last_s:
             report[arch] = dict(skipped=f"{setting.left():.0f} s of the budget left")
             print(f"   {arch}: skipped, {report[arch]['skipped']}", flush=True)
@@ -404,12 +416,12 @@ def check_speed(setting, kept, save):
             report[arch] = speed_arch(arch, plan, setting, kept, progress)
         except Exception as e:  # noqa: BLE001 - keep the other archs
             traceback.print_exc()
-            report[arch] = {"error": f"{type(e).__name__}: {e}"}
-            continue
+            # the batch sizes timed before the error keep their rows
+            report[arch] = dict(report.get(arch, {}), error=f"{type(e).__name__}: {e}")
         last_s = time.perf_counter() - t
         report[arch]["seconds"] = last_s
-        add_mfus(report[arch]["rows"], setting.peak, setting.spec)
-        rows += report[arch]["rows"]
+        add_mfus(report[arch].get("rows", []), setting.peak, setting.spec)
+        rows += report[arch].get("rows", [])
         save(report)
     print_speed(rows, setting.peak, setting.spec)
     return report
@@ -527,7 +539,7 @@ def gpu_figures(events, steps, step_s):
     lists each op with its kernels' time), their time per step over step_s (the GPU's busy share),
     and the runtime calls per step that make the host wait (a stream or device synchronize, a
     synchronous cudaMemcpy), besides the device synchronize that ends the profile."""
-    kernels = [e for e in events if e.device_type != DeviceType.CPU]
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and not annotation(e)]
     kernel_s = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / steps
     names = collections.Counter(e.name for e in events if e.device_type == DeviceType.CPU)
     waits = names["cudaStreamSynchronize"] + names["cudaEventSynchronize"] + names["cudaMemcpy"]
@@ -537,6 +549,13 @@ def gpu_figures(events, steps, step_s):
     copies_back = [e for e in kernels if "DtoH" in e.name]
     figures["copies_to_host_per_step"] = len(copies_back) / steps
     return figures
+
+
+def annotation(event) -> bool:
+    """Whether a device event is a region's span (a compiled graph's call, the optimizer's step),
+    which covers the kernels inside it, rather than a kernel: torch's own tables skip these
+    (pytorch#130730); the attribute is missing before torch 2.5."""
+    return getattr(event, "is_user_annotation", False)
 
 
 def sync_warnings(step, batches, dev):
@@ -577,62 +596,101 @@ def print_profile(figures):
 
 def train_run(arch, steps, dev, tiny, timeout):
     """python train.py --arch ARCH --max-steps STEPS on this device (--tiny: its tiny size, 5
-    steps): its tok/s and MFU lines (the first includes compiling; the last is the steady state)."""
-    size = ["--max-steps", str(steps)]
+    steps), evaluating and saving at its end only: its tok/s and MFU lines (the first includes
+    compiling; the last is the steady state), those it printed before a timeout, and its error."""
+    size = ["--max-steps", str(steps), "--eval-interval", str(steps), "--ckpt-interval", str(steps)]
     if tiny:
         size = ["--size", "tiny", "--max-steps", "5"]
-    here = os.path.dirname(os.path.abspath(__file__))
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "train.py", "--arch", arch, "--device", dev.type]
-        command += size + ["--out-dir", out]
+        figures = captured(command + size + ["--out-dir", out], timeout)
+    figures["lines"] = [line for line in figures.pop("stdout") if "tok/s" in line or "MFU" in line]
+    print("\n".join(figures["lines"]))
+    if figures["returncode"] != 0:
+        print(figures["stderr"])
+    figures["seconds"] = time.perf_counter() - t
+    return figures
+
+
+def captured(command, timeout) -> dict:
+    """A command's return code (None: timed out), stdout lines and stderr's last 2,000 characters
+    (None where it exited 0), run from this folder, whatever it printed before a timeout too."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
         done = subprocess.run(command, capture_output=True, text=True, cwd=here, timeout=timeout)
-    lines = [line for line in done.stdout.splitlines() if "tok/s" in line or "MFU" in line]
-    print("\n".join(lines) or done.stderr[-2000:])
-    seconds = time.perf_counter() - t
-    return dict(returncode=done.returncode, lines=lines, seconds=seconds)
+        returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as e:
+        # what a timeout caught is bytes, whatever text=True says
+        returncode = None
+        stdout, stderr = ((part or b"").decode(errors="replace") for part in (e.stdout, e.stderr))
+        stderr += f"\ntimed out after {timeout:.0f} s"
+    if returncode == 0:
+        stderr = None
+    else:
+        stderr = stderr[-2000:]
+    return dict(returncode=returncode, stdout=stdout.splitlines(), stderr=stderr)
 
 
-def train_lines(setting):
-    """(e): train.py's ModernBERT for 100 steps; BERT's 40 when the budget leaves BERT_TRAIN_S."""
+def train_lines(setting, arch):
+    """(e): train.py's ModernBERT for 100 steps, within 300 s and the budget; BERT's 40 when the
+    budget leaves BERT_TRAIN_S."""
     dev = setting.dev
     gc.collect()
     # hand the earlier sections' cached memory back for train.py
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    runs = {"modernbert": train_run("modernbert", 100, dev, setting.tiny, timeout=300)}
     left = setting.left()
+    if arch == "modernbert":
+        return train_run(arch, 100, dev, setting.tiny, timeout=max(60.0, min(300.0, left)))
     if left < BERT_TRAIN_S:
-        runs["bert"] = dict(skipped=f"{left:.0f} s of the budget left, under {BERT_TRAIN_S} s")
-        print(f"   bert: {runs['bert']['skipped']}")
-    else:
-        runs["bert"] = train_run("bert", 40, dev, setting.tiny, timeout=left)
-    return runs
+        print(f"   {arch}: skipped, {left:.0f} s of the budget left, under {BERT_TRAIN_S} s")
+        return dict(skipped=f"{left:.0f} s of the budget left, under {BERT_TRAIN_S} s")
+    return train_run(arch, 40, dev, setting.tiny, timeout=left)
 
 
-def run(report, setting):
-    """Sections (a) to (e); the report holds each one's figures, or its error."""
+def run(report, setting, sections, archs):
+    """The sections asked for, the quick ones first, so that a run that (b)'s compiling cuts short
+    keeps them: (a), (d), (e)'s ModernBERT, (b) for archs, (c), (e)'s BERT. The report holds each
+    one's figures, or its error."""
     start = time.perf_counter()
     dev = setting.dev
-    section("numerics", report, check_numerics, dev)
+    if "numerics" in sections:
+        section("numerics", report, check_numerics, dev)
+    if "memory" in sections:
+        mem = {}
+        if setting.tiny:
+            mem = dict(seq=1024, layers=2)
+        section("memory", report, train_memory, dev, setting.dtype, **mem)
+        if transformers is not None:
+            section("memory transformers", report, train_memory, dev, setting.dtype, hf=True, **mem)
+        print(json.dumps({k: v for k, v in report.items() if k.startswith("memory")}, indent=1))
+    if "train" in sections:
+        section("train.py", report, train_lines, setting, "modernbert")
     # (b)'s compiled ModernBERT step, for (c)
     kept = {}
-    save = functools.partial(record, report, "speed")
-    section("speed", report, check_speed, setting, kept, save)
-    section("profile", report, profile_step, setting, kept)
-    # (d) measures memory: no model of (b) or (c) may stay
-    kept.clear()
-    torch._dynamo.reset()
-    mem = {}
-    if setting.tiny:
-        mem = dict(seq=1024, layers=2)
-    section("memory", report, train_memory, dev, setting.dtype, **mem)
-    if transformers is not None:
-        section("memory transformers", report, train_memory, dev, setting.dtype, hf=True, **mem)
-    memory = {k: v for k, v in report.items() if k.startswith("memory")}
-    print(json.dumps(memory, indent=1))
-    section("train.py", report, train_lines, setting)
+    if "speed" in sections:
+        save = functools.partial(record, report, "speed")
+        section("speed", report, check_speed, setting, kept, save, archs)
+    if "profile" in sections:
+        section("profile", report, profile_step, setting, kept)
+    if "train" in sections:
+        kept.clear()
+        section("train.py bert", report, train_lines, setting, "bert")
     report["seconds"] = time.perf_counter() - start
+
+
+def choices_of(allowed: tuple):
+    """An argparse type: a comma-separated list of some of allowed, in the order given."""
+
+    def convert(text: str) -> tuple:
+        names = tuple(name.strip() for name in text.split(",") if name.strip())
+        unknown = [name for name in names if name not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}, got {text!r}")
+        return names
+
+    return convert
 
 
 def parse_args():
@@ -645,6 +703,12 @@ def parse_args():
     p.add_argument("--json", type=output_file, help="write the results here, after every section")
     budget = "seconds the whole check may take: (e) runs BERT only if this leaves time for it"
     p.add_argument("--budget", type=POSITIVE, default=BUDGET_S, help=budget)
+    sections = f"which to run, comma-separated, of {','.join(SECTIONS)} (default: all)"
+    p.add_argument("--sections", type=choices_of(SECTIONS), default=SECTIONS, help=sections)
+    archs = f"(b)'s architectures, in this order, comma-separated (default {','.join(SPEED_SEQ)})"
+    p.add_argument(
+        "--archs", type=choices_of(tuple(SPEED_SEQ)), default=tuple(SPEED_SEQ), help=archs
+    )
     args = p.parse_args()
     device_or_die(args.device)
     return args
@@ -667,7 +731,7 @@ def main():
     report = dict(device=str(dev), dtype=dtype_name, compile=compile_, peak_flops=peak)
     report.update(spec_peak_flops=spec, flash=te.FLASH, json=args.json)
     setting = Setting(dev, DTYPES[dtype_name], peak, spec, tiny=args.tiny, deadline=deadline)
-    run(report, setting)
+    run(report, setting, args.sections, args.archs)
     record(report, "seconds", report["seconds"])
 
 

@@ -15,8 +15,10 @@ import torch
 
 import tinyencoder
 
-# Dense bf16 TFLOP/s from the vendors' data sheets (without sparsity).
-SPEC_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121}
+# Dense bf16 TFLOP/s from the vendors' data sheets (without sparsity), by a part of the name that
+# torch.cuda.get_device_name gives; the first match counts, so the PCIe and NVL cards come first.
+SPEC_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H200 NVL": 835}
+SPEC_TFLOPS.update({"H100": 989, "H200": 989, "A100": 312, "L4": 121})
 
 
 def flops_per_token(model, seq_len: int) -> float:

@@ -525,6 +525,79 @@ def test_gpu_check_numerics_run_on_cpu():
         assert "unavailable" in results["flash bf16"]["note"]
 
 
+class Event:
+    """A profiler event as gpu_check reads one: a kernel, or a region's span over kernels."""
+
+    def __init__(self, name, device_type, us, is_user_annotation=False):
+        self.name, self.device_type, self.us = name, device_type, us
+        self.is_user_annotation = is_user_annotation
+        self.self_cpu_time_total = us
+        self.time_range = self
+
+    def elapsed_us(self):
+        return self.us
+
+
+def test_gpu_check_counts_each_kernel_once_and_keeps_what_a_timeout_printed():
+    """A compiled graph's span on the GPU covers its kernels: counted as a kernel, it doubled the
+    kernel time and the busy share. A train.py run that times out keeps the lines it printed."""
+    from torch.autograd import DeviceType
+
+    import gpu_check
+
+    cuda, cpu = DeviceType.CUDA, DeviceType.CPU
+    events = [Event("gemm", cuda, 300), Event("softmax", cuda, 100)]
+    events += [Event("## Call CompiledFxGraph ##", cuda, 400, is_user_annotation=True)]
+    events += [Event("cudaStreamSynchronize", cpu, 5), Event("cudaLaunchKernel", cpu, 2)]
+    figures = gpu_check.gpu_figures(events, steps=2, step_s=1e-3)
+    assert figures["kernel_ms"] == pytest.approx(0.2) and figures["busy_share"] == pytest.approx(
+        0.2
+    )
+    assert [row["name"] for row in figures["kernels"]] == ["gemm", "softmax"]
+    assert figures["syncs_per_step"] == 0.5
+    slow = [
+        sys.executable,
+        "-c",
+        "import time; print('step 1 | 9k tok/s', flush=True); time.sleep(60)",
+    ]
+    done = gpu_check.captured(slow, timeout=3)
+    assert done["returncode"] is None and done["stdout"] == ["step 1 | 9k tok/s"]
+    assert "timed out after 3 s" in done["stderr"]
+    failed = gpu_check.captured([sys.executable, "-c", "raise SystemExit('error: no GPU')"], 60)
+    assert failed["returncode"] == 1 and failed["stderr"] == "error: no GPU\n"
+
+
+def test_gpu_check_keeps_what_a_failing_arch_timed(monkeypatch):
+    """(b): an arch that fails at its second batch size (out of memory) keeps the first one's
+    figures beside its error; flash that cannot run where `auto` would pick it is a FAIL."""
+    import gpu_check
+
+    def timed_one_then_failed(arch, plan, setting, kept, progress):
+        progress(dict(rows=[], per_batch_size=[dict(rows=16, seconds=9.0)]))
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gpu_check, "speed_arch", timed_one_then_failed)
+    setting = gpu_check.Setting(torch.device("cpu"), torch.float32, 1e12, 0.0, True, 1e12)
+    saved = []
+    report = gpu_check.check_speed(setting, {}, saved.append, ("modernbert",))
+    assert report["modernbert"]["per_batch_size"] == [dict(rows=16, seconds=9.0)]
+    assert report["modernbert"]["error"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert saved[-1] is report
+    judged = gpu_check.judge("bert", "flash bf16", "unavailable: no kernel", 1.0, None, True)
+    assert judged["ok"] is False
+
+
+def test_the_data_sheet_peak_is_the_cards_own(monkeypatch):
+    """An H100 PCIe is not an H100 SXM: 756 TFLOP/s, not 989 (MFU of the spec would read low)."""
+    import mfu
+
+    cards = {"NVIDIA H100 PCIe": 756, "NVIDIA H100 80GB HBM3": 989, "NVIDIA H200 NVL": 835}
+    cards.update({"NVIDIA H200": 989, "NVIDIA A100-SXM4-80GB": 312, "Tesla T4": 0})
+    for name, tflops in cards.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert mfu.spec_peak(torch.device("cuda")) == tflops * 1e12, name
+
+
 def _bench(*args):
     """bench.py at a tiny size (BERT, 1 layer of 64, 2 rows of 64, 1 timed step, one thread) with
     args; it must exit 0."""
@@ -545,6 +618,8 @@ def _bench(*args):
         ("bench", ["--hidden", "100"], "must be a multiple of 64 (heads of 64), got 100"),
         ("gpu_check", ["--json", "{tmp}"], "argument --json: cannot write a file at"),
         ("gpu_check", ["--budget", "0"], "argument --budget: must be above 0, got 0"),
+        ("gpu_check", ["--sections", "speed,mfu"], "choose from numerics,memory,train,speed,"),
+        ("gpu_check", ["--archs", "electra"], "choose from modernbert,bert,roberta, got 'electra'"),
     ],
 )
 def test_bench_and_gpu_check_refuse_bad_flags_before_any_work(
