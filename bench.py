@@ -40,7 +40,7 @@ import tinyencoder as te
 import tinyencoder_hf
 from data.rows import to_device
 from mfu import autocast, flops_per_token, measured_peak, synchronize
-from runs import COUNT, Parser, device_or_die, number, output_file
+from runs import COUNT, Parser, device_or_die, given_flags, number, output_file
 
 try:
     import transformers
@@ -61,7 +61,8 @@ def layout_key(cfg):
 
 
 def make_batches(cfg, n, B, T, var, dev, *, dtype, seed=0, layout_cfgs=()):
-    """n batches of random bytes: full rows of T tokens, or lengths uniform in [64, T], padded to T.
+    """n batches of random bytes: full rows of T tokens, or lengths uniform in [64, T] ([T / 2, T]
+    below 128), padded to T.
 
     A batch is the model's keyword arguments, lens (each row's length), and layouts: for cfg and
     each of layout_cfgs, the layout make_layout builds on the CPU for a forward in dtype (the
@@ -70,7 +71,7 @@ def make_batches(cfg, n, B, T, var, dev, *, dtype, seed=0, layout_cfgs=()):
     batches = []
     for _ in range(n):
         if var:
-            lens = torch.randint(min(64, T), T + 1, (B,), generator=g)
+            lens = torch.randint(min(64, T // 2), T + 1, (B,), generator=g)
         else:
             lens = torch.full((B,), T)
         am = (torch.arange(T) < lens[:, None]).long()  # (B, T)
@@ -346,9 +347,7 @@ def hf_encode(hf, texts, batch_size, by_length, dev):
 def bench_encode(arch, args, dev):
     """pipelines.encode's texts/s against transformers' AutoModel with mean pooling, same weights,
     on texts of 16 to 510 bytes in random order (encode unpads on a CPU whatever the preset)."""
-    cfg = te.Config.from_preset(arch, layers=args.layers, nsp=False)
-    torch.manual_seed(0)
-    base = te.TinyEncoder(cfg).to(dev).eval()
+    base = base_model(arch, dev, args.layers, args.hidden).eval()
     models = {"published": base}
     with tempfile.TemporaryDirectory() as d:
         tinyencoder_hf.save(base, d)
@@ -437,12 +436,24 @@ def parse_args():
     p.add_argument("--profile", action="store_true", help="each case's ops by self time, too")
     p.add_argument("--json", type=output_file, help="also write the results here")
     p.add_argument("--encode", action="store_true", help="pipelines.encode against AutoModel")
-    p.add_argument("--texts", type=COUNT, default=256, help="--encode: texts per pass")
+    p.add_argument(
+        "--texts",
+        type=COUNT,
+        default=256,
+        help="--encode: texts per pass (of 16-510 bytes, 32 a batch)",
+    )
     p.add_argument("--dropout", action="store_true", help="F.dropout against tinyencoder's drop")
     p.add_argument("--linear", action="store_true", help="nn.Linear against tinyencoder's Linear")
     p.add_argument("--attention", action="store_true", help="CPU attention in fp32 against bf16")
     args = p.parse_args()
     device_or_die(args.device)
+    # --encode times batches of 32 texts of 16-510 bytes, in fp32, eager
+    ignored = {"batch", "seq", "warmup", "dtype", "compile", "compile_hf"}
+    if args.encode and ignored & given_flags(p):
+        flags = ", ".join(
+            f"--{name.replace('_', '-')}" for name in sorted(ignored & given_flags(p))
+        )
+        p.error(f"{flags}: not for --encode, which times batches of 32 texts in fp32, eager")
     archs = te.PRESETS if args.arch == "all" else [args.arch]
     for arch in archs:
         longest = te.Config.from_preset(arch).max_len
@@ -578,6 +589,14 @@ def bench_linear(args, dev):
         return linear_rows(args, dev)
 
 
+class OneDNNAtAnySize(torch.nn.Linear):
+    """te.Linear's oneDNN route for every call: te.Linear itself takes it from 2^29 multiply-adds
+    a call, and F.linear below, which would time F.linear against itself at small widths."""
+
+    def forward(self, x):
+        return te.OneDNNLinear.apply(x, self.weight, self.bias)
+
+
 def linear_rows(args, dev):
     """bench_linear's table: its rows, printed as they come."""
     H = args.hidden
@@ -591,7 +610,7 @@ def linear_rows(args, dev):
     rows = []
     for (name, (fan_in, fan_out)), tokens in itertools.product(shapes.items(), counts):
         reference = torch.nn.Linear(fan_in, fan_out).to(dev)
-        layer = te.Linear(fan_in, fan_out).to(dev)
+        layer = OneDNNAtAnySize(fan_in, fan_out).to(dev)
         layer.load_state_dict(reference.state_dict())
         x = torch.randn(tokens, fan_in, device=dev, requires_grad=True)
         grad = torch.randn(tokens, fan_out, device=dev)

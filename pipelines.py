@@ -90,7 +90,8 @@ def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch
         inputs = padded([rows[i] for i in batch], cfg.pad_id)
         ids, doc_ids = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
         layout = te.make_layout(unpadded, doc_ids, model.tok_embed.weight.dtype)
-        hidden = model(ids, doc_ids, layout=layout).hidden  # (B, T, hidden); pool skips padding
+        # the trunk alone: the model's head (MLM logits, a classifier's) would be work thrown away
+        hidden = layout.scatter(model.trunk(ids, doc_ids, None, layout))  # (B, T, hidden)
         out[batch] = te.pool(hidden, doc_ids, pooling).float().cpu()
     model.train(was_training)
     if normalize:

@@ -618,6 +618,11 @@ def _bench(*args):
         ("bench", ["--hidden", "100"], "must be a multiple of 64 (heads of 64), got 100"),
         ("gpu_check", ["--json", "{tmp}"], "argument --json: cannot write a file at"),
         ("gpu_check", ["--budget", "0"], "argument --budget: must be above 0, got 0"),
+        (
+            "bench",
+            ["--encode", "--dtype", "bf16"],
+            "--dtype: not for --encode, which times batches",
+        ),
         ("gpu_check", ["--sections", "speed,mfu"], "choose from numerics,memory,train,speed,"),
         ("gpu_check", ["--archs", "electra"], "choose from modernbert,bert,roberta, got 'electra'"),
     ],
@@ -638,7 +643,12 @@ def test_bench_encode_runs_on_cpu():
     """`bench.py --encode`, at a tiny size: a row (encode unpads on a CPU, so one variant), and
     pipelines.encode's vectors the same as transformers' mean-pooled AutoModel's."""
     pytest.importorskip("transformers", reason="bench.py compares against transformers")
-    run = _bench("--encode", "--texts", "8")
+    command = [sys.executable, "bench.py", "--encode", "--arch", "bert", "--layers", "1"]
+    command += ["--hidden", "64", "--texts", "8", "--steps", "1", "--threads", "1"]
+    run = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
     rows = re.findall(r"^bert +(\w+) .* max\|diff\| (\S+)$", run.stdout, re.M)
     assert [name for name, _ in rows] == ["published"], run.stdout
     assert all(float(diff) < 1e-4 for _, diff in rows), run.stdout
