@@ -301,6 +301,27 @@ def test_held_out_documents_are_no_copies_of_training_ones():
     assert val_bytes.tobytes() == documents[8][1] + documents[42][1]
 
 
+def test_held_out_rows_mask_alike_at_any_context():
+    """A held-out row's masks are drawn for its real tokens: at --context 256, 512 and 1024 the
+    same 254 bytes get the same masked inputs (they were drawn over the padded row, so 35 % of the
+    picked bytes got another replacement at each context: ~0.5 points of accuracy apart)."""
+    import tinyencoder as te
+    from data.rows import collate, held_out_rows
+
+    data = np.frombuffer(bytes(range(256)) * 40, np.uint8)
+    offsets = np.array([0, 4000, len(data)])
+    cfg = te.Config.from_preset("roberta", hidden=64, layers=1, heads=2, max_len=1024)
+    seen = []
+    for context in (256, 512, 1024):
+        _, rows = held_out_rows(data, offsets, context, 16)
+        batch = collate(rows, cfg, torch.device("cpu"), 0.15)
+        assert (batch["labels"][:, 256:] == te.IGNORE_INDEX).all()
+        seen.append((batch["input_ids"][:, :256], batch["labels"][:, :256]))
+    for inputs, labels in seen[1:]:
+        assert torch.equal(inputs, seen[0][0]) and torch.equal(labels, seen[0][1])
+    assert (seen[0][1] != te.IGNORE_INDEX).sum() > 400  # 15 % of 16 rows of 254 bytes: ~610
+
+
 def test_the_default_corpus_reads_pydocs_topics_once():
     """pydoc's topics are documents of text; pydoc_data/topics.py, the same text quoted, is not."""
     from data.corpus import read_documents
@@ -435,6 +456,21 @@ def test_a_run_is_never_overwritten_and_resumes_with_its_own_flags(tmp_path):
     assert f"flags changed from the run's own: {changes}" in resumed.stdout
     assert f"from {tmp_path / 'corpus'}" in resumed.stdout  # the run's --data, not the stdlib
     assert re.search(r"^step\s+3/3 \| loss", resumed.stdout, re.M), resumed.stdout[-2000:]
+
+
+def test_a_resumed_modernbert_decays_by_its_new_lr(tmp_path):
+    """StableAdamW's decay, lr_t / lr_max * 1e-5, is AdamW's with wd = 1e-5 / --lr: a run resumed
+    with another --lr decays by it (the checkpoint's optimizer kept the first run's wd)."""
+    run_dir = tmp_path / "run"
+    flags = ["--arch", "modernbert", "--batch-size", 2, "--context", 32, "--out-dir", run_dir]
+    _train(tmp_path, "--max-steps", 1, "--lr", "2e-3", *flags)
+    cmd = ["train.py", "--resume", "--out-dir", run_dir, "--max-steps", 2, "--lr", "1e-3"]
+    here = str(Path(__file__).parent)
+    resumed = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, cwd=here)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    saved = torch.load(run_dir / "ckpt_last.pt", weights_only=False)
+    decays = [group["weight_decay"] for group in saved["optim"]["param_groups"]]
+    assert decays == [pytest.approx(1e-5 / 1e-3), 0.0] and saved["step"] == 2
 
 
 def refused_resume(run_dir, *flags) -> str:

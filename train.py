@@ -270,6 +270,7 @@ step, best, max_steps, lr_steps = 0, float("inf"), args.max_steps, args.lr_steps
 if checkpoint:
     model.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["optim"])
+    opt.param_groups[0]["weight_decay"] = weight_decay  # ModernBERT's follows an --lr given again
     step, best = checkpoint["step"], checkpoint["best"]
     lr_steps = args.lr_steps or checkpoint["lr_steps"]
     max_steps = max_steps or checkpoint["max_steps"]

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from tinyencoder import CLS, PAD, SEP, make_layout, mask_tokens
+from tinyencoder import CLS, IGNORE_INDEX, PAD, SEP, make_layout, mask_tokens
 
 
 class Example(NamedTuple):
@@ -193,15 +193,18 @@ def to_device(t, device):
 
 def collate(rows, cfg, device, rate, dtype=torch.float32):
     """The model's keyword arguments for rows, on the device: rate of each row's ordinary bytes
-    masked, by a generator seeded from its key; next_sentence_label where the rows have one; and
-    the layout, made here on the CPU for a forward in dtype, so that the device never waits."""
+    masked, by a generator seeded from its key, drawn for its real tokens only (so that a held-out
+    row masks alike at any --context); next_sentence_label where the rows have one; and the
+    layout, made here on the CPU for a forward in dtype, so that the device never waits."""
     ids, labels = [], []
     for row in rows:
         seed = np.random.SeedSequence(row.mask_key).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(seed >> 1))
-        masked, label = mask_tokens(torch.from_numpy(row.ids), cfg, generator, rate)
-        ids.append(masked)
-        labels.append(label)
+        real = np.count_nonzero(row.doc_ids)  # padding follows the real tokens
+        masked, label = mask_tokens(torch.from_numpy(row.ids[:real]), cfg, generator, rate)
+        padding = torch.from_numpy(row.ids[real:])
+        ids.append(torch.cat([masked, padding]))
+        labels.append(torch.cat([label, torch.full_like(padding, IGNORE_INDEX)]))
     doc_ids = torch.from_numpy(np.stack([row.doc_ids for row in rows]))
     labels = torch.stack(labels)
     batch = dict(
