@@ -224,6 +224,15 @@ def question_examples(path, lines, cfg) -> list:
     return examples
 
 
+def sorted_labels(names) -> list:
+    """The distinct names in order: whole numbers as numbers (2 before 10), as transformers'
+    scripts order int labels; others as text."""
+    distinct = set(names)
+    if all(re.fullmatch(r"-?[0-9]+", name) for name in distinct):
+        return sorted(distinct, key=int)
+    return sorted(distinct)
+
+
 def read_task(path, cfg, kind=None, labels=None) -> Task:
     """A JSONL file's task: kind "sequence", "token" or "span" from its first line when not given,
     labels the sorted label names (the training file's, when given); ids use cfg's special ids."""
@@ -243,9 +252,7 @@ def read_task(path, cfg, kind=None, labels=None) -> Task:
         die(f"{path}: no tags at all (every text is empty)")
     if labels is None:
         names = targets if kind == "sequence" else [tag for tags in targets for tag in tags]
-        # whole numbers in their order (2 before 10), as transformers' scripts take int labels
-        numeric = all(re.fullmatch(r"-?[0-9]+", name) for name in names)
-        labels = sorted(set(names), key=int) if numeric else sorted(set(names))
+        labels = sorted_labels(names)
         if len(labels) < 2:
             die(
                 f"{path}: every example has the label {labels[0]!r}; a classifier needs two or more"
