@@ -324,9 +324,9 @@ def test_held_out_rows_mask_alike_at_any_context():
 
 def test_the_default_corpus_reads_pydocs_topics_once():
     """pydoc's topics are documents of text; pydoc_data/topics.py, the same text quoted, is not."""
-    from data.corpus import read_documents
+    from data.corpus import stdlib_documents
 
-    names = [name for name, _ in read_documents(None)]
+    names = [name for name, _ in stdlib_documents()]
     assert "pydoc_data/if" in names and "os.py" in names
     assert os.path.join("pydoc_data", "topics.py") not in names
 

@@ -52,9 +52,6 @@ def read_documents(spec, out_dir=None):
         for path in files_under(root, skip=() if spec else SKIPPED_FOLDERS, seen=seen):
             if not spec and not path.endswith(".py"):
                 continue
-            # pydoc's topics came first, as text; pydoc_data/topics.py holds them again, quoted
-            if not spec and os.path.relpath(path, base) == os.path.join("pydoc_data", "topics.py"):
-                continue
             if outputs and os.path.realpath(path).startswith(outputs):
                 continue
             try:
@@ -162,12 +159,19 @@ def near_copies(documents, held) -> list:
     return copies
 
 
+def stdlib_documents():
+    """The default corpus's documents: read_documents(None)'s but pydoc_data/topics.py, which holds
+    the topics again as Python strings (the fine-tuning tasks read it, as Python)."""
+    topics_source = os.path.join("pydoc_data", "topics.py")
+    return ((name, data) for name, data in read_documents(None) if name != topics_source)
+
+
 def prepare_stdlib():
     """Split the stdlib into data/ unless done. Each file is renamed into place whole; val.idx,
     written last, marks "done"."""
     if os.path.exists(f"{STDLIB_STEM}-val.idx"):
         return
-    for part, (data, offsets) in split_documents(read_documents(None), None).items():
+    for part, (data, offsets) in split_documents(stdlib_documents(), None).items():
         for suffix, array in (("bin", data), ("idx", offsets.astype(np.int64))):
             path = f"{STDLIB_STEM}-{part}.{suffix}"
             with renamed_into_place(path) as temporary:

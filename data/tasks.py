@@ -49,7 +49,8 @@ def held_out(name, modulus=25):
 
 
 def python_sources():
-    """(name, text) of the stdlib's .py files that corpus.py pretrains on, those that decode."""
+    """(name, text) of the stdlib's .py files that decode: corpus.py pretrains on them but
+    pydoc_data/topics.py, whose topics it reads as text."""
     for name, data in read_documents(None):
         if not name.endswith(".py"):  # pydoc's topics
             continue
