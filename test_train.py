@@ -301,6 +301,24 @@ def test_held_out_documents_are_no_copies_of_training_ones():
     assert val_bytes.tobytes() == documents[8][1] + documents[42][1]
 
 
+def test_held_out_copies_count_text_not_indentation(capsys):
+    """A copy that is mostly indentation is a copy (the share counts bytes, whitespace aside);
+    where every file held out by name is a copy, the last tenth of each is held out, said so."""
+    from data.corpus import split_documents
+
+    indented = b"".join(b" " * 40 + b"%d\n" % i for i in range(50))  # 86 % indentation
+    documents = [(f"doc{i}.txt", b"document %d\n" % i * 30) for i in range(60)]
+    documents[3] = ("doc3.txt", indented)
+    documents[8] = ("doc8.txt", indented)  # held out by its name, a copy of doc3
+    documents[42] = ("doc42.txt", b"the other held-out document, its own text\n" * 30)
+    val_bytes, val_offsets = split_documents(documents, "corp")["val"]
+    assert val_bytes.tobytes() == documents[42][1]
+    documents[42] = ("doc42.txt", documents[41][1])  # now both held-out files are copies
+    val_bytes, val_offsets = split_documents(documents, "corp")["val"]
+    assert len(val_offsets) == 61  # the last tenth of each of the 60
+    assert "each file held out by name copies another: the last tenth" in capsys.readouterr().out
+
+
 def test_held_out_rows_mask_alike_at_any_context():
     """A held-out row's masks are drawn for its real tokens: at --context 256, 512 and 1024 the
     same 254 bytes get the same masked inputs (they were drawn over the padded row, so 35 % of the

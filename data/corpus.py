@@ -1,13 +1,14 @@
 """The corpora train.py reads: two byte arrays each (train, val), with their documents' offsets.
 
 A document goes to validation by a hash of its name, so the split stays put when documents come and
-go. The default corpus, Python's standard library with pydoc's topics, is prepared once into this
-folder.
+go, unless it is a near-copy of a training document (near_copies), which trains instead. The
+default corpus, Python's standard library with pydoc's topics, is prepared once into this folder.
 """
 
 import contextlib
 import glob
 import hashlib
+import io
 import os
 import sys
 import sysconfig
@@ -119,6 +120,9 @@ def split_documents(documents, spec):
     held = [hashlib.md5(os.fsencode(name)).digest()[0] % 25 == 0 for name, _ in documents]
     if any(held) and not all(held):
         held = [is_held and not copy for is_held, copy in zip(held, near_copies(documents, held))]
+        if not any(held):  # a corpus of drafts, say: the fallback below holds copies out too
+            instead = "the last tenth of each file is held out instead"
+            print(f"--data {spec}: each file held out by name copies another: {instead}")
     if all(held) or not any(held):
         # too few documents to hold some out: hold out the last tenth of each
         cuts = [len(data) * 9 // 10 for _, data in documents]
@@ -132,7 +136,8 @@ def split_documents(documents, spec):
     if held_bytes < 100:
         total = sum(len(data) for _, data in documents)
         too_little = f"holds out {held_bytes} of its {total} bytes, too few to measure on"
-        die(f"--data {spec}: {too_little}; give it 1 KB or more, or more files")
+        advice = "give it 1 KB or more, or more files (near-copies of others train)"
+        die(f"--data {spec}: {too_little}; {advice}")
     parts = {}
     for part, docs in (("train", train), ("val", val)):
         parts[part] = (np.frombuffer(b"".join(docs), np.uint8), np.cumsum([0, *map(len, docs)]))
@@ -140,23 +145,35 @@ def split_documents(documents, spec):
 
 
 def near_copies(documents, held) -> list:
-    """Which held-out documents are near-copies of training ones: most of their bytes lie in lines
-    that a training document holds too (the code pages in the stdlib's encodings/ share most of
-    theirs). A held-out text read in training measures memory, not prediction."""
+    """Which held-out documents are near-copies of training ones: most of their bytes, whitespace
+    aside, lie in lines that a training document holds too (the code pages in the stdlib's
+    encodings/ share most of theirs). A held-out text read in training measures memory, not
+    prediction."""
     held_lines = set()
     for (_, data), is_held in zip(documents, held):
         if is_held:
-            held_lines.update(line.strip() for line in data.splitlines())
+            held_lines.update(stripped_lines(data))
     trained_too = set()
     for (_, data), is_held in zip(documents, held):
         if not is_held:
-            trained_too.update(held_lines.intersection(line.strip() for line in data.splitlines()))
-    copies = []
-    for (_, data), is_held in zip(documents, held):
-        lines = data.splitlines() if is_held else []
-        shared = sum(len(line.strip()) for line in lines if line.strip() in trained_too)
-        copies.append(shared > len(data) / 2)
-    return copies
+            trained_too.update(held_lines.intersection(stripped_lines(data)))
+    return [is_held and mostly_in(data, trained_too) for (_, data), is_held in zip(documents, held)]
+
+
+def stripped_lines(data: bytes):
+    """data's lines (to each \\n), stripped, one at a time: a list of them all would take up to 20
+    times data's memory where lines are short."""
+    return (line.strip() for line in io.BytesIO(data))
+
+
+def mostly_in(data: bytes, lines: set) -> bool:
+    """Whether more than half of data's bytes, whitespace aside, lie in lines of the set."""
+    text = shared = 0
+    for line in stripped_lines(data):
+        text += len(line)
+        if line in lines:
+            shared += len(line)
+    return shared > text / 2
 
 
 def stdlib_documents():
