@@ -503,7 +503,7 @@ def save(path):
 
 results = evaluate() if step >= args.max_steps else None  # a finished run, resumed
 model.train()
-step_time, timed_from = 0.0, time.time()
+step_time, timed_from, timed_step = 0.0, time.time(), step
 while step < args.max_steps:
     torch.manual_seed(args.seed + 1_000_003 * step)  # dropout, like the data, follows the step
     batch = collate(batch_at(step), kind, cfg, device)
@@ -518,13 +518,15 @@ while step < args.max_steps:
     if not math.isfinite(out.loss.item()):
         die_diverged(f"loss {out.loss.item()} at step {step}: stopped", ckpt_path)
     if step % args.log_interval == 0 or step == args.max_steps:
-        step_time = (time.time() - timed_from) / args.log_interval
+        # the steps since the clock started: evaluations and saves restart it, and a run's last
+        # log line may come sooner than --log-interval
+        step_time = (time.time() - timed_from) / (step - timed_step)
         minutes_left = (args.max_steps - step) * step_time / 60
         examples_per_s = args.batch_size / step_time
         progress = f"step {step:5d}/{args.max_steps} | loss {out.loss.item():.6f}"
         speed = f"{examples_per_s:6.1f} examples/s | eta {minutes_left:4.1f} min"
         log(f"{progress} | lr {lr_at(step - 1):.2e} | {speed}")
-        timed_from = time.time()
+        timed_from, timed_step = time.time(), step
     is_eval_step = step % args.eval_interval == 0 or step == args.max_steps
     if is_eval_step:
         results = evaluate()
@@ -538,7 +540,7 @@ while step < args.max_steps:
     # an interrupted step is saved after its evaluation, where one is due, as uninterrupted
     if is_eval_step or stop.received:
         save(ckpt_path)
-        timed_from = time.time()
+        timed_from, timed_step = time.time(), step
     if stop.received:
         log(f"interrupted after step {step}; saved {ckpt_path}; continue with --resume")
         raise SystemExit(0)
