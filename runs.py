@@ -217,6 +217,17 @@ def load_checkpoint(path: str, flag: str) -> tuple[dict, te.Config]:
         die(f"{flag} {path}: its config is not one this tinyencoder.py takes ({e})")
 
 
+def load_weights(model, path: str, flag: str):
+    """A checkpoint's weights into model, or one line where they are another architecture's or
+    size's: torch's last line names a parameter that differs."""
+    source, _ = load_checkpoint(path, flag)
+    try:
+        model.load_state_dict(source["model"])
+    except RuntimeError as e:
+        reason = str(e).splitlines()[-1].strip()[:160]
+        die(f"{flag} {path}: not this model's weights ({reason})")
+
+
 def check_resumed(checkpoint: dict, global_batch: int, split: str, max_steps: int | None):
     """A resumed run takes as many rows a step as the run did (the step numbers the rows), and
     stops at --max-steps, if given again, no earlier than the step it resumes at. A fresh run's

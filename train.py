@@ -24,7 +24,7 @@ import tinyencoder as te
 from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
 from runs import COUNT, DROPOUT, FRACTION, LENGTH, POSITIVE, RATE, Metrics, Parser, StopSignals
 from runs import check_step_fits, demo, device_or_die, die, die_diverged, load_checkpoint
-from runs import refuse_to_overwrite
+from runs import load_weights, refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
 from data.corpus import check_data, describe, load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
@@ -206,13 +206,7 @@ model = te.TinyEncoder(cfg).to(device)
 if model.pos_embed is not None and args.position_init == "sinusoids":  # resuming loads its own
     sinusoids(model.pos_embed.weight, cfg.pos_offset)
 if args.init_from and not args.resume:
-    source, _ = load_checkpoint(args.init_from, "--init-from")
-    try:
-        model.load_state_dict(source["model"])
-    except RuntimeError as e:
-        # another architecture or size: torch's last line names a parameter that differs
-        reason = str(e).splitlines()[-1].strip()[:160]
-        die(f"--init-from {args.init_from}: not this model's weights ({reason})")
+    load_weights(model, args.init_from, "--init-from")
 
 # Data: two byte arrays (train, val) with document offsets (data/corpus.py), cut into rows as the
 # recipe says (data/rows.py).
@@ -376,9 +370,14 @@ def train_step(step):
     return stats
 
 
-def fit(step, step_time, evals_left, eval_time):
-    """The last step that fits the time left, the same on every process."""
-    time_left = deadline - time.time() - evals_left * eval_time
+def fit(step, step_time, eval_time, eval_every):
+    """The last step that fits the time left, the same on every process: its steps, the final
+    evaluation, and one every eval_every steps (None: three more in all)."""
+    time_left = deadline - time.time() - eval_time
+    if eval_every is None:
+        time_left -= 3 * eval_time
+    else:  # however many steps fit, an evaluation comes with every eval_every of them
+        step_time += eval_time / eval_every
     last = torch.tensor(step + max(1, int(time_left / step_time)), device=device)
     if ddp:
         dist.broadcast(last, 0)
@@ -400,7 +399,7 @@ if max_steps is None:
         train_step(warm_up)[0].item()  # waits for the device, so that the time is the step's
         opt.zero_grad(set_to_none=True)
     step_time = time.time() - started
-    max_steps = fit(0, step_time, 4, eval_time)
+    max_steps = fit(0, step_time, eval_time, args.eval_interval)
     log(f"time budget {args.time_budget:g} min: ~{max_steps} steps of {step_time:.2f}s; {results}")
 if not lr_steps:
     lr_steps = max_steps if fits_budget else max(max_steps, 2000)
@@ -477,9 +476,9 @@ while step < max_steps:
     if late:
         log(f"time budget reached: stopping after step {step} of {max_steps}")
         break
-    # the machine's other load varies: fit the run again at each log line
-    if fits_budget and is_log_step and step < max_steps:
-        max_steps = fit(step, step_time, 1 + (max_steps - step) // eval_every, eval_time)
+    # the machine's other load varies: fit the run again whenever the host reads the device
+    if fits_budget and step < max_steps:
+        max_steps = fit(step, step_time, eval_time, eval_every)
         if not args.lr_steps:
             lr_steps = max_steps
     read_step, read_time = step, time.time()  # evaluations and checkpoints are not step time
