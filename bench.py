@@ -436,30 +436,29 @@ def parse_args():
     p.add_argument("--profile", action="store_true", help="each case's ops by self time, too")
     p.add_argument("--json", type=output_file, help="also write the results here")
     p.add_argument("--encode", action="store_true", help="pipelines.encode against AutoModel")
-    p.add_argument(
-        "--texts",
-        type=COUNT,
-        default=256,
-        help="--encode: texts per pass (of 16-510 bytes, 32 a batch)",
-    )
+    texts = "--encode: texts per pass (of 16-510 bytes, 32 a batch)"
+    p.add_argument("--texts", type=COUNT, default=256, help=texts)
     p.add_argument("--dropout", action="store_true", help="F.dropout against tinyencoder's drop")
     p.add_argument("--linear", action="store_true", help="nn.Linear against tinyencoder's Linear")
     p.add_argument("--attention", action="store_true", help="CPU attention in fp32 against bf16")
     args = p.parse_args()
     device_or_die(args.device)
-    # --encode times batches of 32 texts of 16-510 bytes, in fp32, eager
-    ignored = {"batch", "seq", "warmup", "dtype", "compile", "compile_hf"}
-    if args.encode and ignored & given_flags(p):
-        flags = ", ".join(
-            f"--{name.replace('_', '-')}" for name in sorted(ignored & given_flags(p))
-        )
+    check_flags(p, args)
+    return args
+
+
+def check_flags(p, args):
+    """One line for flags that do not go together: --encode's batches are 32 texts of 16-510 bytes,
+    in fp32, eager; --seq within each arch's positions."""
+    ignored = {"batch", "seq", "warmup", "dtype", "compile", "compile_hf"} & given_flags(p)
+    if args.encode and ignored:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(ignored))
         p.error(f"{flags}: not for --encode, which times batches of 32 texts in fp32, eager")
     archs = te.PRESETS if args.arch == "all" else [args.arch]
     for arch in archs:
         longest = te.Config.from_preset(arch).max_len
         if args.seq > longest:
             p.error(f"--seq {args.seq}: {arch} reads at most {longest} tokens a row")
-    return args
 
 
 def default_device() -> str:
