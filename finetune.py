@@ -334,12 +334,11 @@ task = read_task(args.train, base_cfg)
 # --init's classifier of these labels keeps its class numbers, as transformers' scripts map them;
 # one of other labels gives way to a fresh head (LABEL_0, LABEL_1...: transformers' "no names")
 head_labels = None
-if init_labels and base_cfg.classifier == task.kind:
+unnamed = [f"LABEL_{i}" for i in range(base_cfg.num_labels)]
+if init_labels and base_cfg.classifier == task.kind and list(init_labels) != unnamed:
     head_labels = list(init_labels)
-if head_labels == [f"LABEL_{i}" for i in range(base_cfg.num_labels)]:
-    head_labels = None
 if head_labels and set(head_labels) == set(task.labels):
-    task = read_task(args.train, base_cfg, task.kind, list(head_labels))
+    task = read_task(args.train, base_cfg, task.kind, head_labels)
 kind, labels, train_examples = task.kind, task.labels, task.examples
 val_examples = read_task(args.val, base_cfg, kind, labels).examples
 if args.train_examples is not None:
