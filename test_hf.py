@@ -418,6 +418,9 @@ def test_hub_style_configs_load_exactly(name, tmp_path):
             r"RoPE scaling \('linear'\)",
         ),
         ("ModernBertForMaskedLM", dict(decoder_bias=False), "decoder_bias must be true"),
+        # transformers' local layers then see each token alone, which no window of ours does
+        ("ModernBertForMaskedLM", dict(local_attention=0), "local_attention 0 .* not supported"),
+        ("ModernBertForMaskedLM", dict(local_attention=1), "local_attention 1 .* not supported"),
         (
             "BertForSequenceClassification",
             dict(problem_type="multi_label_classification"),
@@ -449,6 +452,50 @@ def test_an_odd_local_window_loads_as_the_even_one_below(tmp_path):
     assert model.cfg.window == 8
     with torch.no_grad():
         out, ref = model(ids, **kw).logits, hf(input_ids=ids, **kw).logits
+    assert_close(out[mask.bool()], ref[mask.bool()], 1e-4)
+
+
+def test_a_sliding_window_key_sets_the_window_as_in_transformers(tmp_path):
+    """ModernBertConfig takes sliding_window as an alias (local_attention = 2 * it), obeyed over
+    local_attention wherever it stands in config.json: so is it here."""
+    transformers = pytest.importorskip("transformers", reason="transformers reads the checkpoint")
+    name = "ModernBertForMaskedLM"
+    hf_model(transformers, name, "eager").save_pretrained(tmp_path)  # local_attention 8
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 2}))
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, attn_implementation="eager")
+    model = tinyencoder_hf.load(str(tmp_path))
+    assert hf.config.local_attention == model.cfg.window == 4
+    ids, mask, kw = hf_inputs(name)
+    with torch.no_grad():
+        out, ref = model(ids, **kw).logits, hf.eval()(input_ids=ids, **kw).logits
+    assert_close(out[mask.bool()], ref[mask.bool()], 1e-4)
+
+
+def test_rope_parameters_not_keyed_by_layer_kind_are_refused(tmp_path):
+    """transformers refuses a flat rope_parameters; read as ours, its theta went unread."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    hf_model(transformers, "ModernBertForMaskedLM", "eager").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="rope_parameters must be keyed by 'full_attention'"):
+        tinyencoder_hf.load(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "over", [dict(decoder_bias=False), dict(classifier_activation="gelu_pytorch_tanh")]
+)
+def test_a_base_model_loads_whatever_its_heads_keys(over, tmp_path):
+    """A ModernBertModel holds no head: the keys of the heads it lacks do not stop it loading."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    hf = hf_model(transformers, "ModernBertModel", "eager", **over)
+    hf.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="holds a base model"):
+        model = tinyencoder_hf.load(str(tmp_path))
+    ids, mask, kw = hf_inputs("ModernBertModel")
+    with torch.no_grad():
+        out, ref = model(ids, **kw).hidden, hf(input_ids=ids, **kw).last_hidden_state
     assert_close(out[mask.bool()], ref[mask.bool()], 1e-4)
 
 
@@ -554,6 +601,12 @@ def test_a_pad_id_outside_the_vocabulary_is_named(tmp_path):
         ("roberta", dict(pad_id=1, pos_offset=2), "a byte-level RoBERTa with pad_id=1, a byte"),
         ("roberta", dict(nsp=True), "next-sentence head for BERT only, not roberta"),
         ("modernbert", dict(nsp=True), "next-sentence head for BERT only, not modernbert"),
+        # RobertaForMultipleChoice drops with hidden_dropout_prob, whatever classifier_dropout says
+        (
+            "roberta",
+            dict(classifier="choice", classifier_dropout=0.3),
+            "{'classifier_dropout': 0.3}",
+        ),
     ],
 )
 def test_save_refuses_what_transformers_would_compute_differently(preset, over, message, tmp_path):

@@ -257,8 +257,9 @@ def activation_from_hf(name: str) -> str:
     raise ValueError(f"activation {name!r} is not supported; supported: {supported}")
 
 
-def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.Config:
-    """A transformers config.json, including the hub's legacy ModernBERT keys, as a Config."""
+def config_from_hf(hf: dict, nsp=False, classifier="none", base=False) -> te.Config:
+    """A transformers config.json, including the hub's legacy ModernBERT keys, as a Config. base:
+    the checkpoint holds no head, so the keys of heads say nothing of it."""
     arch = hf.get("model_type")
     if arch not in te.PRESETS:
         raise ValueError(f"model_type {arch!r} is not supported; supported: {list(te.PRESETS)}")
@@ -282,7 +283,7 @@ def config_from_hf(hf: dict, nsp: bool = False, classifier: str = "none") -> te.
     special_ids_in_vocabulary(fields)
     fields["act"] = activation_from_hf(hf.get(ACTIVATION_KEY[arch]) or "gelu")
     if arch == "modernbert":
-        return modernbert_config(hf, fields)
+        return modernbert_config(hf, fields, base)
     if hf.get("position_embedding_type", "absolute") != "absolute":
         kind = hf["position_embedding_type"]
         raise ValueError(f"position_embedding_type {kind!r} is not supported; only 'absolute'")
@@ -309,12 +310,14 @@ def special_ids_in_vocabulary(fields: dict):
         raise ValueError(f"pad_token_id {fields['pad_id']!r} is outside the vocabulary of {vocab}")
 
 
-def modernbert_config(hf: dict, fields: dict) -> te.Config:
+def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
     types = hf.get("layer_types")
     if types:  # the first global layer after layer 0 gives the period
         later_globals = [i for i in range(1, len(types)) if types[i] == GLOBAL]
         fields["global_every"] = min(later_globals, default=len(types))
     thetas = hf.get("rope_parameters") or {}
+    if not set(thetas) <= {GLOBAL, LOCAL}:  # transformers refuses a flat dict too
+        raise ValueError(f"rope_parameters must be keyed by {GLOBAL!r} and {LOCAL!r}: {thetas}")
     kinds = [p.get("rope_type", "default") for p in thetas.values() if isinstance(p, dict)]
     scaled = [kind for kind in kinds if kind != "default"]
     if scaled or hf.get("rope_scaling"):
@@ -325,19 +328,32 @@ def modernbert_config(hf: dict, fields: dict) -> te.Config:
     if bool(hf.get("mlp_bias")) != fields["bias"]:
         raise ValueError("attention_bias must equal mlp_bias")
     # the MLM decoder's bias, which ours always has; a classifier has no decoder
-    if not hf.get("decoder_bias", True) and fields["classifier"] == "none":
+    if not hf.get("decoder_bias", True) and fields["classifier"] == "none" and not base:
         raise ValueError("decoder_bias must be true: the MLM decoder here always has a bias")
-    if activation_from_hf(hf.get("classifier_activation") or "gelu") != fields["act"]:
+    head_act = activation_from_hf(hf.get("classifier_activation") or "gelu")
+    if head_act != fields["act"] and not base:
         raise ValueError("classifier_activation must equal hidden_activation")
     fields["resid_dropout"] = fields["attn_dropout"]  # one knob drives both in transformers
-    # transformers' local layers reach local_attention // 2 keys each side: an odd window of 3 or
-    # more is the even one below it (1 would reach none, which no window of ours does)
-    if fields["window"] >= 3 and fields["window"] % 2 == 1:
-        fields["window"] = fields["window"] - 1
+    fields["window"] = window_from_hf(hf, fields["window"])
     cfg = te.Config(**fields)
     if types and types != layer_types(cfg):
         raise ValueError(f"layer_types {types} is not 'global every n-th layer', the one pattern")
     return cfg
+
+
+def window_from_hf(hf: dict, window):
+    """local_attention, or sliding_window (half of it: ModernBertConfig's alias, which it obeys over
+    local_attention), as our window. transformers' local layers reach local_attention // 2 keys each
+    side: an odd window of 3 or more is the even one below it."""
+    if hf.get("sliding_window") is not None:
+        window = 2 * hf["sliding_window"]
+    if isinstance(window, int) and window < 2:  # transformers' local layers: each token alone
+        raise ValueError(
+            f"local_attention {window} (local layers that see no other token) is not supported"
+        )
+    if isinstance(window, int) and window % 2 == 1:
+        return window - 1
+    return window
 
 
 def layer_types(cfg: te.Config) -> list[str]:
@@ -364,7 +380,7 @@ def fixed_fields(cfg: te.Config) -> dict:
     pos_offset = 0
     if cfg.arch == "roberta":
         pos_offset = cfg.pad_id + 1
-    return dict(
+    fixed = dict(
         positions="learned",
         prenorm=False,
         glu=False,
@@ -377,6 +393,9 @@ def fixed_fields(cfg: te.Config) -> dict:
         pos_offset=pos_offset,
         classifier_pooling="cls",  # their heads read the first token
     )
+    if cfg.arch == "roberta" and cfg.classifier == "choice":  # its head drops as hidden_dropout_prob
+        fixed["classifier_dropout"] = cfg.resid_dropout
+    return fixed
 
 
 def class_name(cfg: te.Config) -> str:
@@ -588,9 +607,9 @@ def load(path: str) -> te.TinyEncoder:
             classifier = task
     # an NSP head with a classifier: weights that do not match the class, refused as such below
     nsp = "cls.seq_relationship.weight" in weights and classifier == "none"
-    model = te.TinyEncoder(config_from_hf(hf, nsp=nsp, classifier=classifier))
-    check_problem_type(hf.get("problem_type"), model.cfg)
     base = not any(key.startswith(tuple(BASE_PREFIX.values())) for key in weights)
+    model = te.TinyEncoder(config_from_hf(hf, nsp=nsp, classifier=classifier, base=base))
+    check_problem_type(hf.get("problem_type"), model.cfg)
     names = parameter_names(model, base)
     check_names(path, kind, weights, names, base)
     if model.cfg.arch == "roberta" and model.mlm_head is not None and not base:
