@@ -465,7 +465,8 @@ def test_a_sliding_window_key_sets_the_window_as_in_transformers(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 2}))
     hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, attn_implementation="eager")
     model = tinyencoder_hf.load(str(tmp_path))
-    assert hf.config.local_attention == model.cfg.window == 4
+    assert hf.config.local_attention == 4
+    assert model.cfg.window == 4
     ids, mask, kw = hf_inputs(name)
     with torch.no_grad():
         out, ref = model(ids, **kw).logits, hf.eval()(input_ids=ids, **kw).logits
