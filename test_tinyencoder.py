@@ -334,11 +334,13 @@ def op_calls(prof) -> collections.Counter:
 
 
 @pytest.mark.parametrize("unpad", [False, True])
-def test_cpu_training_draws_no_bernoulli(unpad):
+@pytest.mark.parametrize("preset", ["bert", "modernbert"])
+def test_cpu_training_draws_no_bernoulli(preset, unpad):
     """BERT's dropout on a CPU (embeddings, attention probabilities, residual branches) all goes
     through drop's mask: torch's bernoulli_ (F.dropout's, and SDPA's with dropout_p) costs 5-9x
-    the random bits there. Padded rows and unpadded documents alike."""
-    model = TinyEncoder(tiny("bert", unpad=unpad)).train()
+    the random bits there. Padded rows and unpadded documents alike, and a ModernBERT given
+    attention dropout, whose local layers attend to a long document in blocks of the window."""
+    model = TinyEncoder(tiny(preset, unpad=unpad, attn_dropout=0.1)).train()
     ids, doc = packed_batch()
     inputs, labels = mask_tokens(ids, model.cfg, torch.Generator().manual_seed(3), rate=0.3)
     with torch.profiler.profile() as prof:

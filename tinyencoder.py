@@ -856,8 +856,9 @@ def padded_attention(q, k, v, layout: Padded, half_window: Optional[int], dropou
 
 
 def window_blocks(q, k, v, mask, half_window: int, dropout: float) -> torch.Tensor:
-    """Sliding-window SDPA in blocks of half_window queries: block i sees key blocks i - 1 to
-    i + 1, which hold every key in its queries' windows, so a local layer costs O(T * window)."""
+    """Sliding-window attention in blocks of half_window queries (with dropout as padded_attention:
+    eager): block i sees key blocks i - 1 to i + 1, holding every key its queries' windows hold."""
+    attention = F.scaled_dot_product_attention if dropout == 0 else eager_attention
     w = half_window
     key_blocks, value_blocks = k.split(w, dim=-2), v.split(w, dim=-2)
     outs = []
@@ -867,7 +868,7 @@ def window_blocks(q, k, v, mask, half_window: int, dropout: float) -> torch.Tens
         keys, values = k[..., first * w : end * w, :], v[..., first * w : end * w, :]
         if k.requires_grad:  # a slice's backward would fill a gradient the size of k per block
             keys, values = (torch.cat(t[first:end], dim=-2) for t in (key_blocks, value_blocks))
-        outs.append(F.scaled_dot_product_attention(q_block, keys, values, block_mask, dropout))
+        outs.append(attention(q_block, keys, values, block_mask, dropout))
     return torch.cat(outs, dim=-2)
 
 
@@ -893,8 +894,7 @@ def flash_attention(q, k, v, layout: Unpadded, half_window: Optional[int], dropo
     if FLASH == "flash-attn":
         size = (window, window)
         return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout, window_size=size)
-    found = FLASH_OP(
+    return FLASH_OP(
         q, k, v, cu, cu, longest, longest, dropout, False, False,
         window_size_left=window, window_size_right=window,
-    )  # fmt: skip
-    return found[0]
+    )[0]  # fmt: skip
