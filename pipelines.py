@@ -160,8 +160,17 @@ def best_span(logits, allowed, max_length: int = 30) -> tuple[int, int]:
     return first, last
 
 
+CONTINUATION = range(0x80, 0xC0)  # UTF-8's bytes after a character's first
+
+
 def span_text(ids, first: int, last: int) -> str:
-    """Tokens first to last (bytes) as text; a character cut at either end shows as U+FFFD."""
+    """Tokens first to last (bytes) as text, a character cut at either end taken whole: the text
+    is the context's own (what is not UTF-8 shows as U+FFFD)."""
+    # back to the character's first byte (not past a special id), on to its last
+    while first > 0 and ids[first] in CONTINUATION and ids[first - 1] < 256:
+        first -= 1
+    while last + 1 < len(ids) and ids[last + 1] in CONTINUATION:
+        last += 1
     return bytes(ids[first : last + 1]).decode("utf-8", errors="replace")
 
 

@@ -224,7 +224,9 @@ def load_weights(model, path: str, flag: str):
     try:
         model.load_state_dict(source["model"])
     except RuntimeError as e:
-        reason = str(e).splitlines()[-1].strip()[:160]
+        reason = str(e).splitlines()[-1].strip()
+        if len(reason) > 240:  # a list of keys: its first ones, each whole
+            reason = reason[:240].rsplit(", ", 1)[0] + ", ..."
         die(f"{flag} {path}: not this model's weights ({reason})")
 
 

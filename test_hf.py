@@ -752,10 +752,12 @@ def test_saved_tokenizer_keeps_special_ids_past_a_gap(over, tmp_path):
 
 
 def test_save_writes_a_tokenizer_for_the_byte_vocabulary_only(tmp_path):
-    """A wordpiece-sized BERT (its [PAD] id 0, a byte) keeps its own tokenizer: none is written."""
+    """A wordpiece-sized BERT (its [PAD] id 0, a byte) keeps its own tokenizer: none is written,
+    and a warning says to copy it."""
     pytest.importorskip("safetensors.torch", reason="save writes model.safetensors")
     wordpiece = dict(vocab_size=1000, pad_id=0, cls_id=101, sep_id=102, mask_id=103)
-    tinyencoder_hf.save(TinyEncoder(tiny("bert", **wordpiece)), str(tmp_path / "wordpiece"))
+    with pytest.warns(UserWarning, match="holds no tokenizer: the vocabulary is not the byte one"):
+        tinyencoder_hf.save(TinyEncoder(tiny("bert", **wordpiece)), str(tmp_path / "wordpiece"))
     tinyencoder_hf.save(TinyEncoder(tiny("bert")), str(tmp_path / "bytes"))
     assert sorted(p.name for p in (tmp_path / "wordpiece").iterdir()) == [
         "config.json",

@@ -845,9 +845,13 @@ def test_best_span_is_the_best_allowed_pair():
         ]
         _, first, last = max(pairs)
         assert pipelines.best_span(logits, allowed, max_length) == (first, last)
-    text = "déf"
-    assert pipelines.span_text(byte_ids(text), 0, 2) == "dé"
-    assert pipelines.span_text(byte_ids(text), 0, 1) == "d\ufffd"
+    # a character cut at either end is taken whole, never past a special id
+    ids = [SEP, *byte_ids("dé€f"), SEP]
+    assert pipelines.span_text(ids, 1, 3) == "dé"
+    assert pipelines.span_text(ids, 1, 2) == "dé"
+    assert pipelines.span_text(ids, 3, 5) == "é€"
+    assert pipelines.span_text(ids, 5, 5) == "€"
+    assert pipelines.span_text([SEP, *byte_ids("é")[1:], SEP], 1, 1) == "\ufffd"
 
 
 # -------------------------------------------------------------------------------------------------

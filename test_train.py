@@ -248,6 +248,32 @@ TRAIN_BAD_INPUT = [
 ]
 
 
+@pytest.mark.parametrize("other", [dict(intermediate=48), dict(layers=1), dict(layers=3)])
+def test_weights_of_another_size_are_named_whole(tmp_path, other):
+    """--init-from another size: torch's line names a parameter and both shapes (it was cut at 160
+    characters, mid-shape) or lists the keys that differ, the first ones whole."""
+    from dataclasses import asdict
+
+    from runs import load_weights
+    from tinyencoder import Config, TinyEncoder
+
+    sizes = dict(hidden=32, layers=2, heads=2, max_len=64)
+    model = TinyEncoder(Config.from_preset("roberta", **sizes))
+    cfg = Config.from_preset("roberta", **{**sizes, **other})
+    path = tmp_path / "other.pt"
+    torch.save(dict(model=TinyEncoder(cfg).state_dict(), cfg=asdict(cfg)), path)
+    with pytest.raises(SystemExit) as stop:
+        load_weights(model, str(path), "--init-from")
+    line = str(stop.value)
+    assert line.startswith(f"error: --init-from {path}: not this model's weights"), line
+    if "intermediate" in other:
+        assert "torch.Size([32, 48]) from checkpoint" in line, line
+        assert line.endswith("the shape in current model is torch.Size([32, 128]).)"), line
+    else:
+        keys = r'("[\w.]+", )+(\.\.\.|"[\w.]+"\.)\)'
+        assert re.fullmatch(r".*key\(s\) in state_dict: " + keys, line), line
+
+
 def test_data_reads_each_file_once_and_names_it_from_its_folder(tmp_path, monkeypatch):
     """--data: a file reached by a folder, a link and a glob's ** is one document, named from the
     folder spec starts at however spelled (the held-out split hashes the name); a walk into a

@@ -393,7 +393,9 @@ def fixed_fields(cfg: te.Config) -> dict:
         pos_offset=pos_offset,
         classifier_pooling="cls",  # their heads read the first token
     )
-    if cfg.arch == "roberta" and cfg.classifier == "choice":  # its head drops as hidden_dropout_prob
+    if (
+        cfg.arch == "roberta" and cfg.classifier == "choice"
+    ):  # its head drops as hidden_dropout_prob
         fixed["classifier_dropout"] = cfg.resid_dropout
     return fixed
 
@@ -673,7 +675,7 @@ def require_exact_gelu(cfg: te.Config):
 def save(model: te.TinyEncoder, path: str, labels=None):
     """Write what transformers' Auto classes and sentence-transformers load: config.json and
     model.safetensors; for the byte vocabulary, its tokenizer and a mean-pooling
-    sentence-transformers setup (a checkpoint of another vocabulary keeps its own tokenizer).
+    sentence-transformers setup (for another vocabulary, a warning: copy its own tokenizer files).
     labels: a classifier's class names, in order (see label_names); by default those load read.
     A torch.compile'd model saves as the model it wraps."""
     save_file = safetensors_torch().save_file  # before anything is written
@@ -689,6 +691,9 @@ def save(model: te.TinyEncoder, path: str, labels=None):
         files["tokenizer.json"] = tokenizer_json(model.cfg)
         files["tokenizer_config.json"] = tokenizer_config(model.cfg)
         files.update(sentence_transformers_files(model.cfg))
+    else:  # transformers' AutoTokenizer would make one of the folder that reads text as [UNK]
+        copy = "copy the tokenizer files of the checkpoint it came from beside it"
+        warnings.warn(f"{path} holds no tokenizer: the vocabulary is not the byte one; {copy}")
     # every file's text before the first is written: a value JSON cannot hold writes no file
     texts = {
         name: json.dumps(content, indent=2, ensure_ascii=False, default=plain_number)
