@@ -44,7 +44,7 @@ from runs import (
     resumed_args,
     save_checkpoint,
 )
-from runs import settle_vector_math
+from runs import printable, settle_vector_math
 
 parser = Parser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
 add = parser.add_argument
@@ -75,7 +75,7 @@ t0 = time.time()
 
 
 def log(message):
-    print(message, flush=True)
+    print(printable(message), flush=True)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -131,6 +131,12 @@ def resumed_args(parser: ArgumentParser, args: Namespace, saved: dict, keep: tup
     return changed
 
 
+def printable(text: str) -> str:
+    """text as a terminal can show it: bytes of a path that are not UTF-8 (os.fsdecode's lone
+    surrogates) as \\x escapes, where a strict UTF-8 stdout would raise UnicodeEncodeError."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def refuse_to_overwrite(out_dir: str):
     """A fresh run never writes over another run's checkpoints: a one-line error, the way on. An
     --out-dir that cannot be a folder (a file, or one inside a file) is refused before any work."""
@@ -277,6 +283,10 @@ class Metrics:
         except OSError as e:  # before any work: the checkpoints could not be written either
             die(f"cannot write {self.path} ({e.strerror})")
         lock_run_folder(self.file, out_dir)
+        if resumed_step is None:  # a run that saved and ended since this one's first check
+            refuse_to_overwrite(out_dir)
+        if not os.access(out_dir, os.W_OK):  # a resumed run would lose its steps at its first save
+            die(f"--out-dir {out_dir} is not writable: no checkpoint could be saved in it")
         # what a run killed as it saved left (no other run writes in a folder this one has locked)
         checkpoints = os.path.join(glob.escape(out_dir), "ckpt_*.pt")
         for leftover in glob.glob(TEMPORARY.format(path=checkpoints, pid="*")):

@@ -448,6 +448,45 @@ def test_a_folder_in_use_is_refused(tmp_path):
     Metrics(str(run_dir), None).write({"step": 1})
 
 
+def test_a_run_that_saved_while_this_one_set_up_is_not_overwritten(tmp_path):
+    """A fresh run checks its folder for checkpoints when it starts and again once it holds the
+    folder's lock: a run that saved and ended in between (another fresh run, started earlier) kept
+    its checkpoints, where they were replaced and its metrics.jsonl emptied."""
+    from runs import Metrics
+
+    (tmp_path / "ckpt_last.pt").write_bytes(b"the other run's")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 3}\n')
+    with pytest.raises(SystemExit, match="holds a run \\(ckpt_last.pt\\): --resume continues it"):
+        Metrics(str(tmp_path), None)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 3}\n'
+    Metrics(str(tmp_path), 3).write({"step": 4})  # a resumed run goes on
+
+
+def test_a_folder_that_cannot_take_a_checkpoint_stops_a_resumed_run_at_once(tmp_path, monkeypatch):
+    """A resumed run in a folder it cannot write (its files still can be) stops before its first
+    step, not at its first save with the steps since lost."""
+    import runs
+
+    def access(path, mode):  # a read-only folder, as root cannot make one
+        return not (os.path.samefile(path, tmp_path) and mode == os.W_OK)
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 3}\n')
+    monkeypatch.setattr(runs.os, "access", access)
+    with pytest.raises(SystemExit, match=f"--out-dir {tmp_path} is not writable: no checkpoint"):
+        runs.Metrics(str(tmp_path), 3)
+
+
+def test_log_lines_show_paths_that_are_not_utf8():
+    """os.fsdecode's surrogates of a path's bytes that are not UTF-8, as escapes a strict UTF-8
+    stdout can write (print raised UnicodeEncodeError on the data: line)."""
+    from runs import printable
+
+    name = os.fsdecode(b"/data/caf\xe9")
+    assert printable(f"data: {name}; 1 file") == "data: /data/caf\\xe9; 1 file"
+    printable(f"data: {name}").encode("utf-8")
+    assert printable("data: /data/café") == "data: /data/café"
+
+
 @pytest.mark.parametrize("args, message", TRAIN_BAD_INPUT)
 def test_train_bad_input_is_one_line(tmp_path, args, message):
     (tmp_path / "empty.txt").write_bytes(b"")
@@ -1221,8 +1260,9 @@ def test_the_lr_schedule_lasts_as_long_as_the_run(tmp_path, steps, schedule):
 
 
 def test_a_resumed_run_has_the_time_budget_the_run_left(tmp_path):
-    """A run fitted to --time-budget records the time it has spent; resumed, it stops when the
-    budget is spent in all, not a whole budget later."""
+    """A run fitted to --time-budget records the time it has spent; resumed, it plans anew in the
+    budget's rest, timing a step and an evaluation as a fresh run does (it counted evaluations as
+    free, planned too many steps and squeezed its decay), not a whole budget later."""
     run_dir = tmp_path / "run"
     _train(tmp_path, "--max-steps", 2, "--context", 32, "--out-dir", run_dir)
     state = torch.load(run_dir / "ckpt_last.pt", weights_only=True)
@@ -1234,7 +1274,10 @@ def test_a_resumed_run_has_the_time_budget_the_run_left(tmp_path):
     cmd = [sys.executable, "train.py", "--resume", "--out-dir", run_dir]
     here = str(Path(__file__).parent)
     run = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=here, timeout=300)
-    assert "time budget reached: stopping after step 3 of 1000" in run.stdout, run.stdout[-2000:]
+    # planned again on resuming, its evaluations counted, and ended in the 10 s left
+    assert "time budget 1 min: ~" in run.stdout, run.stdout[-2000:]
+    steps = int(re.search(r"; (\d+) steps, \d+s$", run.stdout.strip()).group(1))
+    assert 3 <= steps < 1000, run.stdout[-2000:]
 
 
 def test_a_second_signal_stops_at_once_and_leaves_no_half_file(tmp_path, capfd):

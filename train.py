@@ -24,7 +24,7 @@ import tinyencoder as te
 from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
 from runs import COUNT, DROPOUT, FRACTION, LENGTH, POSITIVE, RATE, Metrics, Parser, StopSignals
 from runs import check_step_fits, demo, device_or_die, die, die_diverged, load_checkpoint
-from runs import load_weights, refuse_to_overwrite
+from runs import load_weights, printable, refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
 from data.corpus import check_data, describe, load_corpus
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
@@ -137,7 +137,7 @@ master = rank == 0
 
 def log(message):
     if master:
-        print(message)
+        print(printable(message))
 
 
 args.device = device_or_die(args.device)
@@ -389,7 +389,7 @@ def fit(step, step_time, eval_time, eval_every):
 # first: a compiled model compiles on the first and recompiles for the second's shapes.
 fits_budget = args.max_steps is None
 eval_time, step_time, results = 0.0, 0.0, {}
-if max_steps is None:
+if fits_budget and (max_steps is None or step < max_steps):  # resumed too: plans count evals
     started = time.time()
     if master:
         results = evaluate()
@@ -399,7 +399,7 @@ if max_steps is None:
         train_step(warm_up)[0].item()  # waits for the device, so that the time is the step's
         opt.zero_grad(set_to_none=True)
     step_time = time.time() - started
-    max_steps = fit(0, step_time, eval_time, args.eval_interval)
+    max_steps = fit(step, step_time, eval_time, args.eval_interval)
     log(f"time budget {args.time_budget:g} min: ~{max_steps} steps of {step_time:.2f}s; {results}")
 if not lr_steps:
     lr_steps = max_steps if fits_budget else max(max_steps, 2000)
