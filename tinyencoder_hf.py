@@ -393,9 +393,8 @@ def fixed_fields(cfg: te.Config) -> dict:
         pos_offset=pos_offset,
         classifier_pooling="cls",  # their heads read the first token
     )
-    if (
-        cfg.arch == "roberta" and cfg.classifier == "choice"
-    ):  # its head drops as hidden_dropout_prob
+    # RobertaForMultipleChoice's head drops with hidden_dropout_prob, whatever classifier_dropout is
+    if cfg.arch == "roberta" and cfg.classifier == "choice":
         fixed["classifier_dropout"] = cfg.resid_dropout
     return fixed
 
