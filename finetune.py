@@ -142,6 +142,18 @@ def read_jsonl(path):
     return records
 
 
+def is_whole(value) -> bool:
+    """A JSON whole number: true and false are not (Python's bool is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_tags(tags, where):
+    """Tags are strings or whole numbers, as labels are: true, null or 1.5 would be a class each."""
+    odd = [tag for tag in tags if not (isinstance(tag, str) or is_whole(tag))]
+    if odd:
+        die(f"{where}: a tag must be a string or a whole number, got {odd[0]!r}")
+
+
 def byte_tags(record, where):
     """The tag of each UTF-8 byte of record["text"], from "tags" or from character "spans"."""
     text = record["text"]
@@ -149,6 +161,7 @@ def byte_tags(record, where):
         tags = record["tags"]
         if not isinstance(tags, list) or len(tags) != len(text.encode()):
             die(f'{where}: "tags" must be a list with one tag per UTF-8 byte of "text"')
+        check_tags(tags, where)
         return [str(tag) for tag in tags]
     # character offsets -> byte offsets: where each character's bytes start
     starts = [0]
@@ -159,10 +172,11 @@ def byte_tags(record, where):
         die(f'{where}: "spans" must be a list of [first char, end char, tag]')
     for span in record["spans"]:
         shaped = isinstance(span, list) and len(span) == 3
-        offsets = shaped and all(isinstance(i, int) and 0 <= i <= len(text) for i in span[:2])
+        offsets = shaped and all(is_whole(i) and 0 <= i <= len(text) for i in span[:2])
         if not offsets or span[0] > span[1]:
             die(f'{where}: each of "spans" must be [first char, end char, tag] within "text"')
         first, end, tag = span
+        check_tags([tag], where)
         tags[starts[first] : starts[end]] = [str(tag)] * (starts[end] - starts[first])
     return tags
 
@@ -180,7 +194,7 @@ def line_targets(path, lines, kind):
             label, first = line.record["label"], lines[0].record["label"]
             number = lines[0].number  # blank lines come before it
             # 1, "1" and true would each be a class of their own: one kind of label per file
-            if isinstance(label, bool) or not isinstance(label, (str, int)):
+            if not (isinstance(label, str) or is_whole(label)):
                 die(f'{where}: "label" must be a string or a whole number, got {label!r}')
             if type(label) is not type(first):
                 kinds = f"of type {type(label).__name__}, line {number}'s of {type(first).__name__}"
@@ -227,10 +241,10 @@ def question_examples(path, lines, cfg) -> list:
 def sorted_labels(names) -> list:
     """The distinct names in order: whole numbers as numbers (2 before 10), as transformers'
     scripts order int labels; others as text."""
-    distinct = set(names)
+    distinct = sorted(set(names))  # as text first: "01" before "1", whatever the set's order
     if all(re.fullmatch(r"-?[0-9]+", name) for name in distinct):
         return sorted(distinct, key=int)
-    return sorted(distinct)
+    return distinct
 
 
 def read_task(path, cfg, kind=None, labels=None) -> Task:
@@ -265,6 +279,9 @@ def read_task(path, cfg, kind=None, labels=None) -> Task:
             where = f"{path} line {line.number}"
             die(f"{where}: label {sorted(unknown)[0]!r} is not among the training labels {labels}")
         ids = [cfg.cls_id, *te.byte_ids(line.record["text"]), cfg.sep_id]
+        if len(ids) > cfg.max_len:  # as transformers' scripts truncate: here, an error
+            room = f"this model reads at most {cfg.max_len - 2}"
+            die(f"{path} line {line.number}: text is {len(ids) - 2} bytes; {room}")
         if kind == "sequence":
             examples.append(Example(ids, index[target]))
         else:  # [CLS] and [SEP] carry no tag
@@ -347,9 +364,6 @@ if args.train_examples is not None:
     # evenly spaced, so that a file grouped by label or kind keeps each group's share
     spread = torch.linspace(0, len(train_examples) - 1, args.train_examples).round().long()
     train_examples = [train_examples[i] for i in spread.tolist()]
-longest = max(len(example.ids) for example in train_examples + val_examples)
-if longest > base_cfg.max_len:
-    die(f"an example is {longest - 2} bytes; this model reads at most {base_cfg.max_len - 2}")
 # a resumed run reads the labels and examples it started on (its checkpoint keeps their SHA-256)
 data_sha256 = hashlib.sha256(repr((labels, train_examples, val_examples)).encode()).hexdigest()
 if checkpoint and checkpoint["labels"] != labels:

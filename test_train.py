@@ -917,6 +917,21 @@ def test_finetune_keeps_the_class_numbers_of_its_init_classifier(tmp_path):
     assert saved["labels"] == [str(i) for i in range(11)]
 
 
+def test_finetune_numbers_labels_alike_whatever_the_hash_seed(tmp_path, monkeypatch):
+    """Whole-number labels equal as numbers ("01" and "1") go in text order: a set's order, which
+    the hash seed decides, numbered them one way or the other from run to run."""
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    texts = [{"text": "a", "label": "1"}, {"text": "b", "label": "01"}, {"text": "c", "label": "2"}]
+    train = write_jsonl(tmp_path / "train.jsonl", texts)
+    for seed in ("0", "3", "5"):
+        monkeypatch.setenv("PYTHONHASHSEED", seed)
+        files = ["--train", train, "--val", train, "--init", init, "--max-steps", 1]
+        run = finetune(tmp_path, *files, "--out-dir", tmp_path / seed)
+        assert run.returncode == 0, run.stderr[-2000:]
+        saved = torch.load(tmp_path / seed / "ckpt_last.pt", weights_only=False)
+        assert saved["labels"] == ["01", "1", "2"], seed
+
+
 def test_finetune_learns_resumes_and_exports(tmp_path):
     transformers = pytest.importorskip("transformers", reason="the export loads in transformers")
     init = tiny_checkpoint(tmp_path / "init.pt")
@@ -1077,6 +1092,18 @@ def test_stdlib_questions_are_spans_held_out_by_file():
         (['{"text": "a", "label": null}'], '"label" must be a string or a whole number, got None'),
         (['{"text": "a", "label": "x"}'] * 2, "every example has the label 'x'"),
         (['{"text": "a", "spans": 5}'], '"spans" must be a list of [first char, end char, tag]'),
+        # true and null would be classes "True" and "None"; true an offset of 1
+        (
+            ['{"text": "ab", "tags": [true, "x"]}'],
+            "a tag must be a string or a whole number, got True",
+        ),
+        (['{"text": "ab", "spans": [[0, 2, null]]}'], "a tag must be a string or a whole number"),
+        (['{"text": "ab", "spans": [[true, 2, "B"]]}'], '"spans" must be [first char, end char'),
+        # longer than the model reads: named by its line, in either file
+        (
+            ['{"text": "b", "label": "y"}', json.dumps({"text": "a" * 70, "label": "x"})],
+            "line 2: text is 70 bytes; this model reads at most 62",
+        ),
         (
             ['{"text": "a \\udc80", "label": "x"}'],
             "line 1: '\\udc80' is a lone surrogate, not text",
