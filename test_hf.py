@@ -500,6 +500,22 @@ def test_a_base_model_loads_whatever_its_heads_keys(over, tmp_path):
     assert_close(out[mask.bool()], ref[mask.bool()], 1e-4)
 
 
+def test_a_roberta_multiple_choice_head_drops_as_its_class_does(tmp_path):
+    """RobertaForMultipleChoice drops with hidden_dropout_prob whatever classifier_dropout says: so
+    does the loaded model, and it saves again as loaded."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    name = "RobertaForMultipleChoice"
+    dropouts = dict(classifier_dropout=0.3, hidden_dropout_prob=0.1)
+    byte_level = dict(pad_token_id=PAD, max_position_embeddings=PAD + 1 + 64)  # saves as bytes
+    hf = hf_model(transformers, name, "eager", **dropouts, **byte_level)
+    hf.save_pretrained(tmp_path / "a")
+    model = tinyencoder_hf.load(str(tmp_path / "a"))
+    assert hf.dropout.p == pytest.approx(0.1)
+    assert model.cfg.classifier_dropout == pytest.approx(0.1)
+    tinyencoder_hf.save(model, str(tmp_path / "b"))
+    assert tinyencoder_hf.load(str(tmp_path / "b")).cfg == model.cfg
+
+
 def test_a_classifier_loads_whatever_its_unused_decoder_bias(tmp_path):
     """decoder_bias is the MLM decoder's: a ModernBERT classifier without it loads exactly."""
     transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")

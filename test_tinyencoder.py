@@ -559,6 +559,27 @@ def test_residual_dropout_is_the_familys(preset):
     assert torch.allclose(trained, evaluated, atol=1e-5) == (preset == "modernbert")
 
 
+@pytest.mark.parametrize("kind", ["sequence", "token", "span"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_classifier_dropout_is_the_familys(preset, kind):
+    """A fine-tuning head drops its input at classifier_dropout in training (the trunk's dropout
+    off here), but for BERT's and RoBERTa's span heads, which have none, as transformers'."""
+    off = dict(embed_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0, mlp_dropout=0.0)
+    ids, mask = batch()
+    real = mask.bool()
+    dropped = {}
+    for rate in (0.0, 0.5):
+        cfg = tiny(preset, **off, nsp=False, classifier=kind, classifier_dropout=rate)
+        model = perturb(TinyEncoder(cfg))
+        with torch.no_grad():
+            trained, evaluated = model.train()(ids, mask).logits, model.eval()(ids, mask).logits
+        if kind != "sequence":  # per token: the real ones
+            trained, evaluated = trained[real], evaluated[real]
+        dropped[rate] = not torch.allclose(trained, evaluated, atol=1e-6)
+    has_dropout = kind != "span" or preset == "modernbert"
+    assert dropped == {0.0: False, 0.5: has_dropout}
+
+
 @pytest.mark.parametrize("unpad", [False, True])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_left_padding_and_empty_rows(preset, unpad):
@@ -827,6 +848,18 @@ def test_choice_batch_frames_each_choice_as_question_row(preset):
         alone = model(**pipelines.choice_batch(cfg, questions[:1], [choices[0][1:]])).logits
     assert scores.shape == (2, 2)
     assert_close(alone[0, 0], scores[0, 1], 1e-5)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_question_rows_frame_and_segment_as_the_saved_tokenizer(preset):
+    """[CLS] question [SEP] context [SEP]: segment 0 up to the first [SEP], 1 after it where the
+    model has two segments (BERT), as a tokenizer's pair; the context where answers may lie."""
+    cfg = tiny(preset)
+    row = pipelines.question_row(cfg, "ab", "cde")
+    assert row.ids == [CLS, *byte_ids("ab"), SEP, *byte_ids("cde"), SEP]
+    second = 1 if preset == "bert" else 0
+    assert row.token_types == [0] * 4 + [second] * 4
+    assert [row.ids[i] for i in row.context] == byte_ids("cde")
 
 
 def test_best_span_is_the_best_allowed_pair():

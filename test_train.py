@@ -189,6 +189,49 @@ def test_bert_pairs_read_every_document():
     assert rows.count == 40 and sorted(first) == [b"line %02d " % k for k in range(40)]
 
 
+def test_packed_rows_hold_no_padding_and_number_their_documents():
+    """ModernBERT's packed rows: every token real, document ids from 1, one more at each CLS (a
+    row that starts inside a document counts that part as document 1, not as padding)."""
+    from types import SimpleNamespace
+
+    from data.rows import CLS, TrainingRows
+
+    docs = [b"document %d. " % k * (3 + k % 5) for k in range(30)]  # 12-90 bytes, rows of 32
+    data = np.frombuffer(b"".join(docs), np.uint8)
+    offsets = np.cumsum([0] + [len(d) for d in docs])
+    rows = TrainingRows(
+        SimpleNamespace(inputs="packed", masking="dynamic"), data, offsets, 32, 0, 1
+    )
+    starts_inside = 0
+    for i in range(rows.count):
+        row = rows[i]
+        opens = np.cumsum(row.ids == CLS)
+        starts_inside += row.ids[0] != CLS
+        assert (row.doc_ids > 0).all() and row.doc_ids[0] == 1, row.doc_ids
+        assert (np.diff(row.doc_ids) == np.diff(opens)).all(), (row.ids, row.doc_ids)
+    assert starts_inside > 0  # the case that keeps its leading part a document
+
+
+def test_static_masks_repeat_every_dupe_factor_epochs():
+    """BERT's static masking: a slot's mask is one of dupe_factor, drawn once: the same in epochs
+    e and e + dupe_factor, another in epoch e + 1."""
+    from types import SimpleNamespace
+
+    from data.rows import TrainingRows
+
+    docs = [b"line %02d of a document\n" % k * 6 for k in range(12)]
+    data = np.frombuffer(b"".join(docs), np.uint8)
+    offsets = np.cumsum([0] + [len(d) for d in docs])
+    rows = TrainingRows(SimpleNamespace(inputs="pairs", masking="static"), data, offsets, 64, 7, 3)
+    keys = {}  # (epoch, slot) -> mask key
+    for i in range(5 * rows.count):
+        epoch, j = divmod(i, rows.count)
+        keys[epoch, int(rows.order(epoch)[j])] = rows[i].mask_key
+    for slot in range(rows.count):
+        assert keys[0, slot] == keys[3, slot] and keys[1, slot] == keys[4, slot]
+        assert len({tuple(keys[epoch, slot]) for epoch in range(3)}) == 3
+
+
 # two processes whose nodes hold other files under the same --data: their digests differ
 OTHER_DATA = """
 import torch.distributed as dist
