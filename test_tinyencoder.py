@@ -1414,6 +1414,32 @@ def test_the_import_graph_has_no_cycle():
         assert cycle_from(module, []) is None, " -> ".join(cycle_from(module, []))
 
 
+def test_rope_scores_depend_on_relative_position_only():
+    """RoPE turns each pair of a head by its position's angles: a query at m and a key at n score
+    q.k as at m + s and n + s, and a turn keeps a vector's length (no transformers needed)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 16, generator=g)  # (heads, head_dim) each
+    positions = torch.tensor([3, 11, 3 + 40, 11 + 40])
+    cos, sin = tinyencoder.rope_tables(positions, 16, 10000.0)  # (4, 1, 8) each
+    turned_q = tinyencoder.rotate(q.expand(4, 1, 16), cos, sin)
+    turned_k = tinyencoder.rotate(k.expand(4, 1, 16), cos, sin)
+    near = (turned_q[0] * turned_k[1]).sum()
+    shifted = (turned_q[2] * turned_k[3]).sum()
+    assert_close(near, shifted, 1e-5)
+    assert_close(turned_q.norm(dim=-1), q.norm(dim=-1).expand(4, 1), 1e-5)
+    assert not torch.allclose(near, (turned_q[0] * turned_k[3]).sum(), atol=1e-3)
+
+
+def test_roberta_reads_positions_from_past_its_pad_id():
+    """fairseq's positions: a row's first real token reads row pad_id + 1 of the table."""
+    model = TinyEncoder(tiny("roberta"))
+    read = []
+    model.pos_embed.register_forward_hook(lambda module, args, out: read.append(args[0]))
+    ids, mask = batch()
+    model(ids, mask)
+    assert read[0].min() == PAD + 1 and model.cfg.pos_offset == PAD + 1
+
+
 def test_rope_tables_are_made_once_and_stay_out_of_checkpoints(monkeypatch):
     """The model holds rope_tables' cos and sin of every position below max_len for each theta
     (a longer document is an input error), made once: a forward looks them up, never makes them
