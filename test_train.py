@@ -90,6 +90,60 @@ def test_train_resume_is_exact(tmp_path, dtype):  # with dropout on: its masks m
         tmp_path, "--max-steps", 4, "--dtype", "auto", "--out-dir", tmp_path / "b", "--resume"
     )
     assert len(whole) == 4 and first + rest == whole
+    # the evaluation's figures: an accuracy in [0, 1], bits per byte as the loss in nats / ln 2
+    records = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert records and all(0 <= r["val_acc"] <= 1 for r in records), records
+    assert all(r["val_bpb"] == pytest.approx(r["val_loss"] / np.log(2), rel=1e-4) for r in records)
+
+
+@pytest.mark.parametrize(
+    "arch, lrs",
+    [
+        # 2 steps of warmup to 1e-3, then down to 0 at step 10 (the LR each step trains at)
+        ("roberta", [5e-4, 1e-3, 1e-3, 8.75e-4, 7.5e-4, 6.25e-4, 5e-4, 3.75e-4, 2.5e-4, 1.25e-4]),
+        # warmup, stable, then down over the last 20 %: WSD
+        ("modernbert", [5e-4] + [1e-3] * 8 + [5e-4]),
+    ],
+)
+def test_the_lr_schedule_step_by_step(tmp_path, arch, lrs):
+    flags = ["--arch", arch, "--max-steps", 10, "--lr-steps", 10, "--lr", "1e-3", "--warmup", 0.2]
+    flags += ["--batch-size", 2, "--context", 32, "--out-dir", tmp_path / "run"]
+    if arch == "modernbert":
+        flags += ["--decay", 0.2]
+    proc = _train(tmp_path, *flags, popen=True)
+    logged = [float(x) for x in re.findall(r"^step .*\| lr (\S+) \|", proc.stdout.read(), re.M)]
+    assert proc.wait(timeout=120) == 0
+    assert logged == pytest.approx(lrs, rel=1e-3), logged
+
+
+def test_gradient_accumulation_matches_one_batch(tmp_path):
+    """Two micro-batches of 4 step as one batch of 8: each micro-batch's loss weighs by its share
+    of the masked bytes (NSP's rows under DDP: test_torchrun_two_processes_match_one)."""
+    flags = ["--max-steps", 2, "--context", 32]
+    one = _train(tmp_path, *flags, "--batch-size", 8, "--out-dir", tmp_path / "a")
+    two = _train(
+        tmp_path, *flags, "--batch-size", 4, "--grad-accum", 2, "--out-dir", tmp_path / "b"
+    )
+    assert len(one) == 2 and one == pytest.approx(two, abs=1e-5), (one, two)
+
+
+def test_a_finished_run_resumed_has_nothing_left_to_do(tmp_path):
+    """--resume of a run at its --max-steps: no step more, its final line, and its best
+    checkpoint's record kept (a resumed run's best loss is the run's, not infinity)."""
+    run_dir = tmp_path / "run"
+    _train(tmp_path, "--max-steps", 2, "--context", 32, "--batch-size", 2, "--out-dir", run_dir)
+    state = torch.load(run_dir / "ckpt_last.pt", weights_only=True)
+    state.update(best=-1.0)  # as if a better one had been seen
+    torch.save(state, run_dir / "ckpt_last.pt")
+    (run_dir / "ckpt_best.pt").write_bytes(b"the run's best")
+    resumed = _train(tmp_path, "--resume", "--out-dir", run_dir, "--max-steps", 3)
+    assert len(resumed) == 1
+    assert (run_dir / "ckpt_best.pt").read_bytes() == b"the run's best"  # -1 beats any loss
+    cmd = [sys.executable, "train.py", "--resume", "--out-dir", run_dir, "--max-steps", 3]
+    here = str(Path(__file__).parent)
+    again = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=here)
+    assert again.returncode == 0 and "; 3 steps, " in again.stdout, again.stderr[-2000:]
+    assert not re.search(r"^step ", again.stdout, re.M)
 
 
 # a fresh process: its first threaded sin, cos, tanh and sqrt, after runs.settle_vector_math
@@ -142,11 +196,11 @@ def test_bf16_autocast_where_the_machine_measures_it_faster(monkeypatch):
     assert mfu.bf16_pays(torch.device("cuda")) and not mfu.bf16_pays(torch.device("mps"))
 
 
-def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds each split apart
-    one = _train(tmp_path, "--max-steps", 2, "--batch-size", 8, "--out-dir", tmp_path / "a")
-    two = _train(
-        tmp_path, "--max-steps", 2, "--batch-size", 4, "--out-dir", tmp_path / "b", torchrun=True
-    )
+@pytest.mark.parametrize("arch", ["roberta", "bert"])  # BERT: NSP's rows weigh alike too
+def test_torchrun_two_processes_match_one(tmp_path, arch):  # in fp32: bf16 rounds splits apart
+    flags = ["--arch", arch, "--max-steps", 2]
+    one = _train(tmp_path, *flags, "--batch-size", 8, "--out-dir", tmp_path / "a")
+    two = _train(tmp_path, *flags, "--batch-size", 4, "--out-dir", tmp_path / "b", torchrun=True)
     assert len(one) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(one, two)), (one, two)
 
 
@@ -171,6 +225,17 @@ def test_bert_pairs_take_a_random_b_from_a_line_of_another_document():
         assert (b_doc != a_doc) == bool(row.nsp_label), (slot, a_doc, b, row.nsp_label)
         labels.append(row.nsp_label)
     assert labels[0] == 1 and 0 in labels  # slot 0: A is the one-byte document
+
+
+def test_half_of_bert_pairs_have_a_random_second():
+    """NSP's labels: B follows A or is random, each half the time, as BERT draws them."""
+    from data.rows import sentence_pair
+
+    docs = [b"line %02d of doc\n" % k * 4 for k in range(40)]
+    data = np.frombuffer(b"".join(docs), np.uint8)
+    offsets = np.cumsum([0] + [len(d) for d in docs])
+    labels = [sentence_pair(data, offsets, 64, 0, [1337, i]).nsp_label for i in range(400)]
+    assert 0.4 < np.mean(labels) < 0.6 and set(labels) == {0, 1}
 
 
 def test_bert_pairs_read_every_document():
@@ -1348,6 +1413,8 @@ def test_a_resumed_run_has_the_time_budget_the_run_left(tmp_path):
     assert "time budget 1 min: ~" in run.stdout, run.stdout[-2000:]
     steps = int(re.search(r"; (\d+) steps, \d+s$", run.stdout.strip()).group(1))
     assert 3 <= steps < 1000, run.stdout[-2000:]
+    spent = torch.load(run_dir / "ckpt_last.pt", weights_only=True)["elapsed_s"]
+    assert spent < 60 + 20, spent  # its own 10 s and setup, not a whole minute more
 
 
 def test_a_second_signal_stops_at_once_and_leaves_no_half_file(tmp_path, capfd):
