@@ -1052,6 +1052,11 @@ def test_finetune_learns_resumes_and_exports(tmp_path):
     losses = re.findall(r"^step\s+\d+/40 \| loss (\S+)", whole.stdout, re.M)
     accuracy = float(re.search(r"held-out accuracy (\S+)%", whole.stdout).group(1))
     assert len(losses) == 40 and accuracy >= 90, whole.stdout[-1000:]
+    # per byte: an accuracy of at most 1; macro-F1, the mean of the labels' F1 that it lists
+    for record in map(json.loads, open(tmp_path / "a" / "metrics.jsonl")):
+        assert 0 <= record["val_acc"] <= 1, record
+        f1 = list(record["val_f1"].values())
+        assert record["val_macro_f1"] == pytest.approx(sum(f1) / len(f1), abs=1e-4), record
     # Ctrl-C after a few steps, then --resume: the same losses, step for step
     first = losses_until_ctrl_c(finetune(tmp_path, *common, "--out-dir", tmp_path / "b", run=False))
     assert 3 <= len(first) < 40
