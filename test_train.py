@@ -1031,7 +1031,7 @@ def test_finetune_numbers_labels_alike_whatever_the_hash_seed(tmp_path, monkeypa
     init = tiny_checkpoint(tmp_path / "init.pt")
     texts = [{"text": "a", "label": "1"}, {"text": "b", "label": "01"}, {"text": "c", "label": "2"}]
     train = write_jsonl(tmp_path / "train.jsonl", texts)
-    for seed in ("0", "3", "5"):
+    for seed in ("0", "3"):  # the two orders, seen with these seeds
         monkeypatch.setenv("PYTHONHASHSEED", seed)
         files = ["--train", train, "--val", train, "--init", init, "--max-steps", 1]
         run = finetune(tmp_path, *files, "--out-dir", tmp_path / seed)
