@@ -247,6 +247,16 @@ def sorted_labels(names) -> list:
     return distinct
 
 
+def framed_text(path, line, cfg) -> list:
+    """[CLS] text [SEP] of one line, or an error naming it where the model cannot read it all
+    (transformers' scripts would cut it at max_seq_length)."""
+    ids = [cfg.cls_id, *te.byte_ids(line.record["text"]), cfg.sep_id]
+    if len(ids) > cfg.max_len:
+        room = f"this model reads at most {cfg.max_len - 2}"
+        die(f"{path} line {line.number}: text is {len(ids) - 2} bytes; {room}")
+    return ids
+
+
 def read_task(path, cfg, kind=None, labels=None) -> Task:
     """A JSONL file's task: kind "sequence", "token" or "span" from its first line when not given,
     labels the sorted label names (the training file's, when given); ids use cfg's special ids."""
@@ -278,10 +288,7 @@ def read_task(path, cfg, kind=None, labels=None) -> Task:
         if unknown:
             where = f"{path} line {line.number}"
             die(f"{where}: label {sorted(unknown)[0]!r} is not among the training labels {labels}")
-        ids = [cfg.cls_id, *te.byte_ids(line.record["text"]), cfg.sep_id]
-        if len(ids) > cfg.max_len:  # as transformers' scripts truncate: here, an error
-            room = f"this model reads at most {cfg.max_len - 2}"
-            die(f"{path} line {line.number}: text is {len(ids) - 2} bytes; {room}")
+        ids = framed_text(path, line, cfg)
         if kind == "sequence":
             examples.append(Example(ids, index[target]))
         else:  # [CLS] and [SEP] carry no tag

@@ -1188,41 +1188,41 @@ def test_stdlib_questions_are_spans_held_out_by_file():
     assert token_f1("a", ["b"]) == 0.0 and token_f1("", [""]) == 1.0
 
 
-@pytest.mark.parametrize(
-    "lines, message",
-    [
-        (None, "no such file"),
-        (['{"text": "a", "label": "x"}', "{not json"], "line 2: not JSON"),
-        (['["a list"]'], 'line 1: needs an object with a "text" string'),
-        (['{"text": "ab", "tags": ["x"]}'], '"tags" must be a list with one tag per UTF-8 byte'),
-        (['{"text": "ab", "spans": [[0, 5, "x"]]}'], '"spans" must be [first char, end char'),
-        (['{"text": "a", "label": "x"}', '{"text": "b"}'], 'line 2: needs a "label"'),
-        (['{"text": "a", "lable": "x"}'], 'line 1: needs "label", "tags", "spans" or "question"'),
-        (['{"text": "a", "label": 0}', '{"text": "b", "label": "0"}'], "line 2: label '0' is"),
-        # a blank line first: the first record is line 2's
-        (["", '{"text": "a", "label": 0}', '{"text": "b", "label": "0"}'], "line 2's of int"),
-        (["", '{"text": "a", "lable": "x"}'], 'line 2: needs "label", "tags", "spans" or "q'),
-        (['{"text": "a", "label": null}'], '"label" must be a string or a whole number, got None'),
-        (['{"text": "a", "label": "x"}'] * 2, "every example has the label 'x'"),
-        (['{"text": "a", "spans": 5}'], '"spans" must be a list of [first char, end char, tag]'),
-        # true and null would be classes "True" and "None"; true an offset of 1
-        (
-            ['{"text": "ab", "tags": [true, "x"]}'],
-            "a tag must be a string or a whole number, got True",
-        ),
-        (['{"text": "ab", "spans": [[0, 2, null]]}'], "a tag must be a string or a whole number"),
-        (['{"text": "ab", "spans": [[true, 2, "B"]]}'], '"spans" must be [first char, end char'),
-        # longer than the model reads: named by its line, in either file
-        (
-            ['{"text": "b", "label": "y"}', json.dumps({"text": "a" * 70, "label": "x"})],
-            "line 2: text is 70 bytes; this model reads at most 62",
-        ),
-        (
-            ['{"text": "a \\udc80", "label": "x"}'],
-            "line 1: '\\udc80' is a lone surrogate, not text",
-        ),
-    ],
-)
+FINETUNE_BAD_INPUT = [
+    (None, "no such file"),
+    (['{"text": "a", "label": "x"}', "{not json"], "line 2: not JSON"),
+    (['["a list"]'], 'line 1: needs an object with a "text" string'),
+    (['{"text": "ab", "tags": ["x"]}'], '"tags" must be a list with one tag per UTF-8 byte'),
+    (['{"text": "ab", "spans": [[0, 5, "x"]]}'], '"spans" must be [first char, end char'),
+    (['{"text": "a", "label": "x"}', '{"text": "b"}'], 'line 2: needs a "label"'),
+    (['{"text": "a", "lable": "x"}'], 'line 1: needs "label", "tags", "spans" or "question"'),
+    (['{"text": "a", "label": 0}', '{"text": "b", "label": "0"}'], "line 2: label '0' is"),
+    # a blank line first: the first record is line 2's
+    (["", '{"text": "a", "label": 0}', '{"text": "b", "label": "0"}'], "line 2's of int"),
+    (["", '{"text": "a", "lable": "x"}'], 'line 2: needs "label", "tags", "spans" or "q'),
+    (['{"text": "a", "label": null}'], '"label" must be a string or a whole number, got None'),
+    (['{"text": "a", "label": "x"}'] * 2, "every example has the label 'x'"),
+    (['{"text": "a", "spans": 5}'], '"spans" must be a list of [first char, end char, tag]'),
+    # true and null would be classes "True" and "None"; true an offset of 1
+    (
+        ['{"text": "ab", "tags": [true, "x"]}'],
+        "a tag must be a string or a whole number, got True",
+    ),
+    (['{"text": "ab", "spans": [[0, 2, null]]}'], "a tag must be a string or a whole number"),
+    (['{"text": "ab", "spans": [[true, 2, "B"]]}'], '"spans" must be [first char, end char'),
+    # longer than the model reads: named by its line, in either file
+    (
+        ['{"text": "b", "label": "y"}', json.dumps({"text": "a" * 70, "label": "x"})],
+        "line 2: text is 70 bytes; this model reads at most 62",
+    ),
+    (
+        ['{"text": "a \\udc80", "label": "x"}'],
+        "line 1: '\\udc80' is a lone surrogate, not text",
+    ),
+]
+
+
+@pytest.mark.parametrize("lines, message", FINETUNE_BAD_INPUT)
 def test_finetune_bad_input_is_one_line(tmp_path, lines, message):
     init = tiny_checkpoint(tmp_path / "init.pt")
     train = tmp_path / "train.jsonl"
