@@ -103,6 +103,12 @@ FAMILY_CONFIGS = {
 }
 
 
+def edit_config(folder, **changes):
+    """folder's config.json with changes (new keys last), as a hand-edited or another tool's is."""
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def hf_model(transformers, name, attn, num_labels=3, **over):
     """A small transformers model of class name (":mean" after it: mean pooling), its config
     changed by over, with every parameter moved away from its init."""
@@ -269,9 +275,7 @@ def test_pretraining_weights_under_a_classifier_class_are_named_as_such(tmp_path
     sizes = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)
     config = transformers.BertConfig(vocab_size=VOCAB_SIZE, pad_token_id=PAD, **sizes)
     transformers.BertForPreTraining(config).save_pretrained(str(tmp_path))
-    saved = json.loads((tmp_path / "config.json").read_text())
-    saved["architectures"] = ["BertForSequenceClassification"]
-    (tmp_path / "config.json").write_text(json.dumps(saved))
+    edit_config(tmp_path, architectures=["BertForSequenceClassification"])
     with pytest.raises(ValueError, match=r"do not match BertForSequenceClassification: missing"):
         tinyencoder_hf.load(str(tmp_path))
 
@@ -461,8 +465,7 @@ def test_a_sliding_window_key_sets_the_window_as_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers reads the checkpoint")
     name = "ModernBertForMaskedLM"
     hf_model(transformers, name, "eager").save_pretrained(tmp_path)  # local_attention 8
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 2}))
+    edit_config(tmp_path, sliding_window=2)
     hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, attn_implementation="eager")
     model = tinyencoder_hf.load(str(tmp_path))
     assert hf.config.local_attention == 4
@@ -477,9 +480,7 @@ def test_rope_parameters_not_keyed_by_layer_kind_are_refused(tmp_path):
     """transformers refuses a flat rope_parameters; read as ours, its theta went unread."""
     transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
     hf_model(transformers, "ModernBertForMaskedLM", "eager").save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    edit_config(tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
     with pytest.raises(ValueError, match="rope_parameters must be keyed by 'full_attention'"):
         tinyencoder_hf.load(str(tmp_path))
 

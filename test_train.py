@@ -204,14 +204,20 @@ def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds spl
     assert len(one) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(one, two)), (one, two)
 
 
+def byte_corpus(docs):
+    """The arrays data/corpus.py makes of documents: their bytes side by side, and where each
+    starts (and the last ends)."""
+    data = np.frombuffer(b"".join(docs), np.uint8)
+    return data, np.cumsum([0] + [len(d) for d in docs])
+
+
 def test_bert_pairs_take_a_random_b_from_a_line_of_another_document():
     """B starts a line either way, so its first bytes never tell the NSP label: a random B from
     another document, a real one from A's. A one-byte document still gets a B, a random one."""
     from data.rows import sentence_pair
 
     docs = [b"x"] + [b"".join(b"doc%d line%d\n" % (d, j) for j in range(6)) for d in range(1, 9)]
-    data = np.frombuffer(b"".join(docs), np.uint8)
-    offsets = np.cumsum([0] + [len(d) for d in docs])
+    data, offsets = byte_corpus(docs)
     labels = []
     for slot in range(40):
         start = slot * 61 % len(data)  # pairs of 61 bytes, from the start of the corpus on
@@ -232,8 +238,7 @@ def test_half_of_bert_pairs_have_a_random_second():
     from data.rows import sentence_pair
 
     docs = [b"line %02d of doc\n" % k * 4 for k in range(40)]
-    data = np.frombuffer(b"".join(docs), np.uint8)
-    offsets = np.cumsum([0] + [len(d) for d in docs])
+    data, offsets = byte_corpus(docs)
     labels = [sentence_pair(data, offsets, 64, 0, [1337, i]).nsp_label for i in range(400)]
     assert 0.4 < np.mean(labels) < 0.6 and set(labels) == {0, 1}
 
@@ -246,8 +251,7 @@ def test_bert_pairs_read_every_document():
     from data.rows import TrainingRows
 
     docs = [b"line %02d of doc\n" % k * 4 for k in range(40)]
-    data = np.frombuffer(b"".join(docs), np.uint8)
-    offsets = np.cumsum([0] + [len(d) for d in docs])
+    data, offsets = byte_corpus(docs)
     recipe = SimpleNamespace(inputs="pairs", masking="static")
     rows = TrainingRows(recipe, data, offsets, 128, 1337, 10)
     first = [bytes(rows[i].ids[1:9].tolist()) for i in range(rows.count)]  # A's first bytes
@@ -262,8 +266,7 @@ def test_packed_rows_hold_no_padding_and_number_their_documents():
     from data.rows import CLS, TrainingRows
 
     docs = [b"document %d. " % k * (3 + k % 5) for k in range(30)]  # 12-90 bytes, rows of 32
-    data = np.frombuffer(b"".join(docs), np.uint8)
-    offsets = np.cumsum([0] + [len(d) for d in docs])
+    data, offsets = byte_corpus(docs)
     rows = TrainingRows(
         SimpleNamespace(inputs="packed", masking="dynamic"), data, offsets, 32, 0, 1
     )
@@ -285,8 +288,7 @@ def test_static_masks_repeat_every_dupe_factor_epochs():
     from data.rows import TrainingRows
 
     docs = [b"line %02d of a document\n" % k * 6 for k in range(12)]
-    data = np.frombuffer(b"".join(docs), np.uint8)
-    offsets = np.cumsum([0] + [len(d) for d in docs])
+    data, offsets = byte_corpus(docs)
     rows = TrainingRows(SimpleNamespace(inputs="pairs", masking="static"), data, offsets, 64, 7, 3)
     keys = {}  # (epoch, slot) -> mask key
     for i in range(5 * rows.count):
