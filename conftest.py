@@ -3,8 +3,11 @@ attention kernels that actually run. Tiny models, fixed seeds, CPU."""
 
 import collections
 import dataclasses
+import multiprocessing
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -119,3 +122,47 @@ def tiny_checkpoint(path, arch="roberta", **overrides):
     cfg = Config.from_preset(arch, hidden=32, layers=2, heads=2, max_len=64, **overrides)
     torch.save(dict(model=TinyEncoder(cfg).state_dict(), cfg=dataclasses.asdict(cfg)), path)
     return path
+
+
+# -------------------------------------------------------------------------------------------------
+# Scripts run as `python script.py args` runs them, each in a child forked from one Python that has
+# imported torch and numpy already (multiprocessing's fork server, started once): 0.3 s a run where
+# a fresh interpreter takes 2-3 s to import torch, over a hundred times a suite. The child holds
+# nothing of the test process; what needs an interpreter of its own (another environment, Ctrl-C,
+# torchrun, `python -c`) still runs under subprocess.
+HERE = Path(__file__).parent
+SCRIPT_IN_CHILD = """
+import os, runpy, sys
+os.chdir(cwd)
+os.environ.clear()
+os.environ.update(environ)
+for fd, path in ((1, out_path), (2, err_path)):
+    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+sys.argv = argv
+sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+runpy.run_path(argv[0], run_name="__main__")
+"""
+
+
+def run_python(command, cwd=HERE, timeout=300, text=True) -> subprocess.CompletedProcess:
+    """subprocess.run(command, capture_output=True, cwd=cwd, timeout=timeout, text=text) for a
+    command [sys.executable, script, *args]: the exit code, stdout and stderr a process gives."""
+    assert str(command[0]) == sys.executable and str(command[1]).endswith(".py"), command
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows: no fork
+        command = [str(part) for part in command]
+        return subprocess.run(command, capture_output=True, text=text, cwd=cwd, timeout=timeout)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "numpy"])
+    with tempfile.TemporaryDirectory() as outputs:
+        paths = dict(out_path=os.path.join(outputs, "out"), err_path=os.path.join(outputs, "err"))
+        names = dict(argv=[str(a) for a in command[1:]], cwd=str(cwd), environ=dict(os.environ))
+        child = context.Process(target=exec, args=(SCRIPT_IN_CHILD, {**names, **paths}))
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired(command, timeout)
+        read = Path.read_text if text else Path.read_bytes
+        out, err = (read(Path(paths[key])) for key in ("out_path", "err_path"))
+        return subprocess.CompletedProcess(command, child.exitcode, out, err)

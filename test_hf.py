@@ -18,6 +18,7 @@ from conftest import (
     assert_ran,
     batch,
     perturb,
+    run_python,
     run_without,
     tiny,
     tiny_checkpoint,
@@ -980,7 +981,7 @@ def test_checkpoints_with_retired_config_fields_still_export(tmp_path):
     saved = dict(dataclasses.asdict(model.cfg), **retired)
     torch.save(dict(model=model.state_dict(), cfg=saved), tmp_path / "ckpt.pt")
     command = [sys.executable, "tinyencoder_hf.py", str(tmp_path / "ckpt.pt"), str(tmp_path / "hf")]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
+    done = run_python(command)
     assert done.returncode == 0, done.stderr
     ids, mask = batch()
     with torch.no_grad():
@@ -994,6 +995,6 @@ def test_export_to_a_path_that_cannot_be_a_folder_is_one_line(tmp_path, where):
     checkpoint = tiny_checkpoint(tmp_path / "c.pt")
     (tmp_path / "file").write_text("not a folder")
     command = [sys.executable, "tinyencoder_hf.py", str(checkpoint), str(tmp_path / where)]
-    run = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
+    run = run_python(command)
     assert run.returncode != 0 and f"{tmp_path / 'file'}" in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
