@@ -236,10 +236,10 @@ def load_weights(model, path: str, flag: str):
         die(f"{flag} {path}: not this model's weights ({reason})")
 
 
-def check_resumed(checkpoint: dict, global_batch: int, split: str, max_steps: int | None):
+def check_resumed(checkpoint: dict, global_batch: int, split: str, max_steps, changed=()):
     """A resumed run takes as many rows a step as the run did (the step numbers the rows), and
-    stops at --max-steps, if given again, no earlier than the step it resumes at. A fresh run's
-    checkpoint is {}."""
+    stops at --max-steps, if given again, no earlier than the step it resumes at; a run that stops
+    at --max-steps takes no --time-budget. A fresh run's checkpoint is {}."""
     rows = checkpoint.get("global_batch", global_batch)
     if rows != global_batch:
         how = "resume with the run's processes, --batch-size and --grad-accum"
@@ -247,6 +247,10 @@ def check_resumed(checkpoint: dict, global_batch: int, split: str, max_steps: in
     step = checkpoint.get("step", 0)
     if max_steps is not None and max_steps < step:
         die(f"--resume: the run is at step {step}, past --max-steps {max_steps}")
+    if max_steps is not None and any(flag.startswith("--time-budget ") for flag in changed):
+        die(
+            f"--resume: the run stops at --max-steps {max_steps}; --time-budget is for runs without"
+        )
 
 
 # Fields that older checkpoints record and Config no longer has; none changed a weight

@@ -359,6 +359,8 @@ TRAIN_BAD_INPUT = [
         "argument --batch-size: must be at least 1 and at most 1000000000000, got 0",
     ),
     (["--lr", "0"], "argument --lr: must be above 0, got 0"),
+    # a run ends at its step count or its time, never the budget ignored in silence
+    (["--max-steps", "3", "--time-budget", "1"], "--time-budget: not allowed with argument --max"),
     (["--lr", "inf"], "argument --lr: must be above 0, got inf"),
     (["--max-steps", "1" + "0" * 400], "argument --max-steps: must be at least 1 and at most"),
     (["--mlm-rate", "1.5"], "argument --mlm-rate: must be above 0 and at most 1, got 1.5"),
@@ -702,6 +704,8 @@ def test_a_resumed_run_keeps_what_its_checkpoint_holds(tmp_path):
     assert "the run took 3 rows a step, this one 2 (2 per micro-batch x 1" in stderr
     # and a run at step 2 does not stop at step 1
     assert "the run is at step 2, past --max-steps 1" in refused_resume(run_dir, "--max-steps", 1)
+    # nor, stopping at its --max-steps, at a --time-budget (which went unread)
+    assert "--time-budget is for runs without" in refused_resume(run_dir, "--time-budget", 1)
     # a run from another's weights (--init-from) resumes from its own, that file gone or not
     init, started = tmp_path / "init.pt", tmp_path / "started"
     init.write_bytes((run_dir / "ckpt_last.pt").read_bytes())

@@ -86,8 +86,9 @@ add("--size", choices=list(SIZES), help="base is the paper's (default: base on G
 add("--data", help="file, folder or glob, a document per file (default: Python's stdlib sources)")
 add("--out-dir", default="out", help="checkpoints and metrics.jsonl go here")
 add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-add("--max-steps", type=COUNT, help="optimizer steps, exactly (default: what fits --time-budget)")
-add("--time-budget", type=POSITIVE, default=9.5, help="minutes for the run without --max-steps")
+ends = parser.add_mutually_exclusive_group()  # a run ends at a step or at a time, not both
+ends.add_argument("--max-steps", type=COUNT, help="optimizer steps (default: what fits the time)")
+ends.add_argument("--time-budget", type=POSITIVE, default=9.5, help="minutes for the run")
 # the LR schedule: never cut to --max-steps below 2000, so that a resumed run can go on along it
 add("--lr-steps", type=COUNT, help="schedule length (default: the run's; >= 2000 with --max-steps)")
 # ModernBERT above 1024 is its context extension: global RoPE theta 160k, lr 3e-4, 1-sqrt decay
@@ -160,7 +161,7 @@ args.batch_size = args.batch_size or max(1, (32768 if on_gpu else 2048) // T)
 B = args.batch_size  # sequences per micro-batch and process, as in tinyencoder
 global_batch = B * world * args.grad_accum  # sequences per optimizer step, over all processes
 split = f"{B} per micro-batch x {world} processes x {args.grad_accum} accumulated"
-check_resumed(checkpoint, global_batch, split, args.max_steps)
+check_resumed(checkpoint, global_batch, split, args.max_steps, changed)
 # ModernBERT's context extension: global RoPE theta 160k, lr 3e-4, a 1-sqrt decay over the last 1/6
 extension = args.arch == "modernbert" and T > 1024
 args.lr = args.lr or (3e-4 if extension else recipe.lr[args.size])
