@@ -9,6 +9,7 @@ question-answering pipeline reads them through the saved tokenizer: [CLS] questi
 [SEP], the context the second segment where the model has two.
 """
 
+import contextlib
 import dataclasses
 import numbers
 from collections.abc import Iterable
@@ -53,9 +54,27 @@ def text_ids(name: str, text) -> list[int]:
 
 
 def check_bytes(cfg: te.Config):
-    if cfg.vocab_size != te.VOCAB_SIZE:
-        got = f"vocab_size={cfg.vocab_size}, not {te.VOCAB_SIZE}"
-        raise ValueError(f"not a byte-level model ({got}): its tokens are not bytes")
+    """The byte vocabulary, with [CLS] and [SEP] past the bytes (a [SEP] that were a byte would
+    read the text's newlines as [SEP]); the pad id may be a byte, as BERT's is: masks come from
+    the rows' lengths."""
+    if not isinstance(cfg, te.Config):
+        raise ValueError(f"a Config is needed (a model's is model.cfg), got {type(cfg).__name__}")
+    if cfg.vocab_size != te.VOCAB_SIZE or min(cfg.cls_id, cfg.sep_id) < 256:
+        got = f"vocab_size={cfg.vocab_size}, cls_id={cfg.cls_id}, sep_id={cfg.sep_id}"
+        raise ValueError(
+            f"not a byte-level model ({got}; bytes are 0-255): its tokens are not bytes"
+        )
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in eval mode for the block, then in the mode it was in, an error raised or not."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -69,7 +88,7 @@ def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch
     cfg = model.cfg
     if cfg.classifier == "choice":
         raise ValueError("encode takes a model of rows of text, not a multiple-choice one")
-    texts_given = isinstance(texts, Iterable) and not isinstance(texts, (str, bytes))
+    texts_given = isinstance(texts, Iterable) and not isinstance(texts, (str, bytes, bytearray))
     if not texts_given or pooling not in ("mean", "cls"):
         got = f"{type(texts).__name__} and {pooling!r}"
         raise ValueError(f"encode takes a list of texts and pooling 'mean' or 'cls', got {got}")
@@ -82,8 +101,6 @@ def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     unpadded = dataclasses.replace(cfg, unpad=True)  # an execution field: speed, not numbers
     out = torch.zeros(len(rows), cfg.hidden)
-    was_training = model.training
-    model.eval()
     for first in range(0, len(rows), batch_size):
         batch = order[first : first + batch_size]
         device = model.tok_embed.weight.device
@@ -91,9 +108,9 @@ def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch
         ids, doc_ids = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
         layout = te.make_layout(unpadded, doc_ids, model.tok_embed.weight.dtype)
         # the trunk alone: the model's head (MLM logits, a classifier's) would be work thrown away
-        hidden = layout.scatter(model.trunk(ids, doc_ids, None, layout))  # (B, T, hidden)
+        with evaluating(model):
+            hidden = layout.scatter(model.trunk(ids, doc_ids, None, layout))  # (B, T, hidden)
         out[batch] = te.pool(hidden, doc_ids, pooling).float().cpu()
-    model.train(was_training)
     if normalize:
         out = F.normalize(out, dim=-1)
     return out
@@ -128,6 +145,7 @@ class QuestionRow(NamedTuple):
 def question_row(cfg: te.Config, question, context, names=("question", "context")) -> QuestionRow:
     """The ids of a question and its context (str or bytes), with a one-line error naming them
     (names) where they are not text or do not fit in max_len tokens."""
+    check_bytes(cfg)
     question, context = text_ids(names[0], question), text_ids(names[1], context)
     # what [CLS] and two [SEP] leave
     room = cfg.max_len - 3
@@ -149,6 +167,7 @@ def question_row(cfg: te.Config, question, context, names=("question", "context"
 def best_span(logits, allowed, max_length: int = 30) -> tuple[int, int]:
     """One row's answer: the first and last token, first <= last < first + max_length, both where
     allowed (the context's tokens), of highest start plus end logit. logits (T, 2), allowed (T,)."""
+    check_count("best_span", "max_length", max_length)
     T = logits.shape[0]
     # (T, T): the score of the span from token i to token j
     scores = logits[:, 0, None].float() + logits[None, :, 1].float()
@@ -191,9 +210,8 @@ def answer(model, question, context, max_length: int = 30) -> str:
     token_types = None
     if model.cfg.type_vocab:
         token_types = torch.tensor([row.token_types], device=device)
-    was_training = model.training
-    logits = model.eval()(ids, token_type_ids=token_types).logits[0].cpu()  # (T, 2)
-    model.train(was_training)
+    with evaluating(model):
+        logits = model(ids, token_type_ids=token_types).logits[0].cpu()  # (T, 2)
     allowed = torch.zeros(len(row.ids), dtype=torch.bool)
     allowed[row.context.start : row.context.stop] = True
     first, last = best_span(logits, allowed, max_length)

@@ -765,6 +765,9 @@ def test_saved_tokenizer_keeps_special_ids_past_a_gap(over, tmp_path):
     assert tokenizer("ab")["input_ids"] == [cfg.cls_id, *byte_ids("ab"), cfg.sep_id]
     assert (tokenizer.mask_token_id, tokenizer.pad_token_id) == (cfg.mask_id, cfg.pad_id)
     assert tokenizer("[MASK]", add_special_tokens=False)["input_ids"] == [cfg.mask_id]
+    # as README says: asked to, it reads the name as its bytes, as pipelines does
+    as_bytes = tokenizer("[MASK]", add_special_tokens=False, split_special_tokens=True)
+    assert as_bytes["input_ids"] == byte_ids("[MASK]")
     assert len(tokenizer) == VOCAB_SIZE
     assert tinyencoder_hf.load(str(tmp_path)).cfg == cfg  # mask_id too, which config.json keeps
 

@@ -1191,7 +1191,29 @@ BAD_CALLS = {
     "embed batch 0": Bad(lambda p: embed(p, ["a"], batch_size=0), "batch_size must be .* got 0"),
     "embed wordpiece": Bad(
         lambda p: embed(p, ["a"], vocab_size=30522, pad_id=0),
-        r"not a byte-level model \(vocab_size=30522, not 320\): its tokens are not bytes",
+        r"not a byte-level model \(vocab_size=30522, cls_id=257, sep_id=258; bytes are 0-255\)",
+    ),
+    # a [SEP] that is a byte (a newline) would read the text's newlines as [SEP]
+    "embed sep a byte": Bad(
+        lambda p: pipelines.encode(TinyEncoder(tiny(p, sep_id=10)), ["a"]),
+        r"not a byte-level model \(vocab_size=320, cls_id=257, sep_id=10; bytes are 0-255\)",
+    ),
+    "embed a bytearray": Bad(
+        lambda p: embed(p, bytearray(b"hi")), "encode takes a list of texts .* got bytearray"
+    ),
+    # the model where its Config is asked for: one line, not torch's AttributeError
+    "choices of a model": Bad(
+        lambda p: pipelines.choice_batch(TinyEncoder(tiny(p)), ["q"], [["a", "b"]]),
+        r"a Config is needed \(a model's is model.cfg\), got TinyEncoder",
+    ),
+    "question row of a model": Bad(
+        lambda p: pipelines.question_row(TinyEncoder(tiny(p)), "q", "c"),
+        r"a Config is needed \(a model's is model.cfg\), got TinyEncoder",
+    ),
+    "best span length 0": Bad(
+        lambda p: pipelines.best_span(torch.zeros(4, 2), torch.ones(4, dtype=torch.bool), 0),
+        "best_span's max_length must be a whole number above 0, got 0",
+        ("bert",),
     ),
     "embed a dict": Bad(
         lambda p: pipelines.encode({"arch": p}, ["a"]), "encode takes a TinyEncoder, got dict"
@@ -1213,6 +1235,20 @@ def test_bad_input_raises_value_error(case, preset):
     with pytest.raises(ValueError, match=BAD_CALLS[case].match) as raised:
         BAD_CALLS[case].call(preset)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_encode_and_answer_leave_the_training_mode_as_it_was_after_an_error(preset):
+    """A model embedding or answering mid-training stays in training mode (dropout on) after
+    the call, an error raised in its forward included."""
+    model = TinyEncoder(tiny(preset, classifier="span", nsp=False, attn_backend="flash"))
+    for call in (
+        lambda: pipelines.encode(model, ["a", "bb"]),
+        lambda: pipelines.answer(model, "q", "c"),
+    ):
+        with pytest.raises(ValueError, match="flash"):  # no flash kernel on a CPU
+            call()
+        assert model.training
 
 
 @pytest.mark.parametrize("preset", PRESETS)
