@@ -34,6 +34,7 @@ import torch
 import pipelines
 import tinyencoder as te
 import tinyencoder_hf
+from data.corpus import printable
 from data.tasks import exact_match, token_f1, write_task
 from runs import COUNT, POSITIVE, Metrics, Parser, StopSignals, device_or_die, die, die_diverged
 from runs import (
@@ -44,7 +45,7 @@ from runs import (
     resumed_args,
     save_checkpoint,
 )
-from runs import printable, settle_vector_math
+from runs import settle_vector_math
 
 parser = Parser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
 add = parser.add_argument

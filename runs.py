@@ -131,12 +131,6 @@ def resumed_args(parser: ArgumentParser, args: Namespace, saved: dict, keep: tup
     return changed
 
 
-def printable(text: str) -> str:
-    """text as a terminal can show it: bytes of a path that are not UTF-8 (os.fsdecode's lone
-    surrogates) as \\x escapes, where a strict UTF-8 stdout would raise UnicodeEncodeError."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def refuse_to_overwrite(out_dir: str):
     """A fresh run never writes over another run's checkpoints: a one-line error, the way on. An
     --out-dir that cannot be a folder (a file, or one inside a file) is refused before any work."""

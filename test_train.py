@@ -481,6 +481,62 @@ def test_held_out_copies_count_text_not_indentation(capsys):
     val_bytes, val_offsets = split_documents(documents, "corp")["val"]
     assert len(val_offsets) == 61  # the last tenth of each of the 60
     assert "each file held out by name copies another: the last tenth" in capsys.readouterr().out
+    # a path's bytes that are not UTF-8 are escaped, as train.py's log escapes them
+    split_documents(documents, "corp\udcfe")
+    assert "--data corp\\xfe: each file held out" in capsys.readouterr().out
+
+
+def test_a_one_byte_file_is_held_out_whole(tmp_path):
+    """Where the last tenth of each file is held out, a file of one byte left an empty training
+    document, whose sentence pair BERT's rows read past the last document (an IndexError)."""
+    from types import SimpleNamespace
+
+    from data.corpus import load_corpus
+    from data.rows import TrainingRows
+
+    (tmp_path / "a.txt").write_bytes(b"a sentence of the first file. " * 70)
+    (tmp_path / "b.txt").write_bytes(b"b")  # neither name held out by its hash
+    corpus = load_corpus(str(tmp_path))
+    (train, train_offsets), (val, val_offsets) = corpus["train"], corpus["val"]
+    assert len(train_offsets) == 2 and val.tobytes().endswith(b"b") and len(val_offsets) == 3
+    pairs = SimpleNamespace(inputs="pairs", masking="static")
+    rows = TrainingRows(pairs, train, train_offsets, 32, 1337, 10)
+    assert all(len(rows[i].ids) == 32 for i in range(rows.count))
+
+
+def test_the_stdlib_corpus_is_made_on_every_machine_and_a_lost_file_named(tmp_path, monkeypatch):
+    """torchrun's first process on each machine (LOCAL_RANK 0) makes the default corpus, not
+    only RANK 0's machine (the others read files that were not there); a file of it deleted by
+    hand is named, not a traceback."""
+    from data import corpus
+
+    made = []
+    monkeypatch.setattr(corpus, "prepare_stdlib", lambda: made.append(True))
+    monkeypatch.setattr(corpus, "STDLIB_STEM", str(tmp_path / "stdlib"))
+    for local_rank, makes in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", "3")
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        made.clear()
+        with pytest.raises(SystemExit, match=f"{tmp_path / 'stdlib'}-train.bin is missing: del"):
+            corpus.load_corpus(None)
+        assert made == [True] * makes
+
+
+def test_data_inside_the_output_folder_is_read(tmp_path):
+    """The run's own files are skipped where --out-dir lies inside the data's folder; a file
+    named inside --out-dir, or a folder there, is the user's data (it read as no files)."""
+    from data.corpus import read_documents
+
+    (tmp_path / "notes").mkdir()
+    for path in (tmp_path / "corpus.txt", tmp_path / "notes" / "n.txt"):
+        path.write_bytes(b"text")
+    (tmp_path / "ckpt_last.pt").write_bytes(b"the run's")
+    for spec, names in (("corpus.txt", ["corpus.txt"]), ("notes", ["n.txt"])):
+        read = read_documents(str(tmp_path / spec), out_dir=str(tmp_path))
+        assert [name for name, _ in read] == names, spec
+    # the folder that holds --out-dir: its files, the run's own not
+    read = read_documents(str(tmp_path / "notes" / ".."), out_dir=str(tmp_path / "notes"))
+    assert sorted(name for name, _ in read) == ["ckpt_last.pt", "corpus.txt"]
 
 
 def test_held_out_rows_mask_alike_at_any_context():
@@ -611,7 +667,7 @@ def test_a_folder_that_cannot_take_a_checkpoint_stops_a_resumed_run_at_once(tmp_
 def test_log_lines_show_paths_that_are_not_utf8():
     """os.fsdecode's surrogates of a path's bytes that are not UTF-8, as escapes a strict UTF-8
     stdout can write (print raised UnicodeEncodeError on the data: line)."""
-    from runs import printable
+    from data.corpus import printable
 
     name = os.fsdecode(b"/data/caf\xe9")
     assert printable(f"data: {name}; 1 file") == "data: /data/caf\\xe9; 1 file"

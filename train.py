@@ -24,9 +24,9 @@ import tinyencoder as te
 from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
 from runs import COUNT, DROPOUT, FRACTION, LENGTH, POSITIVE, RATE, Metrics, Parser, StopSignals
 from runs import check_step_fits, demo, device_or_die, die, die_diverged, load_checkpoint
-from runs import load_weights, printable, refuse_to_overwrite
+from runs import load_weights, refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
-from data.corpus import check_data, describe, load_corpus
+from data.corpus import check_data, describe, load_corpus, printable
 from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
 
 # Recipes: how each paper trained, the training twin of tinyencoder's PRESETS. Sizes override the
@@ -212,7 +212,7 @@ if args.init_from and not args.resume:
 # Data: two byte arrays (train, val) with document offsets (data/corpus.py), cut into rows as the
 # recipe says (data/rows.py).
 loading = time.time()
-corpus = load_corpus(args.data, args.out_dir, prepare=master, wait=dist.barrier if ddp else None)
+corpus = load_corpus(args.data, args.out_dir, wait=dist.barrier if ddp else None)
 check_data(checkpoint, corpus, args.data)
 train_data, train_offsets = corpus["train"]
 val_data, val_offsets = corpus["val"]

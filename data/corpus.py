@@ -30,6 +30,12 @@ def die(message):
     sys.exit(f"error: {message}")  # one line, no traceback
 
 
+def printable(text: str) -> str:
+    """text as a terminal can show it: bytes of a path that are not UTF-8 (os.fsdecode's lone
+    surrogates) as \\x escapes, where a strict UTF-8 stdout would raise UnicodeEncodeError."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def read_documents(spec, out_dir=None):
     """(name, bytes) for each file that spec (a file, folder or glob) names, once, whatever the
     links and globs that reach it, but for those under out_dir (a run's own checkpoints); with no
@@ -48,7 +54,12 @@ def read_documents(spec, out_dir=None):
         die(f"--data {pattern}: no such file or folder")
     base = starting_folder(pattern, roots)
     seen = set()  # real paths read, and folders walked: a link may lead back
-    outputs = os.path.join(os.path.realpath(out_dir), "") if out_dir else None
+    outputs = None
+    if out_dir and not os.path.isfile(pattern):
+        outputs = os.path.join(os.path.realpath(out_dir), "")
+    # a file named, or a folder inside --out-dir, is the user's data (the run writes in --out-dir)
+    if outputs and os.path.realpath(base).startswith(outputs):
+        outputs = None
     for root in roots:
         for path in files_under(root, skip=() if spec else SKIPPED_FOLDERS, seen=seen):
             if not spec and not path.endswith(".py"):
@@ -120,13 +131,15 @@ def split_documents(documents, spec):
     held = [hashlib.md5(os.fsencode(name)).digest()[0] % 25 == 0 for name, _ in documents]
     if any(held) and not all(held):
         held = [is_held and not copy for is_held, copy in zip(held, near_copies(documents, held))]
-        if not any(held):  # a corpus of drafts, say: the fallback below holds copies out too
+        # a corpus of drafts, say: the fallback below holds copies out too (said by one process)
+        if not any(held) and os.environ.get("RANK", "0") == "0":
             instead = "the last tenth of each file is held out instead"
-            print(f"--data {spec}: each file held out by name copies another: {instead}")
+            print(printable(f"--data {spec}: each file held out by name copies another: {instead}"))
     if all(held) or not any(held):
         # too few documents to hold some out: hold out the last tenth of each
         cuts = [len(data) * 9 // 10 for _, data in documents]
-        train = [data[:cut] for (_, data), cut in zip(documents, cuts)]
+        # a file of one byte is held out whole: an empty document has no rows to train on
+        train = [data[:cut] for (_, data), cut in zip(documents, cuts) if cut]
         val = [data[cut:] for (_, data), cut in zip(documents, cuts)]
     else:
         train = [data for (_, data), is_held in zip(documents, held) if not is_held]
@@ -217,21 +230,25 @@ def load_stdlib():
     """The prepared stdlib corpus, as split_documents() returns it."""
     parts = {}
     for part in ("train", "val"):
-        data = np.fromfile(f"{STDLIB_STEM}-{part}.bin", np.uint8)
-        parts[part] = (data, np.fromfile(f"{STDLIB_STEM}-{part}.idx", np.int64))
+        try:
+            data = np.fromfile(f"{STDLIB_STEM}-{part}.bin", np.uint8)
+            parts[part] = (data, np.fromfile(f"{STDLIB_STEM}-{part}.idx", np.int64))
+        except FileNotFoundError as e:  # deleted by hand: its val.idx says it was made
+            die(f"{e.filename} is missing: delete {STDLIB_STEM}-* to have the corpus made again")
     return parts
 
 
-def load_corpus(spec, out_dir=None, prepare=True, wait=None):
+def load_corpus(spec, out_dir=None, wait=None):
     """What train.py trains on: the files spec names but those in out_dir, split by name, or else
-    the stdlib, which the process told to prepare writes into data/ once, while wait (a barrier)
-    holds the others. Its "sha256" names its bytes, for a resumed run to check."""
+    the stdlib, which the first process of each machine (torchrun's LOCAL_RANK 0) writes into data/
+    once, while wait (a barrier) holds the others. Its "sha256" names its bytes, for a resumed run
+    to check."""
     if spec == "":  # an unset variable in --data "$DATA": no silent switch to the stdlib
         die("--data '' names no file, folder or glob (leave --data out for the Python stdlib)")
     if spec:
         corpus = split_documents(read_documents(spec, out_dir), spec)
     else:
-        if prepare:
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # not RANK: every machine needs its copy
             try:
                 prepare_stdlib()
             except OSError as e:  # a read-only checkout, a full disk
