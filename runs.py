@@ -242,9 +242,7 @@ def check_resumed(checkpoint: dict, global_batch: int, split: str, max_steps, ch
     if max_steps is not None and max_steps < step:
         die(f"--resume: the run is at step {step}, past --max-steps {max_steps}")
     if max_steps is not None and any(flag.startswith("--time-budget ") for flag in changed):
-        die(
-            f"--resume: the run stops at --max-steps {max_steps}; --time-budget is for runs without"
-        )
+        die(f"--resume: the run stops at --max-steps {max_steps}, and reads no --time-budget")
 
 
 # Fields that older checkpoints record and Config no longer has; none changed a weight

@@ -761,7 +761,8 @@ def test_a_resumed_run_keeps_what_its_checkpoint_holds(tmp_path):
     # and a run at step 2 does not stop at step 1
     assert "the run is at step 2, past --max-steps 1" in refused_resume(run_dir, "--max-steps", 1)
     # nor, stopping at its --max-steps, at a --time-budget (which went unread)
-    assert "--time-budget is for runs without" in refused_resume(run_dir, "--time-budget", 1)
+    stderr = refused_resume(run_dir, "--time-budget", 1)
+    assert "the run stops at --max-steps 2, and reads no --time-budget" in stderr
     # a run from another's weights (--init-from) resumes from its own, that file gone or not
     init, started = tmp_path / "init.pt", tmp_path / "started"
     init.write_bytes((run_dir / "ckpt_last.pt").read_bytes())
