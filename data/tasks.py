@@ -21,7 +21,7 @@ import textwrap
 import tokenize
 from collections import Counter
 
-from data.corpus import read_documents, renamed_into_place
+from data.corpus import STDLIB, read_documents, renamed_into_place
 
 TAGS = ("other", "name", "keyword", "operator", "number", "string", "comment")
 # Python 3.12+ tokenizes an f-string into parts instead of one STRING; other tokens are "other"
@@ -273,13 +273,23 @@ def token_f1(prediction: str, answers: list) -> float:
     return best
 
 
+# The task files are made again for another Python (another stdlib: 3.11.2's is not 3.11.7's)
+# and for other rules (any change to this file), as corpus.py's are for another Python.
+with open(__file__, "rb") as source:
+    TASKS_KEY = hashlib.sha256(STDLIB.encode() + source.read()).hexdigest()[:8]
+
+
+def task_paths(name, folder) -> dict:
+    """{"train": path, "val": path}: {folder}/{name}-pyX.Y.Z-{key}-{train,val}.jsonl."""
+    stem = os.path.join(folder, "%s-py%d.%d.%d-%s" % (name, *sys.version_info[:3], TASKS_KEY))
+    return {part: f"{stem}-{part}.jsonl" for part in ("train", "val")}
+
+
 def write_task(name, folder, max_bytes=126):
-    """Write {folder}/{name}-pyXY-{train,val}.jsonl, name "tags", "packages" or "qa", unless
-    there; the val file, written last and renamed into place whole, marks "done". Returns the two
-    paths."""
+    """Write the task's two files (task_paths), name "tags", "packages" or "qa", unless there;
+    the val file, written last and renamed into place whole, marks "done". Returns the paths."""
     makers = {"tags": tagging_examples, "packages": package_examples, "qa": qa_examples}
-    stem = os.path.join(folder, "%s-py%d%d" % (name, *sys.version_info[:2]))
-    paths = {part: f"{stem}-{part}.jsonl" for part in ("train", "val")}
+    paths = task_paths(name, folder)
     if os.path.exists(paths["val"]):
         return paths
     parts = makers[name](max_bytes)
