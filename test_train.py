@@ -1241,6 +1241,17 @@ def test_finetune_bad_questions_are_one_line(tmp_path, lines, message):
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
 
 
+def test_runs_of_lines_cut_long_lines_between_characters():
+    """tasks.spans: whole lines up to max_bytes a run, a longer line cut before a character that
+    would not fit; a budget under 4 bytes is refused (it cut before a 4-byte character forever)."""
+    from data.tasks import spans
+
+    data = "ab\n😀😀c\n".encode()
+    assert list(spans(data, 4)) == [(0, 3), (3, 7), (7, 11), (11, 13)]
+    with pytest.raises(ValueError, match="max_bytes must hold a 4-byte character"):
+        list(spans(data, 3))
+
+
 def test_stdlib_questions_are_spans_held_out_by_file():
     """The QA task: every answer is its context's text at its start, every question of the three
     kinds fits 128 tokens with [CLS] and two [SEP], and no context is in both splits; exact match

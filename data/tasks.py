@@ -86,6 +86,9 @@ def byte_tags(text):
 
 def spans(data, max_bytes):
     """(start, end) of greedy runs of whole lines of up to max_bytes, longer lines cut in pieces."""
+    # fewer could not hold a 4-byte character, and the cut before it would never move on
+    if max_bytes < 4:
+        raise ValueError("max_bytes must hold a 4-byte character")
     begin = end = 0  # the run so far
     for line in data.splitlines(keepends=True):
         line_end = end + len(line)
@@ -106,8 +109,6 @@ def tagging_examples(max_bytes=126, train_every=6):
     """{"train": [...], "val": [...]} of {"text", "tags"}: runs of whole lines of at most max_bytes
     UTF-8 bytes, with a TAGS name per byte; blank runs are left out. Training keeps every
     train_every-th run (some 20,000 on 3.11): more than fine-tuning reads, and quick to load."""
-    if max_bytes < 4:
-        raise ValueError("max_bytes must hold a 4-byte character")
     parts = {"train": [], "val": []}
     for name, text in python_sources():
         try:
