@@ -27,6 +27,7 @@ import functools
 import itertools
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -475,13 +476,24 @@ def default_dtype(dev):
     return "fp32"
 
 
+def machine(dev) -> dict:
+    """What the figures ran on: the card's name (a GPU's, or the CPU's type) and the versions."""
+    name = platform.processor() or platform.machine()
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    hf_version = getattr(transformers, "__version__", "not installed")
+    return dict(device_name=name, torch=torch.__version__, transformers=hf_version)
+
+
 def print_setup(dev, dtype_name, compile_):
     """The versions, device, dtype and the machine's load, to read every later figure beside."""
-    hf_version = getattr(transformers, "__version__", "not installed")
+    named = machine(dev)
     threads = torch.get_num_threads()
     load = os.getloadavg()[0]
-    versions = f"torch {torch.__version__}, transformers {hf_version}"
-    setup = f"{dev}, {dtype_name}, compile={compile_}, threads={threads}"
+    versions = (
+        f"torch {named['torch']} (CUDA {torch.version.cuda}), transformers {named['transformers']}"
+    )
+    setup = f"{dev} ({named['device_name']}), {dtype_name}, compile={compile_}, threads={threads}"
     print(f"{versions}, {setup}, load average {load:.1f} on {os.cpu_count()} CPUs", flush=True)
     if dev.type == "cpu" and threads > 1 and load > 0.5:
         busy = "note: other jobs are using the CPUs, so threads wait on each other;"
@@ -685,6 +697,7 @@ def main():
     dtype = DTYPES[args.dtype]
     peak = measured_peak(dev, dtype)
     report = dict(device=str(dev), dtype=args.dtype, compile=args.compile, peak_flops=peak)
+    report.update(machine(dev), cuda=torch.version.cuda)
     report["compile_hf"] = args.compile and args.compile_hf
     # the report names the file it is written to, as it always has
     report["json"] = args.json

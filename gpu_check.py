@@ -23,8 +23,9 @@ batch sizes), even when another fails; each recompile's reason is logged as it h
     --max-steps 40 as well when --budget leaves the time. Each evaluates and saves at its end only.
 
 They run quick ones first, so that a run cut short while (b) compiles keeps them: (a), (d), (e)'s
-ModernBERT, (b), (c), (e)'s BERT. --sections and --archs pick some: a second run can take the
-architectures (b) had no time for (--sections speed --archs bert,roberta).
+ModernBERT, (b), (c), (e)'s BERT; (b) times every arch at 16 rows before any at 32. --sections and
+--archs pick some: a second run can take the architectures (b) had no time for
+(--sections speed --archs bert,roberta --budget 180: no (c), which would compile ModernBERT).
 
 --tiny shrinks every size (1 layer 256 wide in (b) and (c), 2 layers in (d)) and compiles with the
 aot_eager backend, so that a CPU runs the same code; there (c)'s busy share and syncs are None, with
@@ -46,7 +47,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch._dynamo.utils import counters
@@ -54,7 +55,7 @@ from torch.autograd import DeviceType
 
 import tinyencoder as te
 from bench import DTYPES, Stepper, add_mfu, alternate, base_model, compare, default_device
-from bench import default_dtype
+from bench import default_dtype, machine
 from bench import hf_steppers, hf_twin, make_batches, print_setup, transformers, variant
 from mfu import autocast, measured_peak, spec_peak, synchronize
 from runs import POSITIVE, Parser, device_or_die, output_file
@@ -74,7 +75,7 @@ PEERS = {"hf": True, "hf_eager": False}
 # saves each one's rows as they come, and counts the frames each step traces (the recompile
 # reasons are logged); and (d) and (e)'s ModernBERT run before it. (b) skips what would leave
 # less than LATER_S for (c), and (e) runs BERT last, only if BERT_TRAIN_S is left. A second run
-# can take what (b) had no time for: --sections speed,profile --archs bert,roberta.
+# can take what (b) had no time for: --sections speed --archs bert,roberta --budget 180.
 BUDGET_S = 450
 LATER_S = 40
 BERT_TRAIN_S = 100
@@ -150,8 +151,10 @@ def record(report, name, figures):
     """Put a section's figures (so far) in the report, and write it to its file, if it names one."""
     report[name] = figures
     if report.get("json"):
-        with open(report["json"], "w") as f:
+        # whole or not at all: a kill while writing leaves the last whole file
+        with open(report["json"] + ".part", "w") as f:
             json.dump(report, f, indent=1, default=str)
+        os.replace(report["json"] + ".part", report["json"])
 
 
 @dataclasses.dataclass
@@ -334,10 +337,17 @@ class Counted:
         self.slowest = max(self.slowest, time.perf_counter() - t)
 
 
-def speed_arch(arch, plan, setting, kept, progress):
-    """(b) for one arch: its steps built, and compiled once by their first call (plan.compile),
-    then timed at each batch size while the budget lasts, each one's figures handed to progress
-    (the arch's so far) as it is done. kept[arch] keeps the compiled tinyencoder step for (c)."""
+class Started(NamedTuple):
+    """An arch of (b), compiled: its steps by name, the model whose weights they share, figures."""
+
+    steps: dict
+    base: te.TinyEncoder
+    info: dict
+
+
+def start_arch(arch, plan, setting, kept) -> Started:
+    """(b)'s steps for one arch, compiled once by their first call (plan.compile), with its base
+    model and its figures so far. kept[arch] keeps the compiled tinyencoder step for (c)."""
     dev = setting.dev
     base = base_model(arch, dev, plan.layers or te.Config.from_preset(arch).layers, plan.hidden)
     steps = {"published": Stepper(base, True, setting.dtype, compile_=True, options=plan.compile)}
@@ -349,14 +359,16 @@ def speed_arch(arch, plan, setting, kept, progress):
     info = dict(first_call_s=first_calls(steps, b[0], dev), attn_dropout=base.cfg.attn_dropout)
     info.update(backend=te.pick_backend(base.cfg, dev, setting.dtype), rows=[], per_batch_size=[])
     print(f"   {arch} first calls (s): {info['first_call_s']}", flush=True)
-    for B in plan.batches:
-        if setting.left() < LATER_S:
-            info["skipped"] = f"{B} rows and more: {setting.left():.0f} s of the budget left"
-            break
-        rows, seen = time_batch_size(steps, base, plan, setting, dict(arch=arch, rows=B, seq=seq))
-        info["rows"] += rows
-        info["per_batch_size"].append(seen)
-        progress(info)
+    return Started(steps, base, info)
+
+
+def speed_at(arch, B, started, plan, setting):
+    """(b) for one started arch (started[arch]: start_arch's) at B rows: its figures so far."""
+    info = started[arch].info
+    case = dict(arch=arch, rows=B, seq=plan.seq[arch])
+    rows, seen = time_batch_size(started[arch].steps, started[arch].base, plan, setting, case)
+    info["rows"] += rows
+    info["per_batch_size"].append(seen)
     frames = [sum(seen["frames"].values()) for seen in info["per_batch_size"]]
     info["recompiles_while_timed"] = sum(frames)
     return info
@@ -398,31 +410,42 @@ def add_mfus(rows, peak, spec):
 
 
 def check_speed(setting, kept, save, archs):
-    """(b) for archs: each one's figures, saved as each is done (save: the report so far, to its
-    file); an arch that fails is recorded and the next one runs, one that the budget has no time
-    for is skipped. Then the table."""
+    """(b) for archs, a batch size at a time: every arch at the first (16 rows) before any at the
+    next, so that a run the budget cuts short holds each arch's first figures. Each arch's figures
+    are saved as they come (save: the report so far, to its file), its first calls' seconds too;
+    an arch that fails is recorded and the others go on; what the budget has no time for is
+    skipped. Then the table."""
     plan = speed_plan(setting.tiny)
     report = dict(flash=te.FLASH, plan=dataclasses.asdict(plan))
-    rows = []
-    last_s = 0.0
-    for arch in archs:
-        if setting.left() < LATER_S + last_s:
-            report[arch] = dict(skipped=f"{setting.left():.0f} s of the budget left")
-            print(f"   {arch}: skipped, {report[arch]['skipped']}", flush=True)
-            continue
-        t = time.perf_counter()
-        try:
-            progress = functools.partial(record_arch, report, arch, save)
-            report[arch] = speed_arch(arch, plan, setting, kept, progress)
-        except Exception as e:  # noqa: BLE001 - keep the other archs
-            traceback.print_exc()
-            # the batch sizes timed before the error keep their rows
-            report[arch] = dict(report.get(arch, {}), error=f"{type(e).__name__}: {e}")
-        last_s = time.perf_counter() - t
-        report[arch]["seconds"] = last_s
-        add_mfus(report[arch].get("rows", []), setting.peak, setting.spec)
-        rows += report[arch].get("rows", [])
-        save(report)
+    started, failed = {}, set()
+    start_s = 0.0  # the last arch's start, mostly compiling: what the next one's may take
+    for B in plan.batches:
+        for arch in [arch for arch in archs if arch not in failed]:
+            left, need = setting.left(), LATER_S
+            if arch not in started:
+                need += start_s
+            if left < need:
+                skipped = f"{B} rows and more: {left:.0f} s of the budget left"
+                report.setdefault(arch, {}).setdefault("skipped", skipped)
+                continue
+            t = time.perf_counter()
+            try:
+                if arch not in started:
+                    started[arch] = start_arch(arch, plan, setting, kept)
+                    start_s = time.perf_counter() - t
+                    record_arch(report, arch, save, started[arch].info)
+                report[arch] = speed_at(arch, B, started, plan, setting)
+            except Exception as e:  # noqa: BLE001 - keep the other archs
+                traceback.print_exc()
+                # the batch sizes timed before the error keep their rows
+                report[arch] = dict(report.get(arch, {}), error=f"{type(e).__name__}: {e}")
+                failed.add(arch)
+                started.pop(arch, None)
+            report[arch]["seconds"] = report[arch].get("seconds", 0.0) + time.perf_counter() - t
+            save(report)
+    rows = [row for arch in archs for row in report.get(arch, {}).get("rows", [])]
+    add_mfus(rows, setting.peak, setting.spec)
+    save(report)
     print_speed(rows, setting.peak, setting.spec)
     return report
 
@@ -617,8 +640,11 @@ def captured(command, timeout) -> dict:
     """A command's return code (None: timed out), stdout lines and stderr's last 2,000 characters
     (None where it exited 0), run from this folder, whatever it printed before a timeout too."""
     here = os.path.dirname(os.path.abspath(__file__))
+    # unbuffered: a pipe holds 8 KB of a child's prints until it exits, and a timeout kills it
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
-        done = subprocess.run(command, capture_output=True, text=True, cwd=here, timeout=timeout)
+        run = dict(capture_output=True, text=True, cwd=here, timeout=timeout, env=env)
+        done = subprocess.run(command, **run)
         returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired as e:
         # what a timeout caught is bytes, whatever text=True says
@@ -716,6 +742,8 @@ def parse_args():
 
 def main():
     args = parse_args()
+    # each line out as it is printed: a run that its limit kills keeps what it printed
+    sys.stdout.reconfigure(line_buffering=True)
     # each recompile's reason, printed as it happens: what a short GPU run most needs to show
     torch._logging.set_logs(recompiles=True)
     deadline = time.perf_counter() + args.budget
@@ -729,6 +757,8 @@ def main():
     measured = f"matmul peak ({dtype_name}, measured): {peak / 1e12:.2f} TFLOP/s"
     print(f"{measured}; the card's dense bf16 spec: {spec / 1e12:.0f} TFLOP/s (0: not known)")
     report = dict(device=str(dev), dtype=dtype_name, compile=compile_, peak_flops=peak)
+    report.update(machine(dev), cuda=torch.version.cuda, tiny=args.tiny, budget=args.budget)
+    report.update(sections=args.sections, archs=args.archs)
     report.update(spec_peak_flops=spec, flash=te.FLASH, json=args.json)
     setting = Setting(dev, DTYPES[dtype_name], peak, spec, tiny=args.tiny, deadline=deadline)
     run(report, setting, args.sections, args.archs)

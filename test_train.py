@@ -1,6 +1,7 @@
 """train.py end to end: exact resume, torchrun against one process, one-line errors, and learned
 positions that learn word order."""
 
+import dataclasses
 import json
 import os
 import random
@@ -840,7 +841,7 @@ class Event:
         return self.us
 
 
-def test_gpu_check_counts_each_kernel_once_and_keeps_what_a_timeout_printed():
+def test_gpu_check_counts_each_kernel_once_and_keeps_what_a_timeout_printed(monkeypatch):
     """A compiled graph's span on the GPU covers its kernels: counted as a kernel, it doubled the
     kernel time and the busy share. A train.py run that times out keeps the lines it printed."""
     from torch.autograd import DeviceType
@@ -860,8 +861,10 @@ def test_gpu_check_counts_each_kernel_once_and_keeps_what_a_timeout_printed():
     slow = [
         sys.executable,
         "-c",
-        "import time; print('step 1 | 9k tok/s', flush=True); time.sleep(60)",
+        "import time; print('step 1 | 9k tok/s'); time.sleep(60)",
     ]
+    # unflushed, as train.py's log lines are: a pipe held them until the child exited
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
     done = gpu_check.captured(slow, timeout=3)
     assert done["returncode"] is None and done["stdout"] == ["step 1 | 9k tok/s"]
     assert "timed out after 3 s" in done["stderr"]
@@ -869,22 +872,38 @@ def test_gpu_check_counts_each_kernel_once_and_keeps_what_a_timeout_printed():
     assert failed["returncode"] == 1 and failed["stderr"] == "error: no GPU\n"
 
 
-def test_gpu_check_keeps_what_a_failing_arch_timed(monkeypatch):
-    """(b): an arch that fails at its second batch size (out of memory) keeps the first one's
-    figures beside its error; flash that cannot run where `auto` would pick it is a FAIL."""
+def test_gpu_check_times_every_arch_before_a_larger_batch_and_keeps_a_failure(monkeypatch):
+    """(b) times every arch at its first batch size before any at the next, so that a run the
+    budget cuts short holds each arch's first figures; an arch that fails (out of memory) keeps
+    what it timed beside its error while the others go on; with no time left, each is skipped.
+    Flash that cannot run where `auto` would pick it is a FAIL."""
     import gpu_check
 
-    def timed_one_then_failed(arch, plan, setting, kept, progress):
-        progress(dict(rows=[], per_batch_size=[dict(rows=16, seconds=9.0)]))
-        raise RuntimeError("CUDA out of memory (simulated)")
+    timed = []
 
-    monkeypatch.setattr(gpu_check, "speed_arch", timed_one_then_failed)
+    def start(arch, plan, setting, kept):
+        return gpu_check.Started({}, None, dict(first_call_s=1.0, rows=[], per_batch_size=[]))
+
+    def time_batch_size(steps, base, plan, setting, case):
+        timed.append((case["arch"], case["rows"]))
+        if case["arch"] == "bert" and case["rows"] == 4:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return [dict(case)], dict(rows=case["rows"], frames={"published": 0})
+
+    monkeypatch.setattr(gpu_check, "start_arch", start)
+    monkeypatch.setattr(gpu_check, "time_batch_size", time_batch_size)
     setting = gpu_check.Setting(torch.device("cpu"), torch.float32, 1e12, 0.0, True, 1e12)
-    saved = []
-    report = gpu_check.check_speed(setting, {}, saved.append, ("modernbert",))
-    assert report["modernbert"]["per_batch_size"] == [dict(rows=16, seconds=9.0)]
-    assert report["modernbert"]["error"] == "RuntimeError: CUDA out of memory (simulated)"
-    assert saved[-1] is report
+    saved, archs = [], ("modernbert", "bert", "roberta")
+    report = gpu_check.check_speed(setting, {}, saved.append, archs)
+    # --tiny's batch sizes are 2 and 4
+    assert timed == [(arch, 2) for arch in archs] + [(arch, 4) for arch in archs]
+    assert [seen["rows"] for seen in report["bert"]["per_batch_size"]] == [2]
+    assert report["bert"]["error"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert [row["rows"] for row in report["roberta"]["rows"]] == [2, 4]
+    assert saved[-1] is report and len(saved) >= 6
+    out_of_time = dataclasses.replace(setting, deadline=0.0)
+    report = gpu_check.check_speed(out_of_time, {}, saved.append, archs)
+    assert all(report[arch]["skipped"].startswith("2 rows and more: ") for arch in archs)
     judged = gpu_check.judge("bert", "flash bf16", "unavailable: no kernel", 1.0, None, True)
     assert judged["ok"] is False
 
