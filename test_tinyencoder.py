@@ -1685,6 +1685,17 @@ def test_import_leaves_the_compiler_unloaded():
     assert run.returncode == 0 and run.stdout.strip() == "False", run.stdout + run.stderr[-2000:]
 
 
+def test_export_stops_at_the_masks_values_not_in_a_recursion():
+    """torch.export (non-strict, its default from torch 2.7) cannot trace a layout made from the
+    mask's values, as README says, and stops at that guard: it recursed into make_layout without
+    end (torch.compiler.is_compiling is true under export, and disable() does not stop it)."""
+    model = TinyEncoder(tiny("bert")).eval()
+    with pytest.raises(Exception) as raised:
+        torch.export.export(model, (batch()[0],), strict=False)
+    assert not isinstance(raised.value, RecursionError)
+    assert "data-dependent" in str(raised.value)
+
+
 @pytest.mark.parametrize("unpad", [False, True])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_compiled_forward_breaks_outside_the_layers(preset, unpad):

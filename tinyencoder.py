@@ -808,7 +808,7 @@ def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
     """The layout, on doc_ids' device, of a forward on device (doc_ids' by default): Unpadded tokens
     for flash, or where cfg.unpad asks on a CPU unless each row is one whole document (README:
     "Whole rows on a CPU"); else Padded rows. Compiled, it runs as is: one graph break, no more."""
-    if torch.compiler.is_compiling():  # not a decorator, which imports torch._dynamo (1 s) here
+    if torch.compiler.is_dynamo_compiling():  # not a decorator: that imports torch._dynamo (1 s)
         return torch.compiler.disable(make_layout)(cfg, doc_ids, dtype, device, labels)
     device = torch.device(device or doc_ids.device)
     backend = pick_backend(cfg, device, dtype)
