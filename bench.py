@@ -479,6 +479,10 @@ def default_dtype(dev):
 def machine(dev) -> dict:
     """What the figures ran on: the card's name (a GPU's, or the CPU's type) and the versions."""
     name = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):  # Linux names the CPU there, not in platform
+        with open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        name = models[0] if models else name
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
     hf_version = getattr(transformers, "__version__", "not installed")
