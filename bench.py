@@ -479,14 +479,16 @@ def default_dtype(dev):
 def machine(dev) -> dict:
     """What the figures ran on: the card's name (a GPU's, or the CPU's type) and the versions."""
     name = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):  # Linux names the CPU there, not in platform
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    elif os.path.exists("/proc/cpuinfo"):  # Linux names the CPU there, not in platform
         with open("/proc/cpuinfo") as f:
             models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         name = models[0] if models else name
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
     hf_version = getattr(transformers, "__version__", "not installed")
-    return dict(device_name=name, torch=torch.__version__, transformers=hf_version)
+    return dict(
+        device_name=name, torch=torch.__version__, cuda=torch.version.cuda, transformers=hf_version
+    )
 
 
 def print_setup(dev, dtype_name, compile_):
@@ -495,7 +497,7 @@ def print_setup(dev, dtype_name, compile_):
     threads = torch.get_num_threads()
     load = os.getloadavg()[0]
     versions = (
-        f"torch {named['torch']} (CUDA {torch.version.cuda}), transformers {named['transformers']}"
+        f"torch {named['torch']} (CUDA {named['cuda']}), transformers {named['transformers']}"
     )
     setup = f"{dev} ({named['device_name']}), {dtype_name}, compile={compile_}, threads={threads}"
     print(f"{versions}, {setup}, load average {load:.1f} on {os.cpu_count()} CPUs", flush=True)
@@ -701,7 +703,7 @@ def main():
     dtype = DTYPES[args.dtype]
     peak = measured_peak(dev, dtype)
     report = dict(device=str(dev), dtype=args.dtype, compile=args.compile, peak_flops=peak)
-    report.update(machine(dev), cuda=torch.version.cuda)
+    report.update(machine(dev))
     report["compile_hf"] = args.compile and args.compile_hf
     # the report names the file it is written to, as it always has
     report["json"] = args.json

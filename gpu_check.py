@@ -362,11 +362,11 @@ def start_arch(arch, plan, setting, kept) -> Started:
     return Started(steps, base, info)
 
 
-def speed_at(arch, B, started, plan, setting):
-    """(b) for one started arch (started[arch]: start_arch's) at B rows: its figures so far."""
-    info = started[arch].info
+def speed_at(arch, B, started: Started, plan, setting):
+    """(b) for one started arch (start_arch's) at B rows: its figures so far."""
+    info = started.info
     case = dict(arch=arch, rows=B, seq=plan.seq[arch])
-    rows, seen = time_batch_size(started[arch].steps, started[arch].base, plan, setting, case)
+    rows, seen = time_batch_size(started.steps, started.base, plan, setting, case)
     info["rows"] += rows
     info["per_batch_size"].append(seen)
     frames = [sum(seen["frames"].values()) for seen in info["per_batch_size"]]
@@ -434,7 +434,7 @@ def check_speed(setting, kept, save, archs):
                     started[arch] = start_arch(arch, plan, setting, kept)
                     start_s = time.perf_counter() - t
                     record_arch(report, arch, save, started[arch].info)
-                report[arch] = speed_at(arch, B, started, plan, setting)
+                report[arch] = speed_at(arch, B, started[arch], plan, setting)
             except Exception as e:  # noqa: BLE001 - keep the other archs
                 traceback.print_exc()
                 # the batch sizes timed before the error keep their rows
@@ -643,8 +643,9 @@ def captured(command, timeout) -> dict:
     # unbuffered: a pipe holds 8 KB of a child's prints until it exits, and a timeout kills it
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
-        run = dict(capture_output=True, text=True, cwd=here, timeout=timeout, env=env)
-        done = subprocess.run(command, **run)
+        done = subprocess.run(
+            command, capture_output=True, text=True, cwd=here, timeout=timeout, env=env
+        )
         returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired as e:
         # what a timeout caught is bytes, whatever text=True says
@@ -757,7 +758,7 @@ def main():
     measured = f"matmul peak ({dtype_name}, measured): {peak / 1e12:.2f} TFLOP/s"
     print(f"{measured}; the card's dense bf16 spec: {spec / 1e12:.0f} TFLOP/s (0: not known)")
     report = dict(device=str(dev), dtype=dtype_name, compile=compile_, peak_flops=peak)
-    report.update(machine(dev), cuda=torch.version.cuda, tiny=args.tiny, budget=args.budget)
+    report.update(machine(dev), tiny=args.tiny, budget=args.budget)
     report.update(sections=args.sections, archs=args.archs)
     report.update(spec_peak_flops=spec, flash=te.FLASH, json=args.json)
     setting = Setting(dev, DTYPES[dtype_name], peak, spec, tiny=args.tiny, deadline=deadline)
