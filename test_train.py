@@ -1409,8 +1409,8 @@ def test_finetune_names_a_label_the_training_file_lacks(tmp_path):
 
 def test_stdlib_tasks_tag_bytes_as_tokenize_does():
     """The tagging task's tags come from Python's tokenize; the package task's labels are the
-    packages the definitions come from, with no text in both splits."""
-    from data.tasks import PACKAGES, TAGS, byte_tags, package_examples
+    packages the definitions come from; neither task has a text in both splits."""
+    from data.tasks import PACKAGES, TAGS, byte_tags, package_examples, tagging_examples
 
     source = 'if x:  # é\n    y = f"{x}" + 0x1F\n'
     tags = [TAGS[t] for t in byte_tags(source)]
@@ -1427,6 +1427,10 @@ def test_stdlib_tasks_tag_bytes_as_tokenize_does():
     parts = package_examples()
     assert {ex["label"] for ex in parts["val"]} == set(PACKAGES)
     assert not {ex["text"] for ex in parts["train"]} & {ex["text"] for ex in parts["val"]}
+    # every training run kept: a held-out run of copied code is in some training file's runs
+    parts = tagging_examples(train_every=1)
+    assert not {ex["text"] for ex in parts["train"]} & {ex["text"] for ex in parts["val"]}
+    assert len(parts["val"]) > 1000
 
 
 @pytest.mark.parametrize(
