@@ -182,9 +182,20 @@ def byte_tags(record, where):
     return tags
 
 
+def same_kind(values, noun, line, where, first):
+    """Read as names, 1 and "1" would be one class (and true a third): a file's labels, or its
+    tags, are all of the type of its first, which first records as (type, line number)."""
+    for value in values:
+        kind, number = first.setdefault(noun, (type(value), line.number))
+        if type(value) is not kind:
+            of = f"of type {type(value).__name__}, line {number}'s of {kind.__name__}"
+            die(f"{where}: {noun} {value!r} is {of}")
+
+
 def line_targets(path, lines, kind):
     """Each line's label (sequence) or list of byte tags (token), as names."""
     targets = []
+    first = {}  # the type of the file's first label or tag, and its line
     for line in lines:
         where = f"{path} line {line.number}"
         if kind == "sequence" and "label" not in line.record:
@@ -192,17 +203,18 @@ def line_targets(path, lines, kind):
         if kind == "token" and "tags" not in line.record and "spans" not in line.record:
             die(f'{where}: needs "tags" or "spans", as the first line has')
         if kind == "sequence":
-            label, first = line.record["label"], lines[0].record["label"]
-            number = lines[0].number  # blank lines come before it
-            # 1, "1" and true would each be a class of their own: one kind of label per file
+            label = line.record["label"]
             if not (isinstance(label, str) or is_whole(label)):
                 die(f'{where}: "label" must be a string or a whole number, got {label!r}')
-            if type(label) is not type(first):
-                kinds = f"of type {type(label).__name__}, line {number}'s of {type(first).__name__}"
-                die(f"{where}: label {label!r} is {kinds}")
+            same_kind([label], "label", line, where, first)
             targets.append(str(label))
         else:
-            targets.append(byte_tags(line.record, where))
+            tags = byte_tags(line.record, where)
+            given = line.record.get("tags")
+            if given is None:  # the "O" between spans is no tag of the file's
+                given = [span[2] for span in line.record["spans"]]
+            same_kind(given, "tag", line, where, first)
+            targets.append(tags)
     return targets
 
 

@@ -1314,6 +1314,12 @@ FINETUNE_BAD_INPUT = [
     ),
     (['{"text": "ab", "spans": [[0, 2, null]]}'], "a tag must be a string or a whole number"),
     (['{"text": "ab", "spans": [[true, 2, "B"]]}'], '"spans" must be [first char, end char'),
+    # 1 and "1" would be one class: tags are of one type, as labels are
+    (['{"text": "ab", "tags": [1, "1"]}'], "line 1: tag '1' is of type str, line 1's of int"),
+    (
+        ['{"text": "ab", "spans": [[0, 1, "B"]]}', '{"text": "ab", "spans": [[0, 1, 2]]}'],
+        "line 2: tag 2 is of type int, line 1's of str",
+    ),
     # longer than the model reads: named by its line, in either file
     (
         ['{"text": "b", "label": "y"}', json.dumps({"text": "a" * 70, "label": "x"})],
