@@ -415,9 +415,9 @@ def test_weights_of_another_size_are_named_whole(tmp_path, other):
 
 def test_data_reads_each_file_once_and_names_it_from_its_folder(tmp_path, monkeypatch):
     """--data: a file reached by a folder, a link and a glob's ** is one document, named from the
-    folder spec starts at however spelled (the held-out split hashes the name); a walk into a
-    link back up ends; a pipe and hidden files are skipped; a name that is not UTF-8 and one with
-    glob characters are read."""
+    folder spec starts at however spelled (the held-out split hashes the name); a walk or a glob
+    into a link back up ends; a pipe and hidden files are skipped; a name that is not UTF-8 and
+    one with glob characters are read."""
     from data.corpus import read_documents, split_documents
 
     root = tmp_path / "corp"
@@ -442,8 +442,11 @@ def test_data_reads_each_file_once_and_names_it_from_its_folder(tmp_path, monkey
     assert len(split["train"][1]) + len(split["val"][1]) == 31 + 2  # offsets: one more each
     literal = str(root / os.fsdecode(b"caf\xe9[1].txt"))  # not read as a glob
     assert [data for _, data in read_documents(literal)] == [b"latin-1 name " * 10]
-    (root / "sub" / "back").symlink_to(root)  # a loop: a folder walk ends (a ** glob would not)
-    assert sorted(name for name, _ in read_documents("corp")) == names[0]
+    # links back up: a folder walk ends, and a ** glob (glob.glob's took time 2^40 with two)
+    (root / "sub" / "back").symlink_to(root)
+    (root / "sub" / "again").symlink_to(root)
+    for spec in ("corp", "corp/**/*.txt"):
+        assert sorted(name for name, _ in read_documents(spec)) == names[0]
 
 
 def test_held_out_documents_are_no_copies_of_training_ones():

@@ -6,6 +6,7 @@ default corpus, Python's standard library with pydoc's topics, is prepared once 
 """
 
 import contextlib
+import fnmatch
 import glob
 import hashlib
 import io
@@ -49,7 +50,7 @@ def read_documents(spec, out_dir=None):
     pattern = spec or sysconfig.get_paths()["stdlib"]
     roots = [pattern]
     if glob.has_magic(pattern) and not os.path.exists(pattern):  # a file named "notes[1].txt"
-        roots = sorted(glob.glob(pattern, recursive=True))
+        roots = glob_paths(pattern)
     if not any(os.path.exists(root) for root in roots):
         die(f"--data {pattern}: no such file or folder")
     base = starting_folder(pattern, roots)
@@ -72,6 +73,59 @@ def read_documents(spec, out_dir=None):
             except OSError as e:  # a broken link, a file without read permission
                 die(f"--data: cannot read {path} ({e.strerror})")
             yield os.path.relpath(path, base), data
+
+
+def glob_paths(pattern) -> list:
+    """glob.glob(pattern, recursive=True), sorted, but that a link back up is not followed round:
+    glob's ** does, until the path is too long, and two such links take time exponential in that."""
+    parts = pattern.split(os.sep)
+    fixed = 0  # the leading parts without wildcards: the folder the search starts at
+    while not glob.has_magic(parts[fixed]):
+        fixed += 1
+    start = os.sep.join(parts[:fixed])
+    if not start and pattern.startswith(os.sep):
+        start = os.sep
+    rest = parts[fixed:]
+    folders_only = rest[-1] == ""  # "corp/*/" names folders
+    if folders_only:
+        rest = rest[:-1]
+    # ** does not search hidden folders (.git) unless a part asks for a hidden name
+    hidden = any(part.startswith(".") for part in rest)
+    found = []
+    if start and glob_match(rest, []):  # "corp/**" names corp/ too, as glob's does
+        found.append(os.path.join(start, ""))
+    stack = [(start, [], frozenset([os.path.realpath(start or ".")]))]
+    while stack:
+        folder, names, above = stack.pop()
+        try:
+            entries = list(os.scandir(folder or "."))
+        except OSError:  # unreadable: glob passes it over too
+            continue
+        for entry in entries:
+            path, path_names = os.path.join(folder, entry.name), names + [entry.name]
+            is_folder = entry.is_dir()
+            if glob_match(rest, path_names) and (is_folder or not folders_only):
+                found.append(path)
+            deeper = "**" in rest or len(path_names) < len(rest)
+            real = os.path.realpath(path)
+            # a link to a folder above this one is not followed: it would lead round again
+            if deeper and is_folder and real not in above and (hidden or entry.name[0] != "."):
+                stack.append((path, path_names, above | {real}))
+    return sorted(found)
+
+
+def glob_match(parts, names) -> bool:
+    """Whether a path's names match a glob's parts: ** any number of names, each other part one
+    (fnmatch); a hidden name (.git) only by a part that starts with a dot, as glob matches."""
+    if not parts:
+        return not names
+    hidden = bool(names) and names[0].startswith(".")
+    if parts[0] == "**":
+        further = bool(names) and not hidden and glob_match(parts, names[1:])
+        return further or glob_match(parts[1:], names)
+    if not names or (hidden and not parts[0].startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(names[0], parts[0]) and glob_match(parts[1:], names[1:])
 
 
 def starting_folder(pattern, roots) -> str:
