@@ -76,8 +76,9 @@ def read_documents(spec, out_dir=None):
 
 
 def glob_paths(pattern) -> list:
-    """glob.glob(pattern, recursive=True), sorted, but that a link back up is not followed round:
-    glob's ** does, until the path is too long, and two such links take time exponential in that."""
+    """glob.glob(pattern, recursive=True), sorted, but that a link to a folder that holds it is not
+    followed: glob's ** goes round it until the path is too long, and round two such links in
+    time exponential in that length."""
     parts = pattern.split(os.sep)
     fixed = 0  # the leading parts without wildcards: the folder the search starts at
     while not glob.has_magic(parts[fixed]):
