@@ -260,6 +260,27 @@ def test_bert_pairs_take_a_random_b_from_a_line_of_another_document():
     assert labels[0] == 1 and 0 in labels  # slot 0: A is the one-byte document
 
 
+def test_a_random_b_is_as_long_as_a_real_one():
+    """Where every document is longer than a pair, no pair is padded: a random B too fills its
+    row (it was cut short where its document ended, so that a padded pair was a random one), and
+    it still starts a line, as a real B does."""
+    from data.rows import sentence_pair
+
+    lines = [
+        b"doc%02d line %d %s\n" % (d, j, b"x" * (j * 7 % 13)) for d in range(40) for j in range(12)
+    ]
+    docs = [b"".join(lines[12 * d : 12 * d + 12]) for d in range(40)]  # 242 bytes and more
+    data, offsets = byte_corpus(docs)
+    labels = []
+    for i in range(600):
+        row = sentence_pair(data, offsets, 64, i * 61 % len(data), [7, i])
+        b = bytes(row.ids[row.token_types == 1][:-1].tolist())
+        assert (row.doc_ids == 1).all(), (i, row.nsp_label, b)
+        assert b"\n" + b in data.tobytes(), (i, row.nsp_label, b)  # B starts a line
+        labels.append(row.nsp_label)
+    assert 0.4 < np.mean(labels) < 0.6
+
+
 def test_half_of_bert_pairs_have_a_random_second():
     """NSP's labels: B follows A or is random, each half the time, as BERT draws them."""
     from data.rows import sentence_pair

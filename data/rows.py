@@ -75,14 +75,20 @@ def cut_after_a_newline(chunk, rng) -> int:
 
 def random_second(data, offsets, doc, span, size, rng):
     """A random B: up to size bytes of a document other than doc (doc itself in a corpus of one),
-    drawn as a real B is: the span bytes from a random byte of the corpus, cut where A and B
-    would be, so that where it starts (a line start, mostly) never tells it from a real one."""
+    drawn as a real B is: bytes from a random byte of the corpus, cut after a newline as A and B
+    would be, so that neither where it starts (a line start, mostly) nor its length tells it from
+    a real one."""
     doc_size = offsets[doc + 1] - offsets[doc]
     start = rng.integers(max(1, len(data) - doc_size))  # a byte outside doc, unless doc is all
     if start >= offsets[doc] and doc_size < len(data):
         start += doc_size
-    other, chunk_start, end = pair_bytes(offsets, start, span)
-    at = chunk_start + cut_after_a_newline(data[chunk_start:end], rng)
+    # the cut leaves B its size bytes before its document ends, as a real B has them, so that a
+    # padded pair does not tell a random B: a chunk of span + size bytes, cut in its first span
+    other, chunk_start, end = pair_bytes(offsets, start, span + size)
+    first_bytes = data[chunk_start : max(chunk_start + 1, end - size + 1)]
+    at = chunk_start  # with no newline there, a document's start is its first line's
+    if 10 in first_bytes[:-1] or chunk_start > offsets[other]:
+        at += cut_after_a_newline(first_bytes, rng)
     if at >= end:  # a one-byte document: nothing follows its cut, so B is the byte itself
         at = chunk_start
     return data[at : min(at + size, offsets[other + 1])]
