@@ -108,9 +108,10 @@ def glob_paths(pattern) -> list:
             if glob_match(rest, path_names) and (is_folder or not folders_only):
                 found.append(path)
             deeper = "**" in rest or len(path_names) < len(rest)
+            if not (deeper and is_folder) or (entry.name.startswith(".") and not hidden):
+                continue
             real = os.path.realpath(path)
-            # a link to a folder above this one is not followed: it would lead round again
-            if deeper and is_folder and real not in above and (hidden or entry.name[0] != "."):
+            if real not in above:  # a link to a folder above this one would lead round again
                 stack.append((path, path_names, above | {real}))
     return sorted(found)
 
