@@ -470,6 +470,32 @@ def test_data_reads_each_file_once_and_names_it_from_its_folder(tmp_path, monkey
         assert sorted(name for name, _ in read_documents(spec)) == names[0]
 
 
+def test_a_data_glob_finds_what_python_s_glob_finds(tmp_path, monkeypatch):
+    """--data's own glob (it does not follow a link round) finds the paths glob.glob finds where
+    no link leads back up: **, *, ?, [...], hidden names, links to folders, folders only ("/")."""
+    import glob
+
+    from data.corpus import glob_paths
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("c/a.txt", "c/b.py", "c/sub/x.txt", "c/sub/deep/y.txt", "c/.git/o/z.txt"):
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+        Path(name).write_text("text")
+    for name in ("c/sub/.h.txt", "c/other/w.TXT", "c/q[1].txt"):
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+        Path(name).write_text("text")
+    os.symlink("sub", "c/linked")
+    os.symlink("../other", "c/sub/to_other")
+    patterns = ["c/**", "c/**/*", "c/**/*.txt", "c/*/", "c/*", "c/s*/*.txt", "c/**/deep/*"]
+    patterns += ["c/.git/**", "c/**/.*", "*/sub/*", "c/?.txt", "c/[ab].*", "c/**/", "**", "*"]
+    patterns += [str(tmp_path / "c" / "**" / "*.txt"), "c/*/*/*", "c/**/**/*.py"]
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern, recursive=True))
+        if pattern.endswith("/"):  # glob spells the folders it names with their "/"
+            found = [path if path == "c/" else path.rstrip("/") for path in found]
+        assert glob_paths(pattern) == found, pattern
+
+
 def test_held_out_documents_are_no_copies_of_training_ones():
     """A document held out by its name's hash goes to training instead where most of its bytes lie
     in lines a training document holds too (as the stdlib's code pages share theirs); one that
