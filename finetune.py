@@ -21,7 +21,6 @@ import collections
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import time
@@ -36,14 +35,16 @@ import tinyencoder as te
 import tinyencoder_hf
 from data.corpus import printable
 from data.tasks import exact_match, token_f1, write_task
-from runs import COUNT, POSITIVE, Metrics, Parser, StopSignals, device_or_die, die, die_diverged
+from runs import COUNT, POSITIVE, Metrics, Parser, StopSignals, device_or_die, die
 from runs import (
     SEED,
     check_resumed,
+    check_step_fits,
     load_checkpoint,
     refuse_to_overwrite,
     resumed_args,
     save_checkpoint,
+    stop_if_diverged,
 )
 from runs import settle_vector_math
 
@@ -103,9 +104,10 @@ class Line(NamedTuple):
     record: dict
 
 
-def read_jsonl(path):
+def read_jsonl(path, questions=None):
     """The file's Lines, with a one-line error for a missing file or a line that is not a JSON
-    object with a "text" string."""
+    object with a "text" string, or in a file of questions (questions, or else its first line,
+    says which), with "question" and "context" strings."""
     if os.path.isdir(path):
         die(f"{path}: a folder, not a JSONL file")
     if not os.path.isfile(path):
@@ -123,19 +125,20 @@ def read_jsonl(path):
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            die(f"{path} line {number}: not JSON ({e.msg})")
+        except (ValueError, RecursionError) as e:  # also: 4,301 digits, 1,000 brackets deep
+            die(f"{path} line {number}: not JSON ({getattr(e, 'msg', e)})")
         try:  # JSON's "\ud800" escape reads as a lone surrogate, which no UTF-8 byte holds
             json.dumps(record, ensure_ascii=False).encode()
         except UnicodeEncodeError as e:
             die(
                 f"{path} line {number}: {e.object[e.start : e.end]!r} is a lone surrogate, not text"
             )
-        texts = ("text",)
-        if isinstance(record, dict) and "question" in record:
-            texts = ("question", "context")
+        if questions is None and isinstance(record, dict):
+            questions = "question" in record
+        texts, needs = ("text",), 'a "text" string'
+        if questions:
+            texts, needs = ("question", "context"), '"question" and "context" strings'
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in texts):
-            needs = 'a "text" string, or "question" and "context" strings'
             die(f"{path} line {number}: needs an object with {needs}")
         records.append(Line(number, record))
     if not records:
@@ -182,38 +185,41 @@ def byte_tags(record, where):
     return tags
 
 
-def same_kind(values, noun, line, where, first):
-    """Read as names, 1 and "1" would be one class (and true a third): a file's labels, or its
-    tags, are all of the type of its first, which first records as (type, line number)."""
+def same_kind(values, noun, path, line, first):
+    """Read as names, 1 and "1" would be one class (and true a third): the labels, or the tags, of
+    the training and held-out files are all of the type of the first, which first records as
+    (type, its file, its line)."""
     for value in values:
-        kind, number = first.setdefault(noun, (type(value), line.number))
+        kind, seen_path, seen_line = first.setdefault(noun, (type(value), path, line.number))
         if type(value) is not kind:
-            of = f"of type {type(value).__name__}, line {number}'s of {kind.__name__}"
-            die(f"{where}: {noun} {value!r} is {of}")
+            seen = f"line {seen_line}"
+            if seen_path != path:
+                seen = f"{seen_path} {seen}"
+            of = f"of type {type(value).__name__}, {seen}'s of {kind.__name__}"
+            die(f"{path} line {line.number}: {noun} {value!r} is {of}")
 
 
-def line_targets(path, lines, kind):
-    """Each line's label (sequence) or list of byte tags (token), as names."""
+def line_targets(path, lines, kind, first):
+    """Each line's label (sequence) or list of byte tags (token), as names; first: same_kind's."""
     targets = []
-    first = {}  # the type of the file's first label or tag, and its line
     for line in lines:
         where = f"{path} line {line.number}"
         if kind == "sequence" and "label" not in line.record:
-            die(f'{where}: needs a "label", as the first line has')
+            die(f'{where}: needs a "label" (the task classifies texts)')
         if kind == "token" and "tags" not in line.record and "spans" not in line.record:
-            die(f'{where}: needs "tags" or "spans", as the first line has')
+            die(f'{where}: needs "tags" or "spans" (the task tags bytes)')
         if kind == "sequence":
             label = line.record["label"]
             if not (isinstance(label, str) or is_whole(label)):
                 die(f'{where}: "label" must be a string or a whole number, got {label!r}')
-            same_kind([label], "label", line, where, first)
+            same_kind([label], "label", path, line, first)
             targets.append(str(label))
         else:
             tags = byte_tags(line.record, where)
             given = line.record.get("tags")
             if given is None:  # the "O" between spans is no tag of the file's
                 given = [span[2] for span in line.record["spans"]]
-            same_kind(given, "tag", line, where, first)
+            same_kind(given, "tag", path, line, first)
             targets.append(tags)
     return targets
 
@@ -227,8 +233,6 @@ def question_examples(path, lines, cfg) -> list:
         question, context, answers = (
             line.record.get(k) for k in ("question", "context", "answers")
         )
-        if not isinstance(question, str) or not isinstance(context, str):
-            die(f'{where}: needs "question" and "context" strings, as the first line has')
         if not isinstance(answers, list) or not answers:
             die(f'{where}: needs "answers", a list of {{"text", "start"}}')
         for i, answer in enumerate(answers):
@@ -270,21 +274,32 @@ def framed_text(path, line, cfg) -> list:
     return ids
 
 
-def read_task(path, cfg, kind=None, labels=None) -> Task:
+def file_kind(path, first: Line) -> str:
+    """A file's task from its first line: "span" (questions), "sequence" (labels) or "token"."""
+    if not {"label", "tags", "spans", "question"} & set(first.record):
+        needs = 'needs "label", "tags", "spans" or "question" (see --help)'
+        die(f"{path} line {first.number}: {needs}")
+    if "question" in first.record:
+        return "span"
+    if "label" in first.record:
+        return "sequence"
+    return "token"
+
+
+def read_task(path, cfg, first, kind=None, labels=None) -> Task:
     """A JSONL file's task: kind "sequence", "token" or "span" from its first line when not given,
-    labels the sorted label names (the training file's, when given); ids use cfg's special ids."""
-    lines = read_jsonl(path)
+    labels the sorted label names (the training file's, when given); ids use cfg's special ids;
+    first: the type of the first label or tag read (same_kind's), {} for the first file."""
+    questions = None
+    if kind is not None:
+        questions = kind == "span"
+    lines = read_jsonl(path, questions)
     if kind is None:
-        kind = "sequence" if "label" in lines[0].record else "token"
-        if "question" in lines[0].record:
-            kind = "span"
-        if not {"label", "tags", "spans", "question"} & set(lines[0].record):
-            needs = 'needs "label", "tags", "spans" or "question" (see --help)'
-            die(f"{path} line {lines[0].number}: {needs}")
+        kind = file_kind(path, lines[0])
     # the two labels of every span: where it starts and where it ends
     if kind == "span":
         return Task(kind, ["start", "end"], question_examples(path, lines, cfg))
-    targets = line_targets(path, lines, kind)
+    targets = line_targets(path, lines, kind, first)
     if kind == "token" and not any(targets):  # nothing to learn or score
         die(f"{path}: no tags at all (every text is empty)")
     if labels is None:
@@ -367,7 +382,8 @@ try:
     pipelines.check_bytes(base_cfg)
 except ValueError as e:
     die(f"--init {args.init}: {e}")
-task = read_task(args.train, base_cfg)
+label_types = {}  # the training file's first label's or tag's, which the held-out file's share
+task = read_task(args.train, base_cfg, label_types)
 # --init's classifier of these labels keeps its class numbers, as transformers' scripts map them;
 # one of other labels gives way to a fresh head (LABEL_0, LABEL_1...: transformers' "no names")
 head_labels = None
@@ -375,9 +391,9 @@ unnamed = [f"LABEL_{i}" for i in range(base_cfg.num_labels)]
 if init_labels and base_cfg.classifier == task.kind and list(init_labels) != unnamed:
     head_labels = list(init_labels)
 if head_labels and set(head_labels) == set(task.labels):
-    task = read_task(args.train, base_cfg, task.kind, head_labels)
+    task = read_task(args.train, base_cfg, label_types, task.kind, head_labels)
 kind, labels, train_examples = task.kind, task.labels, task.examples
-val_examples = read_task(args.val, base_cfg, kind, labels).examples
+val_examples = read_task(args.val, base_cfg, label_types, kind, labels).examples
 if args.train_examples is not None:
     if not 0 < args.train_examples <= len(train_examples):
         die(f"--train-examples {args.train_examples}: {args.train} has {len(train_examples)}")
@@ -396,6 +412,10 @@ if checkpoint and checkpoint.get("data_sha256", data_sha256) != data_sha256:
 cfg = replace(base_cfg, classifier=kind, num_labels=len(labels), nsp=False, unpad=True)
 args.device = device_or_die(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 device = torch.device(args.device)
+longest = max(len(example.ids) for example in train_examples)  # a mistyped --batch-size: no swap
+check_step_fits(
+    f"--batch-size {args.batch_size}", args.batch_size * longest, cfg, device, "lower it"
+)
 torch.manual_seed(args.seed)
 model = te.TinyEncoder(cfg)
 other_labels = head_labels is not None and head_labels != labels
@@ -548,8 +568,7 @@ while step < args.max_steps:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     step += 1
-    if not math.isfinite(out.loss.item()):
-        die_diverged(f"loss {out.loss.item()} at step {step}: stopped", ckpt_path)
+    stop_if_diverged(dict(loss=out.loss.item()), step, ckpt_path)
     if step % args.log_interval == 0 or step == args.max_steps:
         # the steps since the clock started: evaluations and saves restart it, and a run's last
         # log line may come sooner than --log-interval
@@ -562,7 +581,7 @@ while step < args.max_steps:
         timed_from, timed_step = time.time(), step
     is_eval_step = step % args.eval_interval == 0 or step == args.max_steps
     if is_eval_step:
-        results = evaluate()
+        results = stop_if_diverged(evaluate(), step, ckpt_path)
         # the per-label and per-word figures go to metrics.jsonl and the final lines
         figures = " ".join(f"{k} {v}" for k, v in results.items() if not isinstance(v, dict))
         log(f"eval step {step}: {figures}")

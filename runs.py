@@ -147,7 +147,7 @@ def refuse_to_overwrite(out_dir: str):
         die(f"--out-dir {out_dir} holds a run's ckpt_best.pt, no ckpt_last.pt to resume: {anew}")
 
 
-def check_step_fits(sizes: str, tokens: int, cfg: te.Config, device: torch.device):
+def check_step_fits(sizes, tokens, cfg, device, advice="lower them (--grad-accum adds up steps)"):
     """A one-line error, before any work, where a training step over tokens cannot fit in the
     device's memory: each layer keeps at least its input, tokens x hidden values of 2 bytes or
     more, for the backward. (Without it, a mistyped --batch-size swaps the machine for minutes.)"""
@@ -160,7 +160,7 @@ def check_step_fits(sizes: str, tokens: int, cfg: te.Config, device: torch.devic
     floor = tokens * cfg.hidden * cfg.layers * 2
     if floor > memory:
         kept = f"{floor / 2**30:,.0f} GiB or more, over the {memory / 2**30:,.0f} GiB here"
-        die(f"{sizes}: a training step keeps {kept}; lower them (--grad-accum adds up steps)")
+        die(f"{sizes}: a training step keeps {kept}; {advice}")
 
 
 def device_or_die(name: str) -> str:
@@ -176,12 +176,22 @@ def device_or_die(name: str) -> str:
     return name
 
 
-def die_diverged(stopped: str, ckpt_path: str):
-    """Stop a run whose loss is no longer finite, naming the checkpoint to go back to, if any."""
-    kept = "no checkpoint yet"
-    if os.path.exists(ckpt_path):
-        kept = f"the last good checkpoint is {ckpt_path}"
-    die(f"{stopped}; {kept}")
+def stop_if_diverged(figures: dict, step: int, ckpt_path: str) -> dict:
+    """figures (a step's loss, or an evaluation's results), unless a number among them is not
+    finite: then the run stops, naming the checkpoint to go back to, if any. Read before the step
+    writes any checkpoint: a held-out loss that is not finite is an update that broke the weights,
+    which the training loss, computed before it, does not show."""
+    broken = [f"{name} {value}" for name, value in figures.items() if not_finite(value)]
+    if broken:
+        kept = "no checkpoint yet"
+        if os.path.exists(ckpt_path):
+            kept = f"the last good checkpoint is {ckpt_path}"
+        die(f"{', '.join(broken)} at step {step}: stopped; {kept}")
+    return figures
+
+
+def not_finite(value) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def save_checkpoint(path: str, state: dict):

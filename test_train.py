@@ -3,6 +3,7 @@ positions that learn word order."""
 
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -1297,7 +1298,10 @@ QUESTION = '{"question": "q", "context": "abc", "answers": [{"text": "b", "start
         (['{"question": "q"}'], '"question" and "context" strings'),
         ([QUESTION.replace('[{"text": "b", "start": 1}]', '["b"]')], "answers[0] must be an"),
         ([QUESTION, '{"text": "caf\xe9"}'], "line 2: not UTF-8 (byte 0xe9 at offset 13)"),
-        ([QUESTION, '{"text": "x", "answers": []}'], 'line 2: needs "question" and "context"'),
+        (
+            [QUESTION, '{"text": "x", "answers": []}'],
+            'line 2: needs an object with "question" and "context" strings',
+        ),
     ],
 )
 def test_finetune_bad_questions_are_one_line(tmp_path, lines, message):
@@ -1364,6 +1368,14 @@ FINETUNE_BAD_INPUT = [
     ),
     (['{"text": "ab", "spans": [[0, 2, null]]}'], "a tag must be a string or a whole number"),
     (['{"text": "ab", "spans": [[true, 2, "B"]]}'], '"spans" must be [first char, end char'),
+    # a line of another task's shape, in a classification file
+    (
+        ['{"text": "a", "label": "x"}', '{"question": "b", "context": "c", "label": "y"}'],
+        'line 2: needs an object with a "text" string',
+    ),
+    # what Python's json refuses besides bad syntax: 4,301 digits, 1,000 brackets deep
+    (['{"text": "a", "label": %s}' % ("9" * 5000)], "line 1: not JSON (Exceeds the limit"),
+    (['{"text": "a", "label": "x", "m": %s}' % ("[" * 5000 + "]" * 5000)], "line 1: not JSON"),
     # 1 and "1" would be one class: tags are of one type, as labels are
     (['{"text": "ab", "tags": [1, "1"]}'], "line 1: tag '1' is of type str, line 1's of int"),
     (
@@ -1392,6 +1404,29 @@ def test_finetune_bad_input_is_one_line(tmp_path, lines, message):
     run = finetune(tmp_path, "--train", train, "--val", val, "--init", init, "--max-steps", 1)
     assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_finetune_that_diverges_keeps_no_broken_weights(tmp_path):
+    """A learning rate of 3e4 for 3e-4: an update breaks the weights while its step's loss,
+    computed before it, is finite. The evaluation after it finds the held-out loss not finite and
+    stops the run before metrics.jsonl or a checkpoint keeps it (both did, and the error named
+    that checkpoint as the last good one)."""
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    records = [{"text": c * (1 + i % 7), "label": c} for i in range(10) for c in "abcd"]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    val = write_jsonl(tmp_path / "val.jsonl", records[::2])
+    flags = ["--max-steps", 30, "--lr", "3e4", "--eval-interval", 2, "--batch-size", 8]
+    run = finetune(tmp_path, "--train", train, "--val", val, "--init", init, *flags)
+    stopped = (
+        r"error: (val_)?loss (nan|inf) at step \d+: stopped; (no checkpoint yet|the last good .*)"
+    )
+    assert run.returncode == 1 and re.fullmatch(stopped + "\n", run.stderr), run.stderr[-2000:]
+    out = tmp_path / "out-finetune"
+    evaluated = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(record["val_loss"]) for record in evaluated), evaluated
+    for path in out.glob("ckpt_*.pt"):  # each saved at an evaluation that found it sound
+        step = torch.load(path, weights_only=True)["step"]
+        assert step in [record["step"] for record in evaluated], (path.name, step, evaluated)
 
 
 def test_finetune_tags_around_empty_texts(tmp_path):
@@ -1452,6 +1487,37 @@ def test_finetune_from_another_tasks_checkpoint_starts_a_fresh_head(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", records)
     run = finetune(tmp_path, "--train", train, "--val", train, "--init", init, "--max-steps", 1)
     assert run.returncode == 0 and "3 labels" in run.stdout, run.stderr[-2000:]
+
+
+def test_finetune_refuses_a_batch_no_memory_holds(tmp_path):
+    """--batch-size 100000000 (a typo): one line before any work, as train.py's (it built a list of
+    10^8 examples, then died in a traceback or swapped the machine)."""
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{"text": "ab", "label": "x"}, {"text": "c", "label": "y"}]
+    )
+    flags = ["--init", init, "--max-steps", 1, "--batch-size", 10**8]
+    run = finetune(tmp_path, "--train", train, "--val", train, *flags)
+    assert run.returncode != 0 and run.stderr.count("\n") == 1, run.stderr[-2000:]
+    assert "--batch-size 100000000: a training step keeps" in run.stderr
+    assert run.stderr.strip().endswith("here; lower it"), run.stderr
+
+
+def test_finetune_held_out_labels_are_of_the_training_labels_type(tmp_path):
+    """Labels 0 and 1 to train on and "0" and "1" held out would be read as the same classes; the
+    held-out file's are refused, as a mix in one file is (tags alike)."""
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
+    )
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "a", "label": "0"}])
+    run = finetune(tmp_path, "--train", train, "--val", val, "--init", init, "--max-steps", 1)
+    of = f"val.jsonl line 1: label '0' is of type str, {train} line 1's of int"
+    assert run.returncode != 0 and of in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "ab", "tags": [1, 2]}])
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "ab", "spans": [[0, 1, "B"]]}])
+    run = finetune(tmp_path, "--train", train, "--val", val, "--init", init, "--max-steps", 1)
+    assert "val.jsonl line 1: tag 'B' is of type str, " in run.stderr, run.stderr
 
 
 def test_finetune_names_a_label_the_training_file_lacks(tmp_path):

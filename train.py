@@ -23,7 +23,7 @@ import torch.distributed as dist
 import tinyencoder as te
 from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
 from runs import COUNT, DROPOUT, FRACTION, LENGTH, POSITIVE, RATE, Metrics, Parser, StopSignals
-from runs import check_step_fits, demo, device_or_die, die, die_diverged, load_checkpoint
+from runs import check_step_fits, demo, device_or_die, die, load_checkpoint, stop_if_diverged
 from runs import load_weights, refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
 from data.corpus import check_data, describe, load_corpus, printable
@@ -446,8 +446,7 @@ while step < max_steps:
     interrupted, late = signals > 0, lates > 0
     if step_times > 0:  # measured on every process (at the previous read): reads ~10 s apart
         agree_every = max(1, int(10 * world / step_times))
-    if not math.isfinite(loss + grad_norm):  # read before any checkpoint can be written
-        die_diverged(f"loss {loss}, grad norm {grad_norm} at step {step}: stopped", ckpt_path)
+    stop_if_diverged(dict(loss=loss, grad_norm=grad_norm), step, ckpt_path)
     step_time = (time.time() - read_time) / (step - read_step)  # the mean since the last read
     if is_log_step:
         tokens_per_s = real_tokens / step_time
@@ -462,7 +461,7 @@ while step < max_steps:
         log(f"{progress} | lr {lr_at(step - 1, lr_steps):.2e} | {speed}")
     # an interrupted step is evaluated first where one is due, as it would be uninterrupted
     if master and (is_eval_step or is_last or late):
-        results = evaluate()
+        results = stop_if_diverged(evaluate(), step, ckpt_path)
         log(f"eval step {step}: " + " ".join(f"{name} {value}" for name, value in results.items()))
         record = dict(step=step, arch=args.arch, train_loss=loss, tokens=step * global_batch * T)
         metrics.write(dict(record, elapsed_s=round(spent + time.time() - t0, 1), **results))
