@@ -487,6 +487,51 @@ def test_rope_parameters_not_keyed_by_layer_kind_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "edit, message",
+    [
+        # older configs name rope_type "type", and transformers scales by it (logits 4.4 apart)
+        ({"type": "linear", "factor": 4.0, "rope_theta": 160000.0}, r"RoPE scaling \('linear'\)"),
+        (None, "RoPE parameters must be an object, got None"),  # was an AttributeError
+        ("rope_scaling default", None),  # the older key, naming no scaling: plain RoPE
+    ],
+)
+def test_rope_parameters_load_as_transformers_reads_them(edit, message, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    hf = hf_model(transformers, "ModernBertForMaskedLM", "eager")
+    hf.save_pretrained(tmp_path)
+    if edit == "rope_scaling default":
+        edit_config(tmp_path, rope_scaling={"rope_type": "default"})
+    else:
+        thetas = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+        edit_config(tmp_path, rope_parameters={**thetas, "full_attention": edit})
+    if message:
+        with pytest.raises(ValueError, match=message):
+            tinyencoder_hf.load(str(tmp_path))
+        return
+    ids, mask, kw = hf_inputs("ModernBertForMaskedLM", hf.config.pad_token_id)
+    with torch.no_grad():
+        ref = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path)(ids, **kw).logits
+        out = tinyencoder_hf.load(str(tmp_path))(ids, **kw).logits
+    assert_close(out[mask.bool()], ref[mask.bool()], 1e-4)
+
+
+def test_an_nsp_head_in_another_family_is_named_unexpected(tmp_path):
+    """cls.seq_relationship, BERT's NSP head, in a RoBERTa checkpoint: a weight that does not
+    match the class, named as such (it built a RoBERTa with an NSP head: KeyError 'pooler')."""
+    st = pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
+    tinyencoder_hf.save(TinyEncoder(tiny("roberta")), str(tmp_path))
+    path = str(tmp_path / "model.safetensors")
+    sd = st.load_file(path)
+    sd["cls.seq_relationship.weight"], sd["cls.seq_relationship.bias"] = (
+        torch.randn(2, 32),
+        torch.randn(2),
+    )
+    st.save_file(sd, path)
+    with pytest.raises(ValueError, match=r"unexpected \['cls.seq_relationship"):
+        tinyencoder_hf.load(str(tmp_path))
+
+
+@pytest.mark.parametrize(
     "over", [dict(decoder_bias=False), dict(classifier_activation="gelu_pytorch_tanh")]
 )
 def test_a_base_model_loads_whatever_its_heads_keys(over, tmp_path):

@@ -316,13 +316,14 @@ def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
         later_globals = [i for i in range(1, len(types)) if types[i] == GLOBAL]
         fields["global_every"] = min(later_globals, default=len(types))
     thetas = hf.get("rope_parameters") or {}
-    if not set(thetas) <= {GLOBAL, LOCAL}:  # transformers refuses a flat dict too
+    if not isinstance(thetas, dict) or not set(thetas) <= {GLOBAL, LOCAL}:
+        # transformers refuses a flat dict too
         raise ValueError(f"rope_parameters must be keyed by {GLOBAL!r} and {LOCAL!r}: {thetas}")
-    kinds = [p.get("rope_type", "default") for p in thetas.values() if isinstance(p, dict)]
-    scaled = [kind for kind in kinds if kind != "default"]
-    if scaled or hf.get("rope_scaling"):
-        found = scaled or [hf["rope_scaling"]]
-        raise ValueError(f"RoPE scaling ({found[0]!r}) is not supported; only rope_type 'default'")
+    # rope_scaling: the older configs' key for the same thing
+    entries = [*thetas.values(), hf.get("rope_scaling") or {}]
+    scaled = [kind for kind in map(rope_type, entries) if kind != "default"]
+    if scaled:
+        raise ValueError(f"RoPE scaling ({scaled[0]!r}) is not supported; only rope_type 'default'")
     for field, kind in (("rope_theta", GLOBAL), ("rope_theta_local", LOCAL)):
         fields[field] = thetas.get(kind, {}).get("rope_theta", fields[field])
     if bool(hf.get("mlp_bias")) != fields["bias"]:
@@ -339,6 +340,13 @@ def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
     if types and types != layer_types(cfg):
         raise ValueError(f"layer_types {types} is not 'global every n-th layer', the one pattern")
     return cfg
+
+
+def rope_type(parameters) -> str:
+    """A RoPE entry's rope_type, or "type" as older configs name it (transformers reads both)."""
+    if not isinstance(parameters, dict):
+        raise ValueError(f"RoPE parameters must be an object, got {parameters!r}")
+    return parameters.get("rope_type", parameters.get("type", "default"))
 
 
 def window_from_hf(hf: dict, window):
@@ -606,8 +614,10 @@ def load(path: str) -> te.TinyEncoder:
     for task, suffix in TASK_SUFFIXES.items():
         if kind.endswith(suffix):
             classifier = task
-    # an NSP head with a classifier: weights that do not match the class, refused as such below
-    nsp = "cls.seq_relationship.weight" in weights and classifier == "none"
+    # an NSP head with a classifier, or in another family than BERT's: weights that do not match
+    # the class, refused as such below
+    is_bert = hf.get("model_type") == "bert"
+    nsp = "cls.seq_relationship.weight" in weights and classifier == "none" and is_bert
     base = not any(key.startswith(tuple(BASE_PREFIX.values())) for key in weights)
     model = te.TinyEncoder(config_from_hf(hf, nsp=nsp, classifier=classifier, base=base))
     check_problem_type(hf.get("problem_type"), model.cfg)
