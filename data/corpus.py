@@ -79,14 +79,8 @@ def glob_paths(pattern) -> list:
     """glob.glob(pattern, recursive=True), sorted, but that a link to a folder that holds it is not
     followed: glob's ** goes round it until the path is too long, and round two such links in
     time exponential in that length."""
-    parts = pattern.split(os.sep)
-    fixed = 0  # the leading parts without wildcards: the folder the search starts at
-    while not glob.has_magic(parts[fixed]):
-        fixed += 1
-    start = os.sep.join(parts[:fixed])
-    if not start and pattern.startswith(os.sep):
-        start = os.sep
-    rest = parts[fixed:]
+    start = glob_start(pattern)  # the search starts there; rest: the parts it matches
+    rest = pattern[len(start) :].lstrip(os.sep).split(os.sep)
     folders_only = rest[-1] == ""  # "corp/*/" names folders
     if folders_only:
         rest = rest[:-1]
@@ -130,13 +124,19 @@ def glob_match(parts, names) -> bool:
     return fnmatch.fnmatchcase(names[0], parts[0]) and glob_match(parts[1:], names[1:])
 
 
+def glob_start(pattern) -> str:
+    """A glob's leading part without wildcards: corp/**/*.py: corp; *.py: ""."""
+    while glob.has_magic(pattern):
+        pattern = os.path.dirname(pattern)
+    return pattern
+
+
 def starting_folder(pattern, roots) -> str:
     """The folder the names start at: pattern itself, a file's folder, or a glob's leading part
-    without wildcards (corp/**/*.py: corp)."""
+    without wildcards (glob_start)."""
     base = pattern
     if roots != [pattern]:
-        while glob.has_magic(base):
-            base = os.path.dirname(base)
+        base = glob_start(pattern)
     if not os.path.isdir(base):
         base = os.path.dirname(base)
     return base or "."
