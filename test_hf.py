@@ -211,7 +211,11 @@ TASK_NAMES.update(span="QuestionAnswering", choice="MultipleChoice")
 
 @pytest.mark.parametrize(
     "preset,over",
-    [("bert", {}), ("bert", {"nsp": False}), ("roberta", {}), ("modernbert", {}), *CLASSIFIERS],
+    [
+        *[("bert", {}), ("bert", {"nsp": False}), ("roberta", {}), ("modernbert", {})],
+        ("modernbert", {"window": 0}),  # every layer global: saved as such, loaded as window 0
+        *CLASSIFIERS,
+    ],
 )
 def test_save_round_trip(preset, over, tmp_path):
     transformers = pytest.importorskip(
@@ -455,6 +459,21 @@ def test_an_odd_local_window_loads_as_the_even_one_below(tmp_path):
     ids, mask, kw = hf_inputs(name)
     model = tinyencoder_hf.load(str(tmp_path)).eval()
     assert model.cfg.window == 8
+    with torch.no_grad():
+        out, ref = model(ids, **kw).logits, hf(input_ids=ids, **kw).logits
+    assert_close(out[mask.bool()], ref[mask.bool()], 1e-4)
+
+
+def test_a_model_with_no_local_layer_loads_whatever_its_local_attention(tmp_path):
+    """Every layer global: transformers never reads local_attention (0 here), nor do we: window 0."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    name = "ModernBertForMaskedLM"
+    over = dict(local_attention=0, global_attn_every_n_layers=1)
+    hf = hf_model(transformers, name, "eager", **over).eval()
+    hf.save_pretrained(tmp_path)
+    ids, mask, kw = hf_inputs(name)
+    model = tinyencoder_hf.load(str(tmp_path)).eval()
+    assert model.cfg.window == 0
     with torch.no_grad():
         out, ref = model(ids, **kw).logits, hf(input_ids=ids, **kw).logits
     assert_close(out[mask.bool()], ref[mask.bool()], 1e-4)

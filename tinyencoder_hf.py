@@ -312,7 +312,8 @@ def special_ids_in_vocabulary(fields: dict):
 
 def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
     types = hf.get("layer_types")
-    if types:  # the first global layer after layer 0 gives the period
+    all_global = bool(types) and LOCAL not in types
+    if types and not all_global:  # the first global layer after layer 0 gives the period
         later_globals = [i for i in range(1, len(types)) if types[i] == GLOBAL]
         fields["global_every"] = min(later_globals, default=len(types))
     thetas = hf.get("rope_parameters") or {}
@@ -335,7 +336,8 @@ def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
     if head_act != fields["act"] and not base:
         raise ValueError("classifier_activation must equal hidden_activation")
     fields["resid_dropout"] = fields["attn_dropout"]  # one knob drives both in transformers
-    fields["window"] = window_from_hf(hf, fields["window"])
+    # no local layer: no window, whatever local_attention says (global_every as saved)
+    fields["window"] = 0 if all_global else window_from_hf(hf, fields["window"])
     cfg = te.Config(**fields)
     if types and types != layer_types(cfg):
         raise ValueError(f"layer_types {types} is not 'global every n-th layer', the one pattern")
