@@ -465,7 +465,7 @@ def test_an_odd_local_window_loads_as_the_even_one_below(tmp_path):
 
 
 def test_a_model_with_no_local_layer_loads_whatever_its_local_attention(tmp_path):
-    """Every layer global: transformers never reads local_attention (0 here), nor do we: window 0."""
+    """Every layer global: transformers never reads local_attention (0 here), nor we: window 0."""
     transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
     name = "ModernBertForMaskedLM"
     over = dict(local_attention=0, global_attn_every_n_layers=1)
