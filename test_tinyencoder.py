@@ -1278,6 +1278,43 @@ def test_legitimate_edge_cases_keep_working(preset):
             assert model(ids, mask, labels=labels, next_sentence_label=nsp).loss.isfinite()
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("unpad", [False, True])
+def test_a_layout_made_ahead_from_any_mask_dtype_is_forwards_own(preset, unpad):
+    """make_layout takes the masks forward takes: a bool row starting with a real token has its
+    document start there (F.pad's -1 is True in bool), and uint8 ids pad without overflow."""
+    model = perturb(TinyEncoder(tiny(preset, unpad=unpad))).eval()
+    ids, mask = batch(lens=(24, 19, 11))
+    left_padded = torch.tensor([[0] * 4 + [1] * 20])
+    with torch.no_grad():
+        for rows, doc in ((ids, mask), (ids[:1], left_padded), (ids[:1], torch.full((1, 24), 255))):
+            ref = model(rows, doc).logits
+            for dtype in (torch.bool, torch.uint8):
+                layout = tinyencoder.make_layout(model.cfg, doc.to(dtype), torch.float32)
+                assert_close(model(rows, doc.to(dtype), layout=layout).logits, ref, 0)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_a_row_of_padding_alone_pools_to_zero_with_or_without_unpad(preset, pooling):
+    """unpad is speed, not function: a row with no real token pools to 0 either way (it took the
+    pad token's hidden state at position 0 on padded rows), for a classifier and for NSP."""
+    over = dict(nsp=False, classifier="sequence", classifier_pooling=pooling)
+    model = perturb(TinyEncoder(tiny(preset, **over))).eval()
+    ids, mask = batch(lens=(24, 0, 11))
+    with torch.no_grad():
+        padded, unpadded = (variant(model, unpad=u)(ids, mask).logits for u in (False, True))
+        assert_close(padded, unpadded, 1e-5)
+        zero = model.classifier(torch.zeros(1, model.cfg.hidden))
+        if model.pooler is not None:
+            zero = model.classifier(torch.tanh(model.pooler(torch.zeros(1, model.cfg.hidden))))
+        assert_close(padded[1], zero[0], 1e-6)
+        if preset == "bert":
+            nsp = perturb(TinyEncoder(tiny("bert"))).eval()
+            padded, unpadded = (variant(nsp, unpad=u)(ids, mask).nsp_logits for u in (False, True))
+            assert_close(padded, unpadded, 1e-5)
+
+
 def test_values_are_not_read_off_the_host():
     """Off a CPU (a GPU batch; here the meta device) the value checks, which would wait for the
     device, are skipped, but shapes, dtypes and the device are still checked."""

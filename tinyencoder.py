@@ -167,7 +167,7 @@ def eager_attention(q, k, v, mask: Optional[torch.Tensor], dropout: float) -> to
 
 def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) True where a run of equal ids starts, and at padding: 1 1 2 0 0 -> 1 0 1 1 1."""
-    left_neighbour = F.pad(doc_ids, (1, 0), value=-1)[:, :-1]
+    left_neighbour = F.pad(doc_ids.long(), (1, 0), value=-1)[:, :-1]  # any dtype: a bool -1 is 1
     return (doc_ids != left_neighbour) | (doc_ids == 0)
 
 
@@ -561,10 +561,11 @@ def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Ten
     if not torch.is_tensor(doc_ids) or doc_ids.shape != hidden.shape[:2]:
         raise ValueError(f"pool's doc_ids must be a {tuple(hidden.shape[:2])} tensor like hidden's")
     real = (doc_ids != 0).unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    hidden = hidden * real  # a row of padding alone pools to 0 with or without unpad
     if pooling == "cls":
         return hidden[torch.arange(len(hidden), device=hidden.device), real.squeeze(-1).argmax(1)]
     if pooling == "mean":
-        return (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+        return hidden.sum(dim=1) / real.sum(dim=1).clamp(min=1)
     raise ValueError(f"pooling {pooling!r} is neither 'cls' nor 'mean'")
 
 
@@ -855,11 +856,10 @@ def padded_attention(q, k, v, layout: Padded, half_window: Optional[int], dropou
     return out.transpose(1, 2)
 
 
-def window_blocks(q, k, v, mask, half_window: int, dropout: float) -> torch.Tensor:
-    """Sliding-window attention in blocks of half_window queries (with dropout as padded_attention:
-    eager): block i sees key blocks i - 1 to i + 1, holding every key its queries' windows hold."""
+def window_blocks(q, k, v, mask, w: int, dropout: float) -> torch.Tensor:
+    """Sliding-window attention in blocks of w = half_window queries (with dropout eager, as
+    in padded_attention): block i sees key blocks i - 1 to i + 1, all keys its queries' see."""
     attention = F.scaled_dot_product_attention if dropout == 0 else eager_attention
-    w = half_window
     key_blocks, value_blocks = k.split(w, dim=-2), v.split(w, dim=-2)
     outs = []
     for i, q_block in enumerate(q.split(w, dim=-2)):
