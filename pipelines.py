@@ -171,7 +171,9 @@ def best_span(logits, allowed, max_length: int = 30) -> tuple[int, int]:
     T = logits.shape[0]
     # (T, T): the score of the span from token i to token j
     scores = logits[:, 0, None].float() + logits[None, :, 1].float()
-    ordered = torch.ones(T, T, dtype=torch.bool, device=logits.device).triu().tril(max_length - 1)
+    # no span is longer than the row: a larger max_length (10**30, say) allows them all, as T does
+    ordered = torch.ones(T, T, dtype=torch.bool, device=logits.device).triu()
+    ordered = ordered.tril(min(max_length, T) - 1)
     possible = ordered & allowed[:, None] & allowed[None, :]
     if not possible.any():
         raise ValueError("best_span: no token is allowed to answer")
