@@ -102,19 +102,28 @@ def test_train_resume_is_exact(tmp_path, dtype):  # with dropout on: its masks m
 
 
 @pytest.mark.parametrize(
-    "arch, lrs",
+    "arch, lrs, over",
     [
         # 2 steps of warmup to 1e-3, then down to 0 at step 10 (the LR each step trains at)
-        ("roberta", [5e-4, 1e-3, 1e-3, 8.75e-4, 7.5e-4, 6.25e-4, 5e-4, 3.75e-4, 2.5e-4, 1.25e-4]),
+        (
+            "roberta",
+            [5e-4, 1e-3, 1e-3, 8.75e-4, 7.5e-4, 6.25e-4, 5e-4, 3.75e-4, 2.5e-4, 1.25e-4],
+            [],
+        ),
         # warmup, stable, then down over the last 20 %: WSD
-        ("modernbert", [5e-4] + [1e-3] * 8 + [5e-4]),
+        ("modernbert", [5e-4] + [1e-3] * 8 + [5e-4], []),
+        # past the schedule's end, LR 0, also where warmup fills it (step 10 trained at the peak)
+        ("bert", [i * 1e-4 for i in range(1, 11)] + [0, 0], ["--warmup", 1, "--max-steps", 12]),
+        # and where the decay is shorter than a step (step 10 trained at half the peak)
+        ("modernbert", [5e-4] + [1e-3] * 9 + [0], ["--decay", 0.05, "--max-steps", 11]),
     ],
 )
-def test_the_lr_schedule_step_by_step(tmp_path, arch, lrs):
+def test_the_lr_schedule_step_by_step(tmp_path, arch, lrs, over):
     flags = ["--arch", arch, "--max-steps", 10, "--lr-steps", 10, "--lr", "1e-3", "--warmup", 0.2]
     flags += ["--batch-size", 2, "--context", 32, "--out-dir", tmp_path / "run"]
     if arch == "modernbert":
         flags += ["--decay", 0.2]
+    flags += over  # argparse keeps a flag's last value
     proc = _train(tmp_path, *flags, popen=True)
     logged = [float(x) for x in re.findall(r"^step .*\| lr (\S+) \|", proc.stdout.read(), re.M)]
     assert proc.wait(timeout=120) == 0
