@@ -603,7 +603,8 @@ def test_data_inside_the_output_folder_is_read(tmp_path):
 def test_held_out_rows_mask_alike_at_any_context():
     """A held-out row's masks are drawn for its real tokens: at --context 256, 512 and 1024 the
     same 254 bytes get the same masked inputs (they were drawn over the padded row, so 35 % of the
-    picked bytes got another replacement at each context: ~0.5 points of accuracy apart)."""
+    picked bytes got another replacement at each context: ~0.5 points of accuracy apart), in rows
+    256 wide at every context (padded to it, an evaluation at 1024 took ~5x the time)."""
     import tinyencoder as te
     from data.rows import collate, held_out_rows
 
@@ -614,7 +615,7 @@ def test_held_out_rows_mask_alike_at_any_context():
     for context in (256, 512, 1024):
         _, rows = held_out_rows(data, offsets, context, 16)
         batch = collate(rows, cfg, torch.device("cpu"), 0.15)
-        assert (batch["labels"][:, 256:] == te.IGNORE_INDEX).all()
+        assert batch["input_ids"].shape == (16, 256)
         seen.append((batch["input_ids"][:, :256], batch["labels"][:, :256]))
     for inputs, labels in seen[1:]:
         assert torch.equal(inputs, seen[0][0]) and torch.equal(labels, seen[0][1])

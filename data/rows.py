@@ -157,8 +157,10 @@ class TrainingRows:
 
 def held_out_rows(data, offsets, length, count):
     """count plain rows, spread over the held-out documents (CLS, up to 254 bytes of one, SEP), and
-    the (start, end) of their bytes."""
-    span = max(1, min(256, length) - 2)
+    the (start, end) of their bytes. Rows are at most 256 wide whatever the context: padding them
+    to a context of 1024 made an evaluation ~5x slower, for the same figures."""
+    width = min(256, length)
+    span = max(1, width - 2)
     spans = []
     for doc_start, doc_end in zip(offsets, offsets[1:]):
         for start in range(doc_start, doc_end, span):
@@ -168,9 +170,9 @@ def held_out_rows(data, offsets, length, count):
     rows = []
     for j, (start, end) in enumerate(spans):
         ids = np.r_[[CLS], data[start:end], [SEP]]
-        no_types = pad([], length, 0)
-        doc_ids = pad(np.ones(len(ids)), length, 0)
-        rows.append(Example(pad(ids, length), no_types, doc_ids, -1, [0, 0, 0, j]))
+        no_types = pad([], width, 0)
+        doc_ids = pad(np.ones(len(ids)), width, 0)
+        rows.append(Example(pad(ids, width), no_types, doc_ids, -1, [0, 0, 0, j]))
     return spans, rows
 
 
