@@ -35,7 +35,7 @@ import tinyencoder as te
 import tinyencoder_hf
 from data.corpus import printable
 from data.tasks import exact_match, token_f1, write_task
-from runs import COUNT, POSITIVE, Metrics, Parser, StopSignals, device_or_die, die
+from runs import COUNT, LR, Metrics, Parser, StopSignals, device_or_die, die
 from runs import (
     SEED,
     check_resumed,
@@ -60,7 +60,7 @@ add("--resume", action="store_true", help="go on from --out-dir's ckpt_last.pt")
 add("--train-examples", type=COUNT, help="train on this many of --train's, spread through the file")
 add("--max-steps", type=COUNT, default=600)
 add("--batch-size", type=COUNT, default=32)
-add("--lr", type=POSITIVE, default=3e-4, help="peak learning rate: 6%% warmup, then linear decay")
+add("--lr", type=LR, default=3e-4, help="peak learning rate: 6%% warmup, then linear decay")
 add("--eval-interval", type=COUNT, default=200)
 add("--log-interval", type=COUNT, default=50)
 add("--seed", type=SEED, default=0)

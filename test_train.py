@@ -390,10 +390,16 @@ TRAIN_BAD_INPUT = [
         ["--batch-size", "0"],
         "argument --batch-size: must be at least 1 and at most 1000000000000, got 0",
     ),
-    (["--lr", "0"], "argument --lr: must be above 0, got 0"),
+    (["--lr", "0"], "argument --lr: must be above 0 and at most 1e+38, got 0"),
     # a run ends at its step count or its time, never the budget ignored in silence
     (["--max-steps", "3", "--time-budget", "1"], "--time-budget: not allowed with argument --max"),
-    (["--lr", "inf"], "argument --lr: must be above 0, got inf"),
+    (["--lr", "inf"], "argument --lr: must be above 0 and at most 1e+38, got inf"),
+    # past float32's range (the optimizer step failed), and a budget whose steps overflow an int64
+    (["--lr", "1e300"], "argument --lr: must be above 0 and at most 1e+38, got 1e300"),
+    (
+        ["--time-budget", "1e20"],
+        "argument --time-budget: must be above 0 and at most 10000000, got",
+    ),
     (["--max-steps", "1" + "0" * 400], "argument --max-steps: must be at least 1 and at most"),
     (["--mlm-rate", "1.5"], "argument --mlm-rate: must be above 0 and at most 1, got 1.5"),
     (["--dropout", "nan"], "argument --dropout: must be at least 0 and below 1, got nan"),
@@ -620,6 +626,18 @@ def test_held_out_rows_mask_alike_at_any_context():
     for inputs, labels in seen[1:]:
         assert torch.equal(inputs, seen[0][0]) and torch.equal(labels, seen[0][1])
     assert (seen[0][1] != te.IGNORE_INDEX).sum() > 400  # 15 % of 16 rows of 254 bytes: ~610
+
+
+def test_more_held_out_rows_asked_than_spans_gives_each_span_once():
+    """--eval-seqs 10**12: every span once, as any count from their number up (np.linspace listed
+    10**12 indices first: a MemoryError of terabytes)."""
+    from data.rows import held_out_rows
+
+    data = np.frombuffer(bytes(range(256)) * 40, np.uint8)
+    offsets = np.array([0, 4000, len(data)])
+    spans, rows = held_out_rows(data, offsets, 128, 10**12)
+    assert len(spans) == len(rows) == 82  # 4000 and 6240 bytes in spans of 126
+    assert held_out_rows(data, offsets, 128, 82)[0] == spans
 
 
 def test_the_default_corpus_reads_pydocs_topics_once():

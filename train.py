@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import tinyencoder as te
 from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
-from runs import COUNT, DROPOUT, FRACTION, LENGTH, POSITIVE, RATE, Metrics, Parser, StopSignals
+from runs import COUNT, DROPOUT, FRACTION, LENGTH, LR, MINUTES, RATE, Metrics, Parser, StopSignals
 from runs import check_step_fits, demo, device_or_die, die, load_checkpoint, stop_if_diverged
 from runs import load_weights, refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
@@ -88,14 +88,14 @@ add("--out-dir", default="out", help="checkpoints and metrics.jsonl go here")
 add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
 ends = parser.add_mutually_exclusive_group()  # a run ends at a step or at a time, not both
 ends.add_argument("--max-steps", type=COUNT, help="optimizer steps (default: what fits the time)")
-ends.add_argument("--time-budget", type=POSITIVE, default=9.5, help="minutes for the run")
+ends.add_argument("--time-budget", type=MINUTES, default=9.5, help="minutes for the run")
 # the LR schedule: never cut to --max-steps below 2000, so that a resumed run can go on along it
 add("--lr-steps", type=COUNT, help="schedule length (default: the run's; >= 2000 with --max-steps)")
 # ModernBERT above 1024 is its context extension: global RoPE theta 160k, lr 3e-4, 1-sqrt decay
 add("--context", type=LENGTH, help="sequence length (default: 128 on CPU, the paper's on GPU)")
 add("--batch-size", type=COUNT, help="sequences per micro-batch and process")
 add("--grad-accum", type=COUNT, default=1, help="micro-batches per optimizer step")
-add("--lr", type=POSITIVE, help="peak learning rate")
+add("--lr", type=LR, help="peak learning rate")
 add("--warmup", type=FRACTION, help="fraction of --lr-steps spent warming up")
 add("--decay", type=FRACTION, help="modernbert: fraction of --lr-steps spent decaying at the end")
 add("--mlm-rate", type=RATE, help="training masking rate (default: the recipe's)")

@@ -165,7 +165,8 @@ def held_out_rows(data, offsets, length, count):
     for doc_start, doc_end in zip(offsets, offsets[1:]):
         for start in range(doc_start, doc_end, span):
             spans.append((start, min(start + span, doc_end)))
-    spread = np.linspace(0, len(spans) - 1, count).round().astype(int)
+    # more rows asked than there are spans: each span once (np.linspace would list them all)
+    spread = np.linspace(0, len(spans) - 1, min(count, len(spans))).round().astype(int)
     spans = [spans[i] for i in np.unique(spread)]
     rows = []
     for j, (start, end) in enumerate(spans):
