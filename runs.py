@@ -247,7 +247,8 @@ def load_weights(model, path: str, flag: str):
 def check_resumed(checkpoint: dict, global_batch: int, split: str, max_steps, changed=()):
     """A resumed run takes as many rows a step as the run did (the step numbers the rows), and
     stops at --max-steps, if given again, no earlier than the step it resumes at; a run that stops
-    at --max-steps takes no --time-budget. A fresh run's checkpoint is {}."""
+    at --max-steps takes no --time-budget, nor one that took every step its budget planned. A
+    fresh run's checkpoint is {}."""
     rows = checkpoint.get("global_batch", global_batch)
     if rows != global_batch:
         how = "resume with the run's processes, --batch-size and --grad-accum"
@@ -255,8 +256,13 @@ def check_resumed(checkpoint: dict, global_batch: int, split: str, max_steps, ch
     step = checkpoint.get("step", 0)
     if max_steps is not None and max_steps < step:
         die(f"--resume: the run is at step {step}, past --max-steps {max_steps}")
-    if max_steps is not None and any(flag.startswith("--time-budget ") for flag in changed):
+    budget_again = any(flag.startswith("--time-budget ") for flag in changed)
+    if max_steps is not None and budget_again:
         die(f"--resume: the run stops at --max-steps {max_steps}, and reads no --time-budget")
+    # a fitted run that took every step it planned has no budget left to plan: its LR is at 0
+    if max_steps is None and budget_again and step and step == checkpoint.get("max_steps"):
+        further = "--max-steps takes it further (with --lr-steps; past its schedule, LR 0)"
+        die(f"--resume: the run took all {step} steps it planned, its schedule over; {further}")
 
 
 # Fields that older checkpoints record and Config no longer has; none changed a weight

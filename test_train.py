@@ -1659,6 +1659,21 @@ def test_the_lr_schedule_lasts_as_long_as_the_run(tmp_path, steps, schedule):
     assert f"training steps 1..{steps}, peak lr 0.002 on a {schedule}-step schedule" in plan
 
 
+def test_a_finished_timed_run_given_a_new_budget_says_what_takes_it_further(tmp_path):
+    """A run fitted to --time-budget that took every step it planned: resumed with a larger budget,
+    one line says so (it logged the flag as changed, then trained "steps 3..2" and ended)."""
+    run_dir = tmp_path / "run"
+    _train(tmp_path, "--max-steps", 2, "--context", 32, "--out-dir", run_dir)
+    state = torch.load(run_dir / "ckpt_last.pt", weights_only=True)
+    state["args"].update(max_steps=None, time_budget=0.5)  # as if fitted to half a minute
+    torch.save(state, run_dir / "ckpt_last.pt")
+    run = run_python(
+        [sys.executable, "train.py", "--resume", "--out-dir", run_dir, "--time-budget", 1]
+    )
+    assert run.returncode == 1, run.stdout[-2000:]
+    assert "the run took all 2 steps it planned, its schedule over; --max-steps" in run.stderr
+
+
 def test_a_resumed_run_has_the_time_budget_the_run_left(tmp_path):
     """A run fitted to --time-budget records the time it has spent; resumed, it plans anew in the
     budget's rest, timing a step and an evaluation as a fresh run does (it counted evaluations as
