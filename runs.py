@@ -151,16 +151,26 @@ def refuse_to_overwrite(out_dir: str):
         die(f"--out-dir {out_dir} holds a run's ckpt_best.pt, no ckpt_last.pt to resume: {anew}")
 
 
-def check_step_fits(sizes, tokens, cfg, device, advice="lower them (--grad-accum adds up steps)"):
+def check_step_fits(
+    sizes, tokens, cfg, device, advice="lower them (--grad-accum adds up steps)", held=1
+):
     """A one-line error, before any work, where a training step over tokens cannot fit in the
     device's memory: each layer keeps at least its input, tokens x hidden values of 2 bytes or
-    more, for the backward. (Without it, a mistyped --batch-size swaps the machine for minutes.)"""
+    more, for the backward. (Without it, a mistyped --batch-size swaps the machine for minutes.)
+    held: the micro-batches a step holds at once (train.py's --grad-accum), each token's id, label
+    and document id at least (8 bytes each): 10^8 of them ended in an allocator's traceback."""
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
     elif "SC_PHYS_PAGES" in getattr(os, "sysconf_names", {}):
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     else:
         return
+    inputs = tokens * held * 24
+    if held > 1 and inputs > memory:
+        kept = f"{inputs / 2**30:,.0f} GiB or more, over the {memory / 2**30:,.0f} GiB here"
+        die(
+            f"--grad-accum {held}: a step holds its micro-batches' inputs at once, {kept}; lower it"
+        )
     floor = tokens * cfg.hidden * cfg.layers * 2
     if floor > memory:
         kept = f"{floor / 2**30:,.0f} GiB or more, over the {memory / 2**30:,.0f} GiB here"

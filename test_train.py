@@ -419,6 +419,10 @@ TRAIN_BAD_INPUT = [
         ["--data", "{tmp}/missing", "--batch-size", "100000000", "--context", "32"],
         "--batch-size 100000000 x --context 32: a training step keeps 3,052 GiB or more, over",
     ),
+    (
+        ["--data", "{tmp}/missing", "--grad-accum", "100000000", "--context", "32"],
+        "--grad-accum 100000000: a step holds its micro-batches' inputs at once, 4,578 GiB or more",
+    ),
     (["--data", "{tmp}/missing", "--init-from", "{tmp}/none.pt"], "--init-from: no checkpoint"),
     (["--data", "{tmp}/missing", "--init-from", "{tmp}/bert.pt"], "not this model's weights"),
 ]

@@ -201,7 +201,7 @@ else:
 if T > cfg.max_len:
     die(f"--context {T}: this {args.arch} reads documents of at most {cfg.max_len} bytes")
 torch.manual_seed(args.seed)
-check_step_fits(f"--batch-size {B} x --context {T}", B * T, cfg, device)
+check_step_fits(f"--batch-size {B} x --context {T}", B * T, cfg, device, held=args.grad_accum)
 # the bare model: checkpoints hold its parameter names, never a wrapper's
 model = te.TinyEncoder(cfg).to(device)
 if model.pos_embed is not None and args.position_init == "sinusoids":  # resuming loads its own
