@@ -285,7 +285,7 @@ def lr_at(step, lr_steps):
     decay_start = warmup_steps
     if recipe.schedule == "wsd":
         decay_start = lr_steps * (1 - args.decay)
-    decay_start = min(decay_start, lr_steps - 1)  # lr_steps on: 0, where warmup fills the schedule
+    decay_start = min(decay_start, lr_steps - 1)  # from lr_steps on LR 0, even if warmup fills it
     progress = min(1.0, max(0.0, (step - decay_start) / max(1, lr_steps - decay_start)))
     if extension:
         progress = math.sqrt(progress)
