@@ -450,30 +450,23 @@ def test_load_refuses_what_it_would_compute_differently(name, over, message, tmp
         tinyencoder_hf.load(str(tmp_path))
 
 
-def test_an_odd_local_window_loads_as_the_even_one_below(tmp_path):
-    """local_attention 9: transformers' local layers see 4 keys each side, as a window of 8 does."""
+@pytest.mark.parametrize(
+    "over, window",
+    [
+        # local_attention 9: transformers' local layers see 4 keys each side, as a window of 8 does
+        (dict(local_attention=9), 8),
+        # every layer global: transformers never reads local_attention (0 here), nor we: window 0
+        (dict(local_attention=0, global_attn_every_n_layers=1), 0),
+    ],
+)
+def test_local_attention_loads_as_the_window_transformers_attends_in(over, window, tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
     name = "ModernBertForMaskedLM"
-    hf = hf_model(transformers, name, "eager", local_attention=9).eval()
-    hf.save_pretrained(tmp_path)
-    ids, mask, kw = hf_inputs(name)
-    model = tinyencoder_hf.load(str(tmp_path)).eval()
-    assert model.cfg.window == 8
-    with torch.no_grad():
-        out, ref = model(ids, **kw).logits, hf(input_ids=ids, **kw).logits
-    assert_close(out[mask.bool()], ref[mask.bool()], 1e-4)
-
-
-def test_a_model_with_no_local_layer_loads_whatever_its_local_attention(tmp_path):
-    """Every layer global: transformers never reads local_attention (0 here), nor we: window 0."""
-    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
-    name = "ModernBertForMaskedLM"
-    over = dict(local_attention=0, global_attn_every_n_layers=1)
     hf = hf_model(transformers, name, "eager", **over).eval()
     hf.save_pretrained(tmp_path)
     ids, mask, kw = hf_inputs(name)
     model = tinyencoder_hf.load(str(tmp_path)).eval()
-    assert model.cfg.window == 0
+    assert model.cfg.window == window
     with torch.no_grad():
         out, ref = model(ids, **kw).logits, hf(input_ids=ids, **kw).logits
     assert_close(out[mask.bool()], ref[mask.bool()], 1e-4)
