@@ -167,14 +167,18 @@ def check_step_fits(
         return
     inputs = tokens * held * 24
     if held > 1 and inputs > memory:
-        kept = f"{inputs / 2**30:,.0f} GiB or more, over the {memory / 2**30:,.0f} GiB here"
+        kept = beyond(inputs, memory)
         die(
             f"--grad-accum {held}: a step holds its micro-batches' inputs at once, {kept}; lower it"
         )
     floor = tokens * cfg.hidden * cfg.layers * 2
     if floor > memory:
-        kept = f"{floor / 2**30:,.0f} GiB or more, over the {memory / 2**30:,.0f} GiB here"
-        die(f"{sizes}: a training step keeps {kept}; {advice}")
+        die(f"{sizes}: a training step keeps {beyond(floor, memory)}; {advice}")
+
+
+def beyond(needed: int, memory: int) -> str:
+    """check_step_fits' figures: "N GiB or more, over the M GiB here"."""
+    return f"{needed / 2**30:,.0f} GiB or more, over the {memory / 2**30:,.0f} GiB here"
 
 
 def device_or_die(name: str) -> str:
