@@ -767,9 +767,9 @@ def test_load_reads_tf_era_layernorm_names(tmp_path):
         )
 
 
-def test_a_lone_copy_embeds_and_classifies(tmp_path):
-    """Copied alone into another project, tinyencoder.py needs torch only: it embeds and
-    classifies; reading and writing transformers checkpoints is tinyencoder_hf.py's."""
+def test_a_lone_copy_trains_embeds_and_classifies(tmp_path):
+    """Copied alone into another project, tinyencoder.py needs torch only: it trains (masked-LM
+    steps lower the loss), embeds and classifies; transformers' checkpoints need tinyencoder_hf."""
     shutil.copy(Path(__file__).parent / "tinyencoder.py", tmp_path)
     # an editable install puts tinyencoder_hf on the path anywhere: hide it, as a lone copy lacks it
     code = (
@@ -777,13 +777,20 @@ def test_a_lone_copy_embeds_and_classifies(tmp_path):
         "c = te.Config.from_preset('bert', hidden=32, layers=1, heads=2, nsp=False, "
         "classifier='sequence', num_labels=3); m = te.TinyEncoder(c).eval(); "
         "ids = te.torch.tensor([[1, 2]]); mask = te.torch.ones_like(ids); "
-        "print(tuple(te.pool(m(ids).hidden, mask, 'mean').shape), tuple(m(ids).logits.shape))"
+        "print(tuple(te.pool(m(ids).hidden, mask, 'mean').shape), tuple(m(ids).logits.shape)); "
+        "te.torch.manual_seed(0); g = te.TinyEncoder(te.Config.from_preset('modernbert', "
+        "hidden=32, layers=1, heads=2)); opt = te.torch.optim.AdamW(g.parameters(), lr=1e-2); "
+        "x, y = te.mask_tokens(te.torch.randint(0, 256, (2, 16)), g.cfg, rate=0.5); losses = []\n"
+        "for _ in range(5):\n"
+        "    loss = g(x, labels=y).loss; loss.backward(); opt.step(); opt.zero_grad()\n"
+        "    losses.append(loss.item())\n"
+        "print(losses[-1] < losses[0])"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["(1,", "32)", "(1,", "3)"]
+    assert proc.stdout.split() == ["(1,", "32)", "(1,", "3)", "True"]
 
 
 # -------------------------------------------------------------------------------------------------
