@@ -27,11 +27,11 @@ ModernBERT, (b), (c), (e)'s BERT; (b) times every arch at 16 rows before any at 
 --archs pick some: a second run can take the architectures (b) had no time for
 (--sections speed --archs bert,roberta --budget 180: no (c), which would compile ModernBERT).
 
---tiny shrinks every size (1 layer 256 wide in (b) and (c), 2 layers in (d)) and compiles with the
-aot_eager backend, so that a CPU runs the same code; there (c)'s busy share and syncs are None, with
-a note, and its table is of CPU ops by their own time. On a CPU, ModernBERT's unpadded attention
-loops over the documents, so a new batch size recompiles it once (a GPU's flash kernel takes them
-all in one call).
+--tiny shrinks every size (2 layers in (b), (c) and (d), 256 wide in (b) and (c)) and compiles
+with the aot_eager backend, so that a CPU runs the same code; there (c)'s busy share and syncs are
+None, with a note, and its table is of CPU ops by their own time. On a CPU, ModernBERT's unpadded
+attention loops over the documents, so a new batch size recompiles it once (a GPU's flash kernel
+takes them all in one call).
 """
 
 import argparse
@@ -289,13 +289,14 @@ class SpeedPlan:
 
 
 def speed_plan(tiny):
-    """The GPU's sizes, or --tiny's: one layer, short rows, two small batch sizes, and the
-    aot_eager backend (Dynamo and AOTAutograd as on the GPU, without generating C++ for the CPU:
-    a third of the compile time, and the GPU's code is not the CPU's anyway)."""
+    """The GPU's sizes, or --tiny's: two layers (ModernBERT's global one and a local one), short
+    rows, two small batch sizes, and the aot_eager backend (Dynamo and AOTAutograd as on the GPU,
+    without generating C++ for the CPU: a third of the compile time, and the GPU's code is not the
+    CPU's anyway)."""
     if tiny:
         seq = {arch: n // 4 for arch, n in SPEED_SEQ.items()}
         options = dict(dynamic=True, backend="aot_eager")
-        sizes = dict(layers=1, hidden=256, batches=(2, 4), steps=2, warmup=1)
+        sizes = dict(layers=2, hidden=256, batches=(2, 4), steps=2, warmup=1)
         return SpeedPlan(**sizes, seq=seq, compile=options)
     # dynamic=True: the first call traces sizes as symbols, so that no new batch recompiles;
     # warm-up: a new batch size might still, or pick new cuBLAS kernels
