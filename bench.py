@@ -391,7 +391,7 @@ def add_mfu(rows, peak):
 def print_table(rows, peak, dtype_name):
     peak_note = f"matmul peak ({dtype_name}, measured): {peak / 1e9:,.1f} GFLOP/s"
     ratio_note = "hf/te = transformers time / tinyencoder time (median of paired steps)"
-    print(f"\n{peak_note}; tok/s = real tokens; {ratio_note}")
+    print(f"\n{peak_note}; tok/s = real tokens (median of steps); {ratio_note}")
     head = f"{'arch':<11}{'batch':<6}{'step':<6}{'variant':<10}"
     head += f"{'te tok/s':>10}{'hf tok/s':>10}{'hf/te':>7}{'te MFU':>8}{'hf MFU':>8}"
     print(head + "\n" + "-" * len(head))
