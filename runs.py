@@ -77,8 +77,9 @@ def number(kind, low, high=math.inf, low_open=False, high_open=False):
 # float still holds it exactly; a length leaves a row room for a sentence pair's three specials.
 COUNT = number(int, 1, 10**12)
 POSITIVE = number(float, 0, low_open=True)
-# a learning rate, which an optimizer step takes as a float32: past its range the step fails inside
-LR = number(float, 0, 1e38, low_open=True)
+# a learning rate, which an optimizer step takes as a float32: AdamW's first step divides it by
+# 1 - beta1 (0.1), and past float32's 3.4e38 the step fails inside
+LR = number(float, 0, 1e37, low_open=True)
 # minutes: up to ~19 years, whose steps a run can still plan (as an int64 count)
 MINUTES = number(float, 0, 10**7, low_open=True)
 FRACTION = number(float, 0, 1)

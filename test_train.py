@@ -390,12 +390,17 @@ TRAIN_BAD_INPUT = [
         ["--batch-size", "0"],
         "argument --batch-size: must be at least 1 and at most 1000000000000, got 0",
     ),
-    (["--lr", "0"], "argument --lr: must be above 0 and at most 1e+38, got 0"),
+    (["--lr", "0"], "argument --lr: must be above 0 and at most 1e+37, got 0"),
     # a run ends at its step count or its time, never the budget ignored in silence
     (["--max-steps", "3", "--time-budget", "1"], "--time-budget: not allowed with argument --max"),
-    (["--lr", "inf"], "argument --lr: must be above 0 and at most 1e+38, got inf"),
+    (["--lr", "inf"], "argument --lr: must be above 0 and at most 1e+37, got inf"),
     # past float32's range (the optimizer step failed), and a budget whose steps overflow an int64
-    (["--lr", "1e300"], "argument --lr: must be above 0 and at most 1e+38, got 1e300"),
+    (["--lr", "1e300"], "argument --lr: must be above 0 and at most 1e+37, got 1e300"),
+    # at the bound, AdamW's first step (the rate over 1 - beta1) stays in float32's range
+    (
+        ["--data", "{tmp}/ok.txt", "--lr", "1e37", "--warmup", "0", "--max-steps", "1"],
+        "val_loss nan",
+    ),
     (
         ["--time-budget", "1e20"],
         "argument --time-budget: must be above 0 and at most 10000000, got",
