@@ -230,9 +230,7 @@ TASK_NAMES.update(span="QuestionAnswering", choice="MultipleChoice")
     ],
 )
 def test_save_round_trip(preset, over, tmp_path):
-    transformers = pytest.importorskip(
-        "transformers", reason="round trip loads the checkpoint with transformers"
-    )
+    transformers = pytest.importorskip("transformers", reason="transformers loads the save")
     if over.get("window") == 0:
         skip_unless_all_global_modernbert_builds(transformers)
     model = perturb(TinyEncoder(tiny(preset, **over))).eval()
@@ -243,10 +241,8 @@ def test_save_round_trip(preset, over, tmp_path):
     if model.cfg.nsp:
         auto = transformers.AutoModelForPreTraining
     hf = auto.from_pretrained(str(tmp_path)).eval()
-    assert (
-        type(hf).__name__ == json.loads((tmp_path / "config.json").read_text())["architectures"][0]
-    )
     name = type(hf).__name__
+    assert name == json.loads((tmp_path / "config.json").read_text())["architectures"][0]
     ids, mask, kw = hf_inputs(name)
     if model.cfg.type_vocab == 1:  # RoBERTa: one segment
         kw.pop("token_type_ids", None)
