@@ -104,19 +104,28 @@ class Line(NamedTuple):
     record: dict
 
 
+def file_lines(path) -> list[bytes]:
+    """A file's lines, with a one-line error for a folder, a missing file or one it cannot read (a
+    pipe, as bash's <(...) gives, reads too)."""
+    if os.path.isdir(path):
+        die(f"{path}: a folder, not a JSONL file")
+    if not os.path.exists(path):
+        die(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:  # no permission, an I/O error
+        die(f"{path}: cannot read it ({e.strerror})")
+    # a byte-order mark, as Windows tools write, is no part of the first line
+    return data.removeprefix(codecs.BOM_UTF8).splitlines()
+
+
 def read_jsonl(path, questions=None):
     """The file's Lines, with a one-line error for a missing file or a line that is not a JSON
     object with a "text" string, or in a file of questions (questions, or else its first line,
     says which), with "question" and "context" strings."""
-    if os.path.isdir(path):
-        die(f"{path}: a folder, not a JSONL file")
-    if not os.path.isfile(path):
-        die(f"{path}: no such file")
     records = []
-    with open(path, "rb") as f:
-        # a byte-order mark, as Windows tools write, is no part of the first line
-        lines = f.read().removeprefix(codecs.BOM_UTF8).splitlines()
-    for number, raw in enumerate(lines, 1):
+    for number, raw in enumerate(file_lines(path), 1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -355,14 +364,14 @@ if args.resume:  # the run's own flags, but those given again
     check_resumed(checkpoint, args.batch_size, f"--batch-size {args.batch_size}", args.max_steps)
 else:
     refuse_to_overwrite(args.out_dir)
-os.makedirs(args.out_dir, exist_ok=True)
-if args.task:
-    paths = write_task(args.task, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
-    args.train, args.val = paths["train"], paths["val"]
-if not (args.train and args.val):
+# what is missing, before any work, and before --out-dir is made: an error leaves no empty folder
+if not (args.task or (args.train and args.val)):
     die("give --task, or --train and --val (JSONL files)")
 if not args.init:
     die("give --init: a train.py checkpoint or a transformers folder to start from")
+if args.task:
+    paths = write_task(args.task, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    args.train, args.val = paths["train"], paths["val"]
 init_labels = None  # the class names of the classifier it starts from, where it has its own
 if checkpoint:  # its own config and weights: --init is not read again (it may have moved)
     weights, init_labels = checkpoint["model"], checkpoint["labels"]
@@ -443,6 +452,7 @@ if checkpoint:
     log(f"resumed at step {step}")
     if changed:
         log(f"flags changed from the run's own: {', '.join(changed)}")
+os.makedirs(args.out_dir, exist_ok=True)
 metrics = Metrics(args.out_dir, checkpoint.get("step"))
 start = "random init" if args.from_scratch else f"from {args.init}"
 # the held-out figure that picks ckpt_best.pt
@@ -519,7 +529,9 @@ def evaluate():
         return evaluate_answers()
     model.eval()
     loss, correct, count = 0.0, 0, 0
-    confusion = torch.zeros(len(labels), len(labels), dtype=torch.long)  # gold x predicted
+    # per label: right guesses, guesses, gold (not a gold x guess table: labels^2 of memory)
+    n = len(labels)
+    true_positives, predicted, gold_count = (torch.zeros(n, dtype=torch.long) for _ in range(3))
     for first in range(0, len(val_examples), 64):
         batch = collate(val_examples[first : first + 64], kind, cfg, device)
         out = model(**batch)
@@ -527,17 +539,17 @@ def evaluate():
         guess = out.logits.argmax(-1).flatten().cpu()
         keep = gold != te.IGNORE_INDEX
         loss += out.loss.item() * int(keep.sum())
-        confusion += torch.bincount(
-            gold[keep] * len(labels) + guess[keep], minlength=len(labels) ** 2
-        ).view(len(labels), len(labels))
-        correct += int((gold[keep] == guess[keep]).sum())
-        count += int(keep.sum())
+        gold, guess = gold[keep], guess[keep]
+        true_positives += torch.bincount(gold[gold == guess], minlength=n)
+        predicted += torch.bincount(guess, minlength=n)
+        gold_count += torch.bincount(gold, minlength=n)
+        correct += int((gold == guess).sum())
+        count += len(gold)
     model.train()
-    true_positives = confusion.diag().float()
-    precision = true_positives / confusion.sum(0).clamp(min=1)
-    recall = true_positives / confusion.sum(1).clamp(min=1)
+    precision = true_positives / predicted.clamp(min=1)
+    recall = true_positives / gold_count.clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    present = (confusion.sum(0) + confusion.sum(1)) > 0  # labels seen in gold or predictions
+    present = (predicted + gold_count) > 0  # labels seen in gold or predictions
     results = dict(val_loss=loss / count, val_acc=correct / count)
     results["val_macro_f1"] = f1[present].mean().item()
     results = {name: round(value, 6) for name, value in results.items()}
@@ -604,12 +616,12 @@ def kinds_of_tag(example):
 
 def demo_answer():
     """A held-out question, its context, the model's answer and the right ones; final figures."""
-    # the first question of each kind (its first word)
+    # the first question of each kind (its first word): --task qa's three, or a file's first three
     kinds = {}
     for example in val_examples:
         question = bytes(example.ids[1 : example.context.start - 1])
         kinds.setdefault(question.split(b" ")[0], example)
-    for example in kinds.values():
+    for example in list(kinds.values())[:3]:
         question = pipelines.span_text(example.ids, 1, example.context.start - 2)
         context = pipelines.span_text(example.ids, example.context.start, example.context.stop - 1)
         log(f"demo, held out: {question!r} in {context.replace(chr(10), '⏎')}")

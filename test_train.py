@@ -1295,6 +1295,19 @@ def test_finetune_answers_questions_and_exports(tmp_path):
     assert type(hf).__name__ == "ModernBertForQuestionAnswering"
 
 
+def test_finetune_shows_three_held_out_answers_at_most(tmp_path):
+    """The demo takes the first question of each first word, and three of them at most: a file of
+    questions with many first words showed one each (a forward pass and a log block apiece)."""
+    init = tiny_checkpoint(tmp_path / "init.pt", "modernbert")
+    questions = digit_questions(12, 0)
+    for i, record in enumerate(questions):
+        record["question"] = f"w{i} digits?"
+    train = write_jsonl(tmp_path / "train.jsonl", questions)
+    run = finetune(tmp_path, "--train", train, "--val", train, "--init", init, "--max-steps", 1)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("demo, held out") == 3, run.stdout[-2000:]
+
+
 def test_finetune_train_examples_keeps_every_group(tmp_path):
     """--train-examples N spreads its N through the file: on a file of one label and then the
     other, 8 of 200 hold both, and the model learns both (the first 8 alone would be one label);
@@ -1443,6 +1456,27 @@ def test_finetune_bad_input_is_one_line(tmp_path, lines, message):
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
 
 
+@pytest.mark.skipif(
+    not Path("/proc/self/mem").exists(), reason="Linux's /proc names the failing file"
+)
+def test_finetune_reads_a_pipe_and_names_a_file_it_cannot_read(tmp_path):
+    """A pipe (bash's <(...)) is read as a file was (it was "no such file"); a file that opens but
+    fails to read (/proc/self/mem: an I/O error at offset 0) is one line, not a traceback."""
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    records = [{"text": c * (1 + i % 3), "label": c} for i in range(6) for c in "ab"]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    pipe = tmp_path / "val.pipe"
+    os.mkfifo(pipe)
+    writer = subprocess.Popen(["sh", "-c", f"cat {train} > {pipe}"])
+    run = finetune(tmp_path, "--train", train, "--val", pipe, "--init", init, "--max-steps", 1)
+    writer.wait(timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    unreadable = ["--val", "/proc/self/mem", "--out-dir", tmp_path / "b"]
+    run = finetune(tmp_path, "--train", train, *unreadable, "--init", init, "--max-steps", 1)
+    assert "error: /proc/self/mem: cannot read it (Input/output error)" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+
+
 def test_finetune_that_diverges_keeps_no_broken_weights(tmp_path):
     """A learning rate of 3e4 for 3e-4: an update breaks the weights while its step's loss,
     computed before it, is finite. The evaluation after it finds the held-out loss not finite and
@@ -1499,6 +1533,23 @@ def test_finetune_bad_flags_are_one_line(tmp_path, flags, message):
     run = finetune(tmp_path, *(str(flag).format(tmp=tmp_path) for flag in flags), *init)
     assert run.returncode != 0 and message.format(tmp=tmp_path) in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train", "{tmp}/train.jsonl"], "give --task, or --train and --val"),
+        (["--task", "tags"], "give --init"),
+    ],
+)
+def test_finetune_names_a_missing_flag_before_making_its_out_dir(tmp_path, flags, message):
+    """One line, before any work (--task's files were built first), and no empty --out-dir left."""
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "x"}])
+    out = tmp_path / "out"
+    run = finetune(tmp_path, *(flag.format(tmp=tmp_path) for flag in flags), "--out-dir", out)
+    assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("content", [b"not a checkpoint", None])
