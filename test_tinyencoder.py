@@ -1305,10 +1305,10 @@ def test_a_row_of_padding_alone_pools_to_zero_with_or_without_unpad(preset, pool
     with torch.no_grad():
         padded, unpadded = (variant(model, unpad=u)(ids, mask).logits for u in (False, True))
         assert_close(padded, unpadded, 1e-5)
-        zero = model.classifier(torch.zeros(1, model.cfg.hidden))
+        pooled = torch.zeros(1, model.cfg.hidden)
         if model.pooler is not None:
-            zero = model.classifier(torch.tanh(model.pooler(torch.zeros(1, model.cfg.hidden))))
-        assert_close(padded[1], zero[0], 1e-6)
+            pooled = torch.tanh(model.pooler(pooled))
+        assert_close(padded[1], model.classifier(pooled)[0], 1e-6)
         if preset == "bert":
             nsp = perturb(TinyEncoder(tiny("bert"))).eval()
             padded, unpadded = (variant(nsp, unpad=u)(ids, mask).nsp_logits for u in (False, True))
