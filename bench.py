@@ -403,6 +403,10 @@ def print_table(rows, peak, dtype_name):
             hf_cols = f"{r['hf_tok_s']:>10,.0f}{r['ratio']:>6.2f}x"
             hf_mfu = f"{r['hf_mfu']:>8.1%}"
         print(f"{case}{r['te_tok_s']:>10,.0f}{hf_cols}{r['te_mfu']:>8.1%}{hf_mfu}")
+        # a step asked to compile that ran eager: its figures in the row above are eager ones
+        for key in [k for k in r if k.endswith("note")]:
+            who = {"note": "te"}.get(key, key.removesuffix("_note"))
+            print(f"{'':<33}^ {who}: {r[key]}")
 
 
 def width(text: str) -> int:

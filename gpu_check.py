@@ -611,8 +611,10 @@ def print_profile(figures):
     syncs = f"{cell(figures, 'syncs_per_step', '.1f')} in the profile"
     syncs += f", {cell(figures, 'sync_warnings_per_step', '.1f')} by the sync debug mode"
     print(f"   GPU busy {cell(figures, 'busy_share', '.1%')} of a step; host syncs a step: {syncs}")
-    if figures.get("note"):
-        print(f"   note: {figures['note']}")
+    # compile_note: the step ran eager, torch.compile having failed
+    for key in ("note", "compile_note"):
+        if figures.get(key):
+            print(f"   {key}: {figures[key]}")
     for row in figures["kernels"]:
         calls = f"{row['calls']:.1f}x"
         print(f"   {row['ms']:9.3f} ms {row['share']:6.1%} {calls:>7}  {row['name'][:90]}")

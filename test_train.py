@@ -11,6 +11,7 @@ import signal
 import string
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -960,6 +961,17 @@ def test_gpu_check_counts_each_kernel_once_and_keeps_what_a_timeout_printed(monk
     assert failed["returncode"] == 1 and failed["stderr"] == "error: no GPU\n"
 
 
+def test_gpu_check_profile_says_when_its_step_ran_eager(capsys):
+    """The profiled step's figures are an eager step's where torch.compile failed: said there."""
+    import gpu_check
+
+    figures = dict(rows=2, seq=64, step_ms=3.0, steps=10, recompiles=0, kernels=[])
+    figures["compile_note"] = "torch.compile failed, ran eager: RuntimeError: no compiler"
+    gpu_check.print_profile(figures)
+    printed = capsys.readouterr().out
+    assert "   compile_note: torch.compile failed, ran eager: RuntimeError: no compiler" in printed
+
+
 def test_gpu_check_times_every_arch_before_a_larger_batch_and_keeps_a_failure(monkeypatch):
     """(b) times every arch at its first batch size before any at the next, so that a run the
     budget cuts short holds each arch's first figures; an arch that fails (out of memory) keeps
@@ -1045,6 +1057,30 @@ def test_bench_and_gpu_check_refuse_bad_flags_before_any_work(
     monkeypatch.setattr(sys, "argv", [script, *(flag.format(tmp=tmp_path) for flag in flags)])
     with pytest.raises(SystemExit, match=re.escape(message)):
         module.parse_args()
+
+
+def test_bench_marks_a_step_that_failed_to_compile_and_ran_eager(monkeypatch, capsys):
+    """torch.compile failing (no compiler on the machine): the step runs eager, and the table
+    says so under the row whose figures are then eager ones, as the JSON's note does."""
+    import bench
+
+    def no_compiler(model, **options):
+        def compiled(**inputs):
+            raise RuntimeError("no C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(bench.torch, "compile", no_compiler)
+    sizes = types.SimpleNamespace(layers=1, hidden=64, batch=2, seq=32, warmup=1, steps=1)
+    case = ("bert", "full", "train", sizes, torch.device("cpu"), torch.float32)
+    rows = bench.bench_case(*case, compile_=True, run_hf=False)
+    note = "torch.compile failed, ran eager: RuntimeError: no C++ compiler found"
+    assert [row["note"] for row in rows] == [note]
+    bench.add_mfu(rows, peak=1e12)
+    bench.print_table(rows, 1e12, "fp32")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].strip() == f"^ te: {note}", lines
+    assert lines[-2].startswith("bert       full  train published")
 
 
 def test_bench_encode_runs_on_cpu():
