@@ -104,9 +104,10 @@ class Line(NamedTuple):
     record: dict
 
 
-def file_lines(path) -> list[bytes]:
+@functools.cache  # a pipe (bash's <(...)) reads once: a second open would wait for a writer
+def file_lines(path) -> tuple[bytes, ...]:
     """A file's lines, with a one-line error for a folder, a missing file or one it cannot read (a
-    pipe, as bash's <(...) gives, reads too)."""
+    pipe reads too)."""
     if os.path.isdir(path):
         die(f"{path}: a folder, not a JSONL file")
     if not os.path.exists(path):
@@ -117,7 +118,7 @@ def file_lines(path) -> list[bytes]:
     except OSError as e:  # no permission, an I/O error
         die(f"{path}: cannot read it ({e.strerror})")
     # a byte-order mark, as Windows tools write, is no part of the first line
-    return data.removeprefix(codecs.BOM_UTF8).splitlines()
+    return tuple(data.removeprefix(codecs.BOM_UTF8).splitlines())
 
 
 def read_jsonl(path, questions=None):

@@ -1507,6 +1507,14 @@ def test_finetune_reads_a_pipe_and_names_a_file_it_cannot_read(tmp_path):
     run = finetune(tmp_path, "--train", train, "--val", pipe, "--init", init, "--max-steps", 1)
     writer.wait(timeout=60)
     assert run.returncode == 0, run.stderr[-2000:]
+    # a classifier of these labels as --init: its label order is kept by a second read of --train,
+    # which found the pipe empty ("no examples"); each file is read once
+    tuned = tmp_path / "out-finetune" / "ckpt_last.pt"
+    writer = subprocess.Popen(["sh", "-c", f"cat {train} > {pipe}"])
+    again = ["--train", pipe, "--val", train, "--init", tuned, "--out-dir", tmp_path / "a"]
+    run = finetune(tmp_path, *again, "--max-steps", 1)
+    writer.wait(timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
     unreadable = ["--val", "/proc/self/mem", "--out-dir", tmp_path / "b"]
     run = finetune(tmp_path, "--train", train, *unreadable, "--init", init, "--max-steps", 1)
     assert "error: /proc/self/mem: cannot read it (Input/output error)" in run.stderr, run.stderr
