@@ -915,8 +915,8 @@ def test_fill_mask_pipeline_predicts_our_argmax(preset, tmp_path):
 @pytest.mark.parametrize("preset", ["bert", "roberta", "modernbert"])
 def test_the_saved_model_goes_through_torch_export(preset, tmp_path):
     """torch.export (which ONNX's exporter runs on) traces the saved transformers model, and the
-    exported program gives tinyencoder's logits on padded rows: the route to ONNX and other
-    runtimes, since tinyencoder builds its layout from the mask's values, which export cannot."""
+    exported program gives tinyencoder's logits on padded rows: a route to ONNX and other runtimes
+    that needs no tinyencoder.py (test_tinyencoder.py exports TinyEncoder itself)."""
     transformers = pytest.importorskip("transformers", reason="the exported model is transformers'")
     model = perturb(TinyEncoder(tiny(preset, nsp=False))).eval()
     tinyencoder_hf.save(model, str(tmp_path))

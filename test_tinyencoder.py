@@ -1722,15 +1722,67 @@ def test_import_leaves_the_compiler_unloaded():
     assert run.returncode == 0 and run.stdout.strip() == "False", run.stdout + run.stderr[-2000:]
 
 
-def test_export_stops_at_the_masks_values_not_in_a_recursion():
-    """torch.export (non-strict, its default from torch 2.7) cannot trace a layout made from the
-    mask's values, as README says, and stops at that guard: it recursed into make_layout without
-    end (torch.compiler.is_compiling is true under export, and disable() does not stop it)."""
-    model = TinyEncoder(tiny("bert")).eval()
-    with pytest.raises(Exception) as raised:
-        torch.export.export(model, (batch()[0],), strict=False)
-    assert not isinstance(raised.value, RecursionError)
-    assert "data-dependent" in str(raised.value)
+class Logits(torch.nn.Module):
+    """A model's logits alone: what jit.trace and torch.export take back from a forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids, attention_mask).logits
+
+
+def masks_to_check():
+    """Packed documents with padding, full rows, right padding: (3, 24) each."""
+    return [packed_batch()[1], torch.ones(3, 24, dtype=torch.long), batch(lens=(24, 5, 13))[1]]
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_trace_on_full_rows_keeps_documents_apart_later(preset, unpad):
+    """jit.trace on two rows of one document each, no padding (the usual example), then three
+    packed or padded rows: eager's logits. The trace kept the example's layout (no mask; nothing to
+    unpad), so that every later batch attended to its padding and across its documents."""
+    model = perturb(TinyEncoder(tiny(preset, unpad=unpad))).eval()
+    example = batch(lens=(24, 24))[0]
+    ids = packed_batch()[0]
+    with torch.no_grad():
+        traced = torch.jit.trace(
+            Logits(model), (example, torch.ones_like(example)), check_trace=False
+        )
+        for mask in masks_to_check():
+            real = mask != 0
+            assert_close(traced(ids, mask)[real], model(ids, mask).logits[real], 1e-5)
+
+
+def test_a_traced_classifier_takes_another_batch_size():
+    """A sequence classifier traced on two rows runs on three: pooling picked each row's first
+    token at arange(len(hidden)), a length that a trace keeps as the example's."""
+    model = perturb(TinyEncoder(tiny("roberta", classifier="sequence"))).eval()
+    example = batch(lens=(24, 24))[0]
+    ids, mask = batch()
+    with torch.no_grad():
+        traced = torch.jit.trace(
+            Logits(model), (example, torch.ones_like(example)), check_trace=False
+        )
+        assert_close(traced(ids, mask), model(ids, mask).logits, 1e-5)
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_export_traces_a_forward_that_keeps_documents_apart(preset, unpad):
+    """torch.export (non-strict: its default from torch 2.7, and the ONNX exporter's tracer) goes
+    through the forward, the layout made as rows under a document mask: the program gives eager's
+    logits on packed, full and padded rows. Eager calls after it still run: export's band, a fake
+    tensor, stays out of band_mask's cache. (Export stopped at a data-dependent guard before.)"""
+    model = perturb(TinyEncoder(tiny(preset, unpad=unpad))).eval()
+    ids, doc = packed_batch()
+    program = torch.export.export(Logits(model), (ids, doc), strict=False).module()
+    with torch.no_grad():
+        for mask in masks_to_check():
+            real = mask != 0
+            assert_close(program(ids, mask)[real], model(ids, mask).logits[real], 1e-5)
 
 
 @pytest.mark.parametrize("unpad", [False, True])

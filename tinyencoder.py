@@ -209,9 +209,11 @@ class Padded:
 
     @classmethod
     def from_doc_ids(cls, doc_ids, starts, half_window: Optional[int], backend: str) -> Padded:
-        one_document_per_row = bool((doc_ids != 0).all() & (starts.sum(1) == 1).all())
-        mask = None if one_document_per_row else document_mask(doc_ids, starts)
-        band = band_mask(doc_ids.shape[1], half_window, doc_ids.device)
+        # traced (jit.trace, vmap, export): no host read, no cached band; each would outlive it
+        whole_rows = not transformed() and bool((doc_ids != 0).all() & (starts.sum(1) == 1).all())
+        mask = None if whole_rows else document_mask(doc_ids, starts)
+        bands = band_mask.__wrapped__ if transformed() else band_mask
+        band = bands(doc_ids.shape[1], half_window, doc_ids.device)
         if band is None:
             return cls(mask, local_mask=mask, backend=backend)
         local_mask = band if mask is None else mask & band
@@ -563,7 +565,7 @@ def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Ten
     real = (doc_ids != 0).unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     hidden = hidden * real  # a row of padding alone pools to 0 with or without unpad
     if pooling == "cls":
-        return hidden[torch.arange(len(hidden), device=hidden.device), real.squeeze(-1).argmax(1)]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), real[..., 0].argmax(1)]
     if pooling == "mean":
         return hidden.sum(dim=1) / real.sum(dim=1).clamp(min=1)
     raise ValueError(f"pooling {pooling!r} is neither 'cls' nor 'mean'")
@@ -712,8 +714,7 @@ def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return x * keep.to(x.dtype).mul_(65536 / (65536 - cut))
 
 
-# AMD CPUs with AVX-512: fp32 linears of 2^29 multiply-adds or more run oneDNN's matmul, 5-13 %
-# faster than MKL's AVX2 code; fewer pay more for its setup per shape (README: "Linear on a CPU").
+# AMD CPUs with AVX-512: oneDNN's matmul is faster on large fp32 linears (README: "Linear on a CPU")
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 CPU_INFO = Path("/proc/cpuinfo")  # Linux's names the CPU's maker; elsewhere, F.linear it is
 AMD = CPU_INFO.exists() and "AuthenticAMD" in CPU_INFO.read_text()
@@ -747,8 +748,7 @@ class OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-# The flash kernel, looked up once: the flash-attn package's, else PyTorch's own flash op (under
-# varlen_attn) where its schema takes a window (torch 2.4.1's does). Both take dropout.
+# The flash kernel, found once: flash-attn's, else torch's flash op (varlen_attn's) with windows
 try:
     from flash_attn import flash_attn_varlen_func
 except ImportError:
@@ -807,15 +807,15 @@ def pick_backend(cfg: Config, device: torch.device, dtype) -> str:
 
 def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
     """The layout, on doc_ids' device, of a forward on device (doc_ids' by default): Unpadded tokens
-    for flash, or where cfg.unpad asks on a CPU unless each row is one whole document (README:
-    "Whole rows on a CPU"); else Padded rows. Compiled, it runs as is: one graph break, no more."""
+    for flash, or where cfg.unpad asks on a CPU, but for rows of one whole document each (README:
+    "Whole rows on a CPU") and traced calls; else Padded rows. Compiled: a graph break, no more."""
     if torch.compiler.is_dynamo_compiling():  # not a decorator: that imports torch._dynamo (1 s)
         return torch.compiler.disable(make_layout)(cfg, doc_ids, dtype, device, labels)
     device = torch.device(device or doc_ids.device)
     backend = pick_backend(cfg, device, dtype)
     starts = document_starts(doc_ids)
-    whole = cfg.unpad and device.type == "cpu" and bool((starts.sum(1) == 1).all())
-    if backend == "flash" or (cfg.unpad and device.type == "cpu" and not whole):
+    unpad = cfg.unpad and device.type == "cpu" and not transformed()
+    if backend == "flash" or (unpad and not bool((starts.sum(1) == 1).all())):
         layout = Unpadded.from_doc_ids(doc_ids, starts, backend)
     else:
         layout = Padded.from_doc_ids(doc_ids, starts, cfg.half_window, backend)
