@@ -1063,6 +1063,8 @@ BAD_CALLS = {
     "global every 0": Bad(
         lambda p: tiny(p, global_every=0), "Config.global_every=0 must be above 0"
     ),
+    # ModernBERT's truncated normal divides by it: a ZeroDivisionError while the model was built
+    "init std 0": Bad(lambda p: tiny(p, init_std=0.0), "Config.init_std=0.0 must be above 0"),
     "rope odd": Bad(
         lambda p: tiny(p, hidden=40, heads=8),
         "Config.heads=8 .*RoPE's head_dim is even",

@@ -607,7 +607,7 @@ def check_config(cfg: Config):
         if kind in (int, float):  # NaN is not at least 0 either
             require(cfg, field.name, value >= 0, "at least 0")
     sizes = ("hidden", "layers", "heads", "max_len", "global_every", "num_labels")
-    for name in (*sizes, "rope_theta", "rope_theta_local"):
+    for name in (*sizes, "rope_theta", "rope_theta_local", "init_std"):
         require(cfg, name, getattr(cfg, name) > 0, "above 0")
     for name in (field.name for field in fields(cfg) if field.name.endswith("dropout")):
         require(cfg, name, getattr(cfg, name) < 1, "below 1")
