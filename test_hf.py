@@ -484,6 +484,28 @@ def test_local_attention_loads_as_the_window_transformers_attends_in(over, windo
     assert_close(out[mask.bool()], ref[mask.bool()], 1e-4)
 
 
+@pytest.mark.parametrize("local_attention", [0, 128])
+def test_a_hub_style_all_global_config_loads_with_no_window(local_attention, tmp_path):
+    """A config.json with no layer_types (the hub's, written by transformers 4) and
+    global_attn_every_n_layers 1: every layer global, whatever local_attention says, as with
+    layer_types. local_attention 0 was refused, and 128 loaded as a window no layer used."""
+    transformers = pytest.importorskip("transformers", reason="transformers reads the checkpoint")
+    skip_unless_all_global_modernbert_builds(transformers)
+    name = "ModernBertForMaskedLM"
+    hf_model(transformers, name, "eager", global_attn_every_n_layers=1).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["layer_types"]
+    config["local_attention"] = local_attention
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, attn_implementation="eager")
+    model = tinyencoder_hf.load(str(tmp_path))
+    assert set(hf.config.layer_types) == {"full_attention"} and model.cfg.window == 0
+    ids, mask, kw = hf_inputs(name)
+    with torch.no_grad():
+        out, ref = model.eval()(ids, **kw).logits, hf.eval()(input_ids=ids, **kw).logits
+    assert_close(out[mask.bool()], ref[mask.bool()], 1e-4)
+
+
 def test_a_sliding_window_key_sets_the_window_as_in_transformers(tmp_path):
     """ModernBertConfig takes sliding_window as an alias (local_attention = 2 * it), obeyed over
     local_attention wherever it stands in config.json: so is it here."""

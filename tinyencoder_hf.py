@@ -312,7 +312,10 @@ def special_ids_in_vocabulary(fields: dict):
 
 def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
     types = hf.get("layer_types")
-    all_global = bool(types) and LOCAL not in types
+    # without layer_types (the hub's configs), global_attn_every_n_layers gives the pattern
+    all_global = fields["global_every"] == 1 or fields["layers"] == 1
+    if types:
+        all_global = LOCAL not in types
     if types and not all_global:  # the first global layer after layer 0 gives the period
         later_globals = [i for i in range(1, len(types)) if types[i] == GLOBAL]
         fields["global_every"] = min(later_globals, default=len(types))
