@@ -748,7 +748,7 @@ class OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-# The flash kernel, found once: flash-attn's, else torch's flash op (varlen_attn's) with windows
+# The flash kernel, found once: flash-attn's, else torch's (varlen_attn's op) if it takes a window
 try:
     from flash_attn import flash_attn_varlen_func
 except ImportError:
