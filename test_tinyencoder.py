@@ -1740,14 +1740,16 @@ def masks_to_check():
     return [packed_batch()[1], torch.ones(3, 24, dtype=torch.long), batch(lens=(24, 5, 13))[1]]
 
 
+@pytest.mark.parametrize("length", [24, 4])
 @pytest.mark.parametrize("unpad", [False, True])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_a_trace_on_full_rows_keeps_documents_apart_later(preset, unpad):
+def test_a_trace_on_full_rows_keeps_documents_apart_later(preset, unpad, length):
     """jit.trace on two rows of one document each, no padding (the usual example), then three
-    packed or padded rows: eager's logits. The trace kept the example's layout (no mask; nothing to
-    unpad), so that every later batch attended to its padding and across its documents."""
+    packed or padded rows of 24: eager's logits. The trace kept the example's layout (no mask;
+    nothing to unpad), so that every later batch attended to its padding and across its documents;
+    and an example within half a window (4 tokens) kept no band: local layers attended globally."""
     model = perturb(TinyEncoder(tiny(preset, unpad=unpad))).eval()
-    example = batch(lens=(24, 24))[0]
+    example = batch(lens=(length, length), T=length)[0]
     ids = packed_batch()[0]
     with torch.no_grad():
         traced = torch.jit.trace(
@@ -1756,6 +1758,21 @@ def test_a_trace_on_full_rows_keeps_documents_apart_later(preset, unpad):
         for mask in masks_to_check():
             real = mask != 0
             assert_close(traced(ids, mask)[real], model(ids, mask).logits[real], 1e-5)
+
+
+def test_a_traced_layout_is_rows_where_flash_would_run(monkeypatch):
+    """Flash (on a GPU) attends to unpadded tokens, whose count and split a trace would fix: a
+    traced forward gets rows under the document mask there too."""
+    cfg = tiny("modernbert")
+    doc = packed_batch()[1]
+    monkeypatch.setattr(tinyencoder, "pick_backend", lambda cfg, device, dtype: "flash")
+    assert isinstance(tinyencoder.make_layout(cfg, doc, torch.bfloat16), tinyencoder.Unpadded)
+    monkeypatch.setattr(tinyencoder, "transformed", lambda: True)
+    layout = tinyencoder.make_layout(cfg, doc, torch.bfloat16)
+    assert isinstance(layout, tinyencoder.Padded)
+    assert torch.equal(
+        layout.mask, tinyencoder.document_mask(doc, tinyencoder.document_starts(doc))
+    )
 
 
 def test_a_traced_classifier_takes_another_batch_size():

@@ -58,7 +58,7 @@ class Config:
     type_vocab: int = 2  # token-type (segment) embeddings; 0 = none
     # layer: pre-LN (a norm before each branch, and a final norm) or post-LN; a GeGLU MLP (act of
     # the first half times the second) or a plain one; gelu is the exact (erf) form; biases of the
-    # attention and MLP linears, of the norms, of the MLM head's dense (its decoder always has one)
+    # attention and MLP linears, of the norms, of the heads' dense layers (the MLM decoder has one)
     prenorm: bool = False
     glu: bool = False
     act: Literal["gelu", "gelu_tanh"] = "gelu"
@@ -86,8 +86,8 @@ class Config:
     num_labels: int = 2
     classifier_pooling: Literal["cls", "mean"] = "cls"
     classifier_dropout: float = 0.1
-    # execution: the speed, not the function (section 9; dropout draws apart). unpad: a CPU drops
-    # the padding once and runs every layer on (tokens, hidden), as flash always does.
+    # execution: the speed, not the outputs at real tokens (section 9; dropout draws apart). unpad:
+    # a CPU drops the padding once and runs every layer on (tokens, hidden), as flash always does.
     unpad: bool = False
     attn_backend: Literal["auto", "flash", "sdpa", "eager"] = "auto"
 
@@ -191,7 +191,7 @@ def document_mask(doc_ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=4)
 def band_mask(n: int, half_window: Optional[int], device) -> Optional[torch.Tensor]:
     """(n, n) True where |i - j| <= half_window (window 128: 64 keys each side, and itself)."""
-    if half_window is None or n <= half_window + 1:
+    if half_window is None or (not transformed() and n <= half_window + 1):  # traced: any n
         return None
     i = torch.arange(n, device=device)
     return (i[:, None] - i[None, :]).abs() <= half_window
@@ -237,7 +237,7 @@ def rope_tables(positions, head_dim: int, theta: float) -> tuple[torch.Tensor, t
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE: turn each pair (x_i, x_{i + head_dim/2}) by its angle, in fp32 (GPT-NeoX layout)."""
+    """RoPE: turn each pair (x_i, x_{i + head_dim/2}) by its angle, x in fp32 (GPT-NeoX layout)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -352,7 +352,7 @@ class TinyEncoder(nn.Module):
         self.cfg = cfg
         H = cfg.hidden
         self.tok_embed = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_id)
-        # positions: a learned table (BERT, RoBERTa), or RoPE's cos and sin, made once per theta
+        # positions: a learned table (BERT, RoBERTa), or RoPE's cos, sin per theta (model's dtype)
         self.pos_embed = None
         if cfg.positions == "learned":
             self.pos_embed = nn.Embedding(cfg.max_len + cfg.pos_offset, H)
@@ -365,7 +365,7 @@ class TinyEncoder(nn.Module):
         self.embed_norm = layer_norm(cfg)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.layers))
         self.final_norm = layer_norm(cfg) if cfg.prenorm else nn.Identity()
-        # the heads: MLM or a classifier (section 7); a pooler, tanh(dense(first token)), where used
+        # the heads: MLM or a classifier (section 7); a pooler, tanh(dense(pooled row)), where used
         self.mlm_head = MLMHead(cfg) if cfg.classifier == "none" else None
         self.classifier = Classifier(cfg) if cfg.classifier != "none" else None
         pooled = {("bert", "sequence"), ("bert", "choice"), ("roberta", "choice")}
@@ -406,11 +406,11 @@ class TinyEncoder(nn.Module):
         next_sentence_label=None,
         layout=None,
     ) -> Output:
-        """input_ids: (B, T) byte ids. attention_mask: (B, T) document ids, 0 for padding (a 0/1
-        mask is one document per row). labels: (B, T) ids to predict, IGNORE_INDEX elsewhere; with
-        a classifier, (B,) classes (numbers when num_labels=1) or (B, T) tags; section 7 has spans
-        and choices. layout: the batch's, made ahead by make_layout (a GPU step then never waits
-        for the host); else made here."""
+        """input_ids: (B, T) byte ids. attention_mask: (B, T) document ids, 0 for padding (in a 0/1
+        mask, each run of 1s is a document). labels: (B, T) ids to predict, IGNORE_INDEX elsewhere;
+        with a classifier, (B,) classes (numbers when num_labels=1) or (B, T) tags; section 7 has
+        spans and choices. layout: the batch's, made ahead by make_layout (a GPU step then never
+        waits for the host); else made here."""
         check_inputs(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label)
         # multiple choice's (B, choices, T) inputs run as B * choices rows of T (section 7)
         rows = input_ids.shape[:-1]  # (B,), or (B, choices)
@@ -500,8 +500,8 @@ def mask_tokens(ids, cfg: Config, generator=None, rate=0.15) -> tuple[torch.Tens
 
 # 7. Fine-tuning heads and embeddings
 class Classifier(nn.Module):
-    """The family's transformers head, (..., hidden) -> (..., num_labels): dropout, linear, after
-    dropout, dense, tanh (RoBERTa's on rows) or its MLM head's dense, act, norm (ModernBERT's)."""
+    """The family's transformers head, (..., hidden) -> (..., num_labels; a span 2, a choice 1):
+    dropout, linear; after dropout, dense, tanh (RoBERTa, rows) or dense, act, norm (ModernBERT)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -529,9 +529,9 @@ class Classifier(nn.Module):
 
 
 def classify(model, x, hidden, layout, doc_ids, labels, rows: torch.Size):
-    """The fine-tuning head: logits (B, num_labels) of each row's pooled vector (BERT's through its
-    pooler), (B, choices), or (B, T, num_labels) of each token (2: a span's start and end); and
-    transformers' loss: MSE for a number per row, span_loss for spans, else cross-entropy."""
+    """The fine-tuning head: logits (B, num_labels) of each row's pooled vector (through the pooler
+    where it has one), (B, choices), or (B, T, num_labels) of each token (2: a span's start, end);
+    and transformers' loss: MSE for a number per row, span_loss for spans, else cross-entropy."""
     kind = model.cfg.classifier
     if kind in ("sequence", "choice"):
         pooled = pool(hidden, doc_ids, model.cfg.classifier_pooling)
@@ -572,8 +572,8 @@ def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Ten
 
 
 def span_loss(logits, spans, doc_ids) -> torch.Tensor:
-    """transformers' extractive QA loss: logits (B, T, 2), spans (B, 2) first and last token; the
-    mean of start and end cross-entropy. Not counted: IGNORE_INDEX, past the end, padding."""
+    """Extractive QA: logits (B, T, 2), spans (B, 2) first and last token; the mean of start and end
+    cross-entropy (transformers'). Not counted: past the end (as there), IGNORE_INDEX, padding."""
     T = logits.shape[1]
     real = doc_ids != 0
     logits = logits.float().masked_fill(~real[..., None], torch.finfo(torch.float32).min)
@@ -814,8 +814,8 @@ def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
     device = torch.device(device or doc_ids.device)
     backend = pick_backend(cfg, device, dtype)
     starts = document_starts(doc_ids)
-    unpad = cfg.unpad and device.type == "cpu" and not transformed()
-    if backend == "flash" or (unpad and not bool((starts.sum(1) == 1).all())):
+    unpad = (backend == "flash" or (cfg.unpad and device.type == "cpu")) and not transformed()
+    if unpad and (backend == "flash" or not bool((starts.sum(1) == 1).all())):
         layout = Unpadded.from_doc_ids(doc_ids, starts, backend)
     else:
         layout = Padded.from_doc_ids(doc_ids, starts, cfg.half_window, backend)
