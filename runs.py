@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import tinyencoder as te
-from data.corpus import TEMPORARY, renamed_into_place
+from data.corpus import TEMPORARY, printable, renamed_into_place
 
 try:
     import fcntl  # a run's lock on its folder (Metrics)
@@ -39,7 +39,7 @@ def settle_vector_math():
 
 def die(message: str):
     """Stop with one line on stderr and no traceback: bad input is the user's to fix, not a bug."""
-    sys.exit(f"error: {message}")
+    sys.exit(printable(f"error: {message}"))  # a path's bytes that are not UTF-8 as \x escapes
 
 
 class Parser(ArgumentParser):

@@ -384,6 +384,12 @@ TRAIN_BAD_INPUT = [
     (["--data", ""], "--data '' names no file, folder or glob"),
     (["--data", "{tmp}/empty.txt"], "every file is empty"),
     (["--data", "{tmp}/tiny.txt"], "too few to measure on; give it 1 KB or more"),
+    # one held-out row, of one byte, which its fixed mask leaves alone: a ZeroDivisionError at the
+    # first evaluation, with no checkpoint yet
+    (
+        ["--data", "{tmp}/held", "--eval-seqs", "1", "--max-steps", "2"],
+        "--eval-seqs 1: none of the 1 bytes of 1 held-out rows is masked at 15%: ask more",
+    ),
     (["--data", "{tmp}/no-files"], "no files there"),
     (["--data", "{tmp}/links"], "cannot read {tmp}/links/gone.txt (No such file"),
     (["--data", "{tmp}/ok.txt", "--resume", "--out-dir", "{tmp}/none"], "no checkpoint"),
@@ -629,7 +635,7 @@ def test_held_out_rows_mask_alike_at_any_context():
     cfg = te.Config.from_preset("roberta", hidden=64, layers=1, heads=2, max_len=1024)
     seen = []
     for context in (256, 512, 1024):
-        _, rows = held_out_rows(data, offsets, context, 16)
+        _, rows = held_out_rows(data, offsets, context, 16, cfg)
         batch = collate(rows, cfg, torch.device("cpu"), 0.15)
         assert batch["input_ids"].shape == (16, 256)
         seen.append((batch["input_ids"][:, :256], batch["labels"][:, :256]))
@@ -641,13 +647,15 @@ def test_held_out_rows_mask_alike_at_any_context():
 def test_more_held_out_rows_asked_than_spans_gives_each_span_once():
     """--eval-seqs 10**12: every span once, as any count from their number up (np.linspace listed
     10**12 indices first: a MemoryError of terabytes)."""
+    import tinyencoder as te
     from data.rows import held_out_rows
 
     data = np.frombuffer(bytes(range(256)) * 40, np.uint8)
     offsets = np.array([0, 4000, len(data)])
-    spans, rows = held_out_rows(data, offsets, 128, 10**12)
+    cfg = te.Config.from_preset("roberta", hidden=64, layers=1, heads=2)
+    spans, rows = held_out_rows(data, offsets, 128, 10**12, cfg)
     assert len(spans) == 82 and len(rows) == 82  # 4000 and 6240 bytes in spans of 126
-    assert held_out_rows(data, offsets, 128, 82)[0] == spans
+    assert held_out_rows(data, offsets, 128, 82, cfg)[0] == spans
 
 
 def test_the_default_corpus_reads_pydocs_topics_once():
@@ -754,15 +762,44 @@ def test_a_folder_that_cannot_take_a_checkpoint_stops_a_resumed_run_at_once(tmp_
         runs.Metrics(str(tmp_path), 3)
 
 
-def test_log_lines_show_paths_that_are_not_utf8():
+def test_a_data_folder_it_cannot_list_is_one_line(tmp_path, monkeypatch):
+    """A subfolder of --data that cannot be listed (no permission, as chmod 000 gives all but root)
+    stops the run with one line: it was passed over in silence, its files never trained on."""
+    from data import corpus
+
+    (tmp_path / "sub").mkdir()
+    for name in ("a.txt", "sub/b.txt"):
+        (tmp_path / name).write_bytes(b"text " * 50)
+    listed = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", path)
+        return listed(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(SystemExit) as stopped:
+        list(corpus.read_documents(str(tmp_path)))
+    reason = f"error: --data: cannot read the folder {tmp_path / 'sub'} (Permission denied)"
+    assert stopped.value.code == reason
+
+
+def test_log_lines_and_errors_show_paths_that_are_not_utf8():
     """os.fsdecode's surrogates of a path's bytes that are not UTF-8, as escapes a strict UTF-8
-    stdout can write (print raised UnicodeEncodeError on the data: line)."""
+    stdout can write (print raised UnicodeEncodeError on the data: line); errors showed \\udce9."""
+    import runs
+    from data import corpus
     from data.corpus import printable
 
     name = os.fsdecode(b"/data/caf\xe9")
     assert printable(f"data: {name}; 1 file") == "data: /data/caf\\xe9; 1 file"
     printable(f"data: {name}").encode("utf-8")
     assert printable("data: /data/café") == "data: /data/café"
+    # and so do the one-line errors, of train.py's data and of every script
+    for die in (runs.die, corpus.die):
+        with pytest.raises(SystemExit) as stopped:
+            die(f"--data: cannot read {name}")
+        assert stopped.value.code == "error: --data: cannot read /data/caf\\xe9"
 
 
 @pytest.mark.parametrize("args, message", TRAIN_BAD_INPUT)
@@ -771,6 +808,11 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
     (tmp_path / "tiny.txt").write_bytes(b"hello world, this is a tiny file.\n")
     (tmp_path / "ok.txt").write_bytes(b"the quick brown fox. " * 200)
     (tmp_path / "no-files").mkdir()
+    # f26.txt and f63.txt are held out (by their names' hash), f1.txt trained on
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "f26.txt").write_bytes(b"\n")
+    (tmp_path / "held" / "f63.txt").write_bytes(b"the quick brown fox. " * 150)
+    (tmp_path / "held" / "f1.txt").write_bytes(b"the quick brown fox. " * 200)
     (tmp_path / "links").mkdir()
     (tmp_path / "links" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
     tiny_checkpoint(tmp_path / "bert.pt")

@@ -27,7 +27,7 @@ from runs import check_step_fits, demo, device_or_die, die, load_checkpoint, sto
 from runs import load_weights, refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
 from data.corpus import check_data, describe, load_corpus, printable
-from data.rows import TrainingRows, collate, held_out_pairs, held_out_rows
+from data.rows import HELD_OUT_RATE, TrainingRows, collate, held_out_pairs, held_out_rows
 
 # Recipes: how each paper trained, the training twin of tinyencoder's PRESETS. Sizes override the
 # presets' (the papers' base).
@@ -220,7 +220,7 @@ log(f"data: {describe(corpus, args.data)}; {time.time() - loading:.1f}s")
 train_rows = TrainingRows(recipe, train_data, train_offsets, T, args.seed, args.dupe_factor)
 # Evaluation: the same plain rows for every arch, masked 15% with fixed seeds, so that the three
 # recipes' accuracies compare directly; for BERT, sentence pairs too.
-eval_spans, eval_rows = held_out_rows(val_data, val_offsets, T, args.eval_seqs)
+eval_spans, eval_rows = held_out_rows(val_data, val_offsets, T, args.eval_seqs, cfg)
 nsp_rows = []
 if recipe.inputs == "pairs":
     nsp_rows = held_out_pairs(val_data, val_offsets, T, len(eval_rows))
@@ -314,7 +314,7 @@ def evaluate():
     nsp_totals = torch.zeros(2, device=device)  # correct, count
     for rows in (eval_rows, nsp_rows):
         for start in range(0, len(rows), B):
-            batch = collate(rows[start : start + B], cfg, device, 0.15, compute_dtype)
+            batch = collate(rows[start : start + B], cfg, device, HELD_OUT_RATE, compute_dtype)
             with amp:
                 out = model(**batch)
             nsp_labels = batch.get("next_sentence_label")

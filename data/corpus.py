@@ -28,7 +28,8 @@ STDLIB_STEM = os.path.join(HERE, "stdlib-py%d.%d.%d-" % sys.version_info[:3] + S
 
 
 def die(message):
-    sys.exit(f"error: {message}")  # one line, no traceback
+    # one line, no traceback; a path's bytes that are not UTF-8 as \x escapes
+    sys.exit(printable(f"error: {message}"))
 
 
 def printable(text: str) -> str:
@@ -150,7 +151,7 @@ def files_under(root, skip, seen):
     if os.path.isdir(root):
         if was_seen(root, seen):
             return
-        walk = os.walk(root, followlinks=True)
+        walk = os.walk(root, followlinks=True, onerror=unreadable_folder)
     for folder, subfolders, files in walk:
         if folder:  # a folder walked (root named alone is read, hidden or not)
             subfolders[:] = [sub for sub in subfolders if not sub.startswith(".")]
@@ -164,6 +165,11 @@ def files_under(root, skip, seen):
                 continue
             if not was_seen(path, seen):
                 yield path
+
+
+def unreadable_folder(error: OSError):
+    """os.walk's onerror: a folder it cannot list stops the run, rather than being passed over."""
+    die(f"--data: cannot read the folder {error.filename} ({error.strerror})")
 
 
 def was_seen(path, seen) -> bool:

@@ -12,7 +12,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from data.corpus import die
 from tinyencoder import CLS, IGNORE_INDEX, PAD, SEP, make_layout, mask_tokens
+
+HELD_OUT_RATE = 0.15  # every recipe's held-out rows are masked alike, so that their figures compare
 
 
 class Example(NamedTuple):
@@ -155,10 +158,11 @@ class TrainingRows:
         return Example(ids, no_types, doc_ids, -1, key)
 
 
-def held_out_rows(data, offsets, length, count):
+def held_out_rows(data, offsets, length, count, cfg):
     """count plain rows, spread over the held-out documents (CLS, up to 254 bytes of one, SEP), and
     the (start, end) of their bytes. Rows are at most 256 wide whatever the context: padding them
-    to a context of 1024 made an evaluation ~5x slower, for the same figures."""
+    to a context of 1024 made an evaluation ~5x slower, for the same figures. Their masks (at
+    HELD_OUT_RATE, seeded by each row's key) must pick a byte, or an evaluation scores nothing."""
     width = min(256, length)
     span = max(1, width - 2)
     spans = []
@@ -174,6 +178,9 @@ def held_out_rows(data, offsets, length, count):
         no_types = pad([], width, 0)
         doc_ids = pad(np.ones(len(ids)), width, 0)
         rows.append(Example(pad(ids, width), no_types, doc_ids, -1, [0, 0, 0, j]))
+    if not any((masked_row(row, cfg, HELD_OUT_RATE)[1] != IGNORE_INDEX).any() for row in rows):
+        held = f"{sum(end - start for start, end in spans)} bytes of {len(rows)} held-out rows"
+        die(f"--eval-seqs {count}: none of the {held} is masked at {HELD_OUT_RATE:.0%}: ask more")
     return spans, rows
 
 
@@ -200,20 +207,23 @@ def to_device(t, device):
     return t.to(device)
 
 
+def masked_row(row, cfg, rate):
+    """A row's inputs and labels: rate of its ordinary bytes masked, by a generator seeded from its
+    key, drawn for its real tokens only (so that a held-out row masks alike at any --context)."""
+    seed = np.random.SeedSequence(row.mask_key).generate_state(1, np.uint64)[0]
+    generator = torch.Generator().manual_seed(int(seed >> 1))
+    real = np.count_nonzero(row.doc_ids)  # padding follows the real tokens
+    masked, label = mask_tokens(torch.from_numpy(row.ids[:real]), cfg, generator, rate)
+    padding = torch.from_numpy(row.ids[real:])
+    ids = torch.cat([masked, padding])
+    return ids, torch.cat([label, torch.full_like(padding, IGNORE_INDEX)])
+
+
 def collate(rows, cfg, device, rate, dtype=torch.float32):
-    """The model's keyword arguments for rows, on the device: rate of each row's ordinary bytes
-    masked, by a generator seeded from its key, drawn for its real tokens only (so that a held-out
-    row masks alike at any --context); next_sentence_label where the rows have one; and the
-    layout, made here on the CPU for a forward in dtype, so that the device never waits."""
-    ids, labels = [], []
-    for row in rows:
-        seed = np.random.SeedSequence(row.mask_key).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(seed >> 1))
-        real = np.count_nonzero(row.doc_ids)  # padding follows the real tokens
-        masked, label = mask_tokens(torch.from_numpy(row.ids[:real]), cfg, generator, rate)
-        padding = torch.from_numpy(row.ids[real:])
-        ids.append(torch.cat([masked, padding]))
-        labels.append(torch.cat([label, torch.full_like(padding, IGNORE_INDEX)]))
+    """The model's keyword arguments for rows, on the device: each row masked at rate (masked_row);
+    next_sentence_label where the rows have one; and the layout, made here on the CPU for a forward
+    in dtype, so that the device never waits."""
+    ids, labels = zip(*(masked_row(row, cfg, rate) for row in rows))
     doc_ids = torch.from_numpy(np.stack([row.doc_ids for row in rows]))
     labels = torch.stack(labels)
     batch = dict(
