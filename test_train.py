@@ -778,10 +778,12 @@ def test_a_data_folder_it_cannot_list_is_one_line(tmp_path, monkeypatch):
         return listed(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    with pytest.raises(SystemExit) as stopped:
-        list(corpus.read_documents(str(tmp_path)))
-    reason = f"error: --data: cannot read the folder {tmp_path / 'sub'} (Permission denied)"
-    assert stopped.value.code == reason
+    # a folder walked, and a glob's search (which Python's glob passes over too)
+    for spec in (str(tmp_path), f"{tmp_path}/**/*.txt"):
+        with pytest.raises(SystemExit) as stopped:
+            list(corpus.read_documents(spec))
+        reason = f"error: --data: cannot read the folder {tmp_path / 'sub'} (Permission denied)"
+        assert stopped.value.code == reason, spec
 
 
 def test_log_lines_and_errors_show_paths_that_are_not_utf8():

@@ -95,8 +95,8 @@ def glob_paths(pattern) -> list:
         folder, names, above = stack.pop()
         try:
             entries = list(os.scandir(folder or "."))
-        except OSError:  # unreadable: glob passes it over too
-            continue
+        except OSError as e:  # glob passes it over, its files left out in silence: not here
+            unreadable_folder(e)
         for entry in entries:
             path, path_names = os.path.join(folder, entry.name), names + [entry.name]
             is_folder = entry.is_dir()
