@@ -3,6 +3,7 @@ flags checked as they are parsed, a run's folder never overwritten and its flags
 checkpoints written whole and read back, the metrics log, and stopping cleanly on Ctrl-C or
 SIGTERM; train.py's closing demo."""
 
+import dataclasses
 import glob
 import json
 import math
@@ -289,6 +290,17 @@ RETIRED_FIELDS = ("sparse_prediction", "static_masking", "mlm_rate")
 def config_from_saved(saved: dict) -> te.Config:
     """The Config a checkpoint recorded (asdict(cfg)), less the retired fields."""
     return te.Config(**{name: value for name, value in saved.items() if name not in RETIRED_FIELDS})
+
+
+def dropouts(arch: str, rate: float) -> dict:
+    """train.py's --dropout: rate for each dropout of the family's transformers model. BERT's and
+    RoBERTa's MLP has none of its own: mlp_dropout stays 0, or the model could not be exported."""
+    names = [
+        field.name for field in dataclasses.fields(te.Config) if field.name.endswith("dropout")
+    ]
+    if arch != "modernbert":
+        names.remove("mlp_dropout")
+    return dict.fromkeys(names, rate)
 
 
 def sinusoids(table, offset, amplitude=0.1):

@@ -88,6 +88,9 @@ def test_an_interrupted_step_is_evaluated_before_the_run_stops(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_train_resume_is_exact(tmp_path, dtype):  # with dropout on: its masks must replay too
+    import tinyencoder as te
+    import tinyencoder_hf
+
     flags = ["--dropout", 0.1, "--dtype", dtype]
     whole = _train(tmp_path, "--max-steps", 4, *flags, "--out-dir", tmp_path / "a")
     first = _train(tmp_path, "--max-steps", 2, *flags, "--out-dir", tmp_path / "b")
@@ -96,6 +99,10 @@ def test_train_resume_is_exact(tmp_path, dtype):  # with dropout on: its masks m
         tmp_path, "--max-steps", 4, "--dtype", "auto", "--out-dir", tmp_path / "b", "--resume"
     )
     assert len(whole) == 4 and first + rest == whole
+    # --dropout: each of RoBERTa's dropouts, none in its MLP (transformers' has none): it exports
+    cfg = te.Config(**torch.load(tmp_path / "a" / "ckpt_last.pt", weights_only=True)["cfg"])
+    assert (cfg.attn_dropout, cfg.resid_dropout, cfg.mlp_dropout) == (0.1, 0.1, 0.0)
+    assert tinyencoder_hf.config_to_hf(cfg)["attention_probs_dropout_prob"] == 0.1
     # the evaluation's figures: an accuracy in [0, 1], bits per byte as the loss in nats / ln 2
     records = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert records and all(0 <= r["val_acc"] <= 1 for r in records), records

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from argparse import BooleanOptionalAction, RawDescriptionHelpFormatter
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import NamedTuple
 
 import torch
@@ -24,7 +24,7 @@ import tinyencoder as te
 from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
 from runs import COUNT, DROPOUT, FRACTION, LENGTH, LR, MINUTES, RATE, Metrics, Parser, StopSignals
 from runs import check_step_fits, demo, device_or_die, die, load_checkpoint, stop_if_diverged
-from runs import load_weights, refuse_to_overwrite
+from runs import dropouts, load_weights, refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
 from data.corpus import check_data, describe, load_corpus, printable
 from data.rows import HELD_OUT_RATE, TrainingRows, collate, held_out_pairs, held_out_rows
@@ -100,7 +100,7 @@ add("--warmup", type=FRACTION, help="fraction of --lr-steps spent warming up")
 add("--decay", type=FRACTION, help="modernbert: fraction of --lr-steps spent decaying at the end")
 add("--mlm-rate", type=RATE, help="training masking rate (default: the recipe's)")
 add("--dupe-factor", type=COUNT, default=10, help="bert: distinct static masks per example")
-add("--dropout", type=DROPOUT, help="every dropout rate (default: 0 on CPU, the preset's on GPU)")
+add("--dropout", type=DROPOUT, help="the family's dropouts (default: 0 on CPU, as preset on GPU)")
 add("--eval-interval", type=COUNT, help="steps between evaluations (default: 4 per run)")
 add("--eval-seqs", type=COUNT, default=256, help="held-out rows per evaluation (254 bytes at most)")
 add("--log-interval", type=COUNT, default=20)
@@ -194,9 +194,8 @@ else:
     # no dropout on a CPU by default: its short runs cannot overfit
     if args.dropout is None and not on_gpu:
         args.dropout = 0.0
-    if args.dropout is not None:
-        dropouts = [f.name for f in fields(te.Config) if f.name.endswith("dropout")]
-        overrides.update(dict.fromkeys(dropouts, args.dropout))
+    if args.dropout is not None:  # each of the family's (runs.dropouts)
+        overrides.update(dropouts(args.arch, args.dropout))
     cfg = te.Config.from_preset(args.arch, **overrides)
 if T > cfg.max_len:
     die(f"--context {T}: this {args.arch} reads documents of at most {cfg.max_len} bytes")
