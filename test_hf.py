@@ -662,14 +662,20 @@ def test_keys_transformers_ignores_or_takes_as_lists_load_exactly(name, over, tm
     assert_close(out, ref, 1e-4)
 
 
-def test_load_then_save_keeps_the_class_names(tmp_path):
+@pytest.mark.parametrize(
+    "name, names",
+    [
+        ("BertForSequenceClassification", {0: "negative", 1: "neutral", 2: "positive"}),
+        # finetune.py's QA exports name them: a second save wrote LABEL_0 and LABEL_1
+        ("BertForQuestionAnswering", {0: "start", 1: "end"}),
+    ],
+)
+def test_load_then_save_keeps_the_class_names(name, names, tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
-    names = {0: "negative", 1: "neutral", 2: "positive"}
-    hf = hf_model(transformers, "BertForSequenceClassification", "eager", id2label=names)
-    hf.save_pretrained(tmp_path / "a")
+    hf_model(transformers, name, "eager", id2label=names).save_pretrained(tmp_path / "a")
     tinyencoder_hf.save(tinyencoder_hf.load(str(tmp_path / "a")), str(tmp_path / "b"))
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
-    assert saved["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    assert saved["id2label"] == {str(i): label for i, label in names.items()}
 
 
 def test_a_base_model_loads_with_a_warning_that_its_head_starts_fresh(tmp_path):

@@ -633,7 +633,7 @@ def load(path: str) -> te.TinyEncoder:
     copy_weights(path, model, weights, names)
     if base and model.mlm_head is not None:  # as transformers' *ForMaskedLM from a base model
         warnings.warn(f"{path} holds a base model: the MLM head starts fresh, a pooler goes unread")
-    if model.cfg.classifier in ("sequence", "token") and hf.get("id2label"):
+    if model.cfg.classifier in ("sequence", "token", "span") and hf.get("id2label"):
         # the class names, for save to write back (names only: an id2label out of order is left)
         with contextlib.suppress(ValueError):
             model.label_names = label_names(hf["id2label"], model.cfg.num_labels)
