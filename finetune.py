@@ -398,7 +398,9 @@ task = read_task(args.train, base_cfg, label_types)
 # one of other labels gives way to a fresh head (LABEL_0, LABEL_1...: transformers' "no names")
 head_labels = None
 unnamed = [f"LABEL_{i}" for i in range(base_cfg.num_labels)]
-if init_labels and base_cfg.classifier == task.kind and list(init_labels) != unnamed:
+# a span head's two outputs are a start and an end, whatever names its config gives them
+named = init_labels and list(init_labels) != unnamed and task.kind != "span"
+if named and base_cfg.classifier == task.kind:
     head_labels = list(init_labels)
 if head_labels and set(head_labels) == set(task.labels):
     task = read_task(args.train, base_cfg, label_types, task.kind, head_labels)

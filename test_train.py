@@ -1382,6 +1382,22 @@ def test_finetune_answers_questions_and_exports(tmp_path):
     assert type(hf).__name__ == "ModernBertForQuestionAnswering"
 
 
+def test_finetune_keeps_a_span_head_whatever_its_names(tmp_path):
+    """A question-answering --init whose config names its two outputs (here "s" and "e") keeps its
+    trained head: its names are no classes to match (it was dropped for a fresh one)."""
+    pytest.importorskip("safetensors.torch", reason="the --init folder holds model.safetensors")
+    import tinyencoder as te
+    import tinyencoder_hf
+
+    cfg = te.Config.from_preset("modernbert", hidden=32, layers=2, heads=2, classifier="span")
+    tinyencoder_hf.save(te.TinyEncoder(cfg), str(tmp_path / "qa"), labels=["s", "e"])
+    train = write_jsonl(tmp_path / "train.jsonl", digit_questions(8, 0))
+    flags = ["--train", train, "--val", train, "--init", tmp_path / "qa", "--max-steps", 1]
+    run = finetune(tmp_path, *flags)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "a fresh head" not in run.stdout, run.stdout[-2000:]
+
+
 def test_finetune_shows_three_held_out_answers_at_most(tmp_path):
     """The demo takes the first question of each first word, and three of them at most: a file of
     questions with many first words showed one each (a forward pass and a log block apiece)."""
