@@ -95,8 +95,8 @@ def glob_paths(pattern) -> list:
         folder, names, above = stack.pop()
         try:
             entries = list(os.scandir(folder or "."))
-        except OSError as e:  # glob passes it over, its files left out in silence: not here
-            unreadable_folder(e)
+        except OSError:
+            continue  # unreadable: glob passes it over too (its search lists some no match needs)
         for entry in entries:
             path, path_names = os.path.join(folder, entry.name), names + [entry.name]
             is_folder = entry.is_dir()
@@ -168,8 +168,11 @@ def files_under(root, skip, seen):
 
 
 def unreadable_folder(error: OSError):
-    """os.walk's onerror: a folder it cannot list stops the run, rather than being passed over."""
-    die(f"--data: cannot read the folder {error.filename} ({error.strerror})")
+    """os.walk's onerror: a folder it cannot list (lost+found, to all but root) is left out, and
+    said so (by one process), where os.walk passed it over in silence."""
+    if os.environ.get("RANK", "0") == "0":
+        left_out = f"cannot read the folder {error.filename} ({error.strerror}): its files left out"
+        print(printable(f"--data: {left_out}"))
 
 
 def was_seen(path, seen) -> bool:
