@@ -1760,6 +1760,19 @@ def test_a_trace_on_full_rows_keeps_documents_apart_later(preset, unpad, length)
             assert_close(traced(ids, mask)[real], model(ids, mask).logits[real], 1e-5)
 
 
+def test_only_a_traced_layout_bands_a_row_within_reach(monkeypatch):
+    """A row within half a window needs no band, and a traced layout builds one anyway (the trace
+    must hold for longer rows); a compiled CPU forward's attend_documents, where transformed() is
+    true too, still gets none for its short documents (it got an all-True one in every layer)."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tinyencoder, "transformed", lambda: True)
+    assert tinyencoder.band_mask.__wrapped__(4, 4, cpu) is None
+    assert tinyencoder.band_mask.__wrapped__(4, 4, cpu, traced=True).all()
+    doc = torch.ones(1, 4, dtype=torch.long)
+    layout = tinyencoder.make_layout(tiny("modernbert"), doc, torch.float32)
+    assert layout.local_mask.shape == (1, 1, 4, 4) and layout.local_mask.all()
+
+
 def test_a_traced_layout_is_rows_where_flash_would_run(monkeypatch):
     """Flash (on a GPU) attends to unpadded tokens, whose count and split a trace would fix: a
     traced forward gets rows under the document mask there too."""

@@ -189,9 +189,9 @@ def document_mask(doc_ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def band_mask(n: int, half_window: Optional[int], device) -> Optional[torch.Tensor]:
+def band_mask(n: int, half_window: Optional[int], device, traced=False) -> Optional[torch.Tensor]:
     """(n, n) True where |i - j| <= half_window (window 128: 64 keys each side, and itself)."""
-    if half_window is None or (not transformed() and n <= half_window + 1):  # traced: any n
+    if half_window is None or (n <= half_window + 1 and not traced):  # a trace: for any n
         return None
     i = torch.arange(n, device=device)
     return (i[:, None] - i[None, :]).abs() <= half_window
@@ -213,7 +213,7 @@ class Padded:
         whole_rows = not transformed() and bool((doc_ids != 0).all() & (starts.sum(1) == 1).all())
         mask = None if whole_rows else document_mask(doc_ids, starts)
         bands = band_mask.__wrapped__ if transformed() else band_mask
-        band = bands(doc_ids.shape[1], half_window, doc_ids.device)
+        band = bands(doc_ids.shape[1], half_window, doc_ids.device, traced=transformed())
         if band is None:
             return cls(mask, local_mask=mask, backend=backend)
         local_mask = band if mask is None else mask & band
