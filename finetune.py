@@ -406,6 +406,7 @@ if head_labels and set(head_labels) == set(task.labels):
     task = read_task(args.train, base_cfg, label_types, task.kind, head_labels)
 kind, labels, train_examples = task.kind, task.labels, task.examples
 val_examples = read_task(args.val, base_cfg, label_types, kind, labels).examples
+file_lines.cache_clear()  # every file read: their lines need not stay in memory for the run
 if args.train_examples is not None:
     if not 0 < args.train_examples <= len(train_examples):
         die(f"--train-examples {args.train_examples}: {args.train} has {len(train_examples)}")
