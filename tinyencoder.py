@@ -209,11 +209,11 @@ class Padded:
 
     @classmethod
     def from_doc_ids(cls, doc_ids, starts, half_window: Optional[int], backend: str) -> Padded:
-        # traced (jit.trace, vmap, export): no host read, no cached band; each would outlive it
-        whole_rows = not transformed() and bool((doc_ids != 0).all() & (starts.sum(1) == 1).all())
+        traced = transformed()  # jit.trace, vmap, export: no host read nor cached band (outlive it)
+        whole_rows = not traced and bool((doc_ids != 0).all() & (starts.sum(1) == 1).all())
         mask = None if whole_rows else document_mask(doc_ids, starts)
-        bands = band_mask.__wrapped__ if transformed() else band_mask
-        band = bands(doc_ids.shape[1], half_window, doc_ids.device, traced=transformed())
+        bands = band_mask.__wrapped__ if traced else band_mask
+        band = bands(doc_ids.shape[1], half_window, doc_ids.device, traced=traced)
         if band is None:
             return cls(mask, local_mask=mask, backend=backend)
         local_mask = band if mask is None else mask & band
