@@ -359,8 +359,9 @@ if args.resume:  # the run's own flags, but those given again
     checkpoint, base_cfg = load_checkpoint(ckpt_path, "--resume")
     if "labels" not in checkpoint:
         die(f"--resume: {ckpt_path} is not a finetune.py checkpoint")
-    # and the batch size: the step numbers the rows, so the data would shift
-    fixed = ("task", "train", "val", "init", "from_scratch", "train_examples", "batch_size")
+    # and the batch size: the step numbers the rows, so the data would shift. --train and --val
+    # may name the files anew (moved, or by another path): their examples are checked below
+    fixed = ("task", "init", "from_scratch", "train_examples", "batch_size")
     changed = resumed_args(parser, args, checkpoint["args"], ("resume", "out_dir", "device"), fixed)
     check_resumed(checkpoint, args.batch_size, f"--batch-size {args.batch_size}", args.max_steps)
 else:
