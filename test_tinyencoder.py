@@ -734,6 +734,16 @@ def test_nsp_with_no_label_that_counts_has_loss_zero():
     assert abs(out.nsp_loss.item() - expected.item()) < 1e-6
 
 
+@pytest.mark.parametrize("task", ["sequence", "token", "span", "choice"])
+def test_a_preset_with_a_classifier_has_no_nsp_head(task):
+    """BERT's preset is the pretraining model; with a fine-tuning head, as transformers' BERT
+    classifiers, it has the pooler where the family's head uses one, but no NSP head."""
+    bert = TinyEncoder(Config.from_preset("bert", hidden=32, layers=1, heads=2, classifier=task))
+    assert not bert.cfg.nsp and bert.nsp_head is None
+    assert (bert.pooler is not None) == (task in ("sequence", "choice"))
+    assert Config.from_preset("bert").nsp  # and the pretraining model keeps it
+
+
 @pytest.mark.parametrize("task", ["sequence", "token"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_classifiers_learn_a_byte_rule(preset, task):
@@ -1100,7 +1110,7 @@ BAD_CALLS = {
     "classifier": Bad(lambda p: tiny(p, classifier="ner"), r"classifier='ner' is not one of"),
     "no labels": Bad(lambda p: tiny(p, num_labels=0), "Config.num_labels=0 must be above 0"),
     "nsp and classifier": Bad(
-        lambda p: tiny(p, classifier="token"), "Config.nsp=True must be False", ("bert",)
+        lambda p: tiny(p, classifier="token", nsp=True), "Config.nsp=True must be False", ("bert",)
     ),
     "span shape": Bad(
         lambda p: span_labels(p, torch.tensor([3, 7])), r"labels must be a \(2, 2\) tensor"

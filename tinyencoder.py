@@ -113,7 +113,9 @@ class Config:
     def from_preset(cls, name: str, **overrides) -> Config:
         if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        # a fine-tuning head takes the place of the pretraining heads, BERT's NSP head too
+        heads = dict(nsp=False) if overrides.get("classifier", "none") != "none" else {}
+        return cls(**{**PRESETS[name], **heads, **overrides})
 
 
 # Each preset is its paper's base model: compare two rows to see how two papers' networks differ.
@@ -894,7 +896,5 @@ def flash_attention(q, k, v, layout: Unpadded, half_window: Optional[int], dropo
     if FLASH == "flash-attn":
         size = (window, window)
         return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout, window_size=size)
-    return FLASH_OP(
-        q, k, v, cu, cu, longest, longest, dropout, False, False,
-        window_size_left=window, window_size_right=window,
-    )[0]  # fmt: skip
+    sides = dict(window_size_left=window, window_size_right=window)
+    return FLASH_OP(q, k, v, cu, cu, longest, longest, dropout, False, False, **sides)[0]
