@@ -806,6 +806,8 @@ def test_log_lines_and_errors_show_paths_that_are_not_utf8():
     assert printable(f"data: {name}; 1 file") == "data: /data/caf\\xe9; 1 file"
     printable(f"data: {name}").encode("utf-8")
     assert printable("data: /data/café") == "data: /data/café"
+    # a lone surrogate that no path byte makes (JSON's "\ud800" escape reads as one) as \u escapes
+    assert printable("a\ud800 b\udc7f c\udd00 \udce9") == "a\\ud800 b\\udc7f c\\udd00 \\xe9"
     # and so do the one-line errors, of train.py's data and of every script
     for die in (runs.die, corpus.die):
         with pytest.raises(SystemExit) as stopped:

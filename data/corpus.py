@@ -11,6 +11,7 @@ import glob
 import hashlib
 import io
 import os
+import re
 import sys
 import sysconfig
 
@@ -25,6 +26,8 @@ SPLIT = 2
 STDLIB = f"{sys.version}|{sysconfig.get_paths()['stdlib']}|split {SPLIT}"
 STDLIB_KEY = hashlib.sha256(STDLIB.encode()).hexdigest()
 STDLIB_STEM = os.path.join(HERE, "stdlib-py%d.%d.%d-" % sys.version_info[:3] + STDLIB_KEY[:8])
+# the lone surrogates that are not os.fsdecode's stand-ins for the bytes 0x80-0xff of a path
+NOT_BYTES = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 
 
 def die(message):
@@ -34,7 +37,10 @@ def die(message):
 
 def printable(text: str) -> str:
     """text as a terminal can show it: bytes of a path that are not UTF-8 (os.fsdecode's lone
-    surrogates) as \\x escapes, where a strict UTF-8 stdout would raise UnicodeEncodeError."""
+    surrogates) as \\x escapes, any other lone surrogate (JSON's "\\ud800") as a \\u escape, where
+    a strict UTF-8 stdout would raise UnicodeEncodeError."""
+    # surrogateescape turns U+DC80-U+DCFF back into the bytes 0x80-0xff and refuses other surrogates
+    text = NOT_BYTES.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
