@@ -160,7 +160,8 @@ def eager_attention(q, k, v, mask: Optional[torch.Tensor], dropout: float) -> to
     """softmax(q k^T / sqrt(head_dim)) v. q, k, v: (B, heads, T, head_dim). mask: True where a
     query may see a key, (B, 1, T, T) or (T, T), None for all. Softmax in fp32 or wider."""
     scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-1, -2)  # (B, heads, T, T)
-    if mask is not None:  # in place: no gradient needs the scores themselves
+    # in place: no backward reads the scores (the matmul's reads q and k, the softmax's its output)
+    if mask is not None:
         scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
     probs = scores.to(torch.promote_types(q.dtype, torch.float32)).softmax(dim=-1).to(q.dtype)
     probs = drop(probs, dropout)  # F.dropout; section 9 draws its mask faster on a CPU
@@ -169,7 +170,8 @@ def eager_attention(q, k, v, mask: Optional[torch.Tensor], dropout: float) -> to
 
 def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) True where a run of equal ids starts, and at padding: 1 1 2 0 0 -> 1 0 1 1 1."""
-    left_neighbour = F.pad(doc_ids.long(), (1, 0), value=-1)[:, :-1]  # any dtype: a bool -1 is 1
+    # int64 whatever the mask's dtype: padded with -1, a bool mask would read True, as a real token
+    left_neighbour = F.pad(doc_ids.long(), (1, 0), value=-1)[:, :-1]
     return (doc_ids != left_neighbour) | (doc_ids == 0)
 
 
@@ -211,7 +213,8 @@ class Padded:
 
     @classmethod
     def from_doc_ids(cls, doc_ids, starts, half_window: Optional[int], backend: str) -> Padded:
-        traced = transformed()  # jit.trace, vmap, export: no host read nor cached band (outlive it)
+        # jit.trace, vmap, export: no host read, no cached band (the result outlives the call)
+        traced = transformed()
         whole_rows = not traced and bool((doc_ids != 0).all() & (starts.sum(1) == 1).all())
         mask = None if whole_rows else document_mask(doc_ids, starts)
         bands = band_mask.__wrapped__ if traced else band_mask
@@ -278,11 +281,8 @@ class SelfAttention(nn.Module):
         self.dropout = cfg.attn_dropout
         self.qkv = Linear(cfg.hidden, 3 * cfg.hidden, bias=cfg.bias)
         self.out = Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
-        self.half_window = None
-        self.kind = "global"
-        if cfg.is_local(layer):
-            self.half_window = cfg.half_window
-            self.kind = "local"
+        self.kind = "local" if cfg.is_local(layer) else "global"
+        self.half_window = cfg.half_window if self.kind == "local" else None
 
     def forward(self, x, layout, rope: Optional[dict]):
         qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))  # (..., 3, heads, head_dim)
@@ -350,7 +350,8 @@ class Output:
 class TinyEncoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        check_config(cfg)  # a Config, still valid if a field was set by hand since it was made
+        # a Config, and still a valid one if a field was set by hand since it was made
+        check_config(cfg)
         self.cfg = cfg
         H = cfg.hidden
         self.tok_embed = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_id)
@@ -498,8 +499,6 @@ def mask_tokens(ids, cfg: Config, generator=None, rate=0.15) -> tuple[torch.Tens
 
 
 # (optional reading) Not the papers' core: 7. heads and embeddings; 8. input checks; 9. fast paths.
-
-
 # 7. Fine-tuning heads and embeddings
 class Classifier(nn.Module):
     """The family's transformers head, (..., hidden) -> (..., num_labels; a span 2, a choice 1):
