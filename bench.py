@@ -133,6 +133,11 @@ class Stepper:
         self.forward = model
         self.layout_ahead = compile_ or self.dev.type != "cpu"
         if compile_:
+            # gpu_check compiles six models in one process, whose forwards share two code objects
+            # (tinyencoder's, transformers' wrapper): past dynamo's limit of 8 graphs for one, it
+            # would run the next model's step eager, with a warning and no error
+            limit = torch._dynamo.config.cache_size_limit
+            torch._dynamo.config.cache_size_limit = max(limit, 64)
             self.forward = torch.compile(model, **(options or {}))
         self.opt = None
         if train and self.dev.type == "cuda":

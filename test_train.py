@@ -1027,6 +1027,31 @@ def test_gpu_check_profile_says_when_its_step_ran_eager(capsys):
     assert "   compile_note: torch.compile failed, ran eager: RuntimeError: no compiler" in printed
 
 
+def test_bench_compiles_every_model_past_dynamos_eight_graphs_per_code_object():
+    """gpu_check compiles one model after another in one process, and their forwards share a code
+    object: past torch._dynamo's limit of 8 graphs for one, a model's compiled step ran eager,
+    with a warning. A ninth and tenth model's steps are traced as the first's."""
+    import bench
+    import tinyencoder as te
+    from conftest import tiny
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    traced = []
+    for layers in range(1, 11):
+        cfg = tiny("bert", layers=layers)
+        model = te.TinyEncoder(cfg)
+        [batch] = bench.make_batches(cfg, 1, 2, 16, False, torch.device("cpu"), dtype=torch.float32)
+        step = bench.Stepper(
+            model, False, torch.float32, compile_=True, options=dict(backend="eager")
+        )
+        frames = counters["frames"]["total"]
+        step(batch)
+        traced.append(counters["frames"]["total"] > frames)
+    torch._dynamo.reset()
+    assert traced == [True] * 10
+
+
 def test_gpu_check_times_every_arch_before_a_larger_batch_and_keeps_a_failure(monkeypatch):
     """(b) times every arch at its first batch size before any at the next, so that a run the
     budget cuts short holds each arch's first figures; an arch that fails (out of memory) keeps
