@@ -539,6 +539,8 @@ def test_rope_parameters_not_keyed_by_layer_kind_are_refused(tmp_path):
         ({"type": "linear", "factor": 4.0, "rope_theta": 160000.0}, r"RoPE scaling \('linear'\)"),
         (None, "RoPE parameters must be an object, got None"),  # was an AttributeError
         ("rope_scaling default", None),  # the older key, naming no scaling: plain RoPE
+        # its theta is both kinds' in transformers (ours went unread: logits 4.9 apart)
+        ("rope_scaling theta", None),
     ],
 )
 def test_rope_parameters_load_as_transformers_reads_them(edit, message, tmp_path):
@@ -547,6 +549,8 @@ def test_rope_parameters_load_as_transformers_reads_them(edit, message, tmp_path
     hf.save_pretrained(tmp_path)
     if edit == "rope_scaling default":
         edit_config(tmp_path, rope_scaling={"rope_type": "default"})
+    elif edit == "rope_scaling theta":
+        edit_config(tmp_path, rope_scaling={"rope_type": "default", "rope_theta": 500.0})
     else:
         thetas = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
         edit_config(tmp_path, rope_parameters={**thetas, "full_attention": edit})

@@ -323,13 +323,15 @@ def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
     if not isinstance(thetas, dict) or not set(thetas) <= {GLOBAL, LOCAL}:
         # transformers refuses a flat dict too
         raise ValueError(f"rope_parameters must be keyed by {GLOBAL!r} and {LOCAL!r}: {thetas}")
-    # rope_scaling: the older configs' key for the same thing
-    entries = [*thetas.values(), hf.get("rope_scaling") or {}]
+    # rope_scaling: the older configs' key for the same thing, which transformers merges into both
+    # kinds' entries (its rope_theta, where it has one, over theirs)
+    legacy = hf.get("rope_scaling") or {}
+    entries = [*thetas.values(), legacy]
     scaled = [kind for kind in map(rope_type, entries) if kind != "default"]
     if scaled:
         raise ValueError(f"RoPE scaling ({scaled[0]!r}) is not supported; only rope_type 'default'")
     for field, kind in (("rope_theta", GLOBAL), ("rope_theta_local", LOCAL)):
-        fields[field] = thetas.get(kind, {}).get("rope_theta", fields[field])
+        fields[field] = {**thetas.get(kind, {}), **legacy}.get("rope_theta", fields[field])
     if bool(hf.get("mlp_bias")) != fields["bias"]:
         raise ValueError("attention_bias must equal mlp_bias")
     # the MLM decoder's bias, which ours always has; a classifier has no decoder
