@@ -1100,6 +1100,34 @@ def test_checkpoints_with_retired_config_fields_still_export(tmp_path):
         assert_close(exported, model(ids, mask).logits)
 
 
+def small_files_only():
+    """In the child before it runs: files of at most 64 KiB, as on a disk that is nearly full
+    (Python ignores SIGXFSZ, so a longer write fails with EFBIG, as a full disk's with ENOSPC)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+
+
+def test_export_to_a_full_disk_is_one_line_and_leaves_no_cut_file(tmp_path):
+    """safetensors' write error is a SafetensorError, not an OSError: it was a traceback, with a
+    model.safetensors cut short left behind in the folder made for it."""
+    pytest.importorskip("resource", reason="a file size limit needs the resource module (Unix)")
+    pytest.importorskip("safetensors.torch", reason="the export writes model.safetensors")
+    checkpoint = tiny_checkpoint(tmp_path / "c.pt")
+    out = tmp_path / "hf"
+    command = [sys.executable, "tinyencoder_hf.py", str(checkpoint), str(out)]
+    run = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+        preexec_fn=small_files_only,
+    )
+    assert run.returncode == 1 and run.stderr.startswith(f"error: cannot write {out} ("), run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("where", ["file", "file/inside"])
 def test_export_to_a_path_that_cannot_be_a_folder_is_one_line(tmp_path, where):
     pytest.importorskip("safetensors.torch", reason="the export writes model.safetensors")

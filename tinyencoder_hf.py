@@ -694,7 +694,8 @@ def save(model: te.TinyEncoder, path: str, labels=None):
     sentence-transformers setup (for another vocabulary, a warning: copy its own tokenizer files).
     labels: a classifier's class names, in order (see label_names); by default those load read.
     A torch.compile'd model saves as the model it wraps."""
-    save_file = safetensors_torch().save_file  # before anything is written
+    safetensors_torch()  # before anything is written
+
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     if not isinstance(model, te.TinyEncoder):
         raise ValueError(f"save takes a TinyEncoder, got {type(model).__name__}")
@@ -720,12 +721,31 @@ def save(model: te.TinyEncoder, path: str, labels=None):
         parts = model.get_parameter(ours).detach().chunk(len(theirs))  # our qkv splits in three
         for name, part in zip(theirs, parts):
             weights[name] = part.contiguous().cpu().clone()
-    os.makedirs(path, exist_ok=True)
-    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    write_weights(weights, path)
     for name, text in texts.items():
         os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
         with open(os.path.join(path, name), "w") as f:
             f.write(text)
+
+
+def write_weights(weights: dict, path: str):
+    """model.safetensors in the folder path, made if need be. A write cut short (a full disk)
+    leaves neither the file nor a folder made for it, and raises OSError, as open() would:
+    safetensors' own error is not one."""
+    import safetensors.torch
+
+    created = not os.path.exists(path)
+    os.makedirs(path, exist_ok=True)
+    weights_file = os.path.join(path, "model.safetensors")
+    try:
+        safetensors.torch.save_file(weights, weights_file, metadata={"format": "pt"})
+    except safetensors.SafetensorError as e:
+        with contextlib.suppress(OSError):
+            os.remove(weights_file)
+        with contextlib.suppress(OSError):
+            if created:
+                os.rmdir(path)
+        raise OSError(f"model.safetensors: {e}") from e
 
 
 def plain_number(value):
@@ -876,7 +896,7 @@ def main():
     except ValueError as e:  # out_dir is a file, say
         die(str(e))
     except OSError as e:  # inside a file, read-only, a full disk
-        die(f"cannot write {args.out_dir} ({e.strerror})")
+        die(f"cannot write {args.out_dir} ({e.strerror or e})")
     print(f"wrote {args.out_dir}: {', '.join(sorted(os.listdir(args.out_dir)))}")
 
 
