@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -916,8 +917,13 @@ def test_save_takes_label_names_as_a_list_or_as_id2label(tmp_path):
     written = json.loads((tmp_path / "a" / "config.json").read_text())
     assert written["id2label"] == {"0": "neg", "1": "pos"}
     assert written["problem_type"] == "single_label_classification"
+    # np.unique's classes (numpy ints): JSON keys in label2id, which json.dumps refused
+    tinyencoder_hf.save(model, str(tmp_path / "n"), labels=list(np.unique([7, 3, 7])))
+    written = json.loads((tmp_path / "n" / "config.json").read_text())
+    assert written["id2label"] == {"0": 3, "1": 7} and written["label2id"] == {"3": 0, "7": 1}
     bad = [
         (2, "labels must be a list of class names or an id2label dict, got 2"),
+        ([("a",), "b"], "labels: each name must be a string or a number, got ('a',)"),
         (["a", "a"], "labels must differ from each other"),
         ({0: "a", 2: "b"}, "an id2label dict needs the ids 0 to 1, got [0, 2]"),
         (["a"], "1 label names for num_labels=2"),

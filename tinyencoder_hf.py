@@ -496,7 +496,16 @@ def label_names(labels, count: int) -> list:
         raise ValueError(f"{len(labels)} label names for num_labels={count}")
     if len(set(labels)) != count:  # label2id would lose one
         raise ValueError(f"labels must differ from each other, got {list(labels)}")
-    return list(labels)
+    return [json_key(name) for name in labels]
+
+
+def json_key(name):
+    """A label name as label2id's JSON keys take it: numpy's numbers (np.unique's) as Python's."""
+    if name is None or isinstance(name, (str, int, float)):
+        return name
+    if isinstance(name, numbers.Number):
+        return plain_number(name)
+    raise ValueError(f"labels: each name must be a string or a number, got {name!r}")
 
 
 def refuse_what_transformers_lacks(cfg: te.Config):
