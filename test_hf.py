@@ -566,6 +566,27 @@ def test_rope_parameters_load_as_transformers_reads_them(edit, message, tmp_path
     assert_close(out[mask.bool()], ref[mask.bool()], 1e-4)
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        # one of q, k, v as a vector, a norm's weight as a scalar: torch.cat failed on them
+        ("bert.encoder.layer.0.attention.self.key.weight", torch.zeros(32)),
+        ("bert.embeddings.LayerNorm.weight", torch.tensor(1.0)),
+        ("bert.encoder.layer.1.attention.self.value.weight", torch.zeros(32, 16)),
+    ],
+)
+def test_a_weight_of_the_wrong_shape_is_named(key, value, tmp_path):
+    st = pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
+    tinyencoder_hf.save(TinyEncoder(tiny("bert")), str(tmp_path))
+    path = str(tmp_path / "model.safetensors")
+    sd = st.load_file(path)
+    expected = tuple(sd[key].shape)
+    st.save_file({**sd, key: value}, path)
+    message = f"{key} has shape {tuple(value.shape)}, expected {expected}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tinyencoder_hf.load(str(tmp_path))
+
+
 def test_an_nsp_head_in_another_family_is_named_unexpected(tmp_path):
     """cls.seq_relationship, BERT's NSP head, in a RoBERTa checkpoint: a weight that does not
     match the class, named as such (it built a RoBERTa with an NSP head: KeyError 'pooler')."""

@@ -658,11 +658,12 @@ def copy_weights(path: str, model: te.TinyEncoder, weights: dict, names: dict):
             if not all(n in weights for n in theirs):
                 continue
             param = model.get_parameter(ours)
-            value = torch.cat([weights[n] for n in theirs])  # q, k, v stack into one projection
-            if value.shape != param.shape:
-                shape, expected = tuple(value.shape), tuple(param.shape)
-                raise ValueError(f"{path}: {theirs[0]} has shape {shape}, expected {expected}")
-            param.copy_(value)
+            # q, k, v stack into one projection: each part checked before they are joined
+            for name, part in zip(theirs, param.chunk(len(theirs))):
+                if weights[name].shape != part.shape:
+                    shape, expected = tuple(weights[name].shape), tuple(part.shape)
+                    raise ValueError(f"{path}: {name} has shape {shape}, expected {expected}")
+            param.copy_(torch.cat([weights[n] for n in theirs]))
 
 
 def check_names(path: str, kind: str, weights: dict, names: dict, base: bool):
