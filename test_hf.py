@@ -567,6 +567,27 @@ def test_rope_parameters_load_as_transformers_reads_them(edit, message, tmp_path
 
 
 @pytest.mark.parametrize(
+    "preset, key, value, what",
+    [
+        # a hand-written file's values of another JSON type: TypeErrors from inside load
+        ("bert", "vocab_size", "320", "a whole number"),
+        ("bert", "max_position_embeddings", 512.5, "a whole number"),
+        ("roberta", "id2label", 3, "an object"),
+        ("modernbert", "layer_types", 3, "a list"),
+        ("modernbert", "model_type", ["modernbert"], "a string"),
+        ("modernbert", "sliding_window", "4", "a whole number"),
+    ],
+)
+def test_config_values_of_another_type_are_named(preset, key, value, what, tmp_path):
+    pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
+    tinyencoder_hf.save(TinyEncoder(tiny(preset)), str(tmp_path))
+    edit_config(tmp_path, **{key: value})
+    message = f"config.json: {key} must be {what}, got {value!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tinyencoder_hf.load(str(tmp_path))
+
+
+@pytest.mark.parametrize(
     "key, value",
     [
         # one of q, k, v as a vector, a norm's weight as a scalar: torch.cat failed on them

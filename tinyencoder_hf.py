@@ -122,6 +122,16 @@ HF_DEFAULTS = {
 }
 # ModernBERT's layer_types entries
 GLOBAL, LOCAL = "full_attention", "sliding_attention"
+# config.json's keys that are read before a Config checks its fields, and the JSON each must hold
+READ_FIRST = {
+    "model_type": (str, "a string"),
+    "vocab_size": (int, "a whole number"),
+    "max_position_embeddings": (int, "a whole number"),
+    "sliding_window": (int, "a whole number"),
+    "num_labels": (int, "a whole number"),
+    "id2label": (dict, "an object"),
+    "layer_types": (list, "a list"),
+}
 
 # -------------------------------------------------------------------------------------------------
 # Parameters: our module (or parameter) -> transformers', per family. {base} is the base model's
@@ -607,6 +617,10 @@ def read_config(path: str) -> dict:
         raise ValueError(f"{file}: not a readable JSON file ({e})") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{file}: not a JSON object, but a {type(hf).__name__}")
+    for key, (kind, what) in READ_FIRST.items():
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise ValueError(f"{file}: {key} must be {what}, got {value!r}")
     return hf
 
 
