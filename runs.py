@@ -260,11 +260,11 @@ def load_weights(model, path: str, flag: str):
         die(f"{flag} {path}: not this model's weights ({reason})")
 
 
-def check_resumed(checkpoint: dict, global_batch: int, split: str, max_steps, changed=()):
+def check_resumed(checkpoint: dict, global_batch: int, split: str, max_steps, given=()):
     """A resumed run takes as many rows a step as the run did (the step numbers the rows), and
     stops at --max-steps, if given again, no earlier than the step it resumes at; a run that stops
-    at --max-steps takes no --time-budget, nor one that took every step its budget planned. A
-    fresh run's checkpoint is {}."""
+    at --max-steps takes no --time-budget (given: given_flags'), even the default's 9.5, nor one
+    that took every step its budget planned. A fresh run's checkpoint is {}."""
     rows = checkpoint.get("global_batch", global_batch)
     if rows != global_batch:
         how = "resume with the run's processes, --batch-size and --grad-accum"
@@ -272,7 +272,7 @@ def check_resumed(checkpoint: dict, global_batch: int, split: str, max_steps, ch
     step = checkpoint.get("step", 0)
     if max_steps is not None and max_steps < step:
         die(f"--resume: the run is at step {step}, past --max-steps {max_steps}")
-    budget_again = any(flag.startswith("--time-budget ") for flag in changed)
+    budget_again = "time_budget" in given
     if max_steps is not None and budget_again:
         die(f"--resume: the run stops at --max-steps {max_steps}, and reads no --time-budget")
     # a fitted run that took every step it planned has no budget left to plan: its LR is at 0

@@ -908,6 +908,9 @@ def test_a_resumed_run_keeps_what_its_checkpoint_holds(tmp_path):
     # nor, stopping at its --max-steps, at a --time-budget (which went unread)
     stderr = refused_resume(run_dir, "--time-budget", 1)
     assert "the run stops at --max-steps 2, and reads no --time-budget" in stderr
+    # the default's 9.5 too, which the run recorded: it went unread as well, with no word
+    stderr = refused_resume(run_dir, "--time-budget", 9.5)
+    assert "the run stops at --max-steps 2, and reads no --time-budget" in stderr
     # a run from another's weights (--init-from) resumes from its own, that file gone or not
     init, started = tmp_path / "init.pt", tmp_path / "started"
     init.write_bytes((run_dir / "ckpt_last.pt").read_bytes())

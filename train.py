@@ -26,6 +26,7 @@ from runs import COUNT, DROPOUT, FRACTION, LENGTH, LR, MINUTES, RATE, Metrics, P
 from runs import check_step_fits, demo, device_or_die, die, load_checkpoint, stop_if_diverged
 from runs import dropouts, load_weights, refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
+from runs import given_flags
 from data.corpus import check_data, describe, load_corpus, printable
 from data.rows import HELD_OUT_RATE, TrainingRows, collate, held_out_pairs, held_out_rows
 
@@ -161,7 +162,7 @@ args.batch_size = args.batch_size or max(1, (32768 if on_gpu else 2048) // T)
 B = args.batch_size  # sequences per micro-batch and process, as in tinyencoder
 global_batch = B * world * args.grad_accum  # sequences per optimizer step, over all processes
 split = f"{B} per micro-batch x {world} processes x {args.grad_accum} accumulated"
-check_resumed(checkpoint, global_batch, split, args.max_steps, changed)
+check_resumed(checkpoint, global_batch, split, args.max_steps, given_flags(parser))
 # ModernBERT's context extension: global RoPE theta 160k, lr 3e-4, a 1-sqrt decay over the last 1/6
 extension = args.arch == "modernbert" and T > 1024
 args.lr = args.lr or (3e-4 if extension else recipe.lr[args.size])
