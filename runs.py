@@ -93,10 +93,12 @@ SEED = number(int, 0, 2**32 - 1)
 
 
 def output_file(text: str) -> str:
-    """An argparse type: a file to write results to, checked before the work that fills it: not a
-    folder, and in a folder that exists and takes files."""
+    """An argparse type: a file to write results to, checked before the work that fills it: a
+    file's name (not "", nor one ending in a slash), not a folder, in a folder that exists and takes
+    files."""
     folder = os.path.dirname(os.path.abspath(text))
-    if os.path.isdir(text) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    not_a_file = not os.path.basename(text) or os.path.isdir(text)
+    if not_a_file or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ArgumentTypeError(f"cannot write a file at {text}")
     return text
 

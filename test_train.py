@@ -1120,6 +1120,9 @@ def _bench(*args):
         ("bench", ["--arch", "bert", "--seq", "600"], "--seq 600: bert reads at most 512 tokens"),
         ("bench", ["--hidden", "100"], "must be a multiple of 64 (heads of 64), got 100"),
         ("gpu_check", ["--json", "{tmp}"], "argument --json: cannot write a file at"),
+        # no file's name: bench ran, then raised IsADirectoryError; "" ran and wrote nothing
+        ("bench", ["--json", "{tmp}/out.json/"], "argument --json: cannot write a file at"),
+        ("gpu_check", ["--json", ""], "argument --json: cannot write a file at"),
         ("gpu_check", ["--budget", "0"], "argument --budget: must be above 0, got 0"),
         (
             "bench",
