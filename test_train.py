@@ -427,6 +427,9 @@ TRAIN_BAD_INPUT = [
     (["--out-dir", "{tmp}/ok.txt"], "--out-dir '{tmp}/ok.txt' cannot be made a folder here"),
     (["--out-dir", "{tmp}/ok.txt/run"], "{tmp}/ok.txt is not a writable one"),
     (["--out-dir", ""], "--out-dir '' cannot be made a folder here"),
+    # a link to nothing, and a name over 255 bytes: tracebacks once the data was read
+    (["--out-dir", "{tmp}/dangling"], "{tmp}/dangling is not a writable one"),
+    (["--out-dir", "{tmp}/" + "x" * 300], "cannot be made a folder here (File name too long)"),
     (
         ["--data", "{tmp}/missing", "--init-from", "{tmp}/future.pt"],
         "future.pt: its config is not one this tinyencoder.py takes (",
@@ -828,6 +831,7 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
     (tmp_path / "held" / "f1.txt").write_bytes(b"the quick brown fox. " * 200)
     (tmp_path / "links").mkdir()
     (tmp_path / "links" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     tiny_checkpoint(tmp_path / "bert.pt")
     future = torch.load(tiny_checkpoint(tmp_path / "future.pt"), weights_only=True)
     future["cfg"]["a_field_of_a_later_version"] = True
