@@ -391,6 +391,8 @@ TRAIN_BAD_INPUT = [
     (["--data", ""], "--data '' names no file, folder or glob"),
     (["--data", "{tmp}/empty.txt"], "every file is empty"),
     (["--data", "{tmp}/tiny.txt"], "too few to measure on; give it 1 KB or more"),
+    # files of one byte each, held out whole: a ValueError from numpy as the rows were cut
+    (["--data", "{tmp}/bytes"], "nothing left to train on, its 120 bytes all held out"),
     # one held-out row, of one byte, which its fixed mask leaves alone: a ZeroDivisionError at the
     # first evaluation, with no checkpoint yet
     (
@@ -832,6 +834,9 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
     (tmp_path / "links").mkdir()
     (tmp_path / "links" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "bytes").mkdir()
+    for i in range(120):
+        (tmp_path / "bytes" / f"{i}.txt").write_bytes(b"a")
     tiny_checkpoint(tmp_path / "bert.pt")
     future = torch.load(tiny_checkpoint(tmp_path / "future.pt"), weights_only=True)
     future["cfg"]["a_field_of_a_later_version"] = True

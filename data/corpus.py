@@ -222,6 +222,8 @@ def split_documents(documents, spec):
         too_little = f"holds out {held_bytes} of its {total} bytes, too few to measure on"
         advice = "give it 1 KB or more, or more files (near-copies of others train)"
         die(f"--data {spec}: {too_little}; {advice}")
+    if not train:  # files of one byte each, every one held out whole
+        die(f"--data {spec}: nothing left to train on, its {held_bytes} bytes all held out")
     parts = {}
     for part, docs in (("train", train), ("val", val)):
         parts[part] = (np.frombuffer(b"".join(docs), np.uint8), np.cumsum([0, *map(len, docs)]))
