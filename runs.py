@@ -142,23 +142,24 @@ def resumed_args(parser: ArgumentParser, args: Namespace, saved: dict, keep: tup
 def refuse_to_overwrite(out_dir: str):
     """A fresh run never writes over another run's checkpoints: a one-line error, the way on. An
     --out-dir that cannot be a folder (a file, one inside a file, a link to nothing, a name too
-    long) is refused before any work: the folder is made here."""
+    long) is refused before any work."""
     existing = os.path.abspath(out_dir or os.sep)  # "" is no folder's name
     # lexists: a link to nothing is there, and no folder (exists would walk past it)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if not out_dir or not os.path.isdir(existing) or not os.access(existing, os.W_OK):
         die(f"--out-dir {out_dir!r} cannot be made a folder here: {existing} is not a writable one")
+    # a name longer than the file system takes (255 bytes, most often) fails only as it is made
+    name_max = os.pathconf(existing, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    names = os.path.relpath(os.path.abspath(out_dir), existing).split(os.sep)
+    if any(len(os.fsencode(name)) > name_max for name in names):
+        die(f"--out-dir {out_dir!r} cannot be made a folder here: a name over {name_max} bytes")
     anew = "to start anew, remove it or choose another --out-dir"
     if os.path.exists(os.path.join(out_dir, "ckpt_last.pt")):
         die(f"--out-dir {out_dir} holds a run (ckpt_last.pt): --resume continues it; {anew}")
     # a best checkpoint alone (the last one removed) is a run's result, and nothing to resume
     if os.path.exists(os.path.join(out_dir, "ckpt_best.pt")):
         die(f"--out-dir {out_dir} holds a run's ckpt_best.pt, no ckpt_last.pt to resume: {anew}")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:  # a name longer than the file system takes, say
-        die(f"--out-dir {out_dir!r} cannot be made a folder here ({e.strerror})")
 
 
 def check_step_fits(
