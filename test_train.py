@@ -391,6 +391,12 @@ TRAIN_BAD_INPUT = [
     (["--data", ""], "--data '' names no file, folder or glob"),
     (["--data", "{tmp}/empty.txt"], "every file is empty"),
     (["--data", "{tmp}/tiny.txt"], "too few to measure on; give it 1 KB or more"),
+    # --data is --out-dir: its files were skipped as the run's own ("no files there")
+    (
+        ["--data", "{tmp}/held", "--out-dir", "{tmp}/held"],
+        "that is --out-dir, where the run writes",
+    ),
+    (["--data", "{tmp}/held/*.txt", "--out-dir", "{tmp}/held"], "that is --out-dir, where the run"),
     # files of one byte each, held out whole: a ValueError from numpy as the rows were cut
     (["--data", "{tmp}/bytes"], "nothing left to train on, its 120 bytes all held out"),
     # one held-out row, of one byte, which its fixed mask leaves alone: a ZeroDivisionError at the
@@ -431,7 +437,7 @@ TRAIN_BAD_INPUT = [
     (["--out-dir", ""], "--out-dir '' cannot be made a folder here"),
     # a link to nothing, and a name over 255 bytes: tracebacks once the data was read
     (["--out-dir", "{tmp}/dangling"], "{tmp}/dangling is not a writable one"),
-    (["--out-dir", "{tmp}/" + "x" * 300], "cannot be made a folder here (File name too long)"),
+    (["--out-dir", "{tmp}/" + "x" * 300], "cannot be made a folder here: a name over 255 bytes"),
     (
         ["--data", "{tmp}/missing", "--init-from", "{tmp}/future.pt"],
         "future.pt: its config is not one this tinyencoder.py takes (",

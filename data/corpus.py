@@ -68,6 +68,9 @@ def read_documents(spec, out_dir=None):
     # a file named, or a folder inside --out-dir, is the user's data (the run writes in --out-dir)
     if outputs and os.path.realpath(base).startswith(outputs):
         outputs = None
+    # --out-dir itself: its files would all be skipped as the run's own ("no files there")
+    if outputs and os.path.join(os.path.realpath(base), "") == outputs:
+        die(f"--data {pattern}: that is --out-dir, where the run writes: choose another --out-dir")
     for root in roots:
         for path in files_under(root, skip=() if spec else SKIPPED_FOLDERS, seen=seen):
             if not spec and not path.endswith(".py"):
