@@ -566,6 +566,22 @@ def test_held_out_documents_are_no_copies_of_training_ones():
     assert val_bytes.tobytes() == documents[8][1] + documents[42][1]
 
 
+def test_a_held_out_copy_of_a_copy_trains_too():
+    """doc8, held out by name, is mostly doc3's lines and trains; doc83, held out too, is mostly
+    doc8's own lines: it was kept held out (one pass), its text trained on by way of doc8."""
+    from data.corpus import split_documents
+
+    def lines(doc, count):
+        return b"".join(b"line %d of document %d\n" % (i, doc) for i in range(count))
+
+    # of doc0.txt ... doc89.txt, doc8, doc42 and doc83 are held out by their names' hash
+    documents = [(f"doc{i}.txt", lines(i, 20)) for i in range(90)]
+    documents[8] = ("doc8.txt", lines(3, 12) + lines(8, 8))  # 12 of 20 lines doc3's
+    documents[83] = ("doc83.txt", lines(8, 8) + lines(83, 2))  # 8 of 10 lines doc8's own
+    val_bytes, val_offsets = split_documents(documents, "corp")["val"]
+    assert val_bytes.tobytes() == documents[42][1] and len(val_offsets) == 2
+
+
 def test_held_out_copies_count_text_not_indentation(capsys):
     """A copy that is mostly indentation is a copy (the share counts bytes, whitespace aside);
     where every file held out by name is a copy, the last tenth of each is held out, said so."""

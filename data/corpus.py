@@ -22,7 +22,7 @@ SKIPPED_FOLDERS = ("site-packages", "test", "tests", "idle_test")
 HERE = os.path.dirname(os.path.abspath(__file__))
 # one prepared corpus per Python build and stdlib folder: 3.11.2's stdlib is not 3.11.7's
 # (and per split rule: SPLIT names the rule's version, so that a new one prepares the corpus again)
-SPLIT = 2
+SPLIT = 3
 STDLIB = f"{sys.version}|{sysconfig.get_paths()['stdlib']}|split {SPLIT}"
 STDLIB_KEY = hashlib.sha256(STDLIB.encode()).hexdigest()
 STDLIB_STEM = os.path.join(HERE, "stdlib-py%d.%d.%d-" % sys.version_info[:3] + STDLIB_KEY[:8])
@@ -204,7 +204,11 @@ def split_documents(documents, spec):
     # os.fsencode: a file name need not be valid UTF-8
     held = [hashlib.md5(os.fsencode(name)).digest()[0] % 25 == 0 for name, _ in documents]
     if any(held) and not all(held):
-        held = [is_held and not copy for is_held, copy in zip(held, near_copies(documents, held))]
+        # again until none moves: a held-out copy of a file that went to training goes there too
+        copies = near_copies(documents, held)
+        while any(copies):
+            held = [is_held and not copy for is_held, copy in zip(held, copies)]
+            copies = near_copies(documents, held)
         # a corpus of drafts, say: the fallback below holds copies out too (said by one process)
         if not any(held) and os.environ.get("RANK", "0") == "0":
             instead = "the last tenth of each file is held out instead"
