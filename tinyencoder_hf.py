@@ -719,7 +719,6 @@ def save(model: te.TinyEncoder, path: str, labels=None):
     labels: a classifier's class names, in order (see label_names); by default those load read.
     A torch.compile'd model saves as the model it wraps."""
     safetensors_torch()  # before anything is written
-
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     if not isinstance(model, te.TinyEncoder):
         raise ValueError(f"save takes a TinyEncoder, got {type(model).__name__}")
@@ -756,13 +755,13 @@ def write_weights(weights: dict, path: str):
     """model.safetensors in the folder path, made if need be. A write cut short (a full disk)
     leaves neither the file nor a folder made for it, and raises OSError, as open() would:
     safetensors' own error is not one."""
-    import safetensors.torch
+    import safetensors  # its error class; safetensors_torch() has found the package
 
     created = not os.path.exists(path)
     os.makedirs(path, exist_ok=True)
     weights_file = os.path.join(path, "model.safetensors")
     try:
-        safetensors.torch.save_file(weights, weights_file, metadata={"format": "pt"})
+        safetensors_torch().save_file(weights, weights_file, metadata={"format": "pt"})
     except safetensors.SafetensorError as e:
         with contextlib.suppress(OSError):
             os.remove(weights_file)

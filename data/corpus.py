@@ -204,11 +204,7 @@ def split_documents(documents, spec):
     # os.fsencode: a file name need not be valid UTF-8
     held = [hashlib.md5(os.fsencode(name)).digest()[0] % 25 == 0 for name, _ in documents]
     if any(held) and not all(held):
-        # again until none moves: a held-out copy of a file that went to training goes there too
-        copies = near_copies(documents, held)
-        while any(copies):
-            held = [is_held and not copy for is_held, copy in zip(held, copies)]
-            copies = near_copies(documents, held)
+        held = [is_held and not copy for is_held, copy in zip(held, near_copies(documents, held))]
         # a corpus of drafts, say: the fallback below holds copies out too (said by one process)
         if not any(held) and os.environ.get("RANK", "0") == "0":
             instead = "the last tenth of each file is held out instead"
@@ -240,8 +236,19 @@ def split_documents(documents, spec):
 def near_copies(documents, held) -> list:
     """Which held-out documents are near-copies of training ones: most of their bytes, whitespace
     aside, lie in lines that a training document holds too (the code pages in the stdlib's
-    encodings/ share most of theirs). A held-out text read in training measures memory, not
-    prediction."""
+    encodings/ share most of theirs), or one found so, pass after pass until none is (a copy of a
+    copy trains too). A held-out text read in training measures memory, not prediction."""
+    copies = [False] * len(held)
+    while True:
+        still_held = [is_held and not copy for is_held, copy in zip(held, copies)]
+        found = copies_of_training(documents, still_held)
+        if not any(found):
+            return copies
+        copies = [copy or new for copy, new in zip(copies, found)]
+
+
+def copies_of_training(documents, held) -> list:
+    """One pass of near_copies: the held-out documents that are near-copies of training ones."""
     held_lines = set()
     for (_, data), is_held in zip(documents, held):
         if is_held:
