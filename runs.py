@@ -4,6 +4,7 @@ checkpoints written whole and read back, the metrics log, and stopping cleanly o
 SIGTERM; train.py's closing demo."""
 
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -162,9 +163,11 @@ def refuse_to_overwrite(out_dir: str):
         die(f"--out-dir {out_dir} holds a run's ckpt_best.pt, no ckpt_last.pt to resume: {anew}")
 
 
-def check_step_fits(
-    sizes, tokens, cfg, device, advice="lower them (--grad-accum adds up steps)", held=1
-):
+# check_step_fits' and stops_plainly's advice, where a step does not fit
+LOWER = "lower them (--grad-accum adds up steps)"
+
+
+def check_step_fits(sizes, tokens, cfg, device, advice=LOWER, held=1):
     """A one-line error, before any work, where a training step over tokens cannot fit in the
     device's memory: each layer keeps at least its input, tokens x hidden values of 2 bytes or
     more, for the backward. (Without it, a mistyped --batch-size swaps the machine for minutes.)
@@ -187,9 +190,58 @@ def check_step_fits(
         die(f"{sizes}: a training step keeps {beyond(floor, memory)}; {advice}")
 
 
+def torchrun_ranks() -> tuple[int, int]:
+    """This process's rank and the number of processes, as torchrun sets them (RANK, WORLD_SIZE),
+    0 and 1 without torchrun; a one-line error where they are not whole numbers that fit."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    rank, world = os.environ["RANK"], os.environ.get("WORLD_SIZE", "")
+    if not (rank.isdigit() and world.isdigit() and int(rank) < int(world)):
+        die(f"RANK={rank!r} and WORLD_SIZE={world!r}: torchrun sets both, 0 <= RANK < WORLD_SIZE")
+    return int(rank), int(world)
+
+
 def beyond(needed: int, memory: int) -> str:
     """check_step_fits' figures: "N GiB or more, over the M GiB here"."""
     return f"{needed / 2**30:,.0f} GiB or more, over the {memory / 2**30:,.0f} GiB here"
+
+
+def stops_plainly(sizes: str, advice=LOWER):
+    """A decorator for a run's step: where the step fails for want of memory (past
+    check_step_fits' floor), or torch.compile fails (inductor needs a working C++ compiler, and
+    triton on a GPU), a one-line error that names the cause and the flag to change, not a
+    traceback from inside. The step's own errors go on up. sizes: the flags that size a step, and
+    advice what to do with them, as check_step_fits'."""
+
+    def decorate(step):
+        @functools.wraps(step)
+        def step_or_die(*args, **kwargs):
+            try:
+                return step(*args, **kwargs)
+            except RuntimeError as error:
+                # two sentences (CUDA's go on for a paragraph), without the CPU's "[enforce fail..."
+                sentences = str(error).splitlines()[0].split(". ")
+                cause = ". ".join([s for s in sentences if not s.startswith("[enforce")][:2])
+                if is_out_of_memory(error):
+                    die(f"{sizes}: a training step does not fit in memory here ({cause}); {advice}")
+                # inductor's errors are of this class (torch._dynamo is imported by then)
+                from torch._dynamo.exc import BackendCompilerFailed
+
+                if isinstance(error, BackendCompilerFailed):
+                    die(f"torch.compile failed ({cause}); --no-compile trains eager")
+                raise
+
+        return step_or_die
+
+    return decorate
+
+
+def is_out_of_memory(error: RuntimeError) -> bool:
+    """CUDA's OutOfMemoryError, or another allocator's RuntimeError: the CPU's, MPS's, CUDA's."""
+    # the CPU's allocator says the first; MPS's and a CUDA library's (cuBLAS...) the second
+    said = ("can't allocate memory", "out of memory")
+    text = str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or any(s in text for s in said)
 
 
 def device_or_die(name: str) -> str:

@@ -406,6 +406,12 @@ TRAIN_BAD_INPUT = [
         "--eval-seqs 1: none of the 1 bytes of 1 held-out rows is masked at 15%: ask more",
     ),
     (["--data", "{tmp}/no-files"], "no files there"),
+    # past check_step_fits' floor, which is linear in the tokens: BERT's (B, T, T) mask, 1 TB, was
+    # an allocator's traceback (a machine with under 10 GiB stops at the floor, in one line too)
+    (
+        ["--arch", "bert", "--context", "100000", "--batch-size", "100", "--max-steps", "1"],
+        "--batch-size 100 x --context 100000: a training step",
+    ),
     (["--data", "{tmp}/links"], "cannot read {tmp}/links/gone.txt (No such file"),
     (["--data", "{tmp}/ok.txt", "--resume", "--out-dir", "{tmp}/none"], "no checkpoint"),
     (
@@ -869,6 +875,61 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
     run = run_python(cmd, timeout=120)
     assert run.returncode != 0 and message.format(tmp=tmp_path) in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "environ, args, message",
+    [
+        # RANK without WORLD_SIZE was a KeyError
+        (dict(RANK="0"), [], "RANK='0' and WORLD_SIZE='': torchrun sets both"),
+        (dict(RANK="2", WORLD_SIZE="2"), [], "0 <= RANK < WORLD_SIZE"),
+        # no working C++ compiler: inductor's traceback at the first step
+        (dict(CXX="/bin/false"), ["--compile"], "torch.compile failed ("),
+    ],
+)
+def test_train_bad_surroundings_are_one_line(tmp_path, monkeypatch, environ, args, message):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    flags = ["--data", str(_corpus(tmp_path)), "--max-steps", "1", "--out-dir", tmp_path / "out"]
+    run = run_python([sys.executable, "train.py", *flags, *args], timeout=120)
+    assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr[-2000:]
+
+
+def test_a_step_that_fails_for_want_of_memory_or_of_a_compiler_stops_in_one_line():
+    """runs.stops_plainly on what a CPU cannot raise for real: CUDA's OutOfMemoryError (its message
+    cut to two sentences) and a compile failure; any other error goes on up, as it was."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from runs import stops_plainly
+
+    class NoCompiler(BackendCompilerFailed):
+        def __init__(self):
+            RuntimeError.__init__(self, "InvalidCxxCompiler: No working C++ compiler found\n\nSet")
+
+    cuda = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"
+    raised = dict(
+        oom=torch.cuda.OutOfMemoryError(cuda),
+        compiler=NoCompiler(),
+        other=RuntimeError("index 9 is out of range"),
+    )
+
+    @stops_plainly("--batch-size 9 x --context 9")
+    def step(kind):
+        raise raised[kind]
+
+    with pytest.raises(SystemExit) as stopped:
+        step("oom")
+    cut = "CUDA out of memory. Tried to allocate 2.00 GiB"
+    said = f"a training step does not fit in memory here ({cut}); lower them (--grad-accum adds"
+    assert stopped.value.code == f"error: --batch-size 9 x --context 9: {said} up steps)"
+    with pytest.raises(SystemExit) as stopped:
+        step("compiler")
+    said = "InvalidCxxCompiler: No working C++ compiler found"
+    assert stopped.value.code == f"error: torch.compile failed ({said}); --no-compile trains eager"
+    with pytest.raises(RuntimeError, match="out of range"):
+        step("other")
 
 
 def test_a_run_is_never_overwritten_and_resumes_with_its_own_flags(tmp_path):

@@ -26,7 +26,7 @@ from runs import COUNT, DROPOUT, FRACTION, LENGTH, LR, MINUTES, RATE, Metrics, P
 from runs import check_step_fits, demo, device_or_die, die, load_checkpoint, stop_if_diverged
 from runs import dropouts, load_weights, refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
-from runs import given_flags
+from runs import given_flags, stops_plainly, torchrun_ranks
 from data.corpus import check_data, describe, load_corpus, printable
 from data.rows import HELD_OUT_RATE, TrainingRows, collate, held_out_pairs, held_out_rows
 
@@ -132,8 +132,7 @@ else:
 
 # Config: processes, device, and the defaults that depend on them (checkpoints record the args).
 ddp = "RANK" in os.environ  # launched by torchrun
-rank = int(os.environ["RANK"]) if ddp else 0
-world = int(os.environ["WORLD_SIZE"]) if ddp else 1
+rank, world = torchrun_ranks()
 master = rank == 0
 
 
@@ -341,6 +340,7 @@ def save(path):
     save_checkpoint(path, state)
 
 
+@stops_plainly(f"--batch-size {B} x --context {T}")
 def train_step(step):
     """Forward and backward over the step's micro-batches; on the device, unread: the summed loss,
     correct and masked bytes, and real tokens."""
@@ -387,20 +387,20 @@ def fit(step, step_time, eval_time, eval_every):
 
 
 # The loop
-# Without --max-steps, time an evaluation and a step to fit the run. The steps of two batches go
+# Without --max-steps, time a step and an evaluation to fit the run. The steps of two batches go
 # first: a compiled model compiles on the first and recompiles for the second's shapes.
 fits_budget = args.max_steps is None
 eval_time, step_time, results = 0.0, 0.0, {}
 if fits_budget and (max_steps is None or step < max_steps):  # resumed too: plans count evals
-    started = time.time()
-    if master:
-        results = evaluate()
-    eval_time = time.time() - started
     for warm_up in (0, 1, 0):
         started = time.time()
         train_step(warm_up)[0].item()  # waits for the device, so that the time is the step's
         opt.zero_grad(set_to_none=True)
     step_time = time.time() - started
+    started = time.time()
+    if master:
+        results = evaluate()
+    eval_time = time.time() - started
     max_steps = fit(step, step_time, eval_time, args.eval_interval)
     log(f"time budget {args.time_budget:g} min: ~{max_steps} steps of {step_time:.2f}s; {results}")
 if not lr_steps:
