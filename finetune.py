@@ -46,7 +46,7 @@ from runs import (
     save_checkpoint,
     stop_if_diverged,
 )
-from runs import settle_vector_math
+from runs import settle_vector_math, stops_plainly
 
 parser = Parser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
 add = parser.add_argument
@@ -496,6 +496,21 @@ def batch_at(step):
     return batch
 
 
+@stops_plainly(f"--batch-size {args.batch_size}", "lower it")
+def train_step(step) -> torch.Tensor:
+    """Forward, backward and update over the step's batch; its loss, on the device."""
+    torch.manual_seed(args.seed + 1_000_003 * step)  # dropout, like the data, follows the step
+    batch = collate(batch_at(step), kind, cfg, device)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step)
+    out = model(**batch)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return out.loss.detach()
+
+
 @torch.no_grad()
 def evaluate_answers():
     """Held-out loss, exact match and token F1 (data/tasks.py) of the best span of at most
@@ -575,24 +590,16 @@ results = evaluate() if step >= args.max_steps else None  # a finished run, resu
 model.train()
 step_time, timed_from, timed_step = 0.0, time.time(), step
 while step < args.max_steps:
-    torch.manual_seed(args.seed + 1_000_003 * step)  # dropout, like the data, follows the step
-    batch = collate(batch_at(step), kind, cfg, device)
-    for group in opt.param_groups:
-        group["lr"] = lr_at(step)
-    out = model(**batch)
-    opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
+    loss = train_step(step).item()
     step += 1
-    stop_if_diverged(dict(loss=out.loss.item()), step, ckpt_path)
+    stop_if_diverged(dict(loss=loss), step, ckpt_path)
     if step % args.log_interval == 0 or step == args.max_steps:
         # the steps since the clock started: evaluations and saves restart it, and a run's last
         # log line may come sooner than --log-interval
         step_time = (time.time() - timed_from) / (step - timed_step)
         minutes_left = (args.max_steps - step) * step_time / 60
         examples_per_s = args.batch_size / step_time
-        progress = f"step {step:5d}/{args.max_steps} | loss {out.loss.item():.6f}"
+        progress = f"step {step:5d}/{args.max_steps} | loss {loss:.6f}"
         speed = f"{examples_per_s:6.1f} examples/s | eta {minutes_left:4.1f} min"
         log(f"{progress} | lr {lr_at(step - 1):.2e} | {speed}")
         timed_from, timed_step = time.time(), step
