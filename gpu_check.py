@@ -21,11 +21,15 @@ batch sizes), even when another fails; each recompile's reason is logged as it h
 (d) memory: the peak of a ModernBERT-base training step at 8192 tokens, ours and transformers'.
 (e) train.py: --arch modernbert --max-steps 100, its tok/s and MFU lines; --arch bert
     --max-steps 40 as well when --budget leaves the time. Each evaluates and saves at its end only.
+(f) graphs, only when --sections names it: (e)'s ModernBERT run again under CUDA graphs (inductor's
+    TORCHINDUCTOR_CUDAGRAPHS=1, what torch.compile's mode="reduce-overhead" turns on: train.py's
+    packed rows and the layouts made ahead keep every step's shapes the same), for where (c)
+    shows the GPU idle between kernels.
 
 They run quick ones first, so that a run cut short while (b) compiles keeps them: (a), (d), (e)'s
-ModernBERT, (b), (c), (e)'s BERT; (b) times every arch at 16 rows before any at 32. --sections and
---archs pick some: a second run can take the architectures (b) had no time for
-(--sections speed --archs bert,roberta --budget 180: no (c), which would compile ModernBERT).
+ModernBERT, (b), (c), (e)'s BERT, (f); (b) times every arch at 16 rows before any at 32. --sections
+and --archs pick some: a second run can take the architectures (b) had no time for, and (f)
+(--sections speed,graphs --archs bert,roberta --budget 300: no (c), which would compile ModernBERT).
 
 --tiny shrinks every size (2 layers in (b), (c) and (d), 256 wide in (b) and (c)) and compiles
 with the aot_eager backend, so that a CPU runs the same code; there (c)'s busy share and syncs are
@@ -75,11 +79,14 @@ PEERS = {"hf": True, "hf_eager": False}
 # saves each one's rows as they come, and counts the frames each step traces (the recompile
 # reasons are logged); and (d) and (e)'s ModernBERT run before it. (b) skips what would leave
 # less than LATER_S for (c), and (e) runs BERT last, only if BERT_TRAIN_S is left. A second run
-# can take what (b) had no time for: --sections speed --archs bert,roberta --budget 180.
+# can take what (b) had no time for, and (f): --sections speed,graphs --archs bert,roberta --budget
+# 300 ((f) about 100 s, as (e)'s ModernBERT).
 BUDGET_S = 450
 LATER_S = 40
 BERT_TRAIN_S = 100
-SECTIONS = ("numerics", "memory", "train", "speed", "profile")
+SECTIONS = ("numerics", "memory", "train", "speed", "profile", "graphs")
+# (f) waits to be asked: the one run's budget has no room for it
+DEFAULT_SECTIONS = SECTIONS[:-1]
 
 
 @dataclasses.dataclass
@@ -620,31 +627,34 @@ def print_profile(figures):
         print(f"   {row['ms']:9.3f} ms {row['share']:6.1%} {calls:>7}  {row['name'][:90]}")
 
 
-def train_run(arch, steps, dev, tiny, timeout):
+def train_run(arch, steps, dev, tiny, timeout, environ=None):
     """python train.py --arch ARCH --max-steps STEPS on this device (--tiny: its tiny size, 5
     steps), evaluating and saving at its end only: its tok/s and MFU lines (the first includes
-    compiling; the last is the steady state), those it printed before a timeout, and its error."""
+    compiling; the last is the steady state), those it printed before a timeout, and its error.
+    environ: variables set for it."""
     size = ["--max-steps", str(steps), "--eval-interval", str(steps), "--ckpt-interval", str(steps)]
     if tiny:
         size = ["--size", "tiny", "--max-steps", "5"]
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "train.py", "--arch", arch, "--device", dev.type]
-        figures = captured(command + size + ["--out-dir", out], timeout)
+        figures = captured(command + size + ["--out-dir", out], timeout, environ)
     figures["lines"] = [line for line in figures.pop("stdout") if "tok/s" in line or "MFU" in line]
-    print("\n".join(figures["lines"]))
+    print("\n".join(figures["lines"] + figures["cudagraph_lines"][:20]))
     if figures["returncode"] != 0:
         print(figures["stderr"])
     figures["seconds"] = time.perf_counter() - t
     return figures
 
 
-def captured(command, timeout) -> dict:
+def captured(command, timeout, environ=None) -> dict:
     """A command's return code (None: timed out), stdout lines and stderr's last 2,000 characters
-    (None where it exited 0), run from this folder, whatever it printed before a timeout too."""
+    (None where it exited 0), run from this folder with environ's variables set, whatever it
+    printed before a timeout too; and its stderr's lines about CUDA graphs, in full (inductor
+    warns there of each graph it leaves out of them, and why)."""
     here = os.path.dirname(os.path.abspath(__file__))
     # unbuffered: a pipe holds 8 KB of a child's prints until it exits, and a timeout kills it
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(environ or {}))
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, cwd=here, timeout=timeout, env=env
@@ -655,16 +665,18 @@ def captured(command, timeout) -> dict:
         returncode = None
         stdout, stderr = ((part or b"").decode(errors="replace") for part in (e.stdout, e.stderr))
         stderr += f"\ntimed out after {timeout:.0f} s"
+    graph_lines = [line for line in stderr.splitlines() if "cudagraph" in line.lower()]
     if returncode == 0:
         stderr = None
     else:
         stderr = stderr[-2000:]
-    return dict(returncode=returncode, stdout=stdout.splitlines(), stderr=stderr)
+    figures = dict(returncode=returncode, stdout=stdout.splitlines(), stderr=stderr)
+    return dict(figures, cudagraph_lines=graph_lines)
 
 
-def train_lines(setting, arch):
+def train_lines(setting, arch, environ=None):
     """(e): train.py's ModernBERT for 100 steps, within 300 s and the budget; BERT's 40 when the
-    budget leaves BERT_TRAIN_S."""
+    budget leaves BERT_TRAIN_S. (f): environ's variables set."""
     dev = setting.dev
     gc.collect()
     # hand the earlier sections' cached memory back for train.py
@@ -672,7 +684,8 @@ def train_lines(setting, arch):
         torch.cuda.empty_cache()
     left = setting.left()
     if arch == "modernbert":
-        return train_run(arch, 100, dev, setting.tiny, timeout=max(60.0, min(300.0, left)))
+        timeout = max(60.0, min(300.0, left))
+        return train_run(arch, 100, dev, setting.tiny, timeout, environ)
     if left < BERT_TRAIN_S:
         print(f"   {arch}: skipped, {left:.0f} s of the budget left, under {BERT_TRAIN_S} s")
         return dict(skipped=f"{left:.0f} s of the budget left, under {BERT_TRAIN_S} s")
@@ -681,8 +694,8 @@ def train_lines(setting, arch):
 
 def run(report, setting, sections, archs):
     """The sections asked for, the quick ones first, so that a run that (b)'s compiling cuts short
-    keeps them: (a), (d), (e)'s ModernBERT, (b) for archs, (c), (e)'s BERT. The report holds each
-    one's figures, or its error."""
+    keeps them: (a), (d), (e)'s ModernBERT, (b) for archs, (c), (e)'s BERT, (f). The report holds
+    each one's figures, or its error."""
     start = time.perf_counter()
     dev = setting.dev
     if "numerics" in sections:
@@ -707,6 +720,10 @@ def run(report, setting, sections, archs):
     if "train" in sections:
         kept.clear()
         section("train.py bert", report, train_lines, setting, "bert")
+    if "graphs" in sections:
+        kept.clear()
+        graphs = dict(TORCHINDUCTOR_CUDAGRAPHS="1")
+        section("train.py graphs", report, train_lines, setting, "modernbert", environ=graphs)
     report["seconds"] = time.perf_counter() - start
 
 
@@ -733,8 +750,8 @@ def parse_args():
     p.add_argument("--json", type=output_file, help="write the results here, after every section")
     budget = "seconds the whole check may take: (e) runs BERT only if this leaves time for it"
     p.add_argument("--budget", type=POSITIVE, default=BUDGET_S, help=budget)
-    sections = f"which to run, comma-separated, of {','.join(SECTIONS)} (default: all)"
-    p.add_argument("--sections", type=choices_of(SECTIONS), default=SECTIONS, help=sections)
+    sections = f"which to run, comma-separated, of {','.join(SECTIONS)} (default: all but graphs)"
+    p.add_argument("--sections", type=choices_of(SECTIONS), default=DEFAULT_SECTIONS, help=sections)
     archs = f"(b)'s architectures, in this order, comma-separated (default {','.join(SPEED_SEQ)})"
     p.add_argument(
         "--archs", type=choices_of(tuple(SPEED_SEQ)), default=tuple(SPEED_SEQ), help=archs

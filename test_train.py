@@ -1109,6 +1109,13 @@ def test_gpu_check_counts_each_kernel_once_and_keeps_what_a_timeout_printed(monk
     assert "timed out after 3 s" in done["stderr"]
     failed = gpu_check.captured([sys.executable, "-c", "raise SystemExit('error: no GPU')"], 60)
     assert failed["returncode"] == 1 and failed["stderr"] == "error: no GPU\n"
+    # a run that ends well keeps no stderr, but inductor's word on each graph CUDA graphs leave out
+    skip = "W1207 [__cudagraphs] skipping cudagraphs due to mutated inputs (1 instances)"
+    warned = f"import sys; print('chatter', file=sys.stderr); print({skip!r}, file=sys.stderr)"
+    done = gpu_check.captured(
+        [sys.executable, "-c", warned], 60, dict(TORCHINDUCTOR_CUDAGRAPHS="1")
+    )
+    assert done["returncode"] == 0 and done["stderr"] is None and done["cudagraph_lines"] == [skip]
 
 
 def test_gpu_check_profile_says_when_its_step_ran_eager(capsys):
@@ -1181,6 +1188,33 @@ def test_gpu_check_times_every_arch_before_a_larger_batch_and_keeps_a_failure(mo
     assert all(report[arch]["skipped"].startswith("2 rows and more: ") for arch in archs)
     judged = gpu_check.judge("bert", "flash bf16", "unavailable: no kernel", 1.0, None, True)
     assert judged["ok"] is False
+
+
+def test_gpu_check_runs_train_py_under_cuda_graphs_only_when_asked(monkeypatch):
+    """(f) runs (e)'s train.py again with inductor's CUDA graphs on (TORCHINDUCTOR_CUDAGRAPHS=1, as
+    mode="reduce-overhead" sets them), and only when --sections names it."""
+    import gpu_check
+
+    ran = []
+
+    def captured(command, timeout, environ=None):
+        ran.append(dict(arch=command[command.index("--arch") + 1], environ=environ))
+        lines = ["step 5/5 | 1.0k tok/s | mfu 1.0%"]
+        return dict(returncode=0, stdout=lines, stderr=None, cudagraph_lines=[])
+
+    monkeypatch.setattr(gpu_check, "captured", captured)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
+    assert "graphs" not in gpu_check.parse_args().sections
+    setting = gpu_check.Setting(torch.device("cpu"), torch.float32, 1e12, 0.0, True, 1e12)
+    report = {}
+    gpu_check.run(report, setting, ("train", "graphs"), ("modernbert",))
+    graphs = dict(TORCHINDUCTOR_CUDAGRAPHS="1")
+    assert ran == [
+        dict(arch="modernbert", environ=None),
+        dict(arch="bert", environ=None),
+        dict(arch="modernbert", environ=graphs),
+    ]
+    assert report["train.py graphs"]["lines"] == ["step 5/5 | 1.0k tok/s | mfu 1.0%"]
 
 
 def test_the_data_sheet_peak_is_the_cards_own(monkeypatch):
