@@ -192,12 +192,19 @@ def check_step_fits(sizes, tokens, cfg, device, advice=LOWER, held=1):
 
 def torchrun_ranks() -> tuple[int, int]:
     """This process's rank and the number of processes, as torchrun sets them (RANK, WORLD_SIZE),
-    0 and 1 without torchrun; a one-line error where they are not whole numbers that fit."""
+    0 and 1 without torchrun; a one-line error where they, or where to meet (MASTER_ADDR,
+    MASTER_PORT), are missing, or they are not whole numbers that fit."""
     if "RANK" not in os.environ:
         return 0, 1
-    rank, world = os.environ["RANK"], os.environ.get("WORLD_SIZE", "")
+    # PyTorch's env:// start reads all four
+    missing = [
+        name for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ
+    ]
+    if missing:
+        die(f"RANK is set, but not {', '.join(missing)}: torchrun sets them all")
+    rank, world = os.environ["RANK"], os.environ["WORLD_SIZE"]
     if not (rank.isdigit() and world.isdigit() and int(rank) < int(world)):
-        die(f"RANK={rank!r} and WORLD_SIZE={world!r}: torchrun sets both, 0 <= RANK < WORLD_SIZE")
+        die(f"RANK={rank!r} and WORLD_SIZE={world!r}: torchrun sets 0 <= RANK < WORLD_SIZE")
     return int(rank), int(world)
 
 

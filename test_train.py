@@ -880,15 +880,21 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
 @pytest.mark.parametrize(
     "environ, args, message",
     [
-        # RANK without WORLD_SIZE was a KeyError
-        (dict(RANK="0"), [], "RANK='0' and WORLD_SIZE='': torchrun sets both"),
-        (dict(RANK="2", WORLD_SIZE="2"), [], "0 <= RANK < WORLD_SIZE"),
+        # RANK without WORLD_SIZE was a KeyError, without MASTER_ADDR a ValueError from torch
+        (dict(RANK="0"), [], "RANK is set, but not WORLD_SIZE, MASTER_ADDR, MASTER_PORT: torch"),
+        (dict(RANK="0", WORLD_SIZE="1"), [], "RANK is set, but not MASTER_ADDR, MASTER_PORT"),
+        (
+            dict(RANK="2", WORLD_SIZE="2", MASTER_ADDR="localhost", MASTER_PORT="29500"),
+            [],
+            "RANK='2' and WORLD_SIZE='2': torchrun sets 0 <= RANK < WORLD_SIZE",
+        ),
         # no working C++ compiler: inductor's traceback at the first step
         (dict(CXX="/bin/false"), ["--compile"], "torch.compile failed ("),
     ],
 )
 def test_train_bad_surroundings_are_one_line(tmp_path, monkeypatch, environ, args, message):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     flags = ["--data", str(_corpus(tmp_path)), "--max-steps", "1", "--out-dir", tmp_path / "out"]
