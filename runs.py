@@ -226,21 +226,29 @@ def stops_plainly(sizes: str, advice=LOWER):
             try:
                 return step(*args, **kwargs)
             except RuntimeError as error:
-                # two sentences (CUDA's go on for a paragraph), without the CPU's "[enforce fail..."
-                sentences = str(error).splitlines()[0].split(". ")
-                cause = ". ".join([s for s in sentences if not s.startswith("[enforce")][:2])
                 if is_out_of_memory(error):
+                    cause = gist(str(error))
                     die(f"{sizes}: a training step does not fit in memory here ({cause}); {advice}")
                 # inductor's errors are of this class (torch._dynamo is imported by then)
                 from torch._dynamo.exc import BackendCompilerFailed
 
                 if isinstance(error, BackendCompilerFailed):
+                    # what the compiler raised; the error's own first line names only the backend
+                    inner = error.inner_exception
+                    cause = gist(f"{type(inner).__name__}: {inner}")
                     die(f"torch.compile failed ({cause}); --no-compile trains eager")
                 raise
 
         return step_or_die
 
     return decorate
+
+
+def gist(message: str) -> str:
+    """An error's first two sentences (CUDA's go on for a paragraph), without the CPU allocator's
+    "[enforce fail at alloc_cpu.cpp:127] err == 0"."""
+    sentences = message.splitlines()[0].split(". ")
+    return ". ".join([s for s in sentences if not s.startswith("[enforce")][:2])
 
 
 def is_out_of_memory(error: RuntimeError) -> bool:

@@ -910,9 +910,15 @@ def test_a_step_that_fails_for_want_of_memory_or_of_a_compiler_stops_in_one_line
 
     from runs import stops_plainly
 
+    class InvalidCxxCompiler(RuntimeError):
+        pass
+
     class NoCompiler(BackendCompilerFailed):
+        """BackendCompilerFailed names its backend first; InductorError, its subclass, the cause"""
+
         def __init__(self):
-            RuntimeError.__init__(self, "InvalidCxxCompiler: No working C++ compiler found\n\nSet")
+            self.inner_exception = InvalidCxxCompiler("No working C++ compiler found\n\nSet")
+            RuntimeError.__init__(self, f"backend='inductor' raised:\n{self.inner_exception}")
 
     cuda = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"
     raised = dict(
