@@ -278,6 +278,24 @@ def test_packed_documents_are_isolated(preset, unpad):
     assert not torch.allclose(changed[11:17], packed[11:17], atol=1e-3)
 
 
+def test_the_document_mask_keeps_documents_and_padding_apart():
+    """Each token sees its own document's real tokens; a padding query sees itself alone, so that
+    its softmax has a key (with none, a backend may give NaN, and NaN times 0 is NaN)."""
+    doc = torch.tensor([[1, 1, 2, 0, 0]])
+    mask = tinyencoder.document_mask(doc, tinyencoder.document_starts(doc))
+    seen = torch.tensor(
+        [
+            [1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],
+            [0, 0, 0, 1, 0],
+            [0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask, seen[None, None])
+
+
 @pytest.mark.parametrize("half_window", [None, 4])
 @pytest.mark.parametrize("unpad", [False, True])
 def test_cpu_attention_dtype_routes(unpad, half_window):
@@ -640,19 +658,23 @@ def test_mask_tokens_is_deterministic_per_seed():
 # 6. Sparse prediction; 7. training
 @pytest.mark.parametrize("unpad", [False, True])
 def test_sparse_prediction_matches_dense(unpad):
-    """With labels the head runs on the labelled tokens only: the same logits and loss as the full
-    head over every token, and cross-entropy over the labelled ones."""
+    """With labels the head runs on the labelled tokens only: the same logits, loss and gradients
+    (the tied token embedding's through the decoder among them) as the full head over every
+    token, and cross-entropy over the labelled ones."""
     model = perturb(TinyEncoder(tiny("modernbert", unpad=unpad))).eval()
     ids, mask = batch()
     inputs, labels = mask_tokens(ids, model.cfg, torch.Generator().manual_seed(2))
     sel = labels != IGNORE_INDEX
-    with torch.no_grad():
-        sparse, dense = model(inputs, mask, labels=labels), model(inputs, mask)
+    sparse, dense = model(inputs, mask, labels=labels), model(inputs, mask)
     assert sparse.logits.shape == (sel.sum().item(), VOCAB_SIZE)
     assert dense.logits.shape == (*ids.shape, VOCAB_SIZE)
     assert_close(sparse.logits, dense.logits[sel], 1e-5)
-    expected = F.cross_entropy(dense.logits[sel], labels[sel]).item()
-    assert abs(sparse.loss.item() - expected) < 1e-5
+    expected = F.cross_entropy(dense.logits[sel], labels[sel])
+    assert abs(sparse.loss.item() - expected.item()) < 1e-5
+    sparse_grads = torch.autograd.grad(sparse.loss, list(model.parameters()))
+    dense_grads = torch.autograd.grad(expected, list(model.parameters()))
+    for (name, _), got, want in zip(model.named_parameters(), sparse_grads, dense_grads):
+        assert (got - want).abs().max() <= 1e-5, name
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -1513,6 +1535,18 @@ def test_rope_scores_depend_on_relative_position_only():
     assert_close(near, shifted, 1e-5)
     assert_close(turned_q.norm(dim=-1), q.norm(dim=-1).expand(4, 1), 1e-5)
     assert not torch.allclose(near, (turned_q[0] * turned_k[3]).sum(), atol=1e-3)
+
+
+def test_rope_turns_each_pair_of_a_head_half_apart():
+    """Pair i of a head is (x_i, x_{i + head_dim/2}), as transformers' rotate_half pairs them: a
+    quarter turn takes e_0 to e_{head_dim/2}. (Both halves swapped on the way out would give the
+    same scores, q and k alike, but not the same rotate.)"""
+    x = torch.zeros(1, 1, 8)
+    x[..., 0] = 1.0
+    cos, sin = torch.zeros(1, 1, 4), torch.ones(1, 1, 4)
+    turned = torch.zeros(1, 1, 8)
+    turned[..., 4] = 1.0
+    assert torch.equal(tinyencoder.rotate(x, cos, sin), turned)
 
 
 def test_roberta_reads_positions_from_past_its_pad_id():
