@@ -28,7 +28,7 @@ from conftest import (
 )
 import pipelines
 import tinyencoder_hf
-from tinyencoder import CLS, MASK, PAD, SEP, VOCAB_SIZE, TinyEncoder, byte_ids
+from tinyencoder import CLS, MASK, PAD, SEP, VOCAB_SIZE, Config, TinyEncoder, byte_ids
 
 # -------------------------------------------------------------------------------------------------
 # 1. Parity with transformers on random weights: their save_pretrained -> tinyencoder_hf.load
@@ -399,6 +399,19 @@ HUB_CONFIGS = {
         transformers_version="4.47.0.dev0",
     ),
 }
+
+
+@pytest.mark.parametrize("preset", ["bert", "roberta", "modernbert"])
+def test_a_norm_eps_is_read_and_written_under_transformers_key(preset):
+    """A norm epsilon other than the preset's survives save and load under the key transformers
+    reads (ModernBERT's norm_eps, the others' layer_norm_eps). Parity cannot tell, 1e-5 from 1e-6
+    moving the logits by less than its tolerance, nor a round trip, both of whose sides are ours."""
+    transformers = pytest.importorskip("transformers", reason="transformers reads the config")
+    hf = tinyencoder_hf.config_to_hf(Config.from_preset(preset, norm_eps=3e-7))
+    config = transformers.AutoConfig.for_model(**hf)
+    key = dict(bert="layer_norm_eps", roberta="layer_norm_eps", modernbert="norm_eps")[preset]
+    assert getattr(config, key) == 3e-7
+    assert tinyencoder_hf.config_from_hf(config.to_dict()).norm_eps == 3e-7
 
 
 @pytest.mark.parametrize("name", HUB_CONFIGS)

@@ -1328,6 +1328,22 @@ def test_a_layout_made_ahead_from_any_mask_dtype_is_forwards_own(preset, unpad):
                 assert_close(model(rows, doc.to(dtype), layout=layout).logits, ref, 0)
 
 
+@pytest.mark.parametrize("unpad", [False, True])
+def test_a_layout_made_ahead_with_labels_on_padding_picks_real_tokens_only(unpad):
+    """A label on padding never counts: make_layout's labelled tokens leave it out, so that the
+    logits are those of a layout forward makes itself (it took one more row, on padded rows)."""
+    model = perturb(TinyEncoder(tiny("bert", unpad=unpad))).eval()
+    ids, mask = batch(lens=(24, 19, 11))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 3], labels[1, 2], labels[1, 20] = 65, 66, 67  # row 1's 20th token is padding
+    layout = tinyencoder.make_layout(model.cfg, mask, torch.float32, labels=labels)
+    with torch.no_grad():
+        ahead = model(ids, mask, labels=labels, layout=layout)
+        inside = model(ids, mask, labels=labels)
+    assert len(layout.labelled) == 2 and ahead.logits.shape == (2, VOCAB_SIZE)
+    assert_close(ahead.logits, inside.logits, 0)
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_a_row_of_padding_alone_pools_to_zero_with_or_without_unpad(preset, pooling):

@@ -684,6 +684,23 @@ def test_held_out_rows_mask_alike_at_any_context():
     assert (seen[0][1] != te.IGNORE_INDEX).sum() > 400  # 15 % of 16 rows of 254 bytes: ~610
 
 
+def test_collate_never_labels_padding():
+    """Rows padded to the longest: every real byte masked at rate 1 but CLS and SEP, and padding
+    keeps PAD for input and IGNORE_INDEX for label (a label there would be a byte to predict)."""
+    import tinyencoder as te
+    from data.rows import collate, held_out_rows
+
+    data = np.frombuffer(b"short text. " * 3 + b"a longer line of text, " * 5, np.uint8)
+    cfg = te.Config.from_preset("roberta", hidden=64, layers=1, heads=2)
+    _, rows = held_out_rows(data, np.array([0, 36, len(data)]), 128, 4, cfg)
+    batch = collate(rows, cfg, torch.device("cpu"), 1.0)
+    padding = batch["attention_mask"] == 0
+    assert padding.sum() == 101
+    assert (batch["labels"][padding] == te.IGNORE_INDEX).all()
+    assert (batch["input_ids"][padding] == te.PAD).all()
+    assert (batch["labels"][~padding] != te.IGNORE_INDEX).sum() == (~padding).sum() - 2 * len(rows)
+
+
 def test_more_held_out_rows_asked_than_spans_gives_each_span_once():
     """--eval-seqs 10**12: every span once, as any count from their number up (np.linspace listed
     10**12 indices first: a MemoryError of terabytes)."""
