@@ -46,7 +46,7 @@ from runs import (
     save_checkpoint,
     stop_if_diverged,
 )
-from runs import settle_vector_math, stops_plainly
+from runs import settle_vector_math, step_seed, stops_plainly
 
 parser = Parser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
 add = parser.add_argument
@@ -499,7 +499,7 @@ def batch_at(step):
 @stops_plainly(f"--batch-size {args.batch_size}", "lower it")
 def train_step(step) -> torch.Tensor:
     """Forward, backward and update over the step's batch; its loss, on the device."""
-    torch.manual_seed(args.seed + 1_000_003 * step)  # dropout, like the data, follows the step
+    torch.manual_seed(step_seed(args.seed, step))  # dropout, like the data, follows the step
     batch = collate(batch_at(step), kind, cfg, device)
     for group in opt.param_groups:
         group["lr"] = lr_at(step)

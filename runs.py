@@ -208,6 +208,13 @@ def torchrun_ranks() -> tuple[int, int]:
     return int(rank), int(world)
 
 
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """What a step seeds torch with before it draws (its dropout): a function of the run's --seed,
+    the step and the process alone, so that a resumed run draws what the uninterrupted one would,
+    and no two steps or processes draw alike (1,000,003: a prime above any process count)."""
+    return seed + 1_000_003 * step + rank
+
+
 def beyond(needed: int, memory: int) -> str:
     """check_step_fits' figures: "N GiB or more, over the M GiB here"."""
     return f"{needed / 2**30:,.0f} GiB or more, over the {memory / 2**30:,.0f} GiB here"

@@ -684,6 +684,18 @@ def test_held_out_rows_mask_alike_at_any_context():
     assert (seen[0][1] != te.IGNORE_INDEX).sum() > 400  # 15 % of 16 rows of 254 bytes: ~610
 
 
+def test_every_step_and_process_draws_its_own_dropout():
+    """runs.step_seed, which train.py's and finetune.py's steps seed torch with: the same for the
+    same step and process (a resumed run replays its masks), and never the same for two of them
+    (a seed without the step replayed one step's masks at every step, and resumed exactly)."""
+    from runs import step_seed
+
+    seeds = {step_seed(1337, step, rank) for step in range(2000) for rank in range(8)}
+    assert len(seeds) == 2000 * 8
+    assert step_seed(1337, 5, 3) == step_seed(1337, 5, 3)
+    assert step_seed(1337, 5, 3) != step_seed(1338, 5, 3)
+
+
 def test_collate_never_labels_padding():
     """Rows padded to the longest: every real byte masked at rate 1 but CLS and SEP, and padding
     keeps PAD for input and IGNORE_INDEX for label (a label there would be a byte to predict)."""

@@ -26,7 +26,7 @@ from runs import COUNT, DROPOUT, FRACTION, LENGTH, LR, MINUTES, RATE, Metrics, P
 from runs import check_step_fits, demo, device_or_die, die, load_checkpoint, stop_if_diverged
 from runs import dropouts, load_weights, refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
-from runs import given_flags, stops_plainly, torchrun_ranks
+from runs import given_flags, step_seed, stops_plainly, torchrun_ranks
 from data.corpus import check_data, describe, load_corpus, printable
 from data.rows import HELD_OUT_RATE, TrainingRows, collate, held_out_pairs, held_out_rows
 
@@ -345,7 +345,7 @@ def train_step(step):
     """Forward and backward over the step's micro-batches; on the device, unread: the summed loss,
     correct and masked bytes, and real tokens."""
     # dropout, like the data, is a function of the step (and of the process): resumes draw the same
-    torch.manual_seed(args.seed + 1_000_003 * step + rank)
+    torch.manual_seed(step_seed(args.seed, step, rank))
     batches = []
     for micro in range(args.grad_accum):
         first = step * global_batch + (micro * world + rank) * B
