@@ -880,6 +880,12 @@ def test_choice_batch_frames_each_choice_as_question_row(preset):
         alone = model(**pipelines.choice_batch(cfg, questions[:1], [choices[0][1:]])).logits
     assert scores.shape == (2, 2)
     assert_close(alone[0, 0], scores[0, 1], 1e-5)
+    # questions by choices where the two differ in number: 1 question, 3 choices
+    one_by_three = pipelines.choice_batch(cfg, ["q"], [["a", "bb", "ccc"]])["input_ids"]
+    assert one_by_three.shape[:2] == (1, 3)
+    for c, choice in enumerate(["a", "bb", "ccc"]):
+        row = pipelines.question_row(cfg, "q", choice).ids
+        assert one_by_three[0, c, : len(row)].tolist() == row
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -910,6 +916,12 @@ def test_best_span_is_the_best_allowed_pair():
         ]
         _, first, last = max(pairs)
         assert pipelines.best_span(logits, allowed, max_length) == (first, last)
+    # the best end logit on the closing [SEP], which no answer may end on
+    logits = torch.zeros(5, 2)
+    logits[4, 1] = 10.0
+    allowed = torch.tensor([False, True, True, True, False])
+    first, last = pipelines.best_span(logits, allowed, 30)
+    assert allowed[first] and allowed[last] and first <= last
     # a character cut at either end is taken whole, never past a special id
     ids = [SEP, *byte_ids("dé€f"), SEP]
     assert pipelines.span_text(ids, 1, 3) == "dé"

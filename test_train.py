@@ -1258,6 +1258,20 @@ def test_gpu_check_runs_train_py_under_cuda_graphs_only_when_asked(monkeypatch):
     assert report["train.py graphs"]["lines"] == ["step 5/5 | 1.0k tok/s | mfu 1.0%"]
 
 
+def test_the_measured_peak_counts_two_flops_a_multiply_add(monkeypatch):
+    """An n x n product is 2 n^3 FLOPs: with every timed product taking 1 s on a fake clock, the
+    best rate is 2 * 2048^3 FLOP/s, the CPU's larger size (each MFU quoted is over this figure)."""
+    from types import SimpleNamespace
+
+    import mfu
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(mfu, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(torch, "matmul", lambda a, b: None)
+    monkeypatch.setattr(mfu.tinyencoder, "ONEDNN_LINEAR", None)
+    assert mfu.measured_peak(torch.device("cpu"), torch.float32, reps=1) == 2 * 2048**3
+
+
 def test_the_data_sheet_peak_is_the_cards_own(monkeypatch):
     """An H100 PCIe is not an H100 SXM: 756 TFLOP/s, not 989 (MFU of the spec would read low)."""
     import mfu
@@ -1711,6 +1725,11 @@ def test_stdlib_questions_are_spans_held_out_by_file():
     assert exact_match(" None ", ["x", "None"]) == 1.0 and exact_match("none", ["None"]) == 0.0
     assert token_f1("os.path", ["os.path.join"]) == pytest.approx(2 * 1.0 * 0.6 / 1.6)
     assert token_f1("a", ["b"]) == 0.0 and token_f1("", [""]) == 1.0
+    # empty against words shares nothing; the best over the answers, in any order; a word of
+    # UTF-8 bytes is one token (café is not caf)
+    assert token_f1("", ["x"]) == 0.0 and token_f1("x", [""]) == 0.0
+    assert token_f1("a b", ["a b", "a"]) == 1.0 and token_f1("a b", ["a", "a b"]) == 1.0
+    assert token_f1("café", ["caf"]) == 0.0 and token_f1("café x", ["café"]) == pytest.approx(2 / 3)
 
 
 FINETUNE_BAD_INPUT = [
