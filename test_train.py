@@ -1546,6 +1546,11 @@ def test_finetune_learns_resumes_and_exports(tmp_path):
     losses = re.findall(r"^step\s+\d+/40 \| loss (\S+)", whole.stdout, re.M)
     accuracy = float(re.search(r"held-out accuracy (\S+)%", whole.stdout).group(1))
     assert len(losses) == 40 and accuracy >= 90, whole.stdout[-1000:]
+    # the rate each step trained at: 6 % warmup (2 steps) from a first step above 0, then from the
+    # peak down to 0 at step 40
+    rates = [float(x) for x in re.findall(r"^step .*\| lr (\S+) \|", whole.stdout, re.M)]
+    expected = [3e-3 * (s + 1) / 2 for s in range(2)] + [3e-3 * (40 - s) / 38 for s in range(2, 40)]
+    assert rates == pytest.approx(expected, rel=6e-3), rates
     # per byte: an accuracy of at most 1; macro-F1, the mean of the labels' F1 that it lists
     for record in map(json.loads, open(tmp_path / "a" / "metrics.jsonl")):
         assert 0 <= record["val_acc"] <= 1, record
