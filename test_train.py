@@ -1233,7 +1233,8 @@ def test_gpu_check_times_every_arch_before_a_larger_batch_and_keeps_a_failure(mo
 
 def test_gpu_check_runs_train_py_under_cuda_graphs_only_when_asked(monkeypatch):
     """(f) runs (e)'s train.py again with inductor's CUDA graphs on (TORCHINDUCTOR_CUDAGRAPHS=1, as
-    mode="reduce-overhead" sets them), and only when --sections names it."""
+    mode="reduce-overhead" sets them), only when --sections names it, and before (b), whose
+    budget it would otherwise find spent."""
     import gpu_check
 
     ran = []
@@ -1252,8 +1253,8 @@ def test_gpu_check_runs_train_py_under_cuda_graphs_only_when_asked(monkeypatch):
     graphs = dict(TORCHINDUCTOR_CUDAGRAPHS="1")
     assert ran == [
         dict(arch="modernbert", environ=None),
-        dict(arch="bert", environ=None),
         dict(arch="modernbert", environ=graphs),
+        dict(arch="bert", environ=None),
     ]
     assert report["train.py graphs"]["lines"] == ["step 5/5 | 1.0k tok/s | mfu 1.0%"]
 
