@@ -57,7 +57,9 @@ def _train(tmp_path, *args, torchrun=False, popen=False):
     if popen:  # running, its output to be read line by line
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=here)
     if torchrun:
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=here)
+        # torchrun keeps its processes' logs in a folder of TMPDIR's, and leaves it behind
+        env = {**os.environ, "TMPDIR": str(tmp_path)}
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=here, env=env)
     else:
         run = run_python(cmd)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -378,7 +380,7 @@ check_data({}, {"sha256": str(dist.get_rank())}, "corpus")
 def test_processes_that_read_other_data_stop(tmp_path):
     (tmp_path / "check.py").write_text(OTHER_DATA)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "TMPDIR": str(tmp_path)}
     run = subprocess.run(
         [*torchrun, tmp_path / "check.py"], capture_output=True, text=True, timeout=120, env=env
     )
