@@ -412,7 +412,7 @@ ckpt_every = args.ckpt_interval or eval_every
 # MFU against this machine's measured matmul peak, and on a GPU against its data sheet's dense bf16
 peak_flops = measured_peak(device, compute_dtype)
 spec_flops = spec_peak(device)  # 0 on a CPU or a card mfu.py does not list
-schedule = f"peak lr {args.lr:g} on a {lr_steps}-step schedule"
+schedule = f"peak lr {args.lr:g} on a {lr_steps}-step schedule, masking {args.mlm_rate * 100:g}%"
 peaks = f"measured peak {peak_flops / 1e12:.2f} TFLOP/s, spec {spec_flops / 1e12:.0f} TFLOP/s"
 log(f"training steps {step + 1}..{max_steps}, {schedule}; {attention}; MFU against the {peaks}")
 
