@@ -1513,6 +1513,13 @@ def test_finetune_keeps_the_class_numbers_of_its_init_classifier(tmp_path):
     common = ["--init", tmp_path / "hf", "--max-steps", 1, "--lr", "1e-12", "--batch-size", 2]
     kept = finetune(tmp_path, "--train", train, "--val", val, *common)
     assert kept.returncode == 0 and "val_acc 1.0" in kept.stdout, kept.stdout[-2000:]
+    # F1 is over the labels guessed or gold: "pos", guessed but never gold, counts as 0
+    negative = [{"text": f"c{i}", "label": "neg"} for i in range(4)]
+    missed = ["--train", train, "--val", write_jsonl(tmp_path / "neg.jsonl", negative)]
+    missed = finetune(tmp_path, *missed, *common, "--out-dir", tmp_path / "c")
+    assert missed.returncode == 0, missed.stderr[-2000:]
+    record = [json.loads(line) for line in open(tmp_path / "c" / "metrics.jsonl")][-1]
+    assert record["val_f1"] == {"pos": 0.0, "neg": 0.0} and record["val_acc"] == 0, record
     numbers = write_jsonl(
         tmp_path / "numbers.jsonl", [{"text": "t", "label": i} for i in range(11)]
     )
