@@ -1104,6 +1104,8 @@ BAD_CALLS = {
         lambda p: tiny(p, hidden=30), "Config.heads=4 must be a divisor of hidden=30"
     ),
     "eps nan": Bad(lambda p: tiny(p, norm_eps=NAN), "Config.norm_eps=nan must be at least 0"),
+    # an infinite init_std made every hidden state NaN, and an infinite eps every one 0
+    "std inf": Bad(lambda p: tiny(p, init_std=math.inf), "Config.init_std=inf must be at least"),
     "global every 0": Bad(
         lambda p: tiny(p, global_every=0), "Config.global_every=0 must be above 0"
     ),

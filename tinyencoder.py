@@ -605,8 +605,8 @@ def check_config(cfg: Config):
         is_bool = isinstance(value, bool)
         if not choices and (not isinstance(value, NUMBERS[kind]) or is_bool != (kind is bool)):
             raise ValueError(f"Config.{field.name}={value!r} is not of type {kind.__name__}")
-        if kind in (int, float):  # NaN is not at least 0 either
-            require(cfg, field.name, value >= 0, "at least 0")
+        if kind in (int, float):  # NaN is not at least 0 either; inf ruins any model
+            require(cfg, field.name, 0 <= value < math.inf, "at least 0 and finite")
     sizes = ("hidden", "layers", "heads", "max_len", "global_every", "num_labels")
     for name in (*sizes, "rope_theta", "rope_theta_local", "init_std"):
         require(cfg, name, getattr(cfg, name) > 0, "above 0")
