@@ -1,10 +1,15 @@
-"""A model at work on raw text, as transformers' pipelines are: embeddings and extractive answers.
+"""A model at work on raw text, as transformers' pipelines are: embeddings, a classifier's labels,
+a tagger's spans and extractive answers.
 
     vectors = pipelines.encode(model, ["def f(x): return x", "import os"])  # (2, hidden)
+    pipelines.classify(classifier, ["import os"])  # [{"label": name, "score": probability}]
+    pipelines.tag(tagger, ["x = 1"])  # [[[first char, end char, tag], ...]]: runs of one tag
     pipelines.answer(qa_model, "default of timeout", "def get(url, timeout=10): ...")  # "10"
 
-tinyencoder.py alone embeds too: te.pool(model(ids, mask).hidden, mask, "mean") is encode's vector
-before its normalisation. The question and context of a span model are read as transformers'
+Each text runs as [CLS] bytes [SEP], as the tokenizer that tinyencoder_hf.save writes frames it.
+tinyencoder.py alone embeds too: te.pool(model(ids, mask).hidden, mask, "mean"), with ids
+framed so and the model in eval mode (BERT's and RoBERTa's dropout), is encode's vector before
+its normalisation. The question and context of a span model are read as transformers'
 question-answering pipeline reads them through the saved tokenizer: [CLS] question [SEP] context
 [SEP], the context the second segment where the model has two.
 """
@@ -12,7 +17,7 @@ question-answering pipeline reads them through the saved tokenizer: [CLS] questi
 import contextlib
 import dataclasses
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -68,52 +73,164 @@ def check_bytes(cfg: te.Config):
 
 @contextlib.contextmanager
 def evaluating(model):
-    """The model in eval mode for the block, then in the mode it was in, an error raised or not."""
-    was_training = model.training
+    """The model in eval mode for the block, then each of its modules in the mode it was in (a
+    layer frozen in eval mode stays so), an error raised or not."""
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
+
+
+# a str is one text, not a list of them; a set has no order, and a dict's texts would be its keys
+NOT_TEXTS = (str, bytes, bytearray, set, frozenset, Mapping)
+
+
+def text_list(texts, caller: str) -> list:
+    """texts as a list, or a one-line error where they are not an ordered collection of texts."""
+    if not isinstance(texts, Iterable) or isinstance(texts, NOT_TEXTS):
+        raise ValueError(f"{caller} takes a list of texts, got {type(texts).__name__}")
+    return list(texts)
+
+
+def framed_rows(cfg: te.Config, texts: list, caller: str) -> list:
+    """[CLS] bytes [SEP], the ids of each text, as transformers' saved tokenizer frames one; a
+    text that is not text, or over max_len tokens framed, is an error, never cut silently."""
+    rows = []
+    for i, text in enumerate(texts):
+        rows.append([cfg.cls_id, *text_ids(f"{caller}'s texts[{i}]", text), cfg.sep_id])
+        if len(rows[i]) > cfg.max_len:
+            raise ValueError(f"texts[{i}] is {len(rows[i])} tokens, over max_len={cfg.max_len}")
+    return rows
+
+
+class Batch(NamedTuple):
+    # which of the rows the batch holds, in its order
+    rows: list
+    # (B, T) ids and attention_mask (1 at each row's tokens), on the model's device
+    ids: torch.Tensor
+    doc_ids: torch.Tensor
+    # the batch's layout, unpadded where that is faster (te.make_layout)
+    layout: object
+
+
+def by_length(model, rows: list, batch_size: int):
+    """The rows in batches of batch_size, shortest first, so that little is padded. On a CPU a
+    batch with padding runs unpadded whatever cfg.unpad says, one of rows of one length as rows:
+    the same numbers, faster."""
+    # unpad is an execution field: speed, not numbers
+    unpadded = dataclasses.replace(model.cfg, unpad=True)
+    device = model.tok_embed.weight.device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for first in range(0, len(rows), batch_size):
+        batch = order[first : first + batch_size]
+        inputs = padded([rows[i] for i in batch], model.cfg.pad_id)
+        ids, doc_ids = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
+        layout = te.make_layout(unpadded, doc_ids, model.tok_embed.weight.dtype)
+        yield Batch(batch, ids, doc_ids, layout)
 
 
 @torch.no_grad()
 def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch.Tensor:
     """Embeddings (N, hidden) of a list of str or bytes: each text runs as [CLS] bytes [SEP],
     pooled as te.pool() says; normalize makes each unit length. Texts of like length share a
-    batch, so little is padded; on a CPU a batch with padding runs unpadded whatever cfg.unpad
-    says, one of texts of one length as rows (the same numbers, faster). A text over max_len
-    tokens is an error, never cut silently."""
+    batch (by_length). A text over max_len tokens is an error, never cut silently."""
     check_model(model, "encode")
     cfg = model.cfg
     if cfg.classifier == "choice":
         raise ValueError("encode takes a model of rows of text, not a multiple-choice one")
-    texts_given = isinstance(texts, Iterable) and not isinstance(texts, (str, bytes, bytearray))
-    if not texts_given or pooling not in ("mean", "cls"):
-        got = f"{type(texts).__name__} and {pooling!r}"
-        raise ValueError(f"encode takes a list of texts and pooling 'mean' or 'cls', got {got}")
+    rows = framed_rows(cfg, text_list(texts, "encode"), "encode")
     check_count("encode", "batch_size", batch_size)
-    rows = []
-    for i, text in enumerate(texts):
-        rows.append([cfg.cls_id, *text_ids(f"encode's texts[{i}]", text), cfg.sep_id])
-        if len(rows[i]) > cfg.max_len:
-            raise ValueError(f"texts[{i}] is {len(rows[i])} tokens, over max_len={cfg.max_len}")
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    unpadded = dataclasses.replace(cfg, unpad=True)  # an execution field: speed, not numbers
+    if pooling not in ("mean", "cls") or not isinstance(normalize, bool):
+        got = f"{pooling!r} and {normalize!r}"
+        raise ValueError(f"encode's pooling is 'mean' or 'cls', normalize True or False; got {got}")
     out = torch.zeros(len(rows), cfg.hidden)
-    for first in range(0, len(rows), batch_size):
-        batch = order[first : first + batch_size]
-        device = model.tok_embed.weight.device
-        inputs = padded([rows[i] for i in batch], cfg.pad_id)
-        ids, doc_ids = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
-        layout = te.make_layout(unpadded, doc_ids, model.tok_embed.weight.dtype)
+    for batch in by_length(model, rows, batch_size):
         # the trunk alone: the model's head (MLM logits, a classifier's) would be work thrown away
         with evaluating(model):
-            hidden = layout.scatter(model.trunk(ids, doc_ids, None, layout))  # (B, T, hidden)
-        out[batch] = te.pool(hidden, doc_ids, pooling).float().cpu()
+            hidden = model.trunk(batch.ids, batch.doc_ids, None, batch.layout)
+        hidden = batch.layout.scatter(hidden)  # (B, T, hidden)
+        out[batch.rows] = te.pool(hidden, batch.doc_ids, pooling).float().cpu()
     if normalize:
         out = F.normalize(out, dim=-1)
     return out
+
+
+def labels_of(model, caller: str, kind: str) -> list:
+    """The class names of a model with a kind of classifier: model.label_names (tinyencoder_hf.load
+    reads them from id2label), else LABEL_0, LABEL_1, ... as transformers names them."""
+    check_model(model, caller)
+    if model.cfg.classifier != kind:
+        got = model.cfg.classifier
+        raise ValueError(f"{caller} needs a {kind} model (Config.classifier={kind!r}), not {got!r}")
+    numbered = [f"LABEL_{i}" for i in range(model.cfg.num_labels)]
+    return getattr(model, "label_names", None) or numbered
+
+
+@torch.no_grad()
+def classify(model, texts, batch_size=32) -> list[dict]:
+    """A sequence classifier's verdict on each of a list of texts, as transformers'
+    text-classification pipeline gives it: {"label": the likeliest class, "score": its softmax
+    probability}; with one label (num_labels=1, regression), its name and the number."""
+    names = labels_of(model, "classify", "sequence")
+    rows = framed_rows(model.cfg, text_list(texts, "classify"), "classify")
+    check_count("classify", "batch_size", batch_size)
+    verdicts = [None] * len(rows)
+    for batch in by_length(model, rows, batch_size):
+        with evaluating(model):
+            logits = model(batch.ids, batch.doc_ids, layout=batch.layout).logits.float().cpu()
+        scores, best = logits.softmax(-1).max(-1)
+        if len(names) == 1:
+            scores = logits[:, 0]
+        for i, score, label in zip(batch.rows, scores.tolist(), best.tolist()):
+            verdicts[i] = dict(label=names[label], score=score)
+    return verdicts
+
+
+@torch.no_grad()
+def tag(model, texts, batch_size=32) -> list[list]:
+    """A token classifier's tags on each of a list of texts, as finetune.py reads them: for each
+    run of characters of one tag (of bytes, for a text given as bytes), [first, end, tag], with
+    "O", no tag, left out as transformers' token-classification pipeline leaves it. A character
+    takes its first byte's tag, as that pipeline's "first" strategy gives a word its first
+    token's."""
+    names = labels_of(model, "tag", "token")
+    texts = text_list(texts, "tag")
+    rows = framed_rows(model.cfg, texts, "tag")
+    check_count("tag", "batch_size", batch_size)
+    spans = [None] * len(rows)
+    for batch in by_length(model, rows, batch_size):
+        with evaluating(model):
+            logits = model(batch.ids, batch.doc_ids, layout=batch.layout).logits
+        for i, best in zip(batch.rows, logits.argmax(-1).tolist()):
+            # each character's tag is its first byte's, the byte after [CLS] the text's first
+            spans[i] = tag_runs([names[best[1 + start]] for start in char_starts(texts[i])])
+    return spans
+
+
+def char_starts(text) -> list:
+    """Where each character of a str starts among its UTF-8 bytes; each byte of bytes."""
+    if not isinstance(text, str):
+        return list(range(len(text)))
+    starts = []
+    position = 0
+    for character in text:
+        starts.append(position)
+        position += len(character.encode())
+    return starts
+
+
+def tag_runs(tags: list) -> list:
+    """[first, end, tag] for each run of one tag in a list of tags, "O" left out."""
+    runs = []
+    for i, name in enumerate(tags):
+        if runs and runs[-1][1] == i and runs[-1][2] == name:
+            runs[-1][1] = i + 1
+        elif name != "O":
+            runs.append([i, i + 1, name])
+    return runs
 
 
 def padded(rows: list, pad_id: int, token_types: list | None = None) -> dict:
@@ -199,11 +316,8 @@ def span_text(ids, first: int, last: int) -> str:
 def answer(model, question, context, max_length: int = 30) -> str:
     """Extractive question answering with a span model: the context's span of at most max_length
     bytes that the model rates best, as text."""
-    check_model(model, "answer")
+    labels_of(model, "answer", "span")
     check_count("answer", "max_length", max_length)
-    if model.cfg.classifier != "span":
-        kind = model.cfg.classifier
-        raise ValueError(f"answer needs a span model (Config.classifier='span'), not {kind!r}")
     row = question_row(model.cfg, question, context)
     if not row.context:
         raise ValueError("answer's context is empty: no span of it can answer")

@@ -1083,6 +1083,41 @@ def test_encode_equals_transformers_and_sentence_transformers(preset, tmp_path):
     assert_close(unit.norm(dim=-1), torch.ones(len(texts)), 1e-5)
 
 
+@pytest.mark.parametrize("preset", ["bert", "roberta", "modernbert"])
+def test_classify_and_tag_equal_transformers_pipelines(preset, tmp_path):
+    """pipelines.classify and pipelines.tag on a saved classifier give what transformers'
+    text-classification pipeline and token-classification pipeline ("simple" grouping, "O" left
+    out) give on the saved folder: the same labels, scores within 1e-4, the same spans; and a
+    regression model's number as it is (the saved problem_type says so)."""
+    transformers = pytest.importorskip("transformers", reason="compared to transformers' pipelines")
+    texts = ["short", "def f(x): return x + 1", "a longer line of text, 42 times\n", "ab"]
+    for num_labels, names in ((3, ["neg", "neutral", "pos"]), (1, None)):
+        cfg = tiny(preset, nsp=False, classifier="sequence", num_labels=num_labels)
+        model = perturb(TinyEncoder(cfg), scale=0.5).eval()
+        tinyencoder_hf.save(model, str(tmp_path / str(num_labels)), labels=names)
+        pipe = transformers.pipeline("text-classification", model=str(tmp_path / str(num_labels)))
+        theirs = pipe(texts)
+        # loaded, the model knows its class names (id2label)
+        ours = pipelines.classify(tinyencoder_hf.load(str(tmp_path / str(num_labels))), texts, 3)
+        assert [v["label"] for v in ours] == [v["label"] for v in theirs]
+        assert [v["score"] for v in ours] == pytest.approx([v["score"] for v in theirs], abs=1e-4)
+    tagger = perturb(TinyEncoder(tiny(preset, nsp=False, classifier="token", num_labels=3)))
+    with torch.no_grad():
+        # logits centred over a text's tokens: each tag wins somewhere, not one everywhere
+        ids = torch.tensor([[CLS, *byte_ids(texts[2]), SEP]])
+        tagger.classifier.out.bias -= tagger.eval()(ids).logits[0].mean(0)
+    tinyencoder_hf.save(tagger, str(tmp_path / "tags"), labels=["O", "digit", "word"])
+    pipe = transformers.pipeline(
+        "token-classification", model=str(tmp_path / "tags"), aggregation_strategy="simple"
+    )
+    spans = pipelines.tag(tinyencoder_hf.load(str(tmp_path / "tags")), texts, batch_size=3)
+    for text, ours in zip(texts, spans):
+        theirs = [[group["start"], group["end"], group["entity_group"]] for group in pipe(text)]
+        assert ours == theirs, text
+    # not every byte "O", nor one tag throughout
+    assert {tag for text_spans in spans for _, _, tag in text_spans} == {"digit", "word"}
+
+
 LOSS_CASES = [
     ("BertForSequenceClassification", 3),
     ("RobertaForSequenceClassification", 1),  # regression: mean squared error

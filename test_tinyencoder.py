@@ -958,6 +958,11 @@ def embed(preset, texts, vocab_size=VOCAB_SIZE, pad_id=PAD, **kw):
     return pipelines.encode(model, texts, **kw)
 
 
+def classifier(preset, kind):
+    """A tiny model of the preset with a classifier of that kind, of 3 labels."""
+    return TinyEncoder(tiny(preset, nsp=False, classifier=kind, num_labels=3))
+
+
 def span_labels(preset, labels):
     """A tiny span model of the preset on ROW, with these (start, end) labels."""
     return TinyEncoder(tiny(preset, nsp=False, classifier="span")).eval()(ROW, labels=labels)
@@ -1175,12 +1180,39 @@ BAD_CALLS = {
     "answer unfit": Bad(
         lambda p: pipelines.answer(TinyEncoder(tiny(p)), "q", "c"), "answer needs a span model"
     ),
-    "embed a str": Bad(lambda p: embed(p, "hello"), "a list of texts .* got str and .mean."),
-    "embed pooling": Bad(lambda p: embed(p, ["a"], pooling="max"), "got list and 'max'"),
+    "embed a str": Bad(lambda p: embed(p, "hello"), "encode takes a list of texts, got str"),
+    "embed pooling": Bad(
+        lambda p: embed(p, ["a"], pooling="max"), "encode's pooling is 'mean' or 'cls', .*'max'"
+    ),
+    # a set's vectors would come in no order the caller knows, and a dict's would be its keys'
+    "embed a set": Bad(lambda p: embed(p, {"a", "b"}), "encode takes a list of texts, got set"),
+    "classify a dict": Bad(
+        lambda p: pipelines.classify(classifier(p, "sequence"), {"a": 1}),
+        "classify takes a list of texts, got dict",
+    ),
+    "embed normalize str": Bad(
+        lambda p: embed(p, ["a"], normalize="no"), "normalize True or False; got 'mean' and 'no'"
+    ),
+    "classify a tagger": Bad(
+        lambda p: pipelines.classify(classifier(p, "token"), ["a"]),
+        r"classify needs a sequence model \(Config.classifier='sequence'\), not 'token'",
+    ),
+    "tag an MLM model": Bad(
+        lambda p: pipelines.tag(TinyEncoder(tiny(p)), ["a"]),
+        r"tag needs a token model \(Config.classifier='token'\), not 'none'",
+    ),
+    "tag too long": Bad(
+        lambda p: pipelines.tag(classifier(p, "token"), ["ok", "x" * 63]),
+        r"texts\[1\] is 65 tokens, over max_len=64",
+    ),
+    "classify batch 0": Bad(
+        lambda p: pipelines.classify(classifier(p, "sequence"), ["a"], batch_size=0),
+        "classify's batch_size must be a whole number above 0, got 0",
+    ),
     "embed too long": Bad(
         lambda p: embed(p, ["x" * 63]), r"texts\[0\] is 65 tokens, over max_len=64"
     ),
-    "embed None": Bad(lambda p: embed(p, None), "a list of texts .* got NoneType and .mean."),
+    "embed None": Bad(lambda p: embed(p, None), "encode takes a list of texts, got NoneType"),
     "embed a choice model": Bad(
         lambda p: pipelines.encode(TinyEncoder(tiny(p, nsp=False, classifier="choice")), ["a"]),
         "encode takes a model of rows of text, not a multiple-choice one",
@@ -1247,7 +1279,7 @@ BAD_CALLS = {
         r"not a byte-level model \(vocab_size=320, cls_id=257, sep_id=10; bytes are 0-255\)",
     ),
     "embed a bytearray": Bad(
-        lambda p: embed(p, bytearray(b"hi")), "encode takes a list of texts .* got bytearray"
+        lambda p: embed(p, bytearray(b"hi")), "encode takes a list of texts, got bytearray"
     ),
     # the model where its Config is asked for: one line, not torch's AttributeError
     "choices of a model": Bad(
@@ -1297,6 +1329,82 @@ def test_encode_and_answer_leave_the_training_mode_as_it_was_after_an_error(pres
         with pytest.raises(ValueError, match="flash"):  # no flash kernel on a CPU
             call()
         assert model.training
+    # each module as it was: a layer the caller froze in eval mode stays so, the rest train
+    model.layers[0].eval()
+    model.cfg.attn_backend = "auto"
+    pipelines.encode(model, ["a", "bb"])
+    pipelines.answer(model, "q", "c")
+    assert not model.layers[0].training and not model.layers[0].attn.training
+    assert model.training and all(layer.training for layer in model.layers[1:])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_lone_copy_embedding_is_encode_before_normalising(preset):
+    """What pipelines.py's docstring and the README tell a lone copy of tinyencoder.py to do:
+    frame the text as [CLS] bytes [SEP], and pool the model's output in eval mode."""
+    model = perturb(TinyEncoder(tiny(preset)))
+    text = "def f(x): return x"
+    ids = torch.tensor([[model.cfg.cls_id, *tinyencoder.byte_ids(text), model.cfg.sep_id]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        vector = tinyencoder.pool(model.eval()(ids, mask).hidden, mask, "mean")
+    assert_close(vector, pipelines.encode(model, [text], normalize=False), 1e-5)
+
+
+def test_tag_gives_each_character_its_first_byte_tag_in_runs():
+    """pipelines.tag's spans: runs of one tag over characters (bytes, for bytes given), "O" left
+    out, each character tagged as its first byte is: seen through a forward that tags UTF-8's
+    continuation bytes "cont" and the others by whether they are letters."""
+    model = classifier("modernbert", "token").eval()
+    model.label_names = ["O", "letter", "cont"]
+
+    def forward(ids, attention_mask=None, layout=None):
+        letters = (ids >= ord("a")) & (ids <= ord("z"))
+        continuation = (ids >= 0x80) & (ids < 0xC0)
+        tags = torch.where(continuation, 2, letters.long())  # (B, T)
+        return tinyencoder.Output(hidden=None, logits=F.one_hot(tags, 3).float())
+
+    model.forward = forward
+    texts = ["ab é€cd", b"a\xc3\xa9", "", "  "]
+    # é and € begin with bytes that are neither letters nor continuations
+    expected = [[[0, 2, "letter"], [5, 7, "letter"]], [[0, 1, "letter"], [2, 3, "cont"]], [], []]
+    assert pipelines.tag(model, texts, batch_size=2) == expected
+    assert pipelines.tag_runs(["a", "a", "O", "a", "b", "b", "a"]) == [
+        [0, 2, "a"],
+        [3, 4, "a"],
+        [4, 6, "b"],
+        [6, 7, "a"],
+    ]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("kind", ["sequence", "token"])
+def test_classify_and_tag_give_the_same_alone_or_batched(preset, kind):
+    """A text's verdict or tags do not depend on the texts batched with it (their lengths, its
+    padding, whether the batch ran unpadded), and match the model's own forward on the framed
+    text, in eval mode whatever mode the model was in."""
+    model = perturb(classifier(preset, kind), scale=1.0)
+    texts = ["short", "def f(x): return x + 1", "", "x" * 40, "ab"]
+    call = {"sequence": pipelines.classify, "token": pipelines.tag}[kind]
+    together = call(model, texts, batch_size=3)
+    alone = [call(model, [text])[0] for text in texts]
+    assert model.training
+    if kind == "token":
+        assert together == alone
+    else:
+        assert [v["label"] for v in together] == [v["label"] for v in alone]
+        scores = [v["score"] for v in alone]
+        assert [v["score"] for v in together] == pytest.approx(scores, abs=1e-5)
+    framed = torch.tensor([[CLS, *tinyencoder.byte_ids(texts[1]), SEP]])
+    with torch.no_grad():
+        logits = model.eval()(framed).logits
+    if kind == "sequence":
+        probability, best = logits.softmax(-1).max(-1)
+        assert together[1]["label"] == f"LABEL_{int(best)}"
+        assert together[1]["score"] == pytest.approx(float(probability), abs=1e-5)
+    else:
+        tags = [f"LABEL_{i}" for i in logits[0, 1:-1].argmax(-1).tolist()]
+        assert together[1] == pipelines.tag_runs(tags) and together[1]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
