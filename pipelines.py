@@ -286,6 +286,8 @@ def best_span(logits, allowed, max_length: int = 30) -> tuple[int, int]:
     allowed (the context's tokens), of highest start plus end logit. logits (T, 2), allowed (T,)."""
     check_count("best_span", "max_length", max_length)
     T = logits.shape[0]
+    if not (torch.is_tensor(allowed) and allowed.dtype == torch.bool and allowed.shape == (T,)):
+        raise ValueError(f"best_span's allowed must be a ({T},) bool tensor, one per token")
     # (T, T): the score of the span from token i to token j
     scores = logits[:, 0, None].float() + logits[None, :, 1].float()
     # no span is longer than the row: a larger max_length (10**30, say) allows them all, as T does

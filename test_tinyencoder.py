@@ -1290,6 +1290,11 @@ BAD_CALLS = {
         lambda p: pipelines.question_row(TinyEncoder(tiny(p)), "q", "c"),
         r"a Config is needed \(a model's is model.cfg\), got TinyEncoder",
     ),
+    "best span allowed ints": Bad(
+        lambda p: pipelines.best_span(torch.zeros(4, 2), torch.ones(4, dtype=torch.long)),
+        r"best_span's allowed must be a \(4,\) bool tensor, one per token",
+        ("bert",),
+    ),
     "best span length 0": Bad(
         lambda p: pipelines.best_span(torch.zeros(4, 2), torch.ones(4, dtype=torch.bool), 0),
         "best_span's max_length must be a whole number above 0, got 0",
