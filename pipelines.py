@@ -17,7 +17,7 @@ question-answering pipeline reads them through the saved tokenizer: [CLS] questi
 import contextlib
 import dataclasses
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from typing import NamedTuple
 
 import torch
@@ -84,15 +84,21 @@ def evaluating(model):
             module.training = training
 
 
-# a str is one text, not a list of them; a set has no order, and a dict's texts would be its keys
-NOT_TEXTS = (str, bytes, bytearray, set, frozenset, Mapping)
+# a str is one text, not a list of them; a set (a dict's keys too) has no order, and a dict's
+# texts would be its keys
+NOT_TEXTS = (str, bytes, bytearray, Set, Mapping)
 
 
 def text_list(texts, caller: str) -> list:
     """texts as a list, or a one-line error where they are not an ordered collection of texts."""
+    refused = ValueError(f"{caller} takes a list of texts, got {type(texts).__name__}")
     if not isinstance(texts, Iterable) or isinstance(texts, NOT_TEXTS):
-        raise ValueError(f"{caller} takes a list of texts, got {type(texts).__name__}")
-    return list(texts)
+        raise refused
+    try:
+        return list(texts)
+    except TypeError:
+        # an Iterable that cannot iterate: NumPy's 0-d array of one str
+        raise refused from None
 
 
 def framed_rows(cfg: te.Config, texts: list, caller: str) -> list:
@@ -158,15 +164,25 @@ def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch
     return out
 
 
-def labels_of(model, caller: str, kind: str) -> list:
-    """The class names of a model with a kind of classifier: model.label_names (tinyencoder_hf.load
-    reads them from id2label), else LABEL_0, LABEL_1, ... as transformers names them."""
+def check_task(model, caller: str, kind: str):
+    """A TinyEncoder on bytes (check_model) with a kind of classifier."""
     check_model(model, caller)
     if model.cfg.classifier != kind:
         got = model.cfg.classifier
         raise ValueError(f"{caller} needs a {kind} model (Config.classifier={kind!r}), not {got!r}")
-    numbered = [f"LABEL_{i}" for i in range(model.cfg.num_labels)]
-    return getattr(model, "label_names", None) or numbered
+
+
+def labels_of(model, caller: str, kind: str) -> list:
+    """The class names of a model with a kind of classifier: model.label_names (tinyencoder_hf.load
+    reads them from id2label), else LABEL_0, LABEL_1, ... as transformers names them."""
+    check_task(model, caller, kind)
+    count = model.cfg.num_labels
+    names = getattr(model, "label_names", None) or [f"LABEL_{i}" for i in range(count)]
+    if not is_list(names) or len(names) != count:
+        raise ValueError(
+            f"model.label_names must be a list of num_labels={count} names, got {names!r}"
+        )
+    return names
 
 
 @torch.no_grad()
@@ -182,7 +198,7 @@ def classify(model, texts, batch_size=32) -> list[dict]:
         with evaluating(model):
             logits = model(batch.ids, batch.doc_ids, layout=batch.layout).logits.float().cpu()
         scores, best = logits.softmax(-1).max(-1)
-        if len(names) == 1:
+        if model.cfg.num_labels == 1:
             scores = logits[:, 0]
         for i, score, label in zip(batch.rows, scores.tolist(), best.tolist()):
             verdicts[i] = dict(label=names[label], score=score)
@@ -193,9 +209,9 @@ def classify(model, texts, batch_size=32) -> list[dict]:
 def tag(model, texts, batch_size=32) -> list[list]:
     """A token classifier's tags on each of a list of texts, as finetune.py reads them: for each
     run of characters of one tag (of bytes, for a text given as bytes), [first, end, tag], with
-    "O", no tag, left out as transformers' token-classification pipeline leaves it. A character
-    takes its first byte's tag, as that pipeline's "first" strategy gives a word its first
-    token's."""
+    "O", no tag, left out as transformers' token-classification pipeline leaves it (tag_runs). A
+    character takes its first byte's tag, where that pipeline gives each of a character's bytes
+    its own, at the character's offsets."""
     names = labels_of(model, "tag", "token")
     texts = text_list(texts, "tag")
     rows = framed_rows(model.cfg, texts, "tag")
@@ -223,13 +239,19 @@ def char_starts(text) -> list:
 
 
 def tag_runs(tags: list) -> list:
-    """[first, end, tag] for each run of one tag in a list of tags, "O" left out."""
+    """[first, end, tag] for each run of one tag in a list of tags, "O" left out. In the B-/I-
+    scheme, as transformers' "simple" grouping reads it, B-X starts a run of X and I-X goes on
+    with one."""
     runs = []
     for i, name in enumerate(tags):
-        if runs and runs[-1][1] == i and runs[-1][2] == name:
+        kind = name
+        if name.startswith(("B-", "I-")):
+            kind = name[2:]
+        goes_on = bool(runs) and runs[-1][1] == i and runs[-1][2] == kind
+        if goes_on and not name.startswith("B-"):
             runs[-1][1] = i + 1
         elif name != "O":
-            runs.append([i, i + 1, name])
+            runs.append([i, i + 1, kind])
     return runs
 
 
@@ -318,7 +340,7 @@ def span_text(ids, first: int, last: int) -> str:
 def answer(model, question, context, max_length: int = 30) -> str:
     """Extractive question answering with a span model: the context's span of at most max_length
     bytes that the model rates best, as text."""
-    labels_of(model, "answer", "span")
+    check_task(model, "answer", "span")
     check_count("answer", "max_length", max_length)
     row = question_row(model.cfg, question, context)
     if not row.context:

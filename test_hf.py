@@ -1106,16 +1106,20 @@ def test_classify_and_tag_equal_transformers_pipelines(preset, tmp_path):
         # logits centred over a text's tokens: each tag wins somewhere, not one everywhere
         ids = torch.tensor([[CLS, *byte_ids(texts[2]), SEP]])
         tagger.classifier.out.bias -= tagger.eval()(ids).logits[0].mean(0)
-    tinyencoder_hf.save(tagger, str(tmp_path / "tags"), labels=["O", "digit", "word"])
-    pipe = transformers.pipeline(
-        "token-classification", model=str(tmp_path / "tags"), aggregation_strategy="simple"
-    )
-    spans = pipelines.tag(tinyencoder_hf.load(str(tmp_path / "tags")), texts, batch_size=3)
-    for text, ours in zip(texts, spans):
-        theirs = [[group["start"], group["end"], group["entity_group"]] for group in pipe(text)]
-        assert ours == theirs, text
-    # not every byte "O", nor one tag throughout
-    assert {tag for text_spans in spans for _, _, tag in text_spans} == {"digit", "word"}
+    # plain tags, and the B-/I- scheme (a B- starts a new run of its kind)
+    for names, kinds in ((["O", "digit", "word"], {"digit", "word"}), (["O", "B-X", "I-X"], {"X"})):
+        folder = str(tmp_path / names[1])
+        tinyencoder_hf.save(tagger, folder, labels=names)
+        pipe = transformers.pipeline(
+            "token-classification", model=folder, aggregation_strategy="simple"
+        )
+        spans = pipelines.tag(tinyencoder_hf.load(folder), texts, batch_size=3)
+        for text, ours in zip(texts, spans):
+            theirs = [[group["start"], group["end"], group["entity_group"]] for group in pipe(text)]
+            assert ours == theirs, text
+        # not every byte "O", nor one tag throughout
+        assert {tag for text_spans in spans for _, _, tag in text_spans} == kinds
+        assert sum(len(text_spans) for text_spans in spans) > len(texts)
 
 
 LOSS_CASES = [

@@ -963,6 +963,12 @@ def classifier(preset, kind):
     return TinyEncoder(tiny(preset, nsp=False, classifier=kind, num_labels=3))
 
 
+def named(model, names):
+    """The model, its classes named."""
+    model.label_names = names
+    return model
+
+
 def span_labels(preset, labels):
     """A tiny span model of the preset on ROW, with these (start, end) labels."""
     return TinyEncoder(tiny(preset, nsp=False, classifier="span")).eval()(ROW, labels=labels)
@@ -1205,6 +1211,22 @@ BAD_CALLS = {
         lambda p: pipelines.tag(classifier(p, "token"), ["ok", "x" * 63]),
         r"texts\[1\] is 65 tokens, over max_len=64",
     ),
+    # names that are not one per class: a regression read as classes, an index past the names
+    "classify names short": Bad(
+        lambda p: pipelines.classify(named(classifier(p, "sequence"), ["a"]), ["x"]),
+        r"model.label_names must be a list of num_labels=3 names, got \['a'\]",
+    ),
+    "tag names long": Bad(
+        lambda p: pipelines.tag(named(classifier(p, "token"), list("abcd")), ["x"]),
+        "model.label_names must be a list of num_labels=3 names",
+    ),
+    "tag a 0-d array": Bad(
+        lambda p: pipelines.tag(classifier(p, "token"), np.array("abc")),
+        "tag takes a list of texts, got ndarray",
+    ),
+    "embed dict keys": Bad(
+        lambda p: embed(p, {"a": 1, "b": 2}.keys()), "encode takes a list of texts, got dict_keys"
+    ),
     "classify batch 0": Bad(
         lambda p: pipelines.classify(classifier(p, "sequence"), ["a"], batch_size=0),
         "classify's batch_size must be a whole number above 0, got 0",
@@ -1380,6 +1402,10 @@ def test_tag_gives_each_character_its_first_byte_tag_in_runs():
         [4, 6, "b"],
         [6, 7, "a"],
     ]
+    # the B-/I- scheme: B-X starts a run of X, I-X goes on with one (or starts one after another)
+    bio = ["B-X", "I-X", "B-X", "I-X", "O", "I-X", "B-Y", "I-X", "my-tag"]
+    expected = [[0, 2, "X"], [2, 4, "X"], [5, 6, "X"], [6, 7, "Y"], [7, 8, "X"], [8, 9, "my-tag"]]
+    assert pipelines.tag_runs(bio) == expected
 
 
 @pytest.mark.parametrize("preset", PRESETS)
