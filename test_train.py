@@ -550,6 +550,9 @@ def test_a_data_glob_finds_what_python_s_glob_finds(tmp_path, monkeypatch):
     patterns = ["c/**", "c/**/*", "c/**/*.txt", "c/*/", "c/*", "c/s*/*.txt", "c/**/deep/*"]
     patterns += ["c/.git/**", "c/**/.*", "*/sub/*", "c/?.txt", "c/[ab].*", "c/**/", "**", "*"]
     patterns += [str(tmp_path / "c" / "**" / "*.txt"), "c/*/*/*", "c/**/**/*.py"]
+    # "." and "..": a part no folder's listing holds
+    patterns += ["c/*/../a.txt", "c/s*/../*.txt", "c/*/./*.txt", "c/sub/../s*/x.*", "c/*/deep/../*"]
+    patterns += ["c/*/../**/*.txt"]
     for pattern in patterns:
         found = sorted(glob.glob(pattern, recursive=True))
         if pattern.endswith("/"):  # glob spells the folders it names with their "/"

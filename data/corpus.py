@@ -95,7 +95,7 @@ def glob_paths(pattern) -> list:
     if folders_only:
         rest = rest[:-1]
     # ** does not search hidden folders (.git) unless a part asks for a hidden name
-    hidden = any(part.startswith(".") for part in rest)
+    hidden = any(part.startswith(".") and part not in (".", "..") for part in rest)
     found = []
     if start and glob_match(rest, []):  # "corp/**" names corp/ too, as glob's does
         found.append(os.path.join(start, ""))
@@ -106,16 +106,23 @@ def glob_paths(pattern) -> list:
             entries = list(os.scandir(folder or "."))
         except OSError:
             continue  # unreadable: glob passes it over too (its search lists some no match needs)
-        for entry in entries:
-            path, path_names = os.path.join(folder, entry.name), names + [entry.name]
-            is_folder = entry.is_dir()
+        listed = [(entry.name, entry.is_dir()) for entry in entries]
+        # a part "." or ".." (c/*/../x) names a folder no listing holds, as glob's does
+        part = rest[len(names)] if len(names) < len(rest) else None
+        if part in (".", "..") and "**" not in rest[: len(names)]:
+            listed.append((part, True))
+        for name, is_folder in listed:
+            path, path_names = os.path.join(folder, name), names + [name]
             if glob_match(rest, path_names) and (is_folder or not folders_only):
                 found.append(path)
             deeper = "**" in rest or len(path_names) < len(rest)
-            if not (deeper and is_folder) or (entry.name.startswith(".") and not hidden):
+            if not (deeper and is_folder) or (name.startswith(".") and not hidden and name != part):
                 continue
             real = os.path.realpath(path)
-            if real not in above:  # a link to a folder above this one would lead round again
+            if name == part:
+                # "." or "..": the search goes on from there, as if it had started there
+                stack.append((path, path_names, frozenset([real])))
+            elif real not in above:  # a link to a folder above this one would lead round again
                 stack.append((path, path_names, above | {real}))
     return sorted(found)
 
