@@ -937,7 +937,9 @@ def test_train_bad_surroundings_are_one_line(tmp_path, monkeypatch, environ, arg
     flags = ["--data", str(_corpus(tmp_path)), "--max-steps", "1", "--out-dir", tmp_path / "out"]
     run = run_python([sys.executable, "train.py", *flags, *args], timeout=120)
     assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
-    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr[-2000:]
+    # one line of ours; torch 2.4's compiler logs warnings of its own (W1207 12:00:00...) first
+    ours = [line for line in run.stderr.splitlines() if not re.match(r"[WI]\d{4} ", line)]
+    assert "Traceback" not in run.stderr and len(ours) == 1, run.stderr[-2000:]
 
 
 def test_a_step_that_fails_for_want_of_memory_or_of_a_compiler_stops_in_one_line():

@@ -211,7 +211,7 @@ def masked_row(row, cfg, rate):
     """A row's inputs and labels: rate of its ordinary bytes masked, by a generator seeded from its
     key, drawn for its real tokens only (so that a held-out row masks alike at any --context)."""
     seed = np.random.SeedSequence(row.mask_key).generate_state(1, np.uint64)[0]
-    generator = torch.Generator().manual_seed(int(seed >> 1))
+    generator = torch.Generator().manual_seed(int(seed) >> 1)  # NumPy 1 shifts a uint64 as a float
     real = np.count_nonzero(row.doc_ids)  # padding follows the real tokens
     masked, label = mask_tokens(torch.from_numpy(row.ids[:real]), cfg, generator, rate)
     padding = torch.from_numpy(row.ids[real:])
