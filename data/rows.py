@@ -15,7 +15,8 @@ import torch
 from data.corpus import die
 from tinyencoder import CLS, IGNORE_INDEX, PAD, SEP, make_layout, mask_tokens
 
-HELD_OUT_RATE = 0.15  # every recipe's held-out rows are masked alike, so that their figures compare
+# every recipe's held-out rows are masked alike, so that their figures compare
+HELD_OUT_RATE = 0.15
 
 
 class Example(NamedTuple):
@@ -43,7 +44,8 @@ def sentence_pair(data, offsets, length, start, key):
     first, second = chunk[:cut], chunk[cut:]
     nsp_label = int(rng.random() < 0.5)
     size = len(second)
-    if size == 0:  # A is its whole document (one byte): B can only be another's
+    # A is its whole document (one byte): B can only be another's
+    if size == 0:
         nsp_label, size = 1, span - len(first)
     if nsp_label:
         second = random_second(data, offsets, doc, span, size, rng)
@@ -82,7 +84,8 @@ def random_second(data, offsets, doc, span, size, rng):
     would be, so that neither where it starts (a line start, mostly) nor its length tells it from
     a real one."""
     doc_size = offsets[doc + 1] - offsets[doc]
-    start = rng.integers(max(1, len(data) - doc_size))  # a byte outside doc, unless doc is all
+    # a byte outside doc, unless doc is all
+    start = rng.integers(max(1, len(data) - doc_size))
     if start >= offsets[doc] and doc_size < len(data):
         start += doc_size
     # the cut leaves B its size bytes before its document ends, as a real B has them, so that a
@@ -92,7 +95,8 @@ def random_second(data, offsets, doc, span, size, rng):
     at = chunk_start  # with no newline there, a document's start is its first line's
     if 10 in first_bytes[:-1] or chunk_start > offsets[other]:
         at += cut_after_a_newline(first_bytes, rng)
-    if at >= end:  # a one-byte document: nothing follows its cut, so B is the byte itself
+    # a one-byte document: nothing follows its cut, so B is the byte itself
+    if at >= end:
         at = chunk_start
     return data[at : min(at + size, offsets[other + 1])]
 
@@ -116,7 +120,8 @@ class TrainingRows:
             # each document cut into pairs of length - 3 bytes on its own, so that a document
             # shorter than that is a pair too (on one grid over all bytes, some were never read)
             span = length - 3
-            pieces = np.maximum(1, -(-np.diff(offsets) // span))  # a document's pairs, rounded up
+            # a document's pairs, rounded up
+            pieces = np.maximum(1, -(-np.diff(offsets) // span))
             starts = [offsets[d] + span * np.arange(n) for d, n in enumerate(pieces)]
             self.pair_starts = np.concatenate(starts)
             self.count = len(self.pair_starts)
@@ -153,7 +158,8 @@ class TrainingRows:
             one_doc = np.ones(self.length, np.int64)
             return Example(np.r_[[CLS], ids], no_types, one_doc, -1, key)
         doc_ids = np.cumsum(ids == CLS)
-        if ids[0] != CLS:  # the row starts inside a document: that is document 1 too
+        # the row starts inside a document: that is document 1 too
+        if ids[0] != CLS:
             doc_ids += 1
         return Example(ids, no_types, doc_ids, -1, key)
 
@@ -188,7 +194,8 @@ def held_out_pairs(data, offsets, length, count):
     """count sentence pairs, spread over the held-out bytes, for next-sentence prediction."""
     pairs = []
     for j in range(count):
-        start = j * 7919 * (length - 3) % len(data)  # 7919, a prime, spreads the pairs
+        # 7919, a prime, spreads the pairs
+        start = j * 7919 * (length - 3) % len(data)
         pairs.append(sentence_pair(data, offsets, length, start, [0, 0, 1, j]))
     return pairs
 
@@ -211,7 +218,8 @@ def masked_row(row, cfg, rate):
     """A row's inputs and labels: rate of its ordinary bytes masked, by a generator seeded from its
     key, drawn for its real tokens only (so that a held-out row masks alike at any --context)."""
     seed = np.random.SeedSequence(row.mask_key).generate_state(1, np.uint64)[0]
-    generator = torch.Generator().manual_seed(int(seed) >> 1)  # NumPy 1 shifts a uint64 as a float
+    # int first: NumPy 1 shifts a uint64 by a Python int as a float, and refuses
+    generator = torch.Generator().manual_seed(int(seed) >> 1)
     real = np.count_nonzero(row.doc_ids)  # padding follows the real tokens
     masked, label = mask_tokens(torch.from_numpy(row.ids[:real]), cfg, generator, rate)
     padding = torch.from_numpy(row.ids[real:])
@@ -232,7 +240,8 @@ def collate(rows, cfg, device, rate, dtype=torch.float32):
         labels=to_device(labels, device),
         layout=to_device(make_layout(cfg, doc_ids, dtype, device, labels), device),
     )
-    if cfg.type_vocab:  # ModernBERT has no segment embeddings
+    # ModernBERT has no segment embeddings
+    if cfg.type_vocab:
         types = np.stack([row.token_types for row in rows])
         batch["token_type_ids"] = to_device(torch.from_numpy(types), device)
     if rows[0].nsp_label >= 0:
