@@ -241,7 +241,7 @@ def char_starts(text) -> list:
 def tag_runs(tags: list) -> list:
     """[first, end, tag] for each run of one tag in a list of tags, "O" left out. In the B-/I-
     scheme, as transformers' "simple" grouping reads it, B-X starts a run of X and I-X goes on
-    with one."""
+    with one (B-O and I-O are "O" too)."""
     runs = []
     for i, name in enumerate(tags):
         kind = name
@@ -250,7 +250,7 @@ def tag_runs(tags: list) -> list:
         goes_on = bool(runs) and runs[-1][1] == i and runs[-1][2] == kind
         if goes_on and not name.startswith("B-"):
             runs[-1][1] = i + 1
-        elif name != "O":
+        elif kind != "O":
             runs.append([i, i + 1, kind])
     return runs
 

@@ -1317,6 +1317,12 @@ BAD_CALLS = {
         r"best_span's allowed must be a \(4,\) bool tensor, one per token",
         ("bert",),
     ),
+    # one value would broadcast to every token
+    "best span allowed short": Bad(
+        lambda p: pipelines.best_span(torch.zeros(4, 2), torch.ones(1, dtype=torch.bool)),
+        r"best_span's allowed must be a \(4,\) bool tensor, one per token",
+        ("bert",),
+    ),
     "best span length 0": Bad(
         lambda p: pipelines.best_span(torch.zeros(4, 2), torch.ones(4, dtype=torch.bool), 0),
         "best_span's max_length must be a whole number above 0, got 0",
@@ -1392,9 +1398,10 @@ def test_tag_gives_each_character_its_first_byte_tag_in_runs():
         return tinyencoder.Output(hidden=None, logits=F.one_hot(tags, 3).float())
 
     model.forward = forward
-    texts = ["ab é€cd", b"a\xc3\xa9", "", "  "]
+    texts = ["ab é€cd", b"a\xc3\xa9", "", "  ", bytearray(b"a\xc3\xa9")]
     # é and € begin with bytes that are neither letters nor continuations
-    expected = [[[0, 2, "letter"], [5, 7, "letter"]], [[0, 1, "letter"], [2, 3, "cont"]], [], []]
+    as_bytes = [[0, 1, "letter"], [2, 3, "cont"]]
+    expected = [[[0, 2, "letter"], [5, 7, "letter"]], as_bytes, [], [], as_bytes]
     assert pipelines.tag(model, texts, batch_size=2) == expected
     assert pipelines.tag_runs(["a", "a", "O", "a", "b", "b", "a"]) == [
         [0, 2, "a"],
@@ -1403,7 +1410,7 @@ def test_tag_gives_each_character_its_first_byte_tag_in_runs():
         [6, 7, "a"],
     ]
     # the B-/I- scheme: B-X starts a run of X, I-X goes on with one (or starts one after another)
-    bio = ["B-X", "I-X", "B-X", "I-X", "O", "I-X", "B-Y", "I-X", "my-tag"]
+    bio = ["B-X", "I-X", "B-X", "I-X", "O", "I-X", "B-Y", "I-X", "my-tag", "B-O", "I-O"]
     expected = [[0, 2, "X"], [2, 4, "X"], [5, 6, "X"], [6, 7, "Y"], [7, 8, "X"], [8, 9, "my-tag"]]
     assert pipelines.tag_runs(bio) == expected
 

@@ -94,6 +94,10 @@ def glob_paths(pattern) -> list:
     folders_only = rest[-1] == ""  # "corp/*/" names folders
     if folders_only:
         rest = rest[:-1]
+    # "." or ".." after ** would walk up and down again without end
+    after = rest[rest.index("**") :] if "**" in rest else []
+    if "." in after or ".." in after:
+        die(f"--data {pattern}: a '.' or '..' after '**' is not supported; spell out the folders")
     # ** does not search hidden folders (.git) unless a part asks for a hidden name
     hidden = any(part.startswith(".") and part not in (".", "..") for part in rest)
     found = []
@@ -109,7 +113,7 @@ def glob_paths(pattern) -> list:
         listed = [(entry.name, entry.is_dir()) for entry in entries]
         # a part "." or ".." (c/*/../x) names a folder no listing holds, as glob's does
         part = rest[len(names)] if len(names) < len(rest) else None
-        if part in (".", "..") and "**" not in rest[: len(names)]:
+        if part in (".", ".."):
             listed.append((part, True))
         for name, is_folder in listed:
             path, path_names = os.path.join(folder, name), names + [name]
