@@ -182,7 +182,8 @@ def labels_of(model, caller: str, kind: str) -> list:
         raise ValueError(
             f"model.label_names must be a list of num_labels={count} names, got {names!r}"
         )
-    return names
+    # names, as transformers' id2label holds them (a class named 3 is "3")
+    return [str(name) for name in names]
 
 
 @torch.no_grad()

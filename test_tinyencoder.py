@@ -1403,6 +1403,9 @@ def test_tag_gives_each_character_its_first_byte_tag_in_runs():
     as_bytes = [[0, 1, "letter"], [2, 3, "cont"]]
     expected = [[[0, 2, "letter"], [5, 7, "letter"]], as_bytes, [], [], as_bytes]
     assert pipelines.tag(model, texts, batch_size=2) == expected
+    # classes named by numbers, as a model's label_names may be set by hand, are names too
+    model.label_names = [0, 1, 2]
+    assert pipelines.tag(model, ["ab"]) == [[[0, 2, "1"]]]
     assert pipelines.tag_runs(["a", "a", "O", "a", "b", "b", "a"]) == [
         [0, 2, "a"],
         [3, 4, "a"],
