@@ -106,16 +106,8 @@ def glob_paths(pattern) -> list:
     stack = [(start, [], frozenset([os.path.realpath(start or ".")]))]
     while stack:
         folder, names, above = stack.pop()
-        try:
-            entries = list(os.scandir(folder or "."))
-        except OSError:
-            continue  # unreadable: glob passes it over too (its search lists some no match needs)
-        listed = [(entry.name, entry.is_dir()) for entry in entries]
-        # a part "." or ".." (c/*/../x) names a folder no listing holds, as glob's does
         part = rest[len(names)] if len(names) < len(rest) else None
-        if part in (".", ".."):
-            listed.append((part, True))
-        for name, is_folder in listed:
+        for name, is_folder in listed(folder, part):
             path, path_names = os.path.join(folder, name), names + [name]
             if glob_match(rest, path_names) and (is_folder or not folders_only):
                 found.append(path)
@@ -129,6 +121,19 @@ def glob_paths(pattern) -> list:
             elif real not in above:  # a link to a folder above this one would lead round again
                 stack.append((path, path_names, above | {real}))
     return sorted(found)
+
+
+def listed(folder: str, part) -> list:
+    """(name, whether a folder) of each entry of folder, none where it cannot be listed (glob
+    passes it over too: its search lists some that no match needs); and where the glob's part
+    here is "." or ".." (c/*/../x), that, a folder no listing holds, as glob's names it."""
+    try:
+        entries = [(entry.name, entry.is_dir()) for entry in os.scandir(folder or ".")]
+    except OSError:
+        entries = []
+    if part in (".", ".."):
+        entries.append((part, True))
+    return entries
 
 
 def glob_match(parts, names) -> bool:
