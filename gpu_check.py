@@ -670,8 +670,8 @@ def captured(command, timeout, environ=None) -> dict:
         stderr = None
     else:
         stderr = stderr[-2000:]
-    figures = dict(returncode=returncode, stdout=stdout.splitlines(), stderr=stderr)
-    return dict(figures, cudagraph_lines=graph_lines)
+    lines = stdout.splitlines()
+    return dict(returncode=returncode, stdout=lines, stderr=stderr, cudagraph_lines=graph_lines)
 
 
 def train_lines(setting, arch, environ=None):

@@ -153,12 +153,12 @@ def encode(model, texts, pooling="mean", normalize=True, batch_size=32) -> torch
         got = f"{pooling!r} and {normalize!r}"
         raise ValueError(f"encode's pooling is 'mean' or 'cls', normalize True or False; got {got}")
     out = torch.zeros(len(rows), cfg.hidden)
-    for batch in by_length(model, rows, batch_size):
-        # the trunk alone: the model's head (MLM logits, a classifier's) would be work thrown away
-        with evaluating(model):
+    with evaluating(model):
+        for batch in by_length(model, rows, batch_size):
+            # the trunk alone: the model's head (MLM or a classifier's) would be work thrown away
             hidden = model.trunk(batch.ids, batch.doc_ids, None, batch.layout)
-        hidden = batch.layout.scatter(hidden)  # (B, T, hidden)
-        out[batch.rows] = te.pool(hidden, batch.doc_ids, pooling).float().cpu()
+            hidden = batch.layout.scatter(hidden)  # (B, T, hidden)
+            out[batch.rows] = te.pool(hidden, batch.doc_ids, pooling).float().cpu()
     if normalize:
         out = F.normalize(out, dim=-1)
     return out
@@ -195,14 +195,14 @@ def classify(model, texts, batch_size=32) -> list[dict]:
     rows = framed_rows(model.cfg, text_list(texts, "classify"), "classify")
     check_count("classify", "batch_size", batch_size)
     verdicts = [None] * len(rows)
-    for batch in by_length(model, rows, batch_size):
-        with evaluating(model):
+    with evaluating(model):
+        for batch in by_length(model, rows, batch_size):
             logits = model(batch.ids, batch.doc_ids, layout=batch.layout).logits.float().cpu()
-        scores, best = logits.softmax(-1).max(-1)
-        if model.cfg.num_labels == 1:
-            scores = logits[:, 0]
-        for i, score, label in zip(batch.rows, scores.tolist(), best.tolist()):
-            verdicts[i] = dict(label=names[label], score=score)
+            scores, best = logits.softmax(-1).max(-1)
+            if model.cfg.num_labels == 1:
+                scores = logits[:, 0]
+            for i, score, label in zip(batch.rows, scores.tolist(), best.tolist()):
+                verdicts[i] = dict(label=names[label], score=score)
     return verdicts
 
 
@@ -218,12 +218,12 @@ def tag(model, texts, batch_size=32) -> list[list]:
     rows = framed_rows(model.cfg, texts, "tag")
     check_count("tag", "batch_size", batch_size)
     spans = [None] * len(rows)
-    for batch in by_length(model, rows, batch_size):
-        with evaluating(model):
+    with evaluating(model):
+        for batch in by_length(model, rows, batch_size):
             logits = model(batch.ids, batch.doc_ids, layout=batch.layout).logits
-        for i, best in zip(batch.rows, logits.argmax(-1).tolist()):
-            # each character's tag is its first byte's, the byte after [CLS] the text's first
-            spans[i] = tag_runs([names[best[1 + start]] for start in char_starts(texts[i])])
+            for i, best in zip(batch.rows, logits.argmax(-1).tolist()):
+                # each character's tag is its first byte's, the byte after [CLS] the text's first
+                spans[i] = tag_runs([names[best[1 + start]] for start in char_starts(texts[i])])
     return spans
 
 
