@@ -451,6 +451,20 @@ def test_hub_style_configs_load_exactly(name, tmp_path):
             r"RoPE scaling \('linear'\)",
         ),
         ("ModernBertForMaskedLM", dict(decoder_bias=False), "decoder_bias must be true"),
+        # transformers' sparse prediction leaves the tokens labelled 5 out of its loss
+        (
+            "ModernBertForMaskedLM",
+            dict(sparse_prediction=True, sparse_pred_ignore_index=5),
+            "sparse_pred_ignore_index 5 is not supported; only -100",
+        ),
+        (
+            "ModernBertForMaskedLM",
+            dict(classifier_activation="silu"),
+            "classifier_activation 'silu'",
+        ),
+        ("BertForMaskedLM", dict(hidden_act="relu"), "hidden_act 'relu' is not supported"),
+        # transformers' RoBERTa cannot number its positions without a pad id
+        ("RobertaForMaskedLM", dict(pad_token_id=None), "pad_token_id null: RoBERTa numbers"),
         # transformers' local layers then see each token alone, which no window of ours does
         ("ModernBertForMaskedLM", dict(local_attention=0), "local_attention 0 .* not supported"),
         ("ModernBertForMaskedLM", dict(local_attention=1), "local_attention 1 .* not supported"),
@@ -638,7 +652,12 @@ def test_an_nsp_head_in_another_family_is_named_unexpected(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "over", [dict(decoder_bias=False), dict(classifier_activation="gelu_pytorch_tanh")]
+    "over",
+    [
+        dict(decoder_bias=False),
+        dict(classifier_activation="gelu_pytorch_tanh"),
+        dict(classifier_activation="silu"),
+    ],
 )
 def test_a_base_model_loads_whatever_its_heads_keys(over, tmp_path):
     """A ModernBertModel holds no head: the keys of the heads it lacks do not stop it loading."""
@@ -760,13 +779,34 @@ def test_a_sharded_checkpoint_loads(tmp_path):
 
 
 def test_a_pad_id_outside_the_vocabulary_is_named(tmp_path):
-    """ModernBERT's pad_token_id null reads as its default, 50283: outside a byte vocabulary."""
     transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
-    hf_model(transformers, "ModernBertForMaskedLM", "eager", pad_token_id=None).save_pretrained(
-        tmp_path
-    )
-    with pytest.raises(ValueError, match="pad_token_id 50283 is outside the vocabulary of 320"):
+    hf_model(transformers, "ModernBertForMaskedLM", "eager").save_pretrained(tmp_path)
+    edit_config(tmp_path, pad_token_id=500)
+    with pytest.raises(ValueError, match="pad_token_id 500 is outside the vocabulary of 320"):
         tinyencoder_hf.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "ModernBertForMaskedLM"])
+def test_a_null_pad_id_loads_with_no_padding_row(name, tmp_path):
+    """pad_token_id null: transformers' token embedding has no padding row, so that every row,
+    the default pad id's too (BERT's 0; ModernBERT's 50283 lies outside the vocabulary, and ours
+    pads with PAD), gets its gradient. The same loss and the same gradient, row by row."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    hf = hf_model(transformers, name, "eager", pad_token_id=None)
+    hf.save_pretrained(tmp_path)
+    model = tinyencoder_hf.load(str(tmp_path))
+    assert model.cfg.pad_id == {"BertForMaskedLM": 0, "ModernBertForMaskedLM": PAD}[name]
+    ids = torch.tensor([[CLS, 0, 65, PAD, 66, 0, PAD, SEP]])
+    labels = torch.full_like(ids, -100)
+    labels[0, 2:6] = torch.tensor([0, PAD, 70, 0])
+    hf(input_ids=ids, labels=labels).loss.backward()
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    assert_close(out.loss, hf(input_ids=ids, labels=labels).loss, 1e-5)
+    theirs = hf.base_model.embeddings.tok_embeddings if "Modern" in name else None
+    theirs = theirs or hf.base_model.embeddings.word_embeddings
+    assert theirs.weight.grad[[0, PAD]].abs().amax(1).min() > 0
+    assert_close(model.tok_embed.weight.grad, theirs.weight.grad, 1e-5)
 
 
 @pytest.mark.parametrize(

@@ -259,12 +259,14 @@ def parameter_names(model: te.TinyEncoder, base: bool = False) -> dict[str, tupl
 
 # -------------------------------------------------------------------------------------------------
 # Config translation
-def activation_from_hf(name: str) -> str:
+def activation_from_hf(hf: dict, key: str) -> str:
+    """config.json's activation under key (gelu where it has none) as ours."""
+    name = hf.get(key) or "gelu"
     for ours, theirs in ACTIVATIONS.items():
         if name in theirs:
             return ours
     supported = [n for names in ACTIVATIONS.values() for n in names]
-    raise ValueError(f"activation {name!r} is not supported; supported: {supported}")
+    raise ValueError(f"{key} {name!r} is not supported; supported: {supported}")
 
 
 def config_from_hf(hf: dict, nsp=False, classifier="none", base=False) -> te.Config:
@@ -276,6 +278,10 @@ def config_from_hf(hf: dict, nsp=False, classifier="none", base=False) -> te.Con
     if hf.get("is_decoder") or hf.get("add_cross_attention"):
         # a decoder's attention is causal (or reads an encoder): ours sees both sides
         raise ValueError("is_decoder and add_cross_attention are not supported (an encoder only)")
+    # a null pad_token_id: transformers' token embedding has no padding row (load unsets ours)
+    pad_null = "pad_token_id" in hf and hf["pad_token_id"] is None
+    if pad_null and arch == "roberta":
+        raise ValueError("pad_token_id null: RoBERTa numbers its positions from the pad id")
     hf = {**HF_DEFAULTS[arch], **{key: value for key, value in hf.items() if value is not None}}
     fields = dict(te.PRESETS[arch], nsp=nsp, classifier=classifier)
     fields["num_labels"] = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
@@ -290,8 +296,11 @@ def config_from_hf(hf: dict, nsp=False, classifier="none", base=False) -> te.Con
     for ours, theirs in CONFIG_KEYS[arch].items():
         if hf.get(theirs) is not None:
             fields[ours] = hf[theirs]
+    if pad_null and not 0 <= fields["pad_id"] < fields["vocab_size"]:
+        # ours pads with an id all the same; the byte vocabulary's where it has one
+        fields["pad_id"] = te.PAD if te.PAD < fields["vocab_size"] else 0
     special_ids_in_vocabulary(fields)
-    fields["act"] = activation_from_hf(hf.get(ACTIVATION_KEY[arch]) or "gelu")
+    fields["act"] = activation_from_hf(hf, ACTIVATION_KEY[arch])
     if arch == "modernbert":
         return modernbert_config(hf, fields, base)
     if hf.get("position_embedding_type", "absolute") != "absolute":
@@ -315,7 +324,7 @@ def special_ids_in_vocabulary(fields: dict):
         value = fields.get(name, getattr(te.Config, name))  # eos_token_id may be a list of ids
         if not isinstance(value, int) or not 0 <= value < vocab:
             fields[name] = fields["pad_id"]
-    # null reads as transformers' default, as a missing key does
+    # null reads as transformers' default, as a missing key does (config_from_hf: the pad id)
     if not isinstance(fields["pad_id"], int) or not 0 <= fields["pad_id"] < vocab:
         raise ValueError(f"pad_token_id {fields['pad_id']!r} is outside the vocabulary of {vocab}")
 
@@ -347,9 +356,17 @@ def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
     # the MLM decoder's bias, which ours always has; a classifier has no decoder
     if not hf.get("decoder_bias", True) and fields["classifier"] == "none" and not base:
         raise ValueError("decoder_bias must be true: the MLM decoder here always has a bias")
-    head_act = activation_from_hf(hf.get("classifier_activation") or "gelu")
-    if head_act != fields["act"] and not base:
+    # a head's activation: a base model has no head, so that its key says nothing of it
+    if not base and activation_from_hf(hf, "classifier_activation") != fields["act"]:
         raise ValueError("classifier_activation must equal hidden_activation")
+    # transformers' sparse prediction leaves out the tokens labelled this; ours those labelled -100
+    ignored = hf.get("sparse_pred_ignore_index", te.IGNORE_INDEX)
+    if (
+        hf.get("sparse_prediction")
+        and ignored != te.IGNORE_INDEX
+        and fields["classifier"] == "none"
+    ):
+        raise ValueError(f"sparse_pred_ignore_index {ignored!r} is not supported; only -100")
     fields["resid_dropout"] = fields["attn_dropout"]  # one knob drives both in transformers
     # no local layer: no window, whatever local_attention says (global_every as saved)
     fields["window"] = 0 if all_global else window_from_hf(hf, fields["window"])
@@ -651,6 +668,9 @@ def load(path: str) -> te.TinyEncoder:
     base = not any(key.startswith(tuple(BASE_PREFIX.values())) for key in weights)
     model = te.TinyEncoder(config_from_hf(hf, nsp=nsp, classifier=classifier, base=base))
     check_problem_type(hf.get("problem_type"), model.cfg)
+    if "pad_token_id" in hf and hf["pad_token_id"] is None:
+        # no padding row, as in transformers' embedding: that row's gradient is not held at 0
+        model.tok_embed.padding_idx = None
     names = parameter_names(model, base)
     check_names(path, kind, weights, names, base)
     if model.cfg.arch == "roberta" and model.mlm_head is not None and not base:
