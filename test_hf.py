@@ -227,6 +227,8 @@ TASK_NAMES.update(span="QuestionAnswering", choice="MultipleChoice")
     [
         *[("bert", {}), ("bert", {"nsp": False}), ("roberta", {}), ("modernbert", {})],
         ("modernbert", {"window": 0}),  # every layer global: saved as such, loaded as window 0
+        # a period longer than the model: layer 0 global alone, and global_every as it was
+        ("modernbert", {"global_every": 7}),
         *CLASSIFIERS,
     ],
 )

@@ -335,7 +335,10 @@ def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
     all_global = fields["global_every"] == 1 or fields["layers"] == 1
     if types:
         all_global = LOCAL not in types
-    if types and not all_global:  # the first global layer after layer 0 gives the period
+    # the period as saved where it gives these types (5 of 3 layers, say), else the first global
+    # layer after layer 0
+    stated = [GLOBAL if i % fields["global_every"] == 0 else LOCAL for i in range(len(types or []))]
+    if types and not all_global and types != stated:
         later_globals = [i for i in range(1, len(types)) if types[i] == GLOBAL]
         fields["global_every"] = min(later_globals, default=len(types))
     thetas = hf.get("rope_parameters") or {}
