@@ -755,8 +755,7 @@ def save(model: te.TinyEncoder, path: str, labels=None):
         files["tokenizer_config.json"] = tokenizer_config(model.cfg)
         files.update(sentence_transformers_files(model.cfg))
     else:  # transformers' AutoTokenizer would make one of the folder that reads text as [UNK]
-        copy = "copy the tokenizer files of the checkpoint it came from beside it"
-        warnings.warn(f"{path} holds no tokenizer: the vocabulary is not the byte one; {copy}")
+        warnings.warn(tokenizer_warning(path))
     # every file's text before the first is written: a value JSON cannot hold writes no file
     texts = {
         name: json.dumps(content, indent=2, ensure_ascii=False, default=plain_number)
@@ -901,6 +900,23 @@ def tokenizer_config(cfg: te.Config) -> dict:
         clean_up_tokenization_spaces=False,
         **SPECIAL_TOKENS,
     )
+
+
+def tokenizer_warning(path: str) -> str:
+    """What save says of a vocabulary other than the byte one: no tokenizer written, and which
+    tokenizer files the folder holds from before (a byte-level save's, say), left as they are."""
+    byte_files = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "modules.json",
+        "1_Pooling/config.json",
+    ]
+    found = [name for name in byte_files if os.path.exists(os.path.join(path, name))]
+    if found:
+        check = "check that they are this model's, not a byte-level save's"
+        return f"{path}: no tokenizer written (not the byte vocabulary); it holds {found}: {check}"
+    copy = "copy the tokenizer files of the checkpoint it came from beside it"
+    return f"{path} holds no tokenizer: the vocabulary is not the byte one; {copy}"
 
 
 def sentence_transformers_files(cfg: te.Config) -> dict[str, object]:
