@@ -1,6 +1,6 @@
 """bench.py: tinyencoder against transformers on the same weights and batches, alternating the two.
 
-    python bench.py                    # CPU default: 3 layers, 768 wide, seq 512, ~14 minutes
+    python bench.py                    # CPU: 3 layers, 768 wide, seq 512 (--steps 10: ~14 min)
     python bench.py --arch modernbert --layers 4 --batch 8 --steps 5 --json out.json
     python bench.py --device cuda      # bf16, torch.compile (both libraries; --no-compile-hf)
     python bench.py --encode --threads 1  # pipelines.encode on texts of 16-510 bytes, vs AutoModel

@@ -31,9 +31,9 @@ def settle_vector_math():
     oneMKL 2024.2 in torch 2.13.0's x86 CPU wheel picks each function's kernel at its first call;
     when two threads make that call together, one thread's share can run a low-accuracy kernel: a
     fresh process's first sin, tanh or sqrt of 8192 values was off by over 1e-6 (sin: 1.5e-4) in
-    7 to 11 of 30 processes here, and a run no longer replayed (pytorch/pytorch#188792). A
-    one-element call of each picks the right kernel first: RoPE's and train.py's sin and cos, the
-    poolers' tanh, AdamW's sqrt, and exp and log."""
+    up to 11 of 30 processes here (none in some tries: a race), and a run no longer replayed
+    (pytorch/pytorch#188792). A one-element call of each picks the right kernel first: RoPE's and
+    train.py's sin and cos, the poolers' tanh, AdamW's sqrt, and exp and log."""
     for dtype in (torch.float32, torch.float64):
         for function in (torch.sin, torch.cos, torch.tanh, torch.sqrt, torch.exp, torch.log):
             function(torch.ones(1, dtype=dtype))
