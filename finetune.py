@@ -46,7 +46,7 @@ from runs import (
     save_checkpoint,
     stop_if_diverged,
 )
-from runs import settle_vector_math, step_seed, stops_plainly
+from runs import make_out_dir, settle_vector_math, step_seed, stops_plainly
 
 parser = Parser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
 add = parser.add_argument
@@ -457,7 +457,7 @@ if checkpoint:
     log(f"resumed at step {step}")
     if changed:
         log(f"flags changed from the run's own: {', '.join(changed)}")
-os.makedirs(args.out_dir, exist_ok=True)
+make_out_dir(args.out_dir)
 metrics = Metrics(args.out_dir, checkpoint.get("step"))
 start = "random init" if args.from_scratch else f"from {args.init}"
 # the held-out figure that picks ckpt_best.pt

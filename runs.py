@@ -144,11 +144,13 @@ def refuse_to_overwrite(out_dir: str):
     """A fresh run never writes over another run's checkpoints: a one-line error, the way on. An
     --out-dir that cannot be a folder (a file, one inside a file, a link to nothing, a name too
     long) is refused before any work."""
-    existing = os.path.abspath(out_dir or os.sep)  # "" is no folder's name
+    if not out_dir:
+        die("--out-dir '' names no folder")
+    existing = os.path.abspath(out_dir)
     # lexists: a link to nothing is there, and no folder (exists would walk past it)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
-    if not out_dir or not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
         die(f"--out-dir {out_dir!r} cannot be made a folder here: {existing} is not a writable one")
     # a name longer than the file system takes (255 bytes, most often) fails only as it is made
     name_max = os.pathconf(existing, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
@@ -161,6 +163,15 @@ def refuse_to_overwrite(out_dir: str):
     # a best checkpoint alone (the last one removed) is a run's result, and nothing to resume
     if os.path.exists(os.path.join(out_dir, "ckpt_best.pt")):
         die(f"--out-dir {out_dir} holds a run's ckpt_best.pt, no ckpt_last.pt to resume: {anew}")
+
+
+def make_out_dir(out_dir: str):
+    """--out-dir made, or a one-line error where the file system will not (no space, no inodes,
+    /proc): refuse_to_overwrite has checked all that a look can tell."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        die(f"--out-dir {out_dir!r} cannot be made a folder here ({e.strerror})")
 
 
 # check_step_fits' and stops_plainly's advice, where a step does not fit
@@ -205,7 +216,23 @@ def torchrun_ranks() -> tuple[int, int]:
     rank, world = os.environ["RANK"], os.environ["WORLD_SIZE"]
     if not (rank.isdigit() and world.isdigit() and int(rank) < int(world)):
         die(f"RANK={rank!r} and WORLD_SIZE={world!r}: torchrun sets 0 <= RANK < WORLD_SIZE")
+    if int(rank) > 0:
+        sys.excepthook = functools.partial(peer_stopped, sys.excepthook)
     return int(rank), int(world)
+
+
+def peer_stopped(python_hook, kind, error, trace):
+    """An error past rank 0 that says another process is gone: one line, not gloo's traceback.
+    Rank 0 alone evaluates and writes, and stops with its own line where that fails (a NaN, a
+    full disk); the others learn of it at their next collective. Any other error as Python shows
+    it (NCCL's collectives wait instead, until torchrun stops the others)."""
+    gone = ("closed by peer", "reset by peer", "Broken pipe")  # gloo's words
+    if issubclass(kind, RuntimeError) and any(words in str(error) for words in gone):
+        print(
+            "error: another process stopped (its error is above); so does this one", file=sys.stderr
+        )
+        return
+    python_hook(kind, error, trace)
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:

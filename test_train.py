@@ -2,6 +2,7 @@
 positions that learn word order."""
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -254,6 +255,21 @@ def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds spl
     assert len(one) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(one, two)), (one, two)
 
 
+def test_torchrun_stops_the_other_process_with_one_line_too(tmp_path):
+    """Rank 0 alone evaluates: a NaN there stops it with one line, and the other process, whose
+    next collective then fails inside gloo, says so in one line rather than gloo's traceback."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["train.py", "--arch", "roberta", "--data", str(_corpus(tmp_path)), "--max-steps", "5"]
+    cmd += ["--batch-size", "2", "--context", "64", "--eval-seqs", "8", "--eval-interval", "1"]
+    cmd += ["--lr", "1e37", "--warmup", "0", "--dtype", "float32", "--out-dir", str(tmp_path / "o")]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    here = str(Path(__file__).parent)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=here, env=env)
+    assert run.returncode != 0
+    assert run.stderr.count("error: val_loss nan, val_bpb nan at step 1: stopped") == 1, run.stderr
+    assert "[rank1]: Traceback" not in run.stderr, run.stderr[-3000:]
+
+
 def byte_corpus(docs):
     """The arrays data/corpus.py makes of documents: their bytes side by side, and where each
     starts (and the last ends)."""
@@ -445,7 +461,7 @@ TRAIN_BAD_INPUT = [
     (["--seed", "-1"], "argument --seed: must be at least 0 and at most 4294967295, got -1"),
     (["--out-dir", "{tmp}/ok.txt"], "--out-dir '{tmp}/ok.txt' cannot be made a folder here"),
     (["--out-dir", "{tmp}/ok.txt/run"], "{tmp}/ok.txt is not a writable one"),
-    (["--out-dir", ""], "--out-dir '' cannot be made a folder here"),
+    (["--out-dir", ""], "--out-dir '' names no folder"),
     # a link to nothing, and a name over 255 bytes: tracebacks once the data was read
     (["--out-dir", "{tmp}/dangling"], "{tmp}/dangling is not a writable one"),
     (["--out-dir", "{tmp}/" + "x" * 300], "cannot be made a folder here: a name over 255 bytes"),
@@ -467,6 +483,20 @@ TRAIN_BAD_INPUT = [
     (["--data", "{tmp}/missing", "--init-from", "{tmp}/none.pt"], "--init-from: no checkpoint"),
     (["--data", "{tmp}/missing", "--init-from", "{tmp}/bert.pt"], "not this model's weights"),
 ]
+
+
+def test_an_out_dir_the_file_system_will_not_make_is_one_line(tmp_path, monkeypatch):
+    """What no look ahead can tell (a disk out of space or inodes, /proc): one line, not makedirs'
+    traceback after the data and the model were made."""
+    import runs
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs.os, "makedirs", no_space)
+    made_here = f"--out-dir '{tmp_path / 'run'}' cannot be made a folder here"
+    with pytest.raises(SystemExit, match=re.escape(f"{made_here} (No space left on device)")):
+        runs.make_out_dir(str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("other", [dict(intermediate=48), dict(layers=1), dict(layers=3)])

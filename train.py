@@ -24,7 +24,7 @@ import tinyencoder as te
 from mfu import autocast, bf16_pays, flops_per_token, measured_peak, spec_peak
 from runs import COUNT, DROPOUT, FRACTION, LENGTH, LR, MINUTES, RATE, Metrics, Parser, StopSignals
 from runs import check_step_fits, demo, device_or_die, die, load_checkpoint, stop_if_diverged
-from runs import dropouts, load_weights, refuse_to_overwrite
+from runs import dropouts, load_weights, make_out_dir, refuse_to_overwrite
 from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vector_math, sinusoids
 from runs import given_flags, step_seed, stops_plainly, torchrun_ranks
 from data.corpus import check_data, describe, load_corpus, printable
@@ -271,7 +271,7 @@ if checkpoint:
     log(f"resumed at step {step} from {ckpt_path}")
     if changed:
         log(f"flags changed from the run's own: {', '.join(changed)}")
-os.makedirs(args.out_dir, exist_ok=True)
+make_out_dir(args.out_dir)
 metrics = Metrics(args.out_dir, checkpoint.get("step")) if master else None
 
 
