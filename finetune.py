@@ -372,7 +372,11 @@ if not (args.task or (args.train and args.val)):
 if not args.init:
     die("give --init: a train.py checkpoint or a transformers folder to start from")
 if args.task:
-    paths = write_task(args.task, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    try:
+        paths = write_task(args.task, here)
+    except OSError as e:  # a read-only checkout, a full disk: as train.py's default corpus
+        die(f"cannot write the {args.task} task into {here} ({e.strerror}): make it writable")
     args.train, args.val = paths["train"], paths["val"]
 init_labels = None  # the class names of the classifier it starts from, where it has its own
 if checkpoint:  # its own config and weights: --init is not read again (it may have moved)

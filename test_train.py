@@ -1864,6 +1864,23 @@ def test_finetune_bad_input_is_one_line(tmp_path, lines, message):
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
 
 
+def test_finetune_task_in_a_read_only_checkout_is_one_line(tmp_path):
+    """--task writes its files into data/ once: where that fails (a read-only checkout, a full
+    disk), one line as train.py's default corpus gives, not write_task's traceback."""
+    code = "import errno, runpy, sys\nimport data.tasks\n\ndef read_only(*args):\n"
+    code += "    raise OSError(errno.EROFS, 'Read-only file system')\n\n"
+    code += "data.tasks.write_task = read_only\nsys.argv = sys.argv[1:]\n"
+    code += "runpy.run_path(sys.argv[0], run_name='__main__')"
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    flags = ["--task", "tags", "--init", init, "--out-dir", tmp_path / "out"]
+    command = [sys.executable, "-c", code, "finetune.py", *map(str, flags)]
+    here = Path(__file__).parent
+    run = subprocess.run(command, capture_output=True, text=True, cwd=here, timeout=120)
+    wanted = f"error: cannot write the tags task into {here / 'data'} (Read-only file system)"
+    assert run.returncode != 0 and wanted in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+
+
 @pytest.mark.skipif(
     not Path("/proc/self/mem").exists(), reason="Linux's /proc names the failing file"
 )
