@@ -542,6 +542,6 @@ def demo(model, val_data, spans, amp):
     with amp:
         logits = model(torch.where(hide, te.MASK, ids)[None]).logits[0]
     guess = torch.where(hide, logits.argmax(-1), ids)
-    print(f"demo, held out : {show(ids, hide)}")
-    print(f"     model fills: {show(guess, torch.zeros_like(hide))}")
-    print(f"     original   : {show(ids, torch.zeros_like(hide))}")
+    print(printable(f"demo, held out : {show(ids, hide)}"))
+    print(printable(f"     model fills: {show(guess, torch.zeros_like(hide))}"))
+    print(printable(f"     original   : {show(ids, torch.zeros_like(hide))}"))

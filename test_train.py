@@ -255,6 +255,23 @@ def test_torchrun_two_processes_match_one(tmp_path):  # in fp32: bf16 rounds spl
     assert len(one) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(one, two)), (one, two)
 
 
+def test_a_stdout_that_cannot_encode_the_demo_still_gets_the_final_line(tmp_path):
+    """Windows' cp1252, output into a file: the demo's ⏎ comes out as an escape, where it raised
+    UnicodeEncodeError after the last checkpoint and the final line was lost."""
+    corpus = tmp_path / "lines"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}\n" + "a short line\n" * 80)
+    flags = ["--max-steps", 2, "--batch-size", 2, "--context", 64, "--out-dir", tmp_path / "o"]
+    cmd = [sys.executable, "train.py", "--data", str(corpus)]
+    cmd += [*map(str, flags), "--eval-seqs", "4"]
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    here = str(Path(__file__).parent)
+    run = subprocess.run(cmd, capture_output=True, timeout=300, cwd=here, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert b"\\u23ce" in run.stdout and b"final: held-out masked-byte accuracy" in run.stdout
+
+
 def test_torchrun_stops_the_other_process_with_one_line_too(tmp_path):
     """Rank 0 alone evaluates: a NaN there stops it with one line, and the other process, whose
     next collective then fails inside gloo, says so in one line rather than gloo's traceback."""

@@ -38,10 +38,13 @@ def die(message):
 def printable(text: str) -> str:
     """text as a terminal can show it: bytes of a path that are not UTF-8 (os.fsdecode's lone
     surrogates) as \\x escapes, any other lone surrogate (JSON's "\\ud800") as a \\u escape, where
-    a strict UTF-8 stdout would raise UnicodeEncodeError."""
+    a strict UTF-8 stdout would raise UnicodeEncodeError; and a character stdout's encoding lacks
+    (Windows' cp1252 into a file: the demo's ⏎) as an escape too, where it raised the same."""
     # surrogateescape turns U+DC80-U+DCFF back into the bytes 0x80-0xff and refuses other surrogates
     text = NOT_BYTES.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
 def read_documents(spec, out_dir=None):
