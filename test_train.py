@@ -1881,6 +1881,16 @@ def test_finetune_bad_input_is_one_line(tmp_path, lines, message):
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
 
 
+def test_finetune_under_torchrun_is_one_line(tmp_path, monkeypatch):
+    """finetune.py is one process: under torchrun each would run the whole job (one of them said
+    that another run was writing its folder, the other saved a partial run)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    run = finetune(tmp_path, "--task", "tags", "--init", init, "--max-steps", 1)
+    assert run.returncode != 0 and "runs as one process" in run.stderr, run.stderr[-2000:]
+    assert run.stderr.count("\n") == 1 and not (tmp_path / "out-finetune").exists()
+
+
 def test_finetune_task_in_a_read_only_checkout_is_one_line(tmp_path):
     """--task writes its files into data/ once: where that fails (a read-only checkout, a full
     disk), one line as train.py's default corpus gives, not write_task's traceback."""
