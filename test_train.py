@@ -703,6 +703,24 @@ def test_the_stdlib_corpus_is_made_on_every_machine_and_a_lost_file_named(tmp_pa
         assert made == [True] * makes
 
 
+def test_a_prepared_corpus_cut_short_is_named(tmp_path, monkeypatch):
+    """A .bin that no longer holds what its .idx counts (cut short, emptied by hand) stops with one
+    line; it trained on 0 bytes, at a loss of 0, with no error."""
+    import numpy as np
+
+    from data import corpus
+
+    monkeypatch.setattr(corpus, "STDLIB_STEM", str(tmp_path / "stdlib"))
+    for part in ("train", "val"):
+        np.frombuffer(b"two documents", np.uint8).tofile(tmp_path / f"stdlib-{part}.bin")
+        np.array([0, 3, 13], np.int64).tofile(tmp_path / f"stdlib-{part}.idx")
+    assert [len(data) for data, _ in corpus.load_stdlib().values()] == [13, 13]
+    (tmp_path / "stdlib-train.bin").write_bytes(b"")
+    match = f"{tmp_path / 'stdlib'}-train.bin and .idx do not match \\(0 bytes\\): delete"
+    with pytest.raises(SystemExit, match=match):
+        corpus.load_stdlib()
+
+
 def test_data_inside_the_output_folder_is_read(tmp_path):
     """The run's own files are skipped where --out-dir lies inside the data's folder; a file
     named inside --out-dir, or a folder there, is the user's data (it read as no files)."""

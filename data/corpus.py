@@ -335,12 +335,18 @@ def renamed_into_place(path):
 def load_stdlib():
     """The prepared stdlib corpus, as split_documents() returns it."""
     parts = {}
+    again = f"delete {STDLIB_STEM}-* to have the corpus made again"
     for part in ("train", "val"):
         try:
             data = np.fromfile(f"{STDLIB_STEM}-{part}.bin", np.uint8)
-            parts[part] = (data, np.fromfile(f"{STDLIB_STEM}-{part}.idx", np.int64))
+            offsets = np.fromfile(f"{STDLIB_STEM}-{part}.idx", np.int64)
         except FileNotFoundError as e:  # deleted by hand: its val.idx says it was made
-            die(f"{e.filename} is missing: delete {STDLIB_STEM}-* to have the corpus made again")
+            die(f"{e.filename} is missing: {again}")
+        # cut short or changed by hand: the offsets run from 0 up to the end of the bytes
+        whole = len(offsets) >= 2 and offsets[0] == 0 and offsets[-1] == len(data)
+        if not whole or (np.diff(offsets) < 0).any():
+            die(f"{STDLIB_STEM}-{part}.bin and .idx do not match ({len(data)} bytes): {again}")
+        parts[part] = (data, offsets)
     return parts
 
 
