@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from argparse import SUPPRESS, ArgumentParser, ArgumentTypeError, Namespace
 from typing import Optional
 
@@ -498,6 +499,41 @@ class StopSignals:
         self.received = []
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self.on_signal)
+        self.wakeup = self.watch()
+
+    def watch(self) -> Optional[int]:
+        """Python runs a handler only once the native call in flight returns (one attention call
+        over a long row, a collective that waits for a process that is gone): a thread hears each
+        signal as it comes, through the number that signal.set_wakeup_fd's file gets, and ends the
+        process at the third. Returns that file's write end (None: Windows, no watcher)."""
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        try:
+            signal.set_wakeup_fd(write)
+        except ValueError:  # Windows takes a socket there
+            os.close(read)
+            os.close(write)
+            return None
+        threading.Thread(target=self.count, args=(read,), daemon=True).start()
+        return write
+
+    def count(self, read: int):
+        heard = 0
+        while number := os.read(read, 1):
+            if number[0] in (signal.SIGINT, signal.SIGTERM):
+                heard += 1
+            if heard == 3:
+                name = signal.Signals(number[0]).name
+                # os.write and os._exit: whatever the main thread holds, nothing waits for it
+                os.write(2, f"error: stopped at once by a third signal ({name})\n".encode())
+                os._exit(128 + number[0])
+        os.close(read)
+
+    def close(self):
+        """No watcher any more (its thread ends): for a test's StopSignals."""
+        if self.wakeup is not None:
+            signal.set_wakeup_fd(-1)
+            os.close(self.wakeup)
 
     def on_signal(self, signum, frame):
         self.received.append(signum)

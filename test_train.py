@@ -12,6 +12,7 @@ import signal
 import string
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -2242,8 +2243,8 @@ def test_a_second_signal_stops_at_once_and_leaves_no_half_file(tmp_path, capfd):
     from data.corpus import renamed_into_place
 
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    stop = runs.StopSignals()
     try:
-        stop = runs.StopSignals()
         signal.raise_signal(signal.SIGTERM)
         assert stop.received == [signal.SIGTERM]
         assert "SIGTERM: stopping after the step in flight" in capfd.readouterr().err
@@ -2255,8 +2256,31 @@ def test_a_second_signal_stops_at_once_and_leaves_no_half_file(tmp_path, capfd):
         restored = [signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)]
         assert restored == [signal.SIG_DFL, signal.SIG_DFL]
     finally:
+        stop.close()
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals, and libc's system()")
+def test_a_third_signal_stops_at_once_inside_a_long_native_call(tmp_path):
+    """Python's handlers wait for the native call in flight to return (one attention call over
+    a 300,000-token row ignored three signals, and eight): a third signal ends the process at
+    once all the same. libc's system() stands for that call: it waits through signals."""
+    code = "import ctypes, runs; stop = runs.StopSignals(); print('ready', flush=True); "
+    code += "ctypes.CDLL(None).system(b'exec sleep 6 </dev/null >/dev/null 2>&1')"
+    here = str(Path(__file__).parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=here
+    )
+    assert proc.stdout.readline() == b"ready\n"
+    started = time.time()
+    for _ in range(3):
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    assert err == "error: stopped at once by a third signal (SIGTERM)\n"
+    assert time.time() - started < 4
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch):
