@@ -251,8 +251,10 @@ def question_examples(path, lines, cfg) -> list:
             if not isinstance(answer, dict):
                 die(f'{where}: answers[{i}] must be an object {{"text", "start"}}, got {answer!r}')
             text, start = answer.get("text"), answer.get("start")
-            fits = isinstance(text, str) and is_whole(start) and 0 <= start and text
-            if not fits or context[start : start + len(text)] != text:
+            if not (isinstance(text, str) and text and is_whole(start) and start >= 0):
+                kinds = '"text" (not empty) and "start" (a whole number from 0)'
+                die(f"{where}: answers[{i}] needs {kinds}, got {answer!r}")
+            if context[start : start + len(text)] != text:
                 die(
                     f'{where}: answers[{i}] is not a "text" of the context at its "start" character'
                 )

@@ -616,6 +616,16 @@ def test_config_values_of_another_type_are_named(preset, key, value, what, tmp_p
         tinyencoder_hf.load(str(tmp_path))
 
 
+def test_layer_types_of_another_length_are_named(tmp_path):
+    """num_hidden_layers null (transformers' default, 22) beside layer_types of 3: the count is
+    named, not "not 'global every n-th layer'"."""
+    pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
+    tinyencoder_hf.save(TinyEncoder(tiny("modernbert")), str(tmp_path))
+    edit_config(tmp_path, num_hidden_layers=None)
+    with pytest.raises(ValueError, match="layer_types has 3 entries for num_hidden_layers=22"):
+        tinyencoder_hf.load(str(tmp_path))
+
+
 @pytest.mark.parametrize(
     "key, value",
     [

@@ -1781,7 +1781,10 @@ QUESTION = '{"question": "q", "context": "abc", "answers": [{"text": "b", "start
         ([QUESTION.replace('"start": 1', '"start": 2')], "line 1: answers[0] is not a"),
         ([QUESTION.replace('"text": "b"', '"text": "cd"')], "line 1: answers[0] is not a"),
         # true is 1 to Python, not a character offset
-        ([QUESTION.replace('"start": 1', '"start": true')], "line 1: answers[0] is not a"),
+        ([QUESTION.replace('"start": 1', '"start": true')], "line 1: answers[0] needs"),
+        # an answer without its start, or an empty one: what it lacks, not "not the context's"
+        ([QUESTION.replace(', "start": 1', "")], """answers[0] needs "text" (not empty) and"""),
+        ([QUESTION.replace('"text": "b"', '"text": ""')], "got {'text': '', 'start': 1}"),
         ([QUESTION.replace('"q"', '"' + "q" * 70 + '"')], "line 1: question is 70 bytes"),
         ([QUESTION, '{"question": "q", "context": "abc"}'], 'line 2: needs "answers"'),
         (['{"question": "q"}'], '"question" and "context" strings'),

@@ -374,6 +374,8 @@ def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
     # no local layer: no window, whatever local_attention says (global_every as saved)
     fields["window"] = 0 if all_global else window_from_hf(hf, fields["window"])
     cfg = te.Config(**fields)
+    if types and len(types) != cfg.layers:  # num_hidden_layers left out or null: 22, as there
+        raise ValueError(f"layer_types has {len(types)} entries for num_hidden_layers={cfg.layers}")
     if types and types != layer_types(cfg):
         raise ValueError(f"layer_types {types} is not 'global every n-th layer', the one pattern")
     return cfg
