@@ -725,7 +725,9 @@ def test_config_keys_left_out_take_transformers_defaults(family):
     # the [CLS] and [SEP] ids aside: no forward reads them, and a config without them keeps ours
     ids = dict(cls_id=bare.cls_id, sep_id=bare.sep_id)
     assert bare == dataclasses.replace(tinyencoder_hf.config_from_hf(full), **ids)
-    with_nulls = {key: None for key in full if key not in ("model_type", "layer_types")}
+    # (a null pad_token_id says more: no padding row, test_a_null_pad_id_loads_with_no_padding_row)
+    kept = ("model_type", "layer_types", "pad_token_id")
+    with_nulls = {key: None for key in full if key not in kept}
     assert tinyencoder_hf.config_from_hf({**with_nulls, "model_type": full["model_type"]}) == bare
     # at another width too: intermediate_size is a fixed default, not a multiple of hidden_size
     narrow = {"model_type": full["model_type"], "hidden_size": 64, "num_attention_heads": 4}
