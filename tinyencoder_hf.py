@@ -278,10 +278,7 @@ def config_from_hf(hf: dict, nsp=False, classifier="none", base=False) -> te.Con
     if hf.get("is_decoder") or hf.get("add_cross_attention"):
         # a decoder's attention is causal (or reads an encoder): ours sees both sides
         raise ValueError("is_decoder and add_cross_attention are not supported (an encoder only)")
-    # a null pad_token_id: transformers' token embedding has no padding row (load unsets ours)
-    pad_null = "pad_token_id" in hf and hf["pad_token_id"] is None
-    if pad_null and arch == "roberta":
-        raise ValueError("pad_token_id null: RoBERTa numbers its positions from the pad id")
+    pad_null = null_pad_id(hf, arch)
     hf = {**HF_DEFAULTS[arch], **{key: value for key, value in hf.items() if value is not None}}
     fields = dict(te.PRESETS[arch], nsp=nsp, classifier=classifier)
     fields["num_labels"] = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
@@ -296,10 +293,7 @@ def config_from_hf(hf: dict, nsp=False, classifier="none", base=False) -> te.Con
     for ours, theirs in CONFIG_KEYS[arch].items():
         if hf.get(theirs) is not None:
             fields[ours] = hf[theirs]
-    if pad_null and not 0 <= fields["pad_id"] < fields["vocab_size"]:
-        # ours pads with an id all the same; the byte vocabulary's where it has one
-        fields["pad_id"] = te.PAD if te.PAD < fields["vocab_size"] else 0
-    special_ids_in_vocabulary(fields)
+    special_ids_in_vocabulary(fields, pad_null)
     fields["act"] = activation_from_hf(hf, ACTIVATION_KEY[arch])
     if arch == "modernbert":
         return modernbert_config(hf, fields, base)
@@ -314,12 +308,24 @@ def config_from_hf(hf: dict, nsp=False, classifier="none", base=False) -> te.Con
     return te.Config(**fields)
 
 
-def special_ids_in_vocabulary(fields: dict):
+def null_pad_id(hf: dict, arch: str) -> bool:
+    """Whether config.json's pad_token_id is null: transformers' token embedding then has no
+    padding row (load unsets ours). RoBERTa numbers its positions from the pad id: none, no run."""
+    null = "pad_token_id" in hf and hf["pad_token_id"] is None
+    if null and arch == "roberta":
+        raise ValueError("pad_token_id null: RoBERTa numbers its positions from the pad id")
+    return null
+
+
+def special_ids_in_vocabulary(fields: dict, pad_null: bool = False):
     """[CLS], [SEP] and [MASK] ids that no forward reads, outside this vocabulary (transformers'
     ModernBERT defaults to 50281 and 50282 whatever the vocabulary, and its config.json holds no
     [MASK]) become pad_id, so that the Config is whole; this vocabulary's own tokenizer knows its
     ids. The pad id, the embedding's padding row, must be in it."""
     vocab = fields["vocab_size"]
+    if pad_null and not 0 <= fields["pad_id"] < vocab:
+        # no padding row, but ours pads with an id all the same: the byte vocabulary's if it can
+        fields["pad_id"] = te.PAD if te.PAD < vocab else 0
     for name in ("cls_id", "sep_id", "mask_id"):
         value = fields.get(name, getattr(te.Config, name))  # eos_token_id may be a list of ids
         if not isinstance(value, int) or not 0 <= value < vocab:
@@ -356,20 +362,8 @@ def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
         fields[field] = {**thetas.get(kind, {}), **legacy}.get("rope_theta", fields[field])
     if bool(hf.get("mlp_bias")) != fields["bias"]:
         raise ValueError("attention_bias must equal mlp_bias")
-    # the MLM decoder's bias, which ours always has; a classifier has no decoder
-    if not hf.get("decoder_bias", True) and fields["classifier"] == "none" and not base:
-        raise ValueError("decoder_bias must be true: the MLM decoder here always has a bias")
-    # a head's activation: a base model has no head, so that its key says nothing of it
-    if not base and activation_from_hf(hf, "classifier_activation") != fields["act"]:
-        raise ValueError("classifier_activation must equal hidden_activation")
-    # transformers' sparse prediction leaves out the tokens labelled this; ours those labelled -100
-    ignored = hf.get("sparse_pred_ignore_index", te.IGNORE_INDEX)
-    if (
-        hf.get("sparse_prediction")
-        and ignored != te.IGNORE_INDEX
-        and fields["classifier"] == "none"
-    ):
-        raise ValueError(f"sparse_pred_ignore_index {ignored!r} is not supported; only -100")
+    if not base:  # a base model has no head: the keys of heads say nothing of it
+        check_modernbert_heads(hf, fields)
     fields["resid_dropout"] = fields["attn_dropout"]  # one knob drives both in transformers
     # no local layer: no window, whatever local_attention says (global_every as saved)
     fields["window"] = 0 if all_global else window_from_hf(hf, fields["window"])
@@ -379,6 +373,20 @@ def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
     if types and types != layer_types(cfg):
         raise ValueError(f"layer_types {types} is not 'global every n-th layer', the one pattern")
     return cfg
+
+
+def check_modernbert_heads(hf: dict, fields: dict):
+    """What ModernBERT's heads read and ours would compute otherwise: the MLM decoder's bias (ours
+    always has one; a classifier has no decoder), the heads' activation, and which labels sparse
+    prediction leaves out (transformers': those of sparse_pred_ignore_index; ours: -100)."""
+    mlm = fields["classifier"] == "none"
+    if not hf.get("decoder_bias", True) and mlm:
+        raise ValueError("decoder_bias must be true: the MLM decoder here always has a bias")
+    if activation_from_hf(hf, "classifier_activation") != fields["act"]:
+        raise ValueError("classifier_activation must equal hidden_activation")
+    ignored = hf.get("sparse_pred_ignore_index", te.IGNORE_INDEX)
+    if hf.get("sparse_prediction") and ignored != te.IGNORE_INDEX and mlm:
+        raise ValueError(f"sparse_pred_ignore_index {ignored!r} is not supported; only -100")
 
 
 def rope_type(parameters) -> str:
@@ -651,16 +659,7 @@ def load(path: str) -> te.TinyEncoder:
     eval mode, as transformers' from_pretrained gives its models (model.train() to fine-tune), and
     in fp32 whatever the checkpoint stores (model.to(dtype) for another)."""
     hf = read_config(path)
-    classes = hf.get("architectures") or [None]
-    if not isinstance(classes, list):  # a hand-written config's one class, not in a list
-        classes = [classes]
-    kind = classes[0]
-    if kind is None:
-        kind = BASE_CLASSES.get(hf.get("model_type"))
-    if not isinstance(kind, str) or kind not in CLASSES:
-        raise ValueError(
-            f"{path}: architecture {kind!r} is not supported; supported: {list(CLASSES)}"
-        )
+    kind = class_of(hf, path)
     weights = read_weights(path)
     classifier = "none"
     for task, suffix in TASK_SUFFIXES.items():
@@ -673,7 +672,7 @@ def load(path: str) -> te.TinyEncoder:
     base = not any(key.startswith(tuple(BASE_PREFIX.values())) for key in weights)
     model = te.TinyEncoder(config_from_hf(hf, nsp=nsp, classifier=classifier, base=base))
     check_problem_type(hf.get("problem_type"), model.cfg)
-    if "pad_token_id" in hf and hf["pad_token_id"] is None:
+    if null_pad_id(hf, model.cfg.arch):
         # no padding row, as in transformers' embedding: that row's gradient is not held at 0
         model.tok_embed.padding_idx = None
     names = parameter_names(model, base)
@@ -688,6 +687,22 @@ def load(path: str) -> te.TinyEncoder:
         with contextlib.suppress(ValueError):
             model.label_names = label_names(hf["id2label"], model.cfg.num_labels)
     return model.eval()
+
+
+def class_of(hf: dict, path: str) -> str:
+    """The transformers class config.json names (the first of architectures; a base model's where
+    it names none), one of CLASSES."""
+    classes = hf.get("architectures") or [None]
+    if not isinstance(classes, list):  # a hand-written config's one class, not in a list
+        classes = [classes]
+    kind = classes[0]
+    if kind is None:
+        kind = BASE_CLASSES.get(hf.get("model_type"))
+    if not isinstance(kind, str) or kind not in CLASSES:
+        raise ValueError(
+            f"{path}: architecture {kind!r} is not supported; supported: {list(CLASSES)}"
+        )
+    return kind
 
 
 def copy_weights(path: str, model: te.TinyEncoder, weights: dict, names: dict):
