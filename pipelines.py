@@ -108,7 +108,8 @@ def framed_rows(cfg: te.Config, texts: list, caller: str) -> list:
     for i, text in enumerate(texts):
         rows.append([cfg.cls_id, *text_ids(f"{caller}'s texts[{i}]", text), cfg.sep_id])
         if len(rows[i]) > cfg.max_len:
-            raise ValueError(f"texts[{i}] is {len(rows[i])} tokens, over max_len={cfg.max_len}")
+            too_long = f"{len(rows[i])} tokens, over max_len={cfg.max_len}"
+            raise ValueError(f"{caller}'s texts[{i}] is {too_long}")
     return rows
 
 
@@ -177,7 +178,11 @@ def labels_of(model, caller: str, kind: str) -> list:
     reads them from id2label), else LABEL_0, LABEL_1, ... as transformers names them."""
     check_task(model, caller, kind)
     count = model.cfg.num_labels
-    names = getattr(model, "label_names", None) or [f"LABEL_{i}" for i in range(count)]
+    names = getattr(model, "label_names", None)
+    if names is None:
+        names = [f"LABEL_{i}" for i in range(count)]
+    if hasattr(names, "tolist"):  # a NumPy array (np.unique's), as tinyencoder_hf.save takes
+        names = names.tolist()
     if not is_list(names) or len(names) != count:
         raise ValueError(
             f"model.label_names must be a list of num_labels={count} names, got {names!r}"

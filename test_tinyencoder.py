@@ -1209,12 +1209,17 @@ BAD_CALLS = {
     ),
     "tag too long": Bad(
         lambda p: pipelines.tag(classifier(p, "token"), ["ok", "x" * 63]),
-        r"texts\[1\] is 65 tokens, over max_len=64",
+        r"tag's texts\[1\] is 65 tokens, over max_len=64",
     ),
     # names that are not one per class: a regression read as classes, an index past the names
     "classify names short": Bad(
         lambda p: pipelines.classify(named(classifier(p, "sequence"), ["a"]), ["x"]),
         r"model.label_names must be a list of num_labels=3 names, got \['a'\]",
+    ),
+    # an empty list is no names either (it read as none set: LABEL_0, ...)
+    "classify names empty": Bad(
+        lambda p: pipelines.classify(named(classifier(p, "sequence"), []), ["x"]),
+        r"model.label_names must be a list of num_labels=3 names, got \[\]",
     ),
     "tag names long": Bad(
         lambda p: pipelines.tag(named(classifier(p, "token"), list("abcd")), ["x"]),
@@ -1232,7 +1237,7 @@ BAD_CALLS = {
         "classify's batch_size must be a whole number above 0, got 0",
     ),
     "embed too long": Bad(
-        lambda p: embed(p, ["x" * 63]), r"texts\[0\] is 65 tokens, over max_len=64"
+        lambda p: embed(p, ["x" * 63]), r"encode's texts\[0\] is 65 tokens, over max_len=64"
     ),
     "embed None": Bad(lambda p: embed(p, None), "encode takes a list of texts, got NoneType"),
     "embed a choice model": Bad(
@@ -1403,9 +1408,12 @@ def test_tag_gives_each_character_its_first_byte_tag_in_runs():
     as_bytes = [[0, 1, "letter"], [2, 3, "cont"]]
     expected = [[[0, 2, "letter"], [5, 7, "letter"]], as_bytes, [], [], as_bytes]
     assert pipelines.tag(model, texts, batch_size=2) == expected
-    # classes named by numbers, as a model's label_names may be set by hand, are names too
+    # classes named by numbers, as a model's label_names may be set by hand, are names too; and
+    # np.unique's names (NumPy refused its truth value deep inside)
     model.label_names = [0, 1, 2]
     assert pipelines.tag(model, ["ab"]) == [[[0, 2, "1"]]]
+    model.label_names = np.array(["O", "word", "cont"])
+    assert pipelines.tag(model, ["ab"]) == [[[0, 2, "word"]]]
     assert pipelines.tag_runs(["a", "a", "O", "a", "b", "b", "a"]) == [
         [0, 2, "a"],
         [3, 4, "a"],
