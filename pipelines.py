@@ -294,7 +294,7 @@ def question_row(cfg: te.Config, question, context, names=("question", "context"
     question, context = text_ids(names[0], question), text_ids(names[1], context)
     # what [CLS] and two [SEP] leave
     room = cfg.max_len - 3
-    if len(question) >= room:
+    if len(question) > room:
         full = f"max_len={cfg.max_len} leaves no room"
         raise ValueError(f"{names[0]} is {len(question)} bytes; {full}")
     if len(question) + len(context) > room:

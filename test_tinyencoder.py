@@ -886,6 +886,9 @@ def test_choice_batch_frames_each_choice_as_question_row(preset):
     for c, choice in enumerate(["a", "bb", "ccc"]):
         row = pipelines.question_row(cfg, "q", choice).ids
         assert one_by_three[0, c, : len(row)].tolist() == row
+    # a question that fills max_len with [CLS] and two [SEP], and empty choices: it fits exactly
+    filled = pipelines.choice_batch(cfg, ["q" * (cfg.max_len - 3)], [["", ""]])["input_ids"]
+    assert filled.shape == (1, 2, cfg.max_len)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -1172,8 +1175,8 @@ BAD_CALLS = {
         r"labels must hold whole numbers in \[0, 3\) or -100; got 3",
     ),
     "question too long": Bad(
-        lambda p: pipelines.question_row(tiny(p), "q" * 61, "c"),
-        "question is 61 bytes; max_len=64 leaves no room",
+        lambda p: pipelines.question_row(tiny(p), "q" * 62, ""),
+        "question is 62 bytes; max_len=64 leaves no room",
     ),
     "context too long": Bad(
         lambda p: pipelines.question_row(tiny(p), "q" * 20, "c" * 42),
