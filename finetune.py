@@ -70,7 +70,8 @@ args = parser.parse_args()
 if args.task and (args.train or args.val):
     die("give --task, or --train and --val, not both: --task names its own files")
 if os.environ.get("WORLD_SIZE", "1") != "1":  # each process would run the whole job, racing
-    die("finetune.py runs as one process: start it with python, not torchrun (train.py takes it)")
+    several = f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for several (torchrun sets it)"
+    die(f"finetune.py runs as one process: {several}; start it with python alone")
 # each vector math kernel chosen before threads share a call, or a run may not replay (runs.py)
 settle_vector_math()
 # Ctrl-C, SIGTERM, from here on (setup too): the loop saves and stops after the step in flight

@@ -3,6 +3,7 @@ flags checked as they are parsed, a run's folder never overwritten and its flags
 checkpoints written whole and read back, the metrics log, and stopping cleanly on Ctrl-C or
 SIGTERM; train.py's closing demo."""
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -229,8 +230,11 @@ def peer_stopped(python_hook, kind, error, trace):
     it (NCCL's collectives wait instead, until torchrun stops the others)."""
     gone = ("closed by peer", "reset by peer", "Broken pipe")  # gloo's words
     if issubclass(kind, RuntimeError) and any(words in str(error) for words in gone):
+        # gloo's own sentence, without the source file it starts with: which peer, which address
+        said = str(error).split("] ", 1)[-1].split(". ")[0]
+        also = "its own error, where it printed one, is above"
         print(
-            "error: another process stopped (its error is above); so does this one", file=sys.stderr
+            f"error: another process is gone ({said}); this one stops too ({also})", file=sys.stderr
         )
         return
     python_hook(kind, error, trace)
@@ -505,19 +509,26 @@ class StopSignals:
         """Python runs a handler only once the native call in flight returns (one attention call
         over a long row, a collective that waits for a process that is gone): a thread hears each
         signal as it comes, through the number that signal.set_wakeup_fd's file gets, and ends the
-        process at the third. Returns that file's write end (None: Windows, no watcher)."""
+        process at the third. Returns that file's write end; None off POSIX (no watcher)."""
+        if os.name != "posix":  # Windows: os.set_blocking on a pipe from Python 3.12 on only
+            return None
         read, write = os.pipe()
         os.set_blocking(write, False)
-        try:
-            signal.set_wakeup_fd(write)
-        except ValueError:  # Windows takes a socket there
-            os.close(read)
-            os.close(write)
-            return None
+        self.previous = signal.set_wakeup_fd(write)
+        # a forked child (a DataLoader's worker) gets the same Ctrl-C: its own, not one more here
+        os.register_at_fork(after_in_child=self.forget)
         threading.Thread(target=self.count, args=(read,), daemon=True).start()
         return write
 
+    def forget(self):
+        """In a forked child: the parent's wakeup file no longer, where it still is the one set."""
+        with contextlib.suppress(ValueError):  # forked from a thread other than the main one
+            current = signal.set_wakeup_fd(-1)
+            if current != self.wakeup:
+                signal.set_wakeup_fd(current)
+
     def count(self, read: int):
+        """The watcher: each signal's number as it comes, the third SIGINT or SIGTERM the end."""
         heard = 0
         while number := os.read(read, 1):
             if number[0] in (signal.SIGINT, signal.SIGTERM):
@@ -530,10 +541,12 @@ class StopSignals:
         os.close(read)
 
     def close(self):
-        """No watcher any more (its thread ends): for a test's StopSignals."""
+        """No watcher any more (its thread ends), the wakeup file set before back: for a test's
+        StopSignals. Twice is once."""
         if self.wakeup is not None:
-            signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(self.previous)
             os.close(self.wakeup)
+            self.wakeup = None
 
     def on_signal(self, signum, frame):
         self.received.append(signum)

@@ -617,6 +617,24 @@ def test_config_values_of_another_type_are_named(preset, key, value, what, tmp_p
         tinyencoder_hf.load(str(tmp_path))
 
 
+@pytest.mark.parametrize("period", [0, "2"])
+def test_a_period_that_is_no_count_beside_layer_types_loads_by_them(period, tmp_path):
+    """global_attn_every_n_layers 0 or "2", which transformers loads by its layer_types: so do we
+    (a ZeroDivisionError and a TypeError from inside load, for a time)."""
+    pytest.importorskip("safetensors.torch", reason="checkpoints are safetensors files")
+    tinyencoder_hf.save(TinyEncoder(tiny("modernbert")), str(tmp_path))
+    edit_config(tmp_path, global_attn_every_n_layers=period)
+    assert tinyencoder_hf.load(str(tmp_path)).cfg == tiny("modernbert")
+
+
+def test_a_null_pad_id_in_a_vocabulary_too_small_for_pad_pads_with_0():
+    """No padding row, and a vocabulary of 200 ids: PAD (256) is not among them, nor
+    ModernBERT's default 50283; ours pads with 0."""
+    sizes = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=200)
+    hf = dict(sizes, model_type="modernbert", pad_token_id=None)
+    assert tinyencoder_hf.config_from_hf(hf).pad_id == 0
+
+
 def test_layer_types_of_another_length_are_named(tmp_path):
     """num_hidden_layers null (transformers' default, 22) beside layer_types of 3: the count is
     named, not "not 'global every n-th layer'"."""
@@ -741,6 +759,12 @@ def test_config_keys_left_out_take_transformers_defaults(family):
         ("RobertaForSequenceClassification", dict(classifier_pooling="mean")),
         ("BertForMaskedLM", dict(eos_token_id=[2, 3])),  # BertConfig takes a list of ids
         ("RobertaForMaskedLM", dict(eos_token_id=[2, 3])),
+        # sparse_pred_ignore_index says nothing without sparse prediction, nor to a classifier
+        ("ModernBertForMaskedLM", dict(sparse_prediction=False, sparse_pred_ignore_index=5)),
+        (
+            "ModernBertForSequenceClassification",
+            dict(sparse_prediction=True, sparse_pred_ignore_index=5),
+        ),
     ],
 )
 def test_keys_transformers_ignores_or_takes_as_lists_load_exactly(name, over, tmp_path):

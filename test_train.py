@@ -1,8 +1,10 @@
 """train.py end to end: exact resume, torchrun against one process, one-line errors, and learned
 positions that learn word order."""
 
+import contextlib
 import dataclasses
 import errno
+import io
 import json
 import math
 import os
@@ -271,6 +273,26 @@ def test_a_stdout_that_cannot_encode_the_demo_still_gets_the_final_line(tmp_path
     run = subprocess.run(cmd, capture_output=True, timeout=300, cwd=here, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert b"\\u23ce" in run.stdout and b"final: held-out masked-byte accuracy" in run.stdout
+
+
+def test_a_gone_peer_is_one_line_and_other_errors_are_pythons():
+    """peer_stopped, torchrun's processes past rank 0: gloo's error that a peer is gone as one line
+    with gloo's own sentence; any other error, an OSError that says "Broken pipe" too, to Python."""
+    import runs
+
+    passed = []
+
+    def python_hook(*args):
+        passed.append(args[0])
+
+    gone = RuntimeError("[/gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:3. GLHF")
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        runs.peer_stopped(python_hook, RuntimeError, gone, None)
+    assert err.getvalue().startswith("error: another process is gone (Connection closed by peer [")
+    assert err.getvalue().count("\n") == 1 and passed == []
+    for error in (BrokenPipeError(32, "Broken pipe"), RuntimeError("CUDA error")):
+        runs.peer_stopped(python_hook, type(error), error, None)
+    assert passed == [BrokenPipeError, RuntimeError]
 
 
 def test_torchrun_stops_the_other_process_with_one_line_too(tmp_path):
@@ -716,10 +738,15 @@ def test_a_prepared_corpus_cut_short_is_named(tmp_path, monkeypatch):
         np.frombuffer(b"two documents", np.uint8).tofile(tmp_path / f"stdlib-{part}.bin")
         np.array([0, 3, 13], np.int64).tofile(tmp_path / f"stdlib-{part}.idx")
     assert [len(data) for data, _ in corpus.load_stdlib().values()] == [13, 13]
-    (tmp_path / "stdlib-train.bin").write_bytes(b"")
-    match = f"{tmp_path / 'stdlib'}-train.bin and .idx do not match \\(0 bytes\\): delete"
-    with pytest.raises(SystemExit, match=match):
-        corpus.load_stdlib()
+    # emptied; offsets not from 0, going back, or none but the start; bytes past the last offset
+    cases = [(b"", [0, 3, 13]), (b"two documents", [1, 3, 13]), (b"two documents", [0, 9, 3, 13])]
+    cases += [(b"two documents", [0]), (b"two documents!", [0, 3, 13])]
+    for data, offsets in cases:
+        np.frombuffer(data, np.uint8).tofile(tmp_path / "stdlib-train.bin")
+        np.array(offsets, np.int64).tofile(tmp_path / "stdlib-train.idx")
+        match = f"{tmp_path / 'stdlib'}-train.bin and .idx do not match \\({len(data)} bytes\\)"
+        with pytest.raises(SystemExit, match=match):
+            corpus.load_stdlib()
 
 
 def test_data_inside_the_output_folder_is_read(tmp_path):
@@ -1794,6 +1821,7 @@ QUESTION = '{"question": "q", "context": "abc", "answers": [{"text": "b", "start
         # an answer without its start, or an empty one: what it lacks, not "not the context's"
         ([QUESTION.replace(', "start": 1', "")], """answers[0] needs "text" (not empty) and"""),
         ([QUESTION.replace('"text": "b"', '"text": ""')], "got {'text': '', 'start': 1}"),
+        ([QUESTION.replace('"start": 1', '"start": -1')], "got {'text': 'b', 'start': -1}"),
         ([QUESTION.replace('"q"', '"' + "q" * 70 + '"')], "line 1: question is 70 bytes"),
         ([QUESTION, '{"question": "q", "context": "abc"}'], 'line 2: needs "answers"'),
         (['{"question": "q"}'], '"question" and "context" strings'),
@@ -1918,7 +1946,8 @@ def test_finetune_under_torchrun_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     init = tiny_checkpoint(tmp_path / "init.pt")
     run = finetune(tmp_path, "--task", "tags", "--init", init, "--max-steps", 1)
-    assert run.returncode != 0 and "runs as one process" in run.stderr, run.stderr[-2000:]
+    several = "runs as one process: WORLD_SIZE=2 asks for several (torchrun sets it)"
+    assert run.returncode != 0 and several in run.stderr, run.stderr[-2000:]
     assert run.stderr.count("\n") == 1 and not (tmp_path / "out-finetune").exists()
 
 
@@ -2293,6 +2322,59 @@ def test_a_third_signal_stops_at_once_inside_a_long_native_call(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
     assert err == "error: stopped at once by a third signal (SIGTERM)\n"
     assert time.time() - started < 4
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals, fork and process groups")
+def test_only_this_process_s_own_stop_signals_count_as_its_third(tmp_path):
+    """What the watcher does not count: another signal that Python handles (SIGUSR1, twice here),
+    and the Ctrl-C of forked children (a DataLoader's workers), which the terminal sends their
+    whole process group: one Ctrl-C with two children counted three, and ended the run unsaved."""
+    code = """import os, signal, time, runs
+stop = runs.StopSignals()
+signal.signal(signal.SIGUSR1, print)
+for _ in range(2):
+    if os.fork() == 0:
+        time.sleep(2)
+        os._exit(0)
+print("ready", flush=True)
+time.sleep(2)
+print("alive", stop.received, flush=True)
+"""
+    here = str(Path(__file__).parent)
+    run = [sys.executable, "-c", code]
+    proc = subprocess.Popen(run, stdout=subprocess.PIPE, cwd=here, start_new_session=True)
+    assert proc.stdout.readline() == b"ready\n"
+    os.kill(proc.pid, signal.SIGUSR1)
+    os.kill(proc.pid, signal.SIGUSR1)
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the group
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0 and f"alive [{int(signal.SIGINT)}]" in out, (proc.returncode, out)
+
+
+def test_a_closed_stop_signals_sets_back_the_wakeup_file_once():
+    """close: the wakeup file set before is back (another's, here), and a second close does
+    nothing to a StopSignals made since (it closed the newer one's file, of the same number)."""
+    import runs
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    theirs = os.pipe()
+    os.set_blocking(theirs[1], False)
+    signal.set_wakeup_fd(theirs[1])
+    try:
+        first = runs.StopSignals()
+        first.close()
+        assert signal.set_wakeup_fd(-1) == theirs[1]
+        second = runs.StopSignals()
+        first.close()
+        assert signal.set_wakeup_fd(second.wakeup) == second.wakeup
+        os.fstat(second.wakeup)  # still open
+        second.close()
+    finally:
+        signal.set_wakeup_fd(-1)
+        for fd in theirs:
+            os.close(fd)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch):

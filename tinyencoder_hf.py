@@ -343,8 +343,7 @@ def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
         all_global = LOCAL not in types
     # the period as saved where it gives these types (5 of 3 layers, say), else the first global
     # layer after layer 0
-    stated = [GLOBAL if i % fields["global_every"] == 0 else LOCAL for i in range(len(types or []))]
-    if types and not all_global and types != stated:
+    if types and not all_global and not follows_period(types, fields["global_every"]):
         later_globals = [i for i in range(1, len(types)) if types[i] == GLOBAL]
         fields["global_every"] = min(later_globals, default=len(types))
     thetas = hf.get("rope_parameters") or {}
@@ -373,6 +372,13 @@ def modernbert_config(hf: dict, fields: dict, base: bool) -> te.Config:
     if types and types != layer_types(cfg):
         raise ValueError(f"layer_types {types} is not 'global every n-th layer', the one pattern")
     return cfg
+
+
+def follows_period(types: list, period) -> bool:
+    """Whether layer_types are global every period-th layer (a period that is no count: no)."""
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        return False
+    return types == [GLOBAL if i % period == 0 else LOCAL for i in range(len(types))]
 
 
 def check_modernbert_heads(hf: dict, fields: dict):

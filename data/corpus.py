@@ -44,7 +44,10 @@ def printable(text: str) -> str:
     text = NOT_BYTES.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
-    return text.encode(encoding, "backslashreplace").decode(encoding)
+    try:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    except (LookupError, TypeError):  # a stdout put in place whose encoding Python does not know
+        return text
 
 
 def read_documents(spec, out_dir=None):
