@@ -842,8 +842,9 @@ def test_a_null_pad_id_loads_with_no_padding_row(name, tmp_path):
     out = model(ids, labels=labels)
     out.loss.backward()
     assert_close(out.loss, hf(input_ids=ids, labels=labels).loss, 1e-5)
-    theirs = hf.base_model.embeddings.tok_embeddings if "Modern" in name else None
-    theirs = theirs or hf.base_model.embeddings.word_embeddings
+    embeddings = hf.base_model.embeddings
+    theirs = {"BertForMaskedLM": "word_embeddings", "ModernBertForMaskedLM": "tok_embeddings"}
+    theirs = getattr(embeddings, theirs[name])
     assert theirs.weight.grad[[0, PAD]].abs().amax(1).min() > 0
     assert_close(model.tok_embed.weight.grad, theirs.weight.grad, 1e-5)
 
