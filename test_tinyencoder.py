@@ -3,6 +3,7 @@ training steps, input validation, presets, import hygiene, byte codec, initialis
 
 import ast
 import collections
+import importlib.util
 import dataclasses
 import math
 import re
@@ -150,6 +151,7 @@ def stand_in_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size):
     for first, end in zip(bounds, bounds[1:]):
         qd, kd, vd = (t[first:end].transpose(0, 1) for t in (q, k, v))  # (heads, n, head_dim)
         band = None
+        assert window_size[0] == window_size[1], window_size  # ours sees as far each side
         if window_size[0] >= 0:
             band = tinyencoder.band_mask(end - first, window_size[0], q.device)
         outs.append(tinyencoder.eager_attention(qd, kd, vd, band, dropout_p).transpose(0, 1))
@@ -236,6 +238,15 @@ def test_flash_dropout_is_seeded_and_unbiased(device, request):
 FLASH_OP_ON_META = torch._C._dispatch_has_kernel_for_dispatch_key(
     "aten::_flash_attention_forward", "Meta"
 )
+
+
+def test_the_flash_kernel_is_found_on_every_torch_this_takes():
+    """Without flash-attn, torch's own flash op is the kernel: every torch from 2.4 on has it with
+    a window. A detection that broke would send a GPU to SDPA in silence, and skip the op's test."""
+    if importlib.util.find_spec("flash_attn") is not None:
+        assert tinyencoder.FLASH == "flash-attn"
+    else:
+        assert tinyencoder.FLASH == "torch flash op"
 
 
 @pytest.mark.skipif(
@@ -344,6 +355,15 @@ def test_cpu_dropout_zeroes_its_share_and_keeps_the_mean(dtype):
     assert torch.equal(tinyencoder.drop(x.detach(), 0.1), y.detach())
     assert not torch.equal(tinyencoder.drop(x.detach(), 0.1), y.detach())
     assert tinyencoder.drop(x, 0.5, training=False) is x
+    # at the ends: a rate that rounds to 1 is F.dropout's (not a division by 0); 1/65536 drops
+    # that share, not one more in 65,536 (267 of 2^24 here; 547 with one more)
+    torch.manual_seed(1)
+    nearly_all = tinyencoder.drop(x.detach(), 0.999995)
+    torch.manual_seed(1)
+    assert torch.equal(nearly_all, F.dropout(x.detach(), 0.999995))
+    torch.manual_seed(0)
+    rare = tinyencoder.drop(torch.ones(1 << 24, dtype=dtype), 1 / 65536)
+    assert 150 < (rare == 0).sum().item() < 400
 
 
 def op_calls(prof) -> collections.Counter:
@@ -850,8 +870,13 @@ def test_span_loss_counts_real_tokens_only(preset):
     assert_close(losses[0], (start + end) / 2, 1e-5)
     ignored = spans.clone()
     ignored[1, 1] = IGNORE_INDEX
+    # row 0 is whole: an end at T, one past its last token, is past the row too
+    at_t, ignored_0 = spans.clone(), spans.clone()
+    at_t[0, 1] = ids.shape[1]
+    ignored_0[0, 1] = IGNORE_INDEX
     with torch.no_grad():
         assert_close(model(ids, mask, labels=ignored).loss, losses[0], 1e-6)
+        assert_close(model(ids, mask, labels=at_t).loss, model(ids, mask, labels=ignored_0).loss)
     # no span counted (every answer cut off by truncation): loss 0 and zero gradients, not NaN
     nothing = model(ids, mask, labels=torch.full_like(spans, IGNORE_INDEX)).loss
     nothing.backward()
@@ -1823,11 +1848,18 @@ def test_labels_at_padding_are_ignored_with_and_without_unpadding(preset):
     mask[1, 11:] = 0
     labels = torch.where(torch.rand(ids.shape) < 0.3, ids, IGNORE_INDEX)
     labels[1, 15] = 65  # a label on padding must not count
-    model = TinyEncoder(tiny(preset)).eval()
-    losses = [variant(model, unpad=unpad)(ids, mask, labels=labels).loss for unpad in (False, True)]
     clean = labels.masked_fill(mask == 0, IGNORE_INDEX)
-    assert torch.allclose(losses[0], losses[1], atol=1e-5)
-    assert torch.allclose(losses[0], model(ids, mask, labels=clean).loss, atol=1e-5)
+    # the MLM head's, and a token classifier's (a tag on padding, as transformers would count)
+    tags = (ids % 3).masked_fill(labels == IGNORE_INDEX, IGNORE_INDEX)
+    tags[1, 15] = 2
+    cases = [(TinyEncoder(tiny(preset)), labels, clean)]
+    tagger = TinyEncoder(tiny(preset, nsp=False, classifier="token", num_labels=3))
+    cases.append((perturb(tagger), tags, tags.masked_fill(mask == 0, IGNORE_INDEX)))
+    for model, given, clean in cases:
+        model.eval()
+        losses = [variant(model, unpad=u)(ids, mask, labels=given).loss for u in (False, True)]
+        assert torch.allclose(losses[0], losses[1], atol=1e-5)
+        assert torch.allclose(losses[0], model(ids, mask, labels=clean).loss, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
