@@ -38,7 +38,9 @@ def _corpus(tmp_path):
     return corpus
 
 
-def _train(tmp_path, *args, torchrun=False, popen=False):
+def _launch(tmp_path, *args, torchrun=False, popen=False):
+    """train.py on the small corpus (roberta, fp32, unless args say otherwise): the finished run,
+    or with popen the running process."""
     corpus = _corpus(tmp_path)
     launcher = [sys.executable]
     if torchrun:  # torchrun's module, so that it is this Python's with or without its venv on PATH
@@ -66,6 +68,14 @@ def _train(tmp_path, *args, torchrun=False, popen=False):
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=here, env=env)
     else:
         run = run_python(cmd)
+    return run
+
+
+def _train(tmp_path, *args, torchrun=False, popen=False):
+    """_launch's run, which must end well: its step losses (popen: the running process)."""
+    run = _launch(tmp_path, *args, torchrun=torchrun, popen=popen)
+    if popen:
+        return run
     assert run.returncode == 0, run.stderr[-2000:]
     return [float(x) for x in re.findall(r"^step\s+\d+/\d+ \| loss (\S+)", run.stdout, re.M)]
 
@@ -298,13 +308,9 @@ def test_a_gone_peer_is_one_line_and_other_errors_are_pythons():
 def test_torchrun_stops_the_other_process_with_one_line_too(tmp_path):
     """Rank 0 alone evaluates: a NaN there stops it with one line, and the other process, whose
     next collective then fails inside gloo, says so in one line rather than gloo's traceback."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["train.py", "--arch", "roberta", "--data", str(_corpus(tmp_path)), "--max-steps", "5"]
-    cmd += ["--batch-size", "2", "--context", "64", "--eval-seqs", "8", "--eval-interval", "1"]
-    cmd += ["--lr", "1e37", "--warmup", "0", "--dtype", "float32", "--out-dir", str(tmp_path / "o")]
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    here = str(Path(__file__).parent)
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=here, env=env)
+    flags = ["--max-steps", 5, "--batch-size", 2, "--context", 64, "--eval-seqs", 8]
+    flags += ["--eval-interval", 1, "--lr", 1e37, "--warmup", 0, "--out-dir", tmp_path / "o"]
+    run = _launch(tmp_path, *flags, torchrun=True)
     assert run.returncode != 0
     assert run.stderr.count("error: val_loss nan, val_bpb nan at step 1: stopped") == 1, run.stderr
     assert "[rank1]: Traceback" not in run.stderr, run.stderr[-3000:]

@@ -778,7 +778,7 @@ def save(model: te.TinyEncoder, path: str, labels=None):
         files["tokenizer_config.json"] = tokenizer_config(model.cfg)
         files.update(sentence_transformers_files(model.cfg))
     else:  # transformers' AutoTokenizer would make one of the folder that reads text as [UNK]
-        warnings.warn(tokenizer_warning(path))
+        warnings.warn(tokenizer_warning(path, model.cfg))
     # every file's text before the first is written: a value JSON cannot hold writes no file
     texts = {
         name: json.dumps(content, indent=2, ensure_ascii=False, default=plain_number)
@@ -925,15 +925,10 @@ def tokenizer_config(cfg: te.Config) -> dict:
     )
 
 
-def tokenizer_warning(path: str) -> str:
-    """What save says of a vocabulary other than the byte one: no tokenizer written, and which
-    tokenizer files the folder holds from before (a byte-level save's, say), left as they are."""
-    byte_files = [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "modules.json",
-        "1_Pooling/config.json",
-    ]
+def tokenizer_warning(path: str, cfg: te.Config) -> str:
+    """What save says of a vocabulary other than the byte one: no tokenizer written, and which of
+    the files a byte-level save writes beside the model the folder holds, left as they are."""
+    byte_files = ["tokenizer.json", "tokenizer_config.json", *sentence_transformers_files(cfg)]
     found = [name for name in byte_files if os.path.exists(os.path.join(path, name))]
     if found:
         check = "check that they are this model's, not a byte-level save's"
