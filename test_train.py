@@ -511,6 +511,11 @@ TRAIN_BAD_INPUT = [
     # a link to nothing, and a name over 255 bytes: tracebacks once the data was read
     (["--out-dir", "{tmp}/dangling"], "{tmp}/dangling is not a writable one"),
     (["--out-dir", "{tmp}/" + "x" * 300], "cannot be made a folder here: a name over 255 bytes"),
+    # a path past PATH_MAX, which no look tells: make_out_dir's line, once the model was made
+    (
+        ["--data", "{tmp}/ok.txt", "--out-dir", "{tmp}/" + "/".join(["d" * 200] * 21)],
+        "cannot be made a folder here (File name too long)",
+    ),
     (
         ["--data", "{tmp}/missing", "--init-from", "{tmp}/future.pt"],
         "future.pt: its config is not one this tinyencoder.py takes (",
@@ -2050,11 +2055,23 @@ def test_finetune_tags_around_empty_texts(tmp_path):
             "give --task, or --train and --val, not",
         ),
         (["--task", "tags", "--out-dir", "{tmp}/val.jsonl"], "val.jsonl' cannot be made a folder"),
+        (
+            [
+                "--train",
+                "{tmp}/two.jsonl",
+                "--val",
+                "{tmp}/two.jsonl",
+                "--out-dir",
+                "{tmp}/" + "/".join(["d" * 200] * 21),
+            ],
+            "cannot be made a folder here (File name too long)",
+        ),
         (["--task", "tags", "--seed", "-3"], "argument --seed: must be at least 0"),
     ],
 )
 def test_finetune_bad_flags_are_one_line(tmp_path, flags, message):
     write_jsonl(tmp_path / "val.jsonl", [{"text": "a", "label": "x"}])
+    write_jsonl(tmp_path / "two.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     init = ["--init", tiny_checkpoint(tmp_path / "init.pt"), "--max-steps", 1]
     run = finetune(tmp_path, *(str(flag).format(tmp=tmp_path) for flag in flags), *init)
     assert run.returncode != 0 and message.format(tmp=tmp_path) in run.stderr, run.stderr[-2000:]

@@ -710,8 +710,9 @@ def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if not (training and x.is_cpu) or transformed() or cut in (0, 65536):
         return F.dropout(x, p, training)
     bits = x.new_empty(x.numel() // 4 + 1, dtype=torch.int64).random_(-(2**63), None)
-    draws = bits.view(torch.int16)[: x.numel()].view(x.shape)  # uniform in [-32768, 32768)
-    keep = draws >= cut - 32768  # with probability 1 - cut / 65536
+    # four 16-bit draws per 64 bits, uniform in [-32768, 32768): P(keep) = 1 - cut / 65536
+    draws = bits.view(torch.int16)[: x.numel()].view(x.shape)
+    keep = draws >= cut - 32768
     return x * keep.to(x.dtype).mul_(65536 / (65536 - cut))
 
 

@@ -29,6 +29,7 @@ from runs import SEED, check_resumed, resumed_args, save_checkpoint, settle_vect
 from runs import given_flags, step_seed, stops_plainly, torchrun_ranks
 from data.corpus import check_data, describe, load_corpus, printable
 from data.rows import HELD_OUT_RATE, TrainingRows, collate, held_out_pairs, held_out_rows
+from data.rows import correct_bytes, masked_bytes
 
 # Recipes: how each paper trained, the training twin of tinyencoder's PRESETS. Sizes override the
 # presets' (the papers' base).
@@ -168,11 +169,13 @@ args.lr = args.lr or (3e-4 if extension else recipe.lr[args.size])
 args.warmup = recipe.warmup[args.size] if args.warmup is None else args.warmup
 if args.decay is None:
     args.decay = 1 / 6 if extension else 0.2
-if recipe.schedule == "wsd" and args.warmup + args.decay > 1:  # the rate would drop as warmup ends
+# overlapping, the rate would start to drop before warmup ends
+if recipe.schedule == "wsd" and args.warmup + args.decay > 1:
     die(f"--warmup {args.warmup:g} and --decay {args.decay:g} overlap: together at most 1")
 args.mlm_rate = args.mlm_rate or recipe.mlm_rate[args.size]
-spent = checkpoint.get("elapsed_s", 0.0)  # a resumed run's budget is what the run left
-deadline = t0 + args.time_budget * 60 - 15 - spent  # 15 s for the demo and the last checkpoint
+# a resumed run's budget is what the run left of it; 15 s stay for the demo and the last checkpoint
+spent = checkpoint.get("elapsed_s", 0.0)
+deadline = t0 + args.time_budget * 60 - 15 - spent
 
 
 # Model. A learned position table starts as sinusoids (runs.sinusoids), not as noise (README:
@@ -203,7 +206,8 @@ torch.manual_seed(args.seed)
 check_step_fits(f"--batch-size {B} x --context {T}", B * T, cfg, device, held=args.grad_accum)
 # the bare model: checkpoints hold its parameter names, never a wrapper's
 model = te.TinyEncoder(cfg).to(device)
-if model.pos_embed is not None and args.position_init == "sinusoids":  # resuming loads its own
+# a resumed run loads its own table below
+if model.pos_embed is not None and args.position_init == "sinusoids":
     sinusoids(model.pos_embed.weight, cfg.pos_offset)
 if args.init_from and not args.resume:
     load_weights(model, args.init_from, "--init-from")
@@ -231,7 +235,8 @@ if args.dtype == "auto":
 compute_dtype = getattr(torch, args.dtype)
 amp = autocast(device, compute_dtype)
 backend = te.pick_backend(cfg, device, compute_dtype)  # what the forward picks here, for the log
-train_model = model  # DDP wraps the model, and torch.compile wraps DDP, as PyTorch documents
+# DDP wraps the model, and torch.compile wraps DDP, as PyTorch documents
+train_model = model
 if ddp:
     device_ids = [device.index] if device.type == "cuda" else None
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -264,7 +269,8 @@ step, best, max_steps, lr_steps = 0, float("inf"), args.max_steps, args.lr_steps
 if checkpoint:
     model.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["optim"])
-    opt.param_groups[0]["weight_decay"] = weight_decay  # ModernBERT's follows an --lr given again
+    # ModernBERT's decay is 1e-5 / lr: it follows an --lr given again
+    opt.param_groups[0]["weight_decay"] = weight_decay
     step, best = checkpoint["step"], checkpoint["best"]
     lr_steps = args.lr_steps or checkpoint["lr_steps"]
     max_steps = max_steps or checkpoint["max_steps"]
@@ -284,24 +290,12 @@ def lr_at(step, lr_steps):
     decay_start = warmup_steps
     if recipe.schedule == "wsd":
         decay_start = lr_steps * (1 - args.decay)
-    decay_start = min(decay_start, lr_steps - 1)  # from lr_steps on LR 0, even if warmup fills it
+    # the rate is 0 from lr_steps on, even where warmup fills the whole schedule
+    decay_start = min(decay_start, lr_steps - 1)
     progress = min(1.0, max(0.0, (step - decay_start) / max(1, lr_steps - decay_start)))
     if extension:
         progress = math.sqrt(progress)
     return args.lr * (1 - progress)
-
-
-def masked_bytes(batch):
-    """The bytes that the MLM loss counts: those with a label."""
-    return (batch["labels"] != te.IGNORE_INDEX).sum()
-
-
-def correct_bytes(out, batch):
-    """Masked bytes predicted right. Given labels, the model's logits are the labelled bytes' only:
-    the layout's labelled tokens, whose labels a gather finds without reading the device."""
-    layout = batch["layout"]
-    targets = layout.gather(batch["labels"]).flatten()[layout.labelled]
-    return (out.logits.argmax(-1) == targets).sum()
 
 
 @torch.no_grad()
@@ -358,7 +352,8 @@ def train_step(step):
         dist.all_reduce(masked)
     stats = torch.zeros(4, device=device)
     for micro, batch in enumerate(batches):
-        if ddp:  # all-reduce the gradients once, after the last micro-batch
+        # DDP all-reduces the gradients once, after the last micro-batch
+        if ddp:
             ddp_model.require_backward_grad_sync = micro == args.grad_accum - 1
         with amp:
             out = train_model(**batch)
@@ -366,7 +361,8 @@ def train_step(step):
         loss = out.mlm_loss * count / masked.clamp(min=1)
         if out.nsp_loss is not None:
             loss = loss + out.nsp_loss * B / global_batch
-        (loss * world).backward()  # DDP averages gradients over processes
+        # DDP averages the gradients over processes, where the loss wants their sum
+        (loss * world).backward()
         real_tokens = (batch["attention_mask"] != 0).sum()
         stats += torch.stack([loss.detach(), correct_bytes(out, batch), count, real_tokens])
     return stats
@@ -391,10 +387,11 @@ def fit(step, step_time, eval_time, eval_every):
 # first: a compiled model compiles on the first and recompiles for the second's shapes.
 fits_budget = args.max_steps is None
 eval_time, step_time, results = 0.0, 0.0, {}
-if fits_budget and (max_steps is None or step < max_steps):  # resumed too: plans count evals
+# A resumed run times them too, as its plan counts the evaluations. .item() waits for the device.
+if fits_budget and (max_steps is None or step < max_steps):
     for warm_up in (0, 1, 0):
         started = time.time()
-        train_step(warm_up)[0].item()  # waits for the device, so that the time is the step's
+        train_step(warm_up)[0].item()
         opt.zero_grad(set_to_none=True)
     step_time = time.time() - started
     started = time.time()
@@ -405,7 +402,8 @@ if fits_budget and (max_steps is None or step < max_steps):  # resumed too: plan
     log(f"time budget {args.time_budget:g} min: ~{max_steps} steps of {step_time:.2f}s; {results}")
 if not lr_steps:
     lr_steps = max_steps if fits_budget else max(max_steps, 2000)
-if max_steps > lr_steps:  # a resumed run taken further than its schedule, or --lr-steps
+# a resumed run taken further than its schedule, or an --lr-steps below --max-steps
+if max_steps > lr_steps:
     log(f"note: the LR schedule ends at step {lr_steps}; steps after it train at LR 0")
 eval_every = args.eval_interval or max(1, math.ceil(max_steps / 4))
 ckpt_every = args.ckpt_interval or eval_every
@@ -445,7 +443,8 @@ while step < max_steps:
     loss, correct, masked, real_tokens, grad_norm, signals, lates, step_times = figures.tolist()
     grad_norm = grad_norm / world  # every process's is the same
     interrupted, late = signals > 0, lates > 0
-    if step_times > 0:  # measured on every process (at the previous read): reads ~10 s apart
+    # step_times: the processes' step times at the previous read, summed; reads come ~10 s apart
+    if step_times > 0:
         agree_every = max(1, int(10 * world / step_times))
     stop_if_diverged(dict(loss=loss, grad_norm=grad_norm), step, ckpt_path)
     step_time = (time.time() - read_time) / (step - read_step)  # the mean since the last read
@@ -495,6 +494,7 @@ if master:
     if "nsp_acc" in results:
         summary += f", NSP accuracy {results['nsp_acc']:.1%}"
     print(f"{summary}; {step} steps, {time.time() - t0:.0f}s")
-if ddp:  # together: a rank that tore gloo down while rank 0 still evaluated once aborted
+# the processes end together: a rank that tore gloo down while rank 0 still evaluated once aborted
+if ddp:
     dist.barrier()
     dist.destroy_process_group()

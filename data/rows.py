@@ -1,4 +1,5 @@
-"""The rows train.py reads, cut from a corpus (see corpus.py) as each recipe says, and batched.
+"""The rows train.py reads, cut from a corpus (see corpus.py) as each recipe says, and batched;
+the masked bytes that a batch's loss counts, and those its logits predict right.
 
 Training example i is a pure function of i and the seed, so a resumed run, and any split of a global
 batch over processes and micro-batches, sees the same rows and masks. The held-out rows are the same
@@ -248,3 +249,16 @@ def collate(rows, cfg, device, rate, dtype=torch.float32):
         nsp_labels = torch.tensor([row.nsp_label for row in rows])
         batch["next_sentence_label"] = to_device(nsp_labels, device)
     return batch
+
+
+def masked_bytes(batch):
+    """The bytes that the MLM loss counts: those with a label."""
+    return (batch["labels"] != IGNORE_INDEX).sum()
+
+
+def correct_bytes(out, batch):
+    """Masked bytes predicted right. Given labels, the model's logits are the labelled bytes' only:
+    the layout's labelled tokens, whose labels a gather finds without reading the device."""
+    layout = batch["layout"]
+    targets = layout.gather(batch["labels"]).flatten()[layout.labelled]
+    return (out.logits.argmax(-1) == targets).sum()

@@ -21,9 +21,10 @@ def read_metrics(run_dir):
     evals = []
     with open(path) as f:
         for line in f:
+            # a line cut short as the run was killed, or a blank one, is skipped
             try:
                 evals.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short as the run was killed, or a blank
+            except json.JSONDecodeError:
                 continue
     if not evals:
         sys.exit(f"error: {path} has no evaluations yet")
@@ -60,13 +61,15 @@ def main():
         evals = metrics[folder]
         minutes = [e["elapsed_s"] / 60 for e in evals]
         accuracy = [100 * e["val_acc"] for e in evals]
-        style = "--" if label else "-"  # labelled runs are the variants, drawn dashed
+        # labelled runs are the variants, drawn dashed
+        style = "--" if label else "-"
         ax.plot(minutes, accuracy, style, marker="o", label=label or evals[-1]["arch"])
     ax.set_xlabel("wall-clock minutes (2-core CPU)")
     ax.set_ylabel("held-out masked-byte accuracy (%)")
     ax.set_title("python train.py --arch ARCH, default recipes")
     ax.set_xlim(0, 10)
-    ax.set_ylim(0, 112)  # room for the legend above the curves
+    # room for the legend above the curves
+    ax.set_ylim(0, 112)
     ax.set_yticks(range(0, 101, 20))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")

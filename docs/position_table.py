@@ -22,7 +22,8 @@ def describe(path):
     model.load_state_dict(state["model"])
     if model.pos_embed is None:
         return f"{path}: {cfg.arch} has no position table (RoPE)"
-    first = cfg.pos_offset  # RoBERTa's rows start past the pad id
+    # RoBERTa's rows start past the pad id
+    first = cfg.pos_offset
     # the rows train.py's run trained (its --context); a finetune.py checkpoint's: the whole table
     context = state["args"].get("context", cfg.max_len)
     rows = model.pos_embed.weight.detach()[first : first + context]
