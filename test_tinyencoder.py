@@ -1822,6 +1822,15 @@ def test_bert_and_roberta_init():
     assert not roberta.pos_embed.weight[PAD].any() and roberta.pos_embed.weight[PAD + 1].any()
 
 
+@pytest.mark.parametrize("offset, max_len", [(1, 128), (1, 512), (3, 64)])
+def test_a_position_offset_zeroes_the_row_below_the_first_position(offset, max_len):
+    """The row just below pos_offset starts at 0, RoBERTa's pad row whatever its offset; row pad_id
+    was zeroed instead: an IndexError with a table of under 257 rows, a row in use zeroed above."""
+    model = TinyEncoder(Config(hidden=32, layers=1, heads=2, pos_offset=offset, max_len=max_len))
+    rows = model.pos_embed.weight
+    assert not rows[offset - 1].any() and rows[offset:].abs().sum(1).all()
+
+
 def test_modernbert_init():
     L, std = 4, 0.02
     model = TinyEncoder(Config.from_preset("modernbert", hidden=128, layers=L, heads=2))

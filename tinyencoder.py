@@ -70,8 +70,8 @@ class Config:
     # within window / 2 on each side (window 0: all global)
     window: int = 0
     global_every: int = 1
-    # dropout: after the embeddings; on the attention probabilities; on each branch (ModernBERT:
-    # attention's) before its residual add; inside the MLP, before its down projection
+    # dropout: after the embeddings; on the attention probabilities; on each branch (pre-LN: the
+    # attention's only) before its residual add; inside the MLP, before its down projection
     embed_dropout: float = 0.1
     attn_dropout: float = 0.1
     resid_dropout: float = 0.1
@@ -86,7 +86,7 @@ class Config:
     num_labels: int = 2
     classifier_pooling: Literal["cls", "mean"] = "cls"
     classifier_dropout: float = 0.1
-    # execution: the speed, not the outputs at real tokens (section 9; dropout draws apart). unpad:
+    # execution: the speed, not the outputs at real tokens (section 9; dropout draws aside). unpad:
     # a CPU drops the padding once and runs every layer on (tokens, hidden), as flash always does.
     unpad: bool = False
     attn_backend: Literal["auto", "flash", "sdpa", "eager"] = "auto"
@@ -160,7 +160,7 @@ def eager_attention(q, k, v, mask: Optional[torch.Tensor], dropout: float) -> to
     """softmax(q k^T / sqrt(head_dim)) v. q, k, v: (B, heads, T, head_dim). mask: True where a
     query may see a key, (B, 1, T, T) or (T, T), None for all. Softmax in fp32 or wider."""
     scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-1, -2)  # (B, heads, T, T)
-    # in place: no backward reads the scores (the matmul's reads q and k, the softmax's its output)
+    # in place is safe: backward reads q, k and the softmax's output, never the scores
     if mask is not None:
         scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
     probs = scores.to(torch.promote_types(q.dtype, torch.float32)).softmax(dim=-1).to(q.dtype)
@@ -170,7 +170,7 @@ def eager_attention(q, k, v, mask: Optional[torch.Tensor], dropout: float) -> to
 
 def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) True where a run of equal ids starts, and at padding: 1 1 2 0 0 -> 1 0 1 1 1."""
-    # int64 whatever the mask's dtype: padded with -1, a bool mask would read True, as a real token
+    # int64: a bool mask padded with -1 would read True, and a row's first token not be a start
     left_neighbour = F.pad(doc_ids.long(), (1, 0), value=-1)[:, :-1]
     return (doc_ids != left_neighbour) | (doc_ids == 0)
 
@@ -195,7 +195,7 @@ def document_mask(doc_ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=4)
 def band_mask(n: int, half_window: Optional[int], device, traced=False) -> Optional[torch.Tensor]:
     """(n, n) True where |i - j| <= half_window (window 128: 64 keys each side, and itself)."""
-    if half_window is None or (n <= half_window + 1 and not traced):  # a trace: for any n
+    if half_window is None or (n <= half_window + 1 and not traced):  # a trace holds for any n
         return None
     i = torch.arange(n, device=device)
     return (i[:, None] - i[None, :]).abs() <= half_window
@@ -213,7 +213,7 @@ class Padded:
 
     @classmethod
     def from_doc_ids(cls, doc_ids, starts, half_window: Optional[int], backend: str) -> Padded:
-        # jit.trace, vmap, export: no host read, no cached band (the result outlives the call)
+        # traced (section 9): no host read, and no cached band, which would keep a traced tensor
         traced = transformed()
         whole_rows = not traced and bool((doc_ids != 0).all() & (starts.sum(1) == 1).all())
         mask = None if whole_rows else document_mask(doc_ids, starts)
@@ -350,7 +350,7 @@ class Output:
 class TinyEncoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        # a Config, and still a valid one if a field was set by hand since it was made
+        # a Config, and still a valid one if a field was set by hand since it was made (section 8)
         check_config(cfg)
         self.cfg = cfg
         H = cfg.hidden
@@ -398,7 +398,7 @@ class TinyEncoder(nn.Module):
             with torch.no_grad():
                 self.tok_embed.weight[cfg.pad_id].zero_()
                 if self.pos_embed is not None and cfg.pos_offset:  # RoBERTa's has a pad row too
-                    self.pos_embed.weight[cfg.pad_id].zero_()
+                    self.pos_embed.weight[cfg.pos_offset - 1].zero_()
 
     def forward(
         self,
@@ -413,7 +413,7 @@ class TinyEncoder(nn.Module):
         mask, each run of 1s is a document). labels: (B, T) ids to predict, IGNORE_INDEX elsewhere;
         with a classifier, (B,) classes (numbers when num_labels=1) or (B, T) tags; section 7 has
         spans and choices. layout: the batch's, made ahead by make_layout (a GPU step then never
-        waits for the host); else made here."""
+        waits for the host); else made here. Its checks: section 8."""
         check_inputs(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label)
         # multiple choice's (B, choices, T) inputs run as B * choices rows of T (section 7)
         rows = input_ids.shape[:-1]  # (B,), or (B, choices)
@@ -450,7 +450,7 @@ class TinyEncoder(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions + cfg.pos_offset)
         x = drop(self.embed_norm(x), cfg.embed_dropout, self.training)
-        rope = None  # {"global": (cos, sin), "local": (cos, sin)} at each token, for every layer
+        rope = None  # each token's cos and sin, looked up once for every layer
         if cfg.positions == "rope":
             cos, sin = self.cos[:, positions], self.sin[:, positions]  # (2, ..., 1, head_dim / 2)
             rope = {"global": (cos[0], sin[0]), "local": (cos[1], sin[1])}
@@ -498,11 +498,11 @@ def mask_tokens(ids, cfg: Config, generator=None, rate=0.15) -> tuple[torch.Tens
     return inputs, labels
 
 
-# (optional reading) Not the papers' core: 7. heads and embeddings; 8. input checks; 9. fast paths.
-# 7. Fine-tuning heads and embeddings
+# (optional reading) Not the papers' core: 7. heads and pooling; 8. input checks; 9. fast paths.
+# 7. Fine-tuning heads and pooling
 class Classifier(nn.Module):
     """The family's transformers head, (..., hidden) -> (..., num_labels; a span 2, a choice 1):
-    dropout, linear; after dropout, dense, tanh (RoBERTa, rows) or dense, act, norm (ModernBERT)."""
+    [RoBERTa rows: dropout, dense, tanh | ModernBERT: dense, act, norm], then dropout, linear."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -518,7 +518,7 @@ class Classifier(nn.Module):
         self.dropout = cfg.classifier_dropout
         if cfg.classifier == "span" and self.kind == "linear":
             self.dropout = 0.0  # BERT's and RoBERTa's QA heads have none
-        outputs = {"span": 2, "choice": 1}.get(cfg.classifier, cfg.num_labels)  # start, end; score
+        outputs = {"span": 2, "choice": 1}.get(cfg.classifier, cfg.num_labels)
         self.out = Linear(cfg.hidden, outputs)
 
     def forward(self, x):
@@ -574,7 +574,7 @@ def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Ten
 
 def span_loss(logits, spans, doc_ids) -> torch.Tensor:
     """Extractive QA: logits (B, T, 2), spans (B, 2) first and last token; the mean of start and end
-    cross-entropy (transformers'). Not counted: past the end (as there), IGNORE_INDEX, padding."""
+    cross-entropy, softmaxes over real tokens (transformers': all). Not counted: past T, -100."""
     T = logits.shape[1]
     real = doc_ids != 0
     logits = logits.float().masked_fill(~real[..., None], torch.finfo(torch.float32).min)
@@ -653,7 +653,7 @@ def check_tensor(name, t, shape, dtypes, top: Optional[float], device, ignore: b
 def check_inputs(model, input_ids, attention_mask, token_type_ids, labels, nsp_label):
     """forward's arguments: shapes, dtypes and device always; values where check_tensor reads."""
     cfg = model.cfg
-    dims = 3 if cfg.classifier == "choice" else 2  # multiple choice: (batch, choices, seq)
+    dims = 3 if cfg.classifier == "choice" else 2
     if not torch.is_tensor(input_ids) or input_ids.dim() != dims or input_ids.numel() == 0:
         got = getattr(input_ids, "shape", type(input_ids).__name__)
         shapes = "(batch, seq) tensor with a token (multiple choice: (batch, choices, seq))"
@@ -686,7 +686,7 @@ def check_inputs(model, input_ids, attention_mask, token_type_ids, labels, nsp_l
 
 
 def check_ids(ids, cfg: Config, rate):
-    if not torch.is_tensor(ids) or not isinstance(cfg, Config):  # not check_config: 0.4 ms a row
+    if not torch.is_tensor(ids) or not isinstance(cfg, Config):  # not check_config (0.4 ms a row)
         got = f"{type(ids).__name__} and {type(cfg).__name__}"
         raise ValueError(f"mask_tokens takes a tensor of ids and a Config, got {got}")
     check_tensor("ids", ids, tuple(ids.shape), INDEX_DTYPES, cfg.vocab_size, ids.device)
@@ -696,7 +696,7 @@ def check_ids(ids, cfg: Config, rate):
 
 # 9. Fast paths: what sections 3 and 4 define, faster; the tests hold each equal to its definition.
 def transformed() -> bool:
-    """torch.compile, jit.trace, torch.func (vmap, grad...), forward AD: none knows our kernels."""
+    """Whether torch.compile, jit.trace, torch.func or forward AD traces: fast paths step aside."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
     # private names, but the ones torch's own autograd.Function and forward_ad read (torch 2.0 on)
@@ -705,7 +705,7 @@ def transformed() -> bool:
 
 
 def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout(x, p, training); a CPU draws its mask 5-9x faster (README: "Dropout on a CPU")."""
+    """F.dropout; on a CPU a 5-9x faster mask, p rounded to k/65536 (README: "Dropout on a CPU")."""
     cut = round(p * 65536)
     if not (training and x.is_cpu) or transformed() or cut in (0, 65536):
         return F.dropout(x, p, training)
@@ -718,7 +718,7 @@ def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 
 # AMD CPUs with AVX-512: oneDNN's matmul is faster on large fp32 linears (README: "Linear on a CPU")
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-CPU_INFO = Path("/proc/cpuinfo")  # Linux's names the CPU's maker; elsewhere, F.linear it is
+CPU_INFO = Path("/proc/cpuinfo")  # on Linux, names the CPU's maker; elsewhere F.linear is used
 AMD = CPU_INFO.exists() and "AuthenticAMD" in CPU_INFO.read_text()
 ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if AVX512 and AMD else None
 
@@ -829,7 +829,7 @@ def make_layout(cfg: Config, doc_ids, dtype, device=None, labels=None):
 
 def attend(q, k, v, layout, half_window: Optional[int], dropout: float):
     """The one dispatch: q, k, v (B, T, heads, head_dim) on Padded rows or (N, heads, head_dim) on
-    Unpadded tokens, and out likewise. A CPU trains in fp32; bf16 inference stays bf16 (README)."""
+    Unpadded tokens, and out likewise. A CPU attends in fp32, but bf16 without grads (README)."""
     if q.is_cpu and (q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and q.requires_grad)):
         with torch.autocast("cpu", enabled=False):  # which would cast fp32 back down
             out = attend(q.float(), k.float(), v.float(), layout, half_window, dropout)
@@ -851,7 +851,7 @@ def padded_attention(q, k, v, layout: Padded, half_window: Optional[int], dropou
         out = eager_attention(q, k, v, mask, dropout)
     elif q.is_cpu and mask is not None and half_window and q.shape[-2] > 4 * half_window:
         out = window_blocks(q, k, v, mask, half_window, dropout)
-    elif q.is_cpu and dropout > 0:  # what SDPA runs there too, but with drop's cheaper mask
+    elif q.is_cpu and dropout > 0:  # SDPA's CPU dropout is this same math; drop's mask is cheaper
         out = eager_attention(q, k, v, mask, dropout)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -860,7 +860,7 @@ def padded_attention(q, k, v, layout: Padded, half_window: Optional[int], dropou
 
 def window_blocks(q, k, v, mask, w: int, dropout: float) -> torch.Tensor:
     """Sliding-window attention in blocks of w = half_window queries (with dropout eager, as
-    in padded_attention): block i sees key blocks i - 1 to i + 1, all keys its queries' see."""
+    in padded_attention): block i sees key blocks i - 1 to i + 1, every key its queries may see."""
     attention = F.scaled_dot_product_attention if dropout == 0 else eager_attention
     key_blocks, value_blocks = k.split(w, dim=-2), v.split(w, dim=-2)
     outs = []
@@ -882,7 +882,7 @@ def attend_documents(q, k, v, layout: Unpadded, half_window: Optional[int], drop
     pieces = (t.split(layout.seqlens) for t in (q, k, v))
     for n, qd, kd, vd in zip(layout.seqlens, *pieces):
         doc_band = None if band is None else band[:n, :n]
-        row = Padded(doc_band, local_mask=doc_band, backend=layout.backend)
+        row = Padded(None, local_mask=doc_band, backend=layout.backend)
         outs.append(padded_attention(qd[None], kd[None], vd[None], row, half_window, dropout)[0])
     return torch.cat(outs)
 
