@@ -289,6 +289,22 @@ def test_packed_documents_are_isolated(preset, unpad):
     assert not torch.allclose(changed[11:17], packed[11:17], atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_runs_of_one_id_split_by_padding_are_two_documents(preset, backend):
+    """In a 0/1 mask each run of 1s is a document: 1 1 0 1 1 is two, not one with a hole."""
+    model = perturb(TinyEncoder(tiny(preset, attn_backend=backend, unpad=False))).eval()
+    doc = torch.tensor([[1] * 6 + [0] * 3 + [1] * 6])
+    ids = torch.randint(0, 256, doc.shape).masked_fill(doc == 0, PAD)
+    changed = ids.clone()
+    changed[0, 9:] = (ids[0, 9:] + 1) % 256
+    with torch.no_grad():
+        first, first_changed = model(ids, doc).hidden[0, :6], model(changed, doc).hidden[0, :6]
+        alone = model(ids[:, :6], doc[:, :6]).hidden[0]
+    assert_close(first, first_changed, 1e-5)
+    assert_close(first, alone, 1e-5)
+
+
 def test_the_document_mask_keeps_documents_and_padding_apart():
     """Each token sees its own document's real tokens; a padding query sees itself alone, so that
     its softmax has a key (with none, a backend may give NaN, and NaN times 0 is NaN)."""
@@ -578,23 +594,41 @@ def test_cpu_attention_dropout_is_seeded_and_unbiased(unpad):
     assert error < 0.1 * clean[real].abs().max()
 
 
+@pytest.mark.parametrize("branch", ["attn", "mlp"])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_residual_dropout_is_the_familys(preset):
+def test_residual_dropout_is_the_familys(preset, branch):
     """BERT and RoBERTa drop both branches' outputs before their residual adds; ModernBERT (its
-    attention_dropout, transformers' out_drop) only the attention's. With the attention's output
-    projection zeroed, only the MLP branch is left: training mode differs from eval mode where it
-    is dropped."""
+    attention_dropout, transformers' out_drop) only the attention's. With the other branch's output
+    projection zeroed, weight and bias, this one alone is left: training mode differs from eval
+    mode where it is dropped."""
     cfg = tiny(preset, embed_dropout=0.0, attn_dropout=0.0, resid_dropout=0.5, mlp_dropout=0.0)
     model = perturb(TinyEncoder(cfg))
     with torch.no_grad():
         for layer in model.layers:
-            layer.attn.out.weight.zero_()
-    ids, mask = batch()
+            other = layer.mlp.down if branch == "attn" else layer.attn.out
+            other.weight.zero_()
+            if other.bias is not None:
+                other.bias.zero_()
+    trained, evaluated = train_and_eval(model, *batch())
+    dropped = branch == "attn" or preset != "modernbert"
+    assert torch.allclose(trained, evaluated, atol=1e-5) != dropped
+
+
+def train_and_eval(model, ids, mask):
+    """The hidden states at real tokens in training mode and in eval mode."""
     real = mask.bool()
     with torch.no_grad():
-        trained = model.train()(ids, mask).hidden[real]
-        evaluated = model.eval()(ids, mask).hidden[real]
-    assert torch.allclose(trained, evaluated, atol=1e-5) == (preset == "modernbert")
+        return model.train()(ids, mask).hidden[real], model.eval()(ids, mask).hidden[real]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_embedding_dropout_alone_makes_training_differ(preset):
+    off = dict(attn_dropout=0.0, resid_dropout=0.0, mlp_dropout=0.0)
+    ids, mask = batch()
+    for rate in (0.0, 0.5):
+        model = perturb(TinyEncoder(tiny(preset, embed_dropout=rate, **off)))
+        trained, evaluated = train_and_eval(model, ids, mask)
+        assert torch.allclose(trained, evaluated, atol=1e-5) == (rate == 0.0)
 
 
 @pytest.mark.parametrize("kind", ["sequence", "token", "span"])
@@ -1829,6 +1863,29 @@ def test_a_position_offset_zeroes_the_row_below_the_first_position(offset, max_l
     model = TinyEncoder(Config(hidden=32, layers=1, heads=2, pos_offset=offset, max_len=max_len))
     rows = model.pos_embed.weight
     assert not rows[offset - 1].any() and rows[offset:].abs().sum(1).all()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_pad_row_takes_no_gradient_from_the_lookup(preset):
+    """As transformers' padding_idx: a PAD id read as a real token (no attention_mask) adds its row,
+    but the row learns nothing from it. A sequence head: no tied decoder writes to the row."""
+    model = perturb(TinyEncoder(tiny(preset, classifier="sequence")))
+    ids, _ = batch(lens=(24, 24))
+    # read as real tokens: no mask given
+    ids[:, 5:9] = PAD
+    model(ids, labels=torch.tensor([0, 1])).loss.backward()
+    grad = model.tok_embed.weight.grad
+    assert not grad[PAD].any() and grad[ids[0, 1]].any()
+
+
+def test_modernbert_classifier_out_starts_at_hidden_to_the_minus_half():
+    """transformers' ModernBERT: final_out ~ N(0, hidden^-0.5) truncated at 2 std, not init_std."""
+    cfg = Config.from_preset(
+        "modernbert", hidden=128, layers=2, heads=2, classifier="sequence", num_labels=64
+    )
+    w = TinyEncoder(cfg).classifier.out.weight.detach()
+    s = cfg.hidden**-0.5
+    assert w.abs().max() <= 2 * s + 1e-7 and abs(w.std().item() / (TRUNC2 * s) - 1) < 0.05
 
 
 def test_modernbert_init():

@@ -844,6 +844,30 @@ def test_collate_never_labels_padding():
     assert (batch["labels"][~padding] != te.IGNORE_INDEX).sum() == (~padding).sum() - 2 * len(rows)
 
 
+def test_correct_bytes_of_unpadded_held_out_rows():
+    """ModernBERT unpads padded held-out rows: correct_bytes takes each labelled byte's own target,
+    in the order of the model's logits (a perfect prediction counts every masked byte)."""
+    import torch.nn.functional as F
+
+    import tinyencoder as te
+    from data.rows import collate, correct_bytes, held_out_rows, masked_bytes
+
+    data = np.frombuffer(b"short text. " * 3 + b"a longer line of text, " * 5, np.uint8)
+    cfg = te.Config.from_preset("modernbert", hidden=64, layers=3, heads=2, max_len=128)
+    _, rows = held_out_rows(data, np.array([0, 36, len(data)]), 128, 4, cfg)
+    batch = collate(rows, cfg, torch.device("cpu"), 0.5)
+    assert isinstance(batch["layout"], te.Unpadded) and (batch["attention_mask"] == 0).any()
+    labelled = batch["labels"] != te.IGNORE_INDEX
+    model = te.TinyEncoder(cfg).eval()
+    with torch.no_grad():
+        sparse = model(**batch).logits
+        dense = model(batch["input_ids"], batch["attention_mask"]).logits
+    # the labelled bytes' logits, in row order
+    assert torch.allclose(sparse, dense[labelled], atol=1e-4)
+    out = types.SimpleNamespace(logits=F.one_hot(batch["labels"][labelled], cfg.vocab_size))
+    assert labelled.any() and correct_bytes(out, batch) == masked_bytes(batch) == labelled.sum()
+
+
 def test_more_held_out_rows_asked_than_spans_gives_each_span_once():
     """--eval-seqs 10**12: every span once, as any count from their number up (np.linspace listed
     10**12 indices first: a MemoryError of terabytes)."""
