@@ -509,12 +509,12 @@ class Classifier(nn.Module):
         self.kind = "linear"
         if cfg.arch == "modernbert":
             self.kind = "transform"
+            self.act = ACTIVATIONS[cfg.act]
             self.norm = layer_norm(cfg)
         elif cfg.arch == "roberta" and cfg.classifier == "sequence":
             self.kind = "tanh"
         if self.kind != "linear":
             self.dense = Linear(cfg.hidden, cfg.hidden, bias=cfg.head_bias)
-        self.act = ACTIVATIONS[cfg.act]
         self.dropout = cfg.classifier_dropout
         if cfg.classifier == "span" and self.kind == "linear":
             self.dropout = 0.0  # BERT's and RoBERTa's QA heads have none
