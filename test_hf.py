@@ -1322,3 +1322,140 @@ def test_export_to_a_path_that_cannot_be_a_folder_is_one_line(tmp_path, where):
     run = run_python(command)
     assert run.returncode != 0 and f"{tmp_path / 'file'}" in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+
+
+# Each config field under transformers' own key, both ways, where presets never show it
+SPECIAL_KEYS = {
+    "bert": ("bos_token_id", "eos_token_id"),
+    "roberta": ("bos_token_id", "eos_token_id"),
+    "modernbert": ("cls_token_id", "sep_token_id"),
+}
+
+
+@pytest.mark.parametrize("preset", ["bert", "roberta", "modernbert"])
+def test_special_ids_are_written_and_read_under_transformers_keys(preset):
+    """[CLS], [SEP] and [MASK] other than the defaults survive config_to_hf -> config_from_hf,
+    each under the key transformers' config of the family names it."""
+    cfg = tiny(preset, nsp=False, cls_id=280, sep_id=290, mask_id=300)
+    hf = tinyencoder_hf.config_to_hf(cfg)
+    cls_key, sep_key = SPECIAL_KEYS[preset]
+    assert (hf[cls_key], hf[sep_key], hf["mask_token_id"]) == (280, 290, 300)
+    assert tinyencoder_hf.config_from_hf(hf) == cfg
+
+
+DROPOUTS = [
+    (
+        "bert",
+        dict(nsp=False, attn_dropout=0.2, resid_dropout=0.3, embed_dropout=0.3),
+        dict(attention_probs_dropout_prob=0.2, hidden_dropout_prob=0.3),
+    ),
+    (
+        "modernbert",
+        dict(attn_dropout=0.2, resid_dropout=0.2, embed_dropout=0.3, mlp_dropout=0.4),
+        dict(attention_dropout=0.2, embedding_dropout=0.3, mlp_dropout=0.4),
+    ),
+]
+
+
+@pytest.mark.parametrize("preset, fields, keys", DROPOUTS)
+def test_dropouts_are_written_and_read_under_transformers_keys(preset, fields, keys):
+    """Each dropout that differs from the others lands under its own key and reads back (a BERT
+    MLM's classifier_dropout is not written, and reads back as hidden_dropout_prob: unused)."""
+    cfg = tiny(preset, **fields)
+    hf = tinyencoder_hf.config_to_hf(cfg)
+    assert {key: hf[key] for key in keys} == keys
+    back = tinyencoder_hf.config_from_hf(hf)
+    for name in ("attn_dropout", "resid_dropout", "embed_dropout", "mlp_dropout"):
+        assert getattr(back, name) == getattr(cfg, name), name
+
+
+def test_a_bert_classifier_without_classifier_dropout_drops_with_hidden_dropout():
+    """BertForSequenceClassification falls back on hidden_dropout_prob (classifier_dropout null)."""
+    hf = dict(model_type="bert", hidden_dropout_prob=0.3, classifier_dropout=None)
+    assert tinyencoder_hf.config_from_hf(hf, classifier="sequence").classifier_dropout == 0.3
+
+
+def test_a_modernbert_with_biases_round_trips(tmp_path):
+    """attention/mlp, norm and head biases all on: saved, read back as the same Config; an
+    mlp_bias that differs from attention_bias is refused."""
+    pytest.importorskip("safetensors.torch", reason="save writes model.safetensors")
+    over = dict(bias=True, norm_bias=True, head_bias=True, classifier="sequence", num_labels=3)
+    cfg = tiny("modernbert", **over)
+    tinyencoder_hf.save(TinyEncoder(cfg), str(tmp_path))
+    assert tinyencoder_hf.load(str(tmp_path)).cfg == cfg
+    edit_config(tmp_path, mlp_bias=False)
+    with pytest.raises(ValueError, match="attention_bias must equal mlp_bias"):
+        tinyencoder_hf.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("preset", ["bert", "modernbert"])
+def test_the_tanh_gelu_round_trips(preset):
+    """act="gelu_tanh" is written (hidden_act / hidden_activation, and ModernBERT's
+    classifier_activation) and read back; gelu_new reads as it too."""
+    cfg = tiny(preset, nsp=False, act="gelu_tanh")
+    assert tinyencoder_hf.config_from_hf(tinyencoder_hf.config_to_hf(cfg)) == cfg
+    new = tinyencoder_hf.config_from_hf(dict(model_type="bert", hidden_act="gelu_new"))
+    assert new.act == "gelu_tanh"
+
+
+def test_load_gives_fp32_whatever_the_checkpoint_stores(tmp_path):
+    pytest.importorskip("safetensors.torch", reason="save writes model.safetensors")
+    model = TinyEncoder(tiny("bert", nsp=False))
+    tinyencoder_hf.save(model.to(torch.bfloat16), str(tmp_path))
+    loaded = tinyencoder_hf.load(str(tmp_path))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert torch.equal(loaded.tok_embed.weight, model.tok_embed.weight.float())
+
+
+@pytest.mark.parametrize(
+    "hf, message",
+    [
+        (dict(add_cross_attention=True), "is_decoder and add_cross_attention"),
+        (dict(position_embedding_type="relative_key"), "position_embedding_type 'relative_key'"),
+    ],
+)
+def test_config_from_hf_refuses_what_bert_computes_differently(hf, message):
+    with pytest.raises(ValueError, match=message):
+        tinyencoder_hf.config_from_hf(dict(model_type="bert", **hf))
+
+
+@pytest.mark.parametrize(
+    "preset, field, value",
+    [("bert", "window", 8), ("bert", "mlp_dropout", 0.1), ("bert", "type_vocab", 0)]
+    + [("modernbert", "resid_dropout", 0.1)],
+)
+def test_config_to_hf_names_each_field_transformers_hard_codes(preset, field, value):
+    with pytest.raises(ValueError, match=re.escape(f"offending: {{{field!r}: {value!r}}}")):
+        tinyencoder_hf.config_to_hf(tiny(preset, nsp=False, **{field: value}))
+
+
+def test_saved_tokenizer_and_sentence_transformers_know_the_special_tokens_and_length(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the tokenizer is transformers'")
+    cfg = tiny("bert", nsp=False, max_len=48)
+    tinyencoder_hf.save(TinyEncoder(cfg), str(tmp_path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    specials = (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+    assert specials + (tokenizer.mask_token_id,) == (CLS, SEP, PAD, MASK)
+    assert tokenizer.model_max_length == 48
+    st_config = json.loads((tmp_path / "sentence_bert_config.json").read_text())
+    assert st_config["max_seq_length"] == 48
+
+
+def test_a_byte_sized_vocabulary_whose_pad_is_a_byte_gets_no_tokenizer(tmp_path):
+    """vocab_size 320 but [PAD] id 0, a byte: not the byte vocabulary; no tokenizer is written."""
+    pytest.importorskip("safetensors.torch", reason="save writes model.safetensors")
+    with pytest.warns(UserWarning, match="holds no tokenizer"):
+        tinyencoder_hf.save(TinyEncoder(tiny("bert", nsp=False, pad_id=0)), str(tmp_path))
+    assert not (tmp_path / "tokenizer.json").exists()
+
+
+def test_layer_types_beside_a_period_that_gives_another_pattern_load_by_the_types(tmp_path):
+    """layer_types [G, L, L] beside a hand-edited period of 0: no later global layer, so the period
+    is the layer count (3), which gives those types (period 1 would make every layer global)."""
+    pytest.importorskip("safetensors.torch", reason="save writes model.safetensors")
+    cfg = tiny("modernbert", global_every=7)
+    tinyencoder_hf.save(TinyEncoder(cfg), str(tmp_path))
+    edit_config(tmp_path, global_attn_every_n_layers=0)
+    loaded = tinyencoder_hf.load(str(tmp_path)).cfg
+    assert loaded.global_every == 3
+    assert tinyencoder_hf.layer_types(loaded) == tinyencoder_hf.layer_types(cfg)
