@@ -2169,3 +2169,205 @@ def test_compiled_forward_breaks_outside_the_layers(preset, unpad):
         # make_layout (called by TinyEncoder.forward), or masked_lm: never a layer's forward
         assert functions.count("forward") <= 1, (graph_break.reason, functions)
         assert functions[-1] in ("make_layout", "masked_lm"), (graph_break.reason, functions)
+
+
+# -------------------------------------------------------------------------------------------------
+# Tests from a mutation run over sections 7-9 of tinyencoder.py
+def test_roberta_sequence_head_drops_its_input_before_the_dense_layer_too():
+    """RoBERTa's sequence head (transformers' RobertaClassificationHead) drops its input before
+    the dense layer and again before the output layer: two masks, drawn in that order."""
+    cfg = tiny("roberta", nsp=False, classifier="sequence", num_labels=3, classifier_dropout=0.5)
+    head = perturb(tinyencoder.Classifier(cfg)).train()
+    x = torch.randn(4, cfg.hidden)
+    torch.manual_seed(1)
+    got = head(x)
+    torch.manual_seed(1)
+    inner = torch.tanh(head.dense(tinyencoder.drop(x, 0.5)))
+    assert_close(got, head.out(tinyencoder.drop(inner, 0.5)), 0)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_one_label_makes_a_regression_of_rows_not_of_tokens(preset):
+    """num_labels=1 makes a sequence head a regression; a token classifier of one class still
+    takes class ids (padding's -100), and its cross-entropy over a single class is 0."""
+    model = TinyEncoder(tiny(preset, nsp=False, classifier="token", num_labels=1))
+    ids, mask = batch()
+    labels = torch.zeros_like(ids).masked_fill(mask == 0, IGNORE_INDEX)
+    out = model(ids, mask, labels=labels)
+    assert out.logits.shape == (*ids.shape, 1) and out.loss.item() == 0
+
+
+def test_a_bf16_models_loss_is_fp32_cross_entropy():
+    """A model cast to bf16 (no autocast) gives bf16 logits; its MLM loss is taken in fp32."""
+    model = perturb(TinyEncoder(tiny("roberta"))).eval().bfloat16()
+    ids, mask = batch()
+    inputs, labels = mask_tokens(ids, model.cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(inputs, mask, labels=labels)
+    expected = F.cross_entropy(out.logits.float(), labels[labels != IGNORE_INDEX])
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    assert_close(out.loss, expected, 1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_pool_reads_any_nonzero_document_id_as_real(pooling):
+    """pool takes forward's doc_ids: a row whose document id is 7 (or 2) pools its real tokens as
+    a 0/1 mask's does: the first one, or their mean."""
+    hidden = torch.randn(2, 6, 4)
+    ones = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]])
+    ids = ones * torch.tensor([[7], [2]])
+    expected = {"cls": hidden[[0, 1], [1, 0]]}
+    expected["mean"] = torch.stack([hidden[0, 1:4].mean(0), hidden[1, :5].mean(0)])
+    assert_close(tinyencoder.pool(hidden, ids, pooling), expected[pooling], 1e-6)
+
+
+def test_span_loss_counts_the_first_token_and_ignores_negative_positions():
+    """A span at position 0 (transformers' "no answer", [CLS]) counts; a negative position, which
+    forward's value checks let through off a CPU, is ignored as -100 is."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 2, generator=g)
+    doc = torch.ones(2, 6, dtype=torch.long)
+    spans = torch.tensor([[0, 0], [2, 4]])
+    start = F.cross_entropy(logits[..., 0], spans[:, 0])
+    end = F.cross_entropy(logits[..., 1], spans[:, 1])
+    assert_close(tinyencoder.span_loss(logits, spans, doc), (start + end) / 2, 1e-6)
+    negative = torch.tensor([[-1, -1], [2, 4]])
+    start = F.cross_entropy(logits[1:, :, 0], spans[1:, 0])
+    end = F.cross_entropy(logits[1:, :, 1], spans[1:, 1])
+    assert_close(tinyencoder.span_loss(logits, negative, doc), (start + end) / 2, 1e-6)
+
+
+CONFIG_REFUSALS = [
+    ("layers", True, "Config.layers=True is not of type int"),
+    ("layers", 0, "Config.layers=0 must be above 0"),
+    ("max_len", 0, "Config.max_len=0 must be above 0"),
+    ("rope_theta", 0.0, "Config.rope_theta=0.0 must be above 0"),
+    ("rope_theta_local", 0.0, "Config.rope_theta_local=0.0 must be above 0"),
+    ("classifier_dropout", 1.0, "Config.classifier_dropout=1.0 must be below 1"),
+    ("mask_id", 320, "Config.mask_id=320 must be below vocab_size=320"),
+]
+
+
+@pytest.mark.parametrize("field,value,match", CONFIG_REFUSALS)
+def test_config_refuses_each_field_out_of_its_range(field, value, match):
+    """Each field's type and range: a bool is no int, sizes and thetas above 0, every dropout
+    (the classifier's too) below 1, every special id below vocab_size."""
+    with pytest.raises(ValueError, match=match):
+        tiny("modernbert", **{field: value})
+
+
+def test_learned_positions_take_an_odd_head_dim():
+    """RoPE turns pairs of a head's dimensions: an odd head_dim is ModernBERT's problem alone;
+    learned positions take any (BERT of hidden 40 and 8 heads: head_dim 5)."""
+    model = TinyEncoder(tiny("bert", hidden=40, heads=8)).eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        assert model(ids, mask).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_document_of_exactly_max_len_tokens_runs(preset):
+    """max_len bounds a document's length: one of exactly max_len tokens fits."""
+    model = TinyEncoder(tiny(preset)).eval()
+    ids = torch.randint(0, 256, (1, model.cfg.max_len))
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, model.cfg.max_len, VOCAB_SIZE)
+
+
+def test_flash_unpads_rows_that_are_each_one_whole_document(monkeypatch):
+    """Whole rows stay batched rows on a CPU (SDPA); flash attends to unpadded tokens whatever
+    the rows hold, so that the kernel runs on them too."""
+    monkeypatch.setattr(tinyencoder, "pick_backend", lambda cfg, device, dtype: "flash")
+    whole = torch.ones(3, 24, dtype=torch.long)
+    layout = tinyencoder.make_layout(tiny("modernbert"), whole, torch.bfloat16)
+    assert isinstance(layout, tinyencoder.Unpadded) and layout.backend == "flash"
+
+
+def checked_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size):
+    """stand_in_flash, after what the varlen kernels require and it does not: a contiguous last
+    dimension, int32 cu_seqlens, and a max_seqlen no shorter than any document."""
+    assert all(t.stride(-1) == 1 for t in (q, k, v)), [t.stride() for t in (q, k, v)]
+    assert cu_q.dtype == torch.int32 and cu_k.dtype == torch.int32, cu_q.dtype
+    assert min(max_q, max_k) >= int(cu_q.diff().max()), (max_q, max_k, cu_q)
+    return stand_in_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size)
+
+
+def stand_in_flash_op(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, debug, **sides):
+    """torch's _flash_attention_forward as attend calls it, by checked_flash: not causal, no
+    debug mask, the same window each side; the output first."""
+    assert not is_causal and not debug, (is_causal, debug)
+    window = (sides["window_size_left"], sides["window_size_right"])
+    return (checked_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window),)
+
+
+@pytest.mark.parametrize("kernel", ["flash-attn", "torch flash op"])
+@pytest.mark.parametrize("half_window", [None, 4])
+def test_the_flash_call_is_what_each_kernel_takes(kernel, half_window, monkeypatch):
+    """Either kernel's call, through a stand-in that checks it: packed documents of up to 24
+    tokens in 3 rows, q, k, v strided (a last dimension that is not contiguous), and the output
+    eager attention's on the same rows."""
+    doc = packed_batch()[1]
+    eager = tiny("modernbert", attn_backend="eager", unpad=False)
+    rows = tinyencoder.make_layout(eager, doc, torch.float32)
+    monkeypatch.setattr(tinyencoder, "FLASH", kernel)
+    monkeypatch.setattr(tinyencoder, "flash_attn_varlen_func", checked_flash)
+    monkeypatch.setattr(tinyencoder, "FLASH_OP", stand_in_flash_op)
+    monkeypatch.setattr(tinyencoder, "pick_backend", lambda cfg, device, dtype: "flash")
+    layout = tinyencoder.make_layout(tiny("modernbert"), doc, torch.bfloat16)
+    q, k, v = (torch.randn(len(layout.indices), 16, 2).transpose(1, 2) for _ in range(3))
+    out = tinyencoder.attend(q, k, v, layout, half_window, 0.0)
+    padded = (layout.scatter(t) for t in (q, k, v))
+    expected = tinyencoder.attend(*padded, rows, half_window, 0.0)
+    assert_close(layout.scatter(out), expected.masked_fill((doc == 0)[..., None, None], 0), 1e-5)
+
+
+BACKEND_PICKS = [  # a GPU's compute capability, the dtype, hidden (2 heads), autocast's dtype
+    ((8, 0), torch.bfloat16, 512, None, "flash"),  # head_dim 256, the kernels' largest
+    ((9, 0), torch.float16, 16, None, "flash"),  # head_dim 8, their smallest
+    ((7, 5), torch.bfloat16, 64, None, "sdpa"),  # before Ampere
+    ((8, 0), torch.float32, 64, None, "sdpa"),
+    ((8, 0), torch.float32, 64, torch.bfloat16, "flash"),  # fp32 weights, bf16 matmuls
+    ((8, 0), torch.bfloat16, 528, None, "sdpa"),  # head_dim 264
+    ((8, 0), torch.bfloat16, 20, None, "sdpa"),  # head_dim 10, not a multiple of 8
+]
+
+
+@pytest.mark.parametrize("capability,dtype,hidden,autocast,expected", BACKEND_PICKS)
+def test_auto_picks_flash_on_sm80_in_half_precision(
+    capability, dtype, hidden, autocast, expected, monkeypatch
+):
+    """attn_backend="auto" on a CUDA device (its capability and autocast stood in for): flash
+    where a kernel is found, the GPU is sm80 or later, the matmuls run in fp16 or bf16 (autocast's
+    dtype where it is on) and head_dim is 8, 16, ..., 256; else SDPA."""
+    monkeypatch.setattr(tinyencoder, "FLASH", "flash-attn")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type: autocast is not None)
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: autocast)
+    cfg = tiny("bert", hidden=hidden, heads=2)
+    assert tinyencoder.pick_backend(cfg, torch.device("cuda"), dtype) == expected
+
+
+def test_sdpa_off_a_cpu_gets_the_attention_dropout(monkeypatch):
+    """A CPU drops attention probabilities in eager attention; elsewhere (here the meta device)
+    SDPA runs them, given the dropout rate."""
+    rates = []
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0):
+        rates.append(dropout_p)
+        return q
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    whole = torch.ones(2, 8, dtype=torch.long)
+    layout = tinyencoder.make_layout(tiny("bert"), whole, torch.float32)  # rows, no mask
+    q, k, v = (torch.empty(2, 8, 2, 16, device="meta") for _ in range(3))
+    assert tinyencoder.attend(q, k, v, layout, None, 0.1).is_meta
+    assert rates == [0.1]
+
+
+def test_unpad_is_a_cpus_a_gpu_without_flash_runs_rows(monkeypatch):
+    """cfg.unpad asks a CPU to unpad; a GPU that cannot run flash (sm75 here, stood in for) runs
+    SDPA on padded rows under the document mask, unpad or not."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    cfg = tiny("modernbert", unpad=True)
+    layout = tinyencoder.make_layout(cfg, packed_batch()[1], torch.bfloat16, "cuda")
+    assert isinstance(layout, tinyencoder.Padded) and layout.backend == "sdpa"
