@@ -574,7 +574,7 @@ def pool(hidden: torch.Tensor, doc_ids: torch.Tensor, pooling: str) -> torch.Ten
 
 def span_loss(logits, spans, doc_ids) -> torch.Tensor:
     """Extractive QA: logits (B, T, 2), spans (B, 2) first and last token; the mean of start and end
-    cross-entropy, softmax over real tokens (transformers': all). Ignored: past T, -100, padding."""
+    cross-entropy, softmax over real tokens (transformers': all). Ignored: past T, < 0, padding."""
     T = logits.shape[1]
     real = doc_ids != 0
     logits = logits.float().masked_fill(~real[..., None], torch.finfo(torch.float32).min)
