@@ -2437,3 +2437,31 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_half_file(tmp_path,
     with pytest.raises(SystemExit, match=r"could not write .*ckpt_last.pt \(is the disk full\?"):
         runs.save_checkpoint(str(path), {"step": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+# -------------------------------------------------------------------------------------------------
+# Tests from a mutation run over runs.py (its first pass; each fails on its mutant)
+def test_sinusoids_fill_sin_and_cos_from_the_offset_on():
+    """Vaswani et al.'s table from row offset on (position 0 there): sin on even dimensions, cos
+    on odd ones, both scaled; the rows below the offset are left as they were."""
+    from runs import sinusoids
+
+    table = torch.full((6, 4), 7.0)
+    sinusoids(table, offset=2, amplitude=0.1)
+    position = torch.arange(4.0)[:, None]
+    rate = torch.tensor([1.0, 0.01])  # 10000^(-i / 4) for i = 0, 2
+    assert torch.equal(table[:2], torch.full((2, 4), 7.0))
+    torch.testing.assert_close(table[2:, 0::2], 0.1 * torch.sin(position * rate))
+    torch.testing.assert_close(table[2:, 1::2], 0.1 * torch.cos(position * rate))
+
+
+def test_a_dropout_flag_of_1_is_refused_and_one_just_below_taken():
+    """--dropout's range is [0, 1): 1 would zero every activation (and scale by 1 / 0)."""
+    from argparse import ArgumentTypeError
+
+    from runs import DROPOUT
+
+    assert DROPOUT("0.999") == 0.999
+    assert DROPOUT("0") == 0.0
+    with pytest.raises(ArgumentTypeError, match="below 1"):
+        DROPOUT("1")
