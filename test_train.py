@@ -2465,3 +2465,22 @@ def test_a_dropout_flag_of_1_is_refused_and_one_just_below_taken():
     assert DROPOUT("0") == 0.0
     with pytest.raises(ArgumentTypeError, match="below 1"):
         DROPOUT("1")
+
+
+def test_a_resumed_run_keeps_this_machines_flags_and_the_runs_where_auto(monkeypatch):
+    """resumed_args: a flag in keep stays this machine's; one not given, or given as "auto", takes
+    the run's; one given anew is used and listed; the parser's defaults are its own again after."""
+    from runs import Parser, resumed_args
+
+    parser = Parser()
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int, default=1)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--dtype", "auto", "--lr", "0.5"])
+    args = parser.parse_args()
+    saved = dict(device="cuda", dtype="bfloat16", lr=0.1, seed=7)
+    changed = resumed_args(parser, args, saved, keep=("device",), fixed=())
+    assert vars(args) == dict(device="auto", dtype="bfloat16", lr=0.5, seed=7)
+    assert changed == ["--lr 0.5 (the run's: 0.1)"]
+    assert parser.parse_args([]).seed == 1
