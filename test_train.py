@@ -2484,3 +2484,24 @@ def test_a_resumed_run_keeps_this_machines_flags_and_the_runs_where_auto(monkeyp
     assert vars(args) == dict(device="auto", dtype="bfloat16", lr=0.5, seed=7)
     assert changed == ["--lr 0.5 (the run's: 0.1)"]
     assert parser.parse_args([]).seed == 1
+
+
+def test_each_epoch_reads_every_row_once_in_a_new_order_with_new_dynamic_masks():
+    """An epoch is a permutation of the corpus's rows, shuffled anew each epoch (as a DataLoader
+    with shuffle=True); dynamic masks are keyed by the example, not by its row, so that a row read
+    again is masked anew."""
+    from types import SimpleNamespace
+
+    from data.rows import TrainingRows
+
+    docs = [b"document %d. " % k * (3 + k % 5) for k in range(30)]
+    data, offsets = byte_corpus(docs)
+    recipe = SimpleNamespace(inputs="full-sentences", masking="dynamic")
+    rows = TrainingRows(recipe, data, offsets, 32, 0, 1)
+    first, second = rows.order(0).tolist(), rows.order(1).tolist()
+    assert sorted(first) == list(range(rows.count))
+    assert sorted(second) == list(range(rows.count))
+    assert first != second
+    again = rows.count + second.index(first[0])  # epoch 0's first row, read in epoch 1
+    assert np.array_equal(rows[0].ids, rows[again].ids)
+    assert rows[0].mask_key != rows[again].mask_key
