@@ -2505,3 +2505,19 @@ def test_each_epoch_reads_every_row_once_in_a_new_order_with_new_dynamic_masks()
     again = rows.count + second.index(first[0])  # epoch 0's first row, read in epoch 1
     assert np.array_equal(rows[0].ids, rows[again].ids)
     assert rows[0].mask_key != rows[again].mask_key
+
+
+def test_files_too_few_to_hold_out_lose_their_last_tenth_to_validation():
+    """With no file held out by name, each file's first nine tenths (rounded down) train and the
+    rest is held out: the two parts are the file, with no byte in both."""
+    from data.corpus import split_documents
+
+    documents = [("a.txt", bytes(range(65, 91)) * 30), ("b.txt", b"xyz" * 201)]
+    parts = split_documents(documents, "corp")
+    train_bytes, train_offsets = parts["train"]
+    val_bytes, val_offsets = parts["val"]
+    for d, (_, data) in enumerate(documents):
+        train = train_bytes[train_offsets[d] : train_offsets[d + 1]].tobytes()
+        val = val_bytes[val_offsets[d] : val_offsets[d + 1]].tobytes()
+        assert len(train) == len(data) * 9 // 10
+        assert train + val == data
