@@ -2521,3 +2521,31 @@ def test_files_too_few_to_hold_out_lose_their_last_tenth_to_validation():
         val = val_bytes[val_offsets[d] : val_offsets[d + 1]].tobytes()
         assert len(train) == len(data) * 9 // 10
         assert train + val == data
+
+
+class Unexpected:
+    """A class that a pickle names: torch.load with weights_only runs no code a file names."""
+
+
+def test_a_checkpoint_that_pickles_an_object_is_refused(tmp_path):
+    """A checkpoint is loaded with weights_only: a file that pickles an object (code it would
+    run) is refused in one line naming the flag, and nothing of it is built."""
+    from runs import load_checkpoint
+
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {}, "cfg": {}, "extra": Unexpected()}, path)
+    with pytest.raises(SystemExit, match=r"--init-from .*: not a readable checkpoint"):
+        load_checkpoint(str(path), "--init-from")
+
+
+def test_a_bert_document_longer_than_a_pair_is_cut_into_pairs_rounded_up():
+    """BERT's pairs cut each document in pieces of length - 3 bytes, the last one shorter: a
+    document of 1.5 pieces makes two pairs, a short one one."""
+    from types import SimpleNamespace
+
+    from data.rows import TrainingRows
+
+    data, offsets = byte_corpus([b"a" * 150, b"b" * 40])
+    recipe = SimpleNamespace(inputs="pairs", masking="static")
+    rows = TrainingRows(recipe, data, offsets, 103, 1337, 10)
+    assert rows.pair_starts.tolist() == [0, 100, 150]
