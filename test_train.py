@@ -2549,3 +2549,19 @@ def test_a_bert_document_longer_than_a_pair_is_cut_into_pairs_rounded_up():
     recipe = SimpleNamespace(inputs="pairs", masking="static")
     rows = TrainingRows(recipe, data, offsets, 103, 1337, 10)
     assert rows.pair_starts.tolist() == [0, 100, 150]
+
+
+def test_collate_passes_next_sentence_labels_whatever_the_first_rows():
+    """BERT's pair rows carry an NSP label, 0 (B follows A) or 1 (a random B): the batch passes
+    them all, a first row's 0 included; rows without one (-1) pass none."""
+    import tinyencoder as te
+    from data.rows import Example, collate
+
+    def row(nsp_label):
+        ids = np.array([te.CLS, 104, 105, te.SEP])
+        return Example(ids, np.zeros(4, np.int64), np.ones(4, np.int64), nsp_label, [0, 1])
+
+    cfg = te.Config.from_preset("bert", hidden=64, layers=1, heads=2)
+    batch = collate([row(0), row(1)], cfg, torch.device("cpu"), 0.5)
+    assert batch["next_sentence_label"].tolist() == [0, 1]
+    assert "next_sentence_label" not in collate([row(-1)], cfg, torch.device("cpu"), 0.5)
