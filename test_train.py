@@ -2529,7 +2529,7 @@ class Unexpected:
 
 def test_a_checkpoint_that_pickles_an_object_is_refused(tmp_path):
     """A checkpoint is loaded with weights_only: a file that pickles an object (code it would
-    run) is refused in one line naming the flag, and nothing of it is built."""
+    run) is refused in one line naming the flag."""
     from runs import load_checkpoint
 
     path = tmp_path / "ckpt.pt"
