@@ -515,17 +515,32 @@ class StopSignals:
         read, write = os.pipe()
         os.set_blocking(write, False)
         self.previous = signal.set_wakeup_fd(write)
-        # a forked child (a DataLoader's worker) gets the same Ctrl-C: its own, not one more here
-        os.register_at_fork(after_in_child=self.forget)
+        # a forked child (a DataLoader's worker) gets the same Ctrl-C: its own, not one more here.
+        # Held back across fork: a child that took one before letting go of the wakeup file
+        # would write it into this process's count (one Ctrl-C and two workers made three).
+        os.register_at_fork(
+            before=self.hold, after_in_parent=self.release, after_in_child=self.forget
+        )
         threading.Thread(target=self.count, args=(read,), daemon=True).start()
         return write
 
+    def hold(self):
+        """Before fork: SIGINT and SIGTERM wait (pending, not lost) in the thread that forks."""
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+
+    def release(self):
+        """After fork: the signals held back arrive, in the parent or (after forget) the child."""
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+
     def forget(self):
         """In a forked child: the parent's wakeup file no longer, where it still is the one set."""
-        with contextlib.suppress(ValueError):  # forked from a thread other than the main one
-            current = signal.set_wakeup_fd(-1)
-            if current != self.wakeup:
-                signal.set_wakeup_fd(current)
+        try:
+            with contextlib.suppress(ValueError):  # forked from a thread other than the main one
+                current = signal.set_wakeup_fd(-1)
+                if current != self.wakeup:
+                    signal.set_wakeup_fd(current)
+        finally:
+            self.release()
 
     def count(self, read: int):
         """The watcher: each signal's number as it comes, the third SIGINT or SIGTERM the end."""

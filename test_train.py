@@ -2376,27 +2376,36 @@ def test_a_third_signal_stops_at_once_inside_a_long_native_call(tmp_path):
 def test_only_this_process_s_own_stop_signals_count_as_its_third(tmp_path):
     """What the watcher does not count: another signal that Python handles (SIGUSR1, twice here),
     and the Ctrl-C of forked children (a DataLoader's workers), which the terminal sends their
-    whole process group: one Ctrl-C with two children counted three, and ended the run unsaved."""
-    code = """import os, signal, time, runs
+    whole process group: one Ctrl-C with two children counted three, and ended the run unsaved.
+    The children are slow to start (an after-fork hook that sleeps, as on a loaded machine): the
+    Ctrl-C reaches them before they have let go of the parent's wakeup file."""
+    code = """import os, signal, sys, time, runs
+os.register_at_fork(after_in_child=lambda: time.sleep(1))
 stop = runs.StopSignals()
-signal.signal(signal.SIGUSR1, print)
+signal.signal(signal.SIGUSR1, lambda signum, frame: print("usr1", flush=True))
 for _ in range(2):
     if os.fork() == 0:
-        time.sleep(2)
+        time.sleep(1)
         os._exit(0)
 print("ready", flush=True)
+for line in sys.stdin:
+    pass
 time.sleep(2)
 print("alive", stop.received, flush=True)
 """
     here = str(Path(__file__).parent)
     run = [sys.executable, "-c", code]
-    proc = subprocess.Popen(run, stdout=subprocess.PIPE, cwd=here, start_new_session=True)
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen(run, **pipes, cwd=here, start_new_session=True)
     assert proc.stdout.readline() == b"ready\n"
-    os.kill(proc.pid, signal.SIGUSR1)
-    os.kill(proc.pid, signal.SIGUSR1)
     os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the group
-    out = proc.communicate(timeout=60)[0].decode()
-    assert proc.returncode == 0 and f"alive [{int(signal.SIGINT)}]" in out, (proc.returncode, out)
+    # one at a time: two of the same signal sent back to back can arrive as one
+    for _ in range(2):
+        os.kill(proc.pid, signal.SIGUSR1)
+        assert proc.stdout.readline() == b"usr1\n"
+    out, err = (text.decode() for text in proc.communicate(b"", timeout=60))
+    assert proc.returncode == 0, (proc.returncode, out, err)
+    assert f"alive [{int(signal.SIGINT)}]" in out, (out, err)
 
 
 def test_a_closed_stop_signals_sets_back_the_wakeup_file_once():
