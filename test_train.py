@@ -2449,7 +2449,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_half_file(tmp_path,
 
 
 # -------------------------------------------------------------------------------------------------
-# Tests from a mutation run over runs.py (its first pass; each fails on its mutant)
+# Tests from mutation runs over runs.py, data/corpus.py and data/rows.py (each fails on its mutant)
 def test_sinusoids_fill_sin_and_cos_from_the_offset_on():
     """Vaswani et al.'s table from row offset on (position 0 there): sin on even dimensions, cos
     on odd ones, both scaled; the rows below the offset are left as they were."""
@@ -2516,22 +2516,6 @@ def test_each_epoch_reads_every_row_once_in_a_new_order_with_new_dynamic_masks()
     assert rows[0].mask_key != rows[again].mask_key
 
 
-def test_files_too_few_to_hold_out_lose_their_last_tenth_to_validation():
-    """With no file held out by name, each file's first nine tenths (rounded down) train and the
-    rest is held out: the two parts are the file, with no byte in both."""
-    from data.corpus import split_documents
-
-    documents = [("a.txt", bytes(range(65, 91)) * 30), ("b.txt", b"xyz" * 201)]
-    parts = split_documents(documents, "corp")
-    train_bytes, train_offsets = parts["train"]
-    val_bytes, val_offsets = parts["val"]
-    for d, (_, data) in enumerate(documents):
-        train = train_bytes[train_offsets[d] : train_offsets[d + 1]].tobytes()
-        val = val_bytes[val_offsets[d] : val_offsets[d + 1]].tobytes()
-        assert len(train) == len(data) * 9 // 10
-        assert train + val == data
-
-
 class Unexpected:
     """A class that a pickle names: torch.load with weights_only runs no code a file names."""
 
@@ -2574,3 +2558,493 @@ def test_collate_passes_next_sentence_labels_whatever_the_first_rows():
     batch = collate([row(0), row(1)], cfg, torch.device("cpu"), 0.5)
     assert batch["next_sentence_label"].tolist() == [0, 1]
     assert "next_sentence_label" not in collate([row(-1)], cfg, torch.device("cpu"), 0.5)
+
+
+@pytest.mark.parametrize(
+    "kind, text, takes",
+    [
+        ("RATE", "1", True),
+        ("RATE", "0", False),
+        ("FRACTION", "0", True),
+        ("FRACTION", "1", True),
+        ("LENGTH", "16", True),
+        ("LENGTH", "15", False),
+        ("POSITIVE", "0", False),
+        ("SEED", "4294967295", True),
+        ("COUNT", "1000000000000", True),
+        ("LR", "1e37", True),
+        ("MINUTES", "10000000", True),
+    ],
+)
+def test_a_flag_kind_takes_its_closed_ends_and_refuses_its_open_ones(kind, text, takes):
+    """runs' argparse types at their bounds: a closed end is a value the flag takes."""
+    from argparse import ArgumentTypeError
+
+    import runs
+
+    convert = getattr(runs, kind)
+    if takes:
+        assert convert(text) == float(text)
+    else:
+        with pytest.raises(ArgumentTypeError, match=f"got {text}$"):
+            convert(text)
+
+
+def test_given_flags_leaves_the_parser_s_defaults_as_they_were(monkeypatch):
+    """given_flags parses with every default suppressed, then puts them back: a parse after it
+    still fills in the flags not given (train.py asks it twice, bench.py after its parse)."""
+    from runs import Parser, given_flags
+
+    parser = Parser()
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=0.5)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--lr", "0.1"])
+    assert given_flags(parser) == {"lr"}
+    args = parser.parse_args()
+    assert (args.steps, args.lr) == (3, 0.1)
+
+
+def test_an_out_dir_is_refused_only_where_it_cannot_be_made(tmp_path, monkeypatch):
+    """refuse_to_overwrite: a name of the file system's longest is made; a folder it could go in
+    that is not writable (as root cannot make one, here by os.access) is refused before any work."""
+    import runs
+
+    longest = "x" * os.pathconf(tmp_path, "PC_NAME_MAX")
+    runs.refuse_to_overwrite(str(tmp_path / longest / "run"))
+    runs.make_out_dir(str(tmp_path / longest / "run"))
+    monkeypatch.setattr(runs.os, "access", lambda path, mode: False)
+    with pytest.raises(SystemExit, match=f"{tmp_path} is not a writable one"):
+        runs.refuse_to_overwrite(str(tmp_path / "run"))
+
+
+def test_only_processes_past_rank_0_say_a_gone_peer_in_one_line(monkeypatch):
+    """torchrun_ranks sets peer_stopped as the hook of ranks 1 and up; rank 0's errors (a NaN, a
+    full disk) stay Python's."""
+    import runs
+
+    def hook(*args):
+        pass
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(sys, "excepthook", hook)
+    monkeypatch.setenv("RANK", "0")
+    assert runs.torchrun_ranks() == (0, 2) and sys.excepthook is hook
+    monkeypatch.setenv("RANK", "1")
+    assert runs.torchrun_ranks() == (1, 2)
+    assert sys.excepthook.func is runs.peer_stopped and sys.excepthook.args == (hook,)
+
+
+def test_a_gone_peer_s_line_holds_gloo_s_first_sentence_only():
+    import runs
+
+    gone = RuntimeError("[/gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:3. GLHF. More")
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        runs.peer_stopped(None, RuntimeError, gone, None)
+    said = "another process is gone (Connection closed by peer [127.0.0.1]:3); this one stops too"
+    assert err.getvalue() == f"error: {said} (its own error, where it printed one, is above)\n"
+
+
+@pytest.mark.parametrize(
+    "message, cause",
+    [
+        (
+            "[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 8 bytes. Error code 12 (Cannot allocate memory). More",
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes. Error code",
+        ),
+        (
+            "MPS backend out of memory (MPS allocated: 1 GB). Tried to allocate 4 GB. Use PYTORCH",
+            "MPS backend out of memory (MPS allocated: 1 GB). Tried to allocate 4 GB)",
+        ),
+    ],
+)
+def test_other_allocators_running_out_stop_in_one_line(message, cause):
+    """stops_plainly on the CPU's allocator (its "[enforce fail" left out) and MPS's, whose
+    errors are RuntimeErrors, not torch.cuda.OutOfMemoryError."""
+    from runs import stops_plainly
+
+    @stops_plainly("--batch-size 9 x --context 9")
+    def step():
+        raise RuntimeError(message)
+
+    with pytest.raises(SystemExit) as stopped:
+        step()
+    said = "a training step does not fit in memory here"
+    assert stopped.value.code.startswith(f"error: --batch-size 9 x --context 9: {said} ({cause}")
+
+
+def test_a_device_this_machine_lacks_is_one_line(monkeypatch):
+    """device_or_die: --device cuda where torch sees no GPU stops before any work; auto falls back
+    to the CPU."""
+    import runs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert runs.device_or_die("auto") == "cpu" and runs.device_or_die("cpu") == "cpu"
+    for name in ("cuda", "mps"):
+        with pytest.raises(SystemExit, match=f"^error: --device {name} is not available here$"):
+            runs.device_or_die(name)
+
+
+def test_an_infinite_figure_stops_the_run_and_names_the_checkpoint_kept(tmp_path):
+    """stop_if_diverged: inf stops a run as NaN does; the line names the last checkpoint where
+    one was saved, and says there is none where none was."""
+    from runs import stop_if_diverged
+
+    path = tmp_path / "ckpt_last.pt"
+    assert stop_if_diverged(dict(loss=2.5, grad_norm=1.0), 3, str(path)) == dict(
+        loss=2.5, grad_norm=1.0
+    )
+    with pytest.raises(SystemExit, match=r"loss inf at step 3: stopped; no checkpoint yet$"):
+        stop_if_diverged(dict(loss=math.inf, grad_norm=1.0), 3, str(path))
+    path.write_bytes(b"a checkpoint")
+    kept = re.escape(f"the last good checkpoint is {path}")
+    with pytest.raises(SystemExit, match=f"val_loss -inf at step 4: stopped; {kept}$"):
+        stop_if_diverged(dict(val_loss=-math.inf, val_acc=0.5), 4, str(path))
+
+
+def test_a_checkpoint_is_on_disk_whole_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """save_checkpoint flushes Python's buffer and fsyncs the file before the rename: a crash of
+    the machine after it leaves the whole new file or the old one, never a renamed empty one."""
+    import runs
+
+    path = tmp_path / "ckpt_last.pt"
+    synced = []
+    fsync = os.fsync
+
+    def spy(fd):
+        synced.append((os.fstat(fd).st_size, path.exists()))
+        fsync(fd)
+
+    monkeypatch.setattr(runs.os, "fsync", spy)
+    runs.save_checkpoint(str(path), {"step": 1, "weights": torch.ones(100)})
+    assert synced == [(path.stat().st_size, False)]
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_a_checkpoint_write_s_own_errors_go_on_up(tmp_path, monkeypatch):
+    """Only a full disk's RuntimeError is one line: another of torch.save's errors (a bug, not the
+    user's) is raised as it was, and leaves no file."""
+    import runs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Could not pickle object of type Generator")
+
+    monkeypatch.setattr(runs.torch, "save", broken)
+    with pytest.raises(RuntimeError, match="Could not pickle"):
+        runs.save_checkpoint(str(tmp_path / "ckpt_last.pt"), {"step": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "content, said",
+    [
+        (dict(model={}), "not a checkpoint of train.py or finetune.py"),
+        (dict(model={}, cfg=dict(hidden=30, heads=4)), "its config is not one this tinyencoder"),
+    ],
+)
+def test_a_checkpoint_that_is_not_one_is_one_line(tmp_path, content, said):
+    """load_checkpoint: a dict without a config, and a config whose values this tinyencoder.py
+    refuses (a ValueError, not only a TypeError)."""
+    from runs import load_checkpoint
+
+    path = tmp_path / "ckpt.pt"
+    torch.save(content, path)
+    with pytest.raises(SystemExit, match=f"^error: --init {re.escape(str(path))}: {said}"):
+        load_checkpoint(str(path), "--init")
+
+
+def test_a_run_resumed_at_its_last_step_has_nothing_left_to_do():
+    """check_resumed: --max-steps at the step the run is at is no earlier than it; a fitted run
+    that took every step it planned resumes (to its final line) unless given a new budget."""
+    from runs import check_resumed
+
+    state = dict(step=5, max_steps=5, global_batch=8)
+    check_resumed(state, 8, "8 a step", 5)
+    check_resumed(state, 8, "8 a step", None)
+    with pytest.raises(SystemExit, match="the run took all 5 steps it planned"):
+        check_resumed(state, 8, "8 a step", None, {"time_budget"})
+    with pytest.raises(SystemExit, match="the run is at step 5, past --max-steps 4"):
+        check_resumed(state, 8, "8 a step", 4)
+
+
+def test_dropout_reaches_modernbert_s_mlp_but_not_bert_s():
+    """runs.dropouts: ModernBERT's MLP has a dropout of its own; BERT's and RoBERTa's none (their
+    mlp_dropout stays 0, for the export)."""
+    from runs import dropouts
+
+    modern = dropouts("modernbert", 0.1)
+    assert modern["mlp_dropout"] == 0.1 and len(modern) == 5
+    for arch in ("bert", "roberta"):
+        assert set(dropouts(arch, 0.1)) == set(modern) - {"mlp_dropout"}
+
+
+def test_a_fresh_run_starts_its_metrics_anew_and_a_resumed_one_keeps_its_steps(tmp_path):
+    """Metrics: a fresh run in a folder whose run was killed before its first checkpoint empties
+    metrics.jsonl; kept_bytes keeps whole records up to the resumed step, skipping lines that are
+    no record of a step, and never a last line cut short."""
+    from runs import Metrics, kept_bytes
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 3}\n')
+    Metrics(str(tmp_path), None).write({"step": 1})
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    lines = [b'{"step": 1}\n', b'{"note": "x"}\n', b"[2]\n", b'{"step": 2}\n', b'{"step": 3}']
+    assert kept_bytes(lines, 3) == sum(map(len, lines[:4]))
+    assert kept_bytes(lines, 1) == len(lines[0])
+    assert kept_bytes(lines, 0) == 0
+
+
+def test_a_forked_child_unsets_only_this_run_s_wakeup_file():
+    """StopSignals.hold and forget, run around a fork in the child: SIGINT and SIGTERM held back
+    until the parent's wakeup file is unset, so that the child's Ctrl-C does not count towards the
+    parent's third; another's wakeup file set since kept."""
+    import runs
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    theirs = os.pipe()
+    os.set_blocking(theirs[1], False)
+    stop = runs.StopSignals()
+    try:
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        stop.hold()
+        assert signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        stop.forget()
+        assert signal.set_wakeup_fd(theirs[1]) == -1
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        stop.hold()
+        stop.forget()
+        assert signal.set_wakeup_fd(stop.wakeup) == theirs[1]
+    finally:
+        stop.close()
+        signal.set_wakeup_fd(-1)
+        for fd in theirs:
+            os.close(fd)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def test_the_demo_shows_its_held_out_span_from_a_line_start_and_never_masks_sep(capsys):
+    """runs.demo: the middle span's text from after its first newline up to the span's end, three
+    spans of it masked in the model's input, and its final SEP never one of them."""
+    import tinyencoder as te
+    from runs import demo
+
+    data = np.frombuffer(b"01234" + b"ab\nshort line\nab" + b"cdefghijklmnopqrst" * 4, np.uint8)
+    spans = [(0, 5), (5, 21), (21, len(data))]
+    model = te.TinyEncoder(te.Config.from_preset("roberta", hidden=32, layers=1, heads=2))
+    inputs = []
+    model.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    demo(model, data, spans, contextlib.nullcontext())
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "demo, held out : sh___ ___e⏎__"
+    assert lines[2] == "     original   : short line⏎ab"
+    assert inputs[0][0, -1] == te.SEP and (inputs[0] == te.MASK).sum() == 8
+
+
+def test_a_results_file_in_a_folder_it_cannot_write_is_refused(tmp_path, monkeypatch):
+    """runs.output_file (bench.py's and gpu_check.py's --json): checked before the work, a folder
+    that takes no files (here by os.access, as root cannot make one) refused."""
+    from argparse import ArgumentTypeError
+
+    import runs
+
+    assert runs.output_file(str(tmp_path / "out.json")) == str(tmp_path / "out.json")
+    monkeypatch.setattr(runs.os, "access", lambda path, mode: False)
+    with pytest.raises(ArgumentTypeError, match="cannot write a file at"):
+        runs.output_file(str(tmp_path / "out.json"))
+
+
+def test_the_last_tenth_held_out_is_cut_where_the_training_part_ends():
+    """Too few documents to hold some out: each file's last tenth (rounded down from 9/10 of its
+    bytes) is held out and its first nine tenths train, no byte in both; a held-out part of 100
+    bytes is enough to measure on."""
+    from data.corpus import split_documents
+
+    a, b = bytes(range(256)) * 4, b"0123456789" * 100
+    # neither a.txt nor b.txt is held out by its name's hash
+    corpus = split_documents([("a.txt", a[:1005]), ("b.txt", b[:999])], "corp")
+    (train, train_offsets), (val, val_offsets) = corpus["train"], corpus["val"]
+    assert train.tobytes() == a[:904] + b[:899] and val.tobytes() == a[904:1005] + b[899:999]
+    assert list(train_offsets) == [0, 904, 1803] and list(val_offsets) == [0, 101, 201]
+    assert len(split_documents([("a.txt", a[:1000])], "corp")["val"][0]) == 100
+
+
+def test_a_held_out_document_half_of_whose_text_trains_stays_held_out():
+    """Near-copies are documents more than half of whose bytes lie in training lines: exactly half
+    is not more, and the document stays held out."""
+    from data.corpus import split_documents
+
+    def lines(doc, count):
+        return b"".join(b"line %d of document %d\n" % (i, doc) for i in range(count))
+
+    # of doc0.txt ... doc59.txt, doc8 and doc42 are held out by their names' hash
+    documents = [(f"doc{i}.txt", lines(i, 20)) for i in range(60)]
+    documents[8] = ("doc8.txt", lines(3, 10) + lines(8, 10))  # 200 of 400 bytes doc3's
+    val_bytes, _ = split_documents(documents, "corp")["val"]
+    assert val_bytes.tobytes() == documents[8][1] + documents[42][1]
+
+
+def test_the_default_corpus_reads_the_stdlib_s_python_files_and_data_reads_every_file(
+    tmp_path, monkeypatch
+):
+    """read_documents with no --data: pydoc's topics, then the stdlib's .py files but those of
+    its tests and installed packages; a --data folder of the same files gives every one of them
+    (a user's folder named test/ is data)."""
+    import sysconfig
+
+    from data.corpus import read_documents
+
+    for name in ("a.py", "b.txt", "sub/e.py", "test/c.py", "site-packages/d.py", "tests/f.py"):
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    names = [name for name, _ in read_documents(None)]
+    topics = [name for name in names if name.startswith("pydoc_data/")]
+    assert len(topics) > 50 and names[len(topics) :] == ["a.py", "sub/e.py"]
+    every = ["a.py", "b.txt", "site-packages/d.py", "sub/e.py", "test/c.py", "tests/f.py"]
+    assert [name for name, _ in read_documents(str(tmp_path))] == every
+
+
+def test_data_is_read_in_sorted_order_whatever_order_the_folder_lists(tmp_path, monkeypatch):
+    """files_under sorts each folder's files and subfolders: every machine reads the documents in
+    one order (its held-out split, rows and digest), here with a listing in reverse order."""
+    from data.corpus import read_documents
+
+    for name in ("a.txt", "b.txt", "x/1.txt", "x/2.txt", "y/1.txt"):
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_text(name)
+    walk = os.walk
+
+    def reversed_walk(*args, **kwargs):
+        for folder, subfolders, files in walk(*args, **kwargs):
+            subfolders.reverse()  # in place: the walk goes on into the list as given back
+            files.reverse()
+            yield folder, subfolders, files
+
+    monkeypatch.setattr(os, "walk", reversed_walk)
+    names = [name for name, _ in read_documents(str(tmp_path))]
+    assert names == ["a.txt", "b.txt", "x/1.txt", "x/2.txt", "y/1.txt"]
+
+
+def test_a_default_corpus_whose_preparation_was_cut_short_is_prepared_again(tmp_path, monkeypatch):
+    """prepare_stdlib writes val.idx last, and only it says "done": a preparation killed after
+    the training files is made again, not read with no held-out files."""
+    from data import corpus
+
+    monkeypatch.setattr(corpus, "STDLIB_STEM", str(tmp_path / "stdlib"))
+    monkeypatch.setattr(corpus, "stdlib_documents", lambda: [("a.txt", b"a line of text\n" * 80)])
+    for suffix in ("bin", "idx"):  # a kill after the training files
+        (tmp_path / f"stdlib-train.{suffix}").write_bytes(b"")
+    corpus.prepare_stdlib()
+    parts = corpus.load_stdlib()
+    assert [len(parts[part][0]) for part in ("train", "val")] == [1080, 120]
+
+
+def test_the_corpus_digest_names_where_its_documents_start(monkeypatch):
+    """load_corpus's sha256, which a resumed run checks, tells the same bytes cut into other
+    documents apart (their rows differ)."""
+    from data import corpus
+
+    data = np.frombuffer(b"two documents, or three", np.uint8)
+    digests = []
+    for offsets in ([0, 4, 23], [0, 4, 15, 23]):
+        parts = dict(train=(data, np.array(offsets)), val=(data, np.array([0, 23])))
+        monkeypatch.setattr(corpus, "split_documents", lambda documents, spec: parts)
+        digests.append(corpus.load_corpus("corp")["sha256"])
+    assert digests[0] != digests[1]
+
+
+def test_packed_rows_read_each_token_at_most_once_an_epoch_and_wrap_a_short_corpus():
+    """ModernBERT's rows: an epoch holds as many whole rows as the stream of documents (each CLS
+    bytes SEP) fills; a corpus shorter than a row fills it with its documents again."""
+    from types import SimpleNamespace
+
+    from data.rows import CLS, SEP, TrainingRows
+
+    packed = SimpleNamespace(inputs="packed", masking="dynamic")
+    docs = [b"document %d. " % k * (3 + k % 5) for k in range(30)]
+    data, offsets = byte_corpus(docs)
+    rows = TrainingRows(packed, data, offsets, 32, 0, 1)
+    assert rows.count == sum(len(doc) + 2 for doc in docs) // 32
+    data, offsets = byte_corpus([b"0123456789"])
+    row = TrainingRows(packed, data, offsets, 32, 0, 1)[0]
+    one = [CLS, *b"0123456789", SEP]
+    assert list(row.ids) == (one * 3)[:32] and list(row.doc_ids) == [1] * 12 + [2] * 12 + [3] * 8
+
+
+def test_held_out_rows_mask_as_they_did_at_earlier_commits():
+    """held_out_rows' masks, each row's key its own (not an NSP pair's): the positions this
+    commit's rows label, so that the accuracies the README quotes stay comparable."""
+    import tinyencoder as te
+    from data.rows import held_out_rows, masked_row
+
+    data = np.frombuffer(b"def f(x):\n    return x + 1  # the held-out row's bytes\n", np.uint8)
+    cfg = te.Config.from_preset("roberta", hidden=32, layers=1, heads=2, max_len=64)
+    _, rows = held_out_rows(data, np.array([0, len(data)]), 32, 2, cfg)
+    labelled = []
+    for row in rows:
+        labels = masked_row(row, cfg, 0.15)[1]
+        labelled.append((labels != te.IGNORE_INDEX).nonzero().flatten().tolist())
+    assert labelled == [[7, 11, 14, 18], [6, 11, 14, 25]]
+
+
+def test_nsp_pairs_are_spread_over_the_held_out_documents():
+    """held_out_pairs: the pairs' starts stride through the held-out bytes (by a prime), so that
+    eight pairs read eight of forty documents, not the first few."""
+    from data.rows import held_out_pairs
+
+    docs = [b"d%02d\n" % d * 16 for d in range(40)]  # 64 bytes each
+    data, offsets = byte_corpus(docs)
+    pairs = held_out_pairs(data, offsets, 32, 8)
+    first = [re.search(rb"d\d\d", bytes(pair.ids[1:].astype(np.uint8))).group() for pair in pairs]
+    assert len(set(first)) == 8, first
+
+
+def test_a_pair_cut_where_there_is_no_newline_has_a_first_segment():
+    """cut_after_a_newline: a chunk without a newline is cut anywhere but at its start, so that A
+    is never empty (an empty A is a row of CLS SEP B SEP)."""
+    from data.rows import sentence_pair
+
+    docs = [bytes([97 + d]) * 200 for d in range(6)]  # no newline anywhere
+    data, offsets = byte_corpus(docs)
+    for i in range(300):
+        row = sentence_pair(data, offsets, 64, i * 37 % len(data), [5, i])
+        first = row.ids[row.token_types == 0]
+        assert len(first) > 2 and (row.token_types == 1).sum() > 1, (i, row.ids)
+
+
+def test_held_out_copies_compare_lines_without_their_indentation():
+    """Lines compare stripped and count their text alone: a held-out file that is a training
+    file indented anew is a copy (it trains); one whose shared lines are mostly indentation, its
+    own text the larger part, is none (it stays held out)."""
+    from data.corpus import split_documents
+
+    code = b"".join(b"value_%d = compute(%d)\n" % (i, i) for i in range(20))
+    # of doc0.txt ... doc59.txt, doc8 and doc42 are held out by their names' hash
+    documents = [(f"doc{i}.txt", b"document %d\n" % i * 30) for i in range(60)]
+    documents[3] = ("doc3.txt", code + b"".join(b" " * 40 + b"%d\n" % i for i in range(20)))
+    documents[8] = ("doc8.txt", code.replace(b"value", b"    value"))
+    own = b"".join(b"a line of doc42's own, number %d\n" % i for i in range(20))
+    documents[42] = ("doc42.txt", documents[3][1][len(code) :] + own)
+    val_bytes, val_offsets = split_documents(documents, "corp")["val"]
+    assert val_bytes.tobytes() == documents[42][1] and len(val_offsets) == 2
+
+
+def test_a_row_masks_alike_however_long_its_padding():
+    """masked_row draws its masks over the real tokens alone: the same row padded to 64 or to 128
+    gets the same masked inputs and labels (a sentence pair's padding varies with its B)."""
+    import tinyencoder as te
+    from data.rows import Example, masked_row, pad
+
+    cfg = te.Config.from_preset("roberta", hidden=32, layers=1, heads=2, max_len=128)
+    text = np.frombuffer(b"forty bytes of a row, masked as it was..", np.uint8)
+    ids = np.r_[[te.CLS], text, [te.SEP]]
+    masked = []
+    for width in (64, 128):
+        doc_ids = pad(np.ones(len(ids)), width, 0)
+        row = Example(pad(ids, width), pad([], width, 0), doc_ids, -1, [3, 9])
+        inputs, labels = masked_row(row, cfg, 0.3)
+        masked.append(torch.stack([inputs[: len(ids)], labels[: len(ids)]]))
+    assert torch.equal(masked[0], masked[1]) and (masked[0][1] != te.IGNORE_INDEX).any()
