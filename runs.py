@@ -544,6 +544,9 @@ class StopSignals:
 
     def count(self, read: int):
         """The watcher: each signal's number as it comes, the third SIGINT or SIGTERM the end."""
+        # none is delivered to this thread: the main thread gets each, and a blocking call of its
+        # that a signal interrupts lets Python run the handler (here it would wait for the next)
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         heard = 0
         while number := os.read(read, 1):
             if number[0] in (signal.SIGINT, signal.SIGTERM):

@@ -14,6 +14,7 @@ import signal
 import string
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -2397,6 +2398,9 @@ print("alive", stop.received, flush=True)
     run = [sys.executable, "-c", code]
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
     proc = subprocess.Popen(run, **pipes, cwd=here, start_new_session=True)
+    # a handler that never runs would leave readline waiting: a minute, then a failure
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
     assert proc.stdout.readline() == b"ready\n"
     os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the group
     # one at a time: two of the same signal sent back to back can arrive as one
@@ -2404,6 +2408,7 @@ print("alive", stop.received, flush=True)
         os.kill(proc.pid, signal.SIGUSR1)
         assert proc.stdout.readline() == b"usr1\n"
     out, err = (text.decode() for text in proc.communicate(b"", timeout=60))
+    watchdog.cancel()
     assert proc.returncode == 0, (proc.returncode, out, err)
     assert f"alive [{int(signal.SIGINT)}]" in out, (out, err)
 
