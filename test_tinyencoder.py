@@ -2371,3 +2371,72 @@ def test_unpad_is_a_cpus_a_gpu_without_flash_runs_rows(monkeypatch):
     cfg = tiny("modernbert", unpad=True)
     layout = tinyencoder.make_layout(cfg, packed_batch()[1], torch.bfloat16, "cuda")
     assert isinstance(layout, tinyencoder.Padded) and layout.backend == "sdpa"
+
+
+# Tests from a mutation run over pipelines.py and data/tasks.py (each fails on its mutant)
+def test_encode_takes_a_compiled_model_as_the_model_it_compiled():
+    """torch.compile's wrapper is a TinyEncoder underneath: encode takes it and embeds as the
+    model itself does (a training loop that compiled its model can embed with it)."""
+    model = perturb(TinyEncoder(tiny("bert"))).eval()
+    texts = ["def f(x): return x", "import os"]
+    compiled = torch.compile(model)
+    assert torch.equal(pipelines.encode(compiled, texts), pipelines.encode(model, texts))
+
+
+@pytest.mark.parametrize("field", ["cls_id", "sep_id"])
+def test_a_special_id_of_255_is_a_byte_and_refused(field):
+    """Bytes are 0-255: a [CLS] or [SEP] at 255, the last byte, would read that byte of a text
+    as a special token, so check_bytes refuses it as it refuses a [SEP] at a newline."""
+    cfg = tiny("bert", **{field: 255})
+    with pytest.raises(ValueError, match="not a byte-level model"):
+        pipelines.check_bytes(cfg)
+    pipelines.check_bytes(tiny("bert"))
+
+
+def test_padded_fills_with_the_pad_id_and_segment_zero():
+    """padded right-pads input_ids with the pad id it is given (a checkpoint's own, or the
+    ignore index for a tagger's labels), never with 0, a byte; token types pad with 0."""
+    batch = pipelines.padded([[5, 6, 7], [8]], 300, token_types=[[0, 1, 1], [1]])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 300, 300]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["token_type_ids"].tolist() == [[0, 1, 1], [1, 0, 0]]
+    labels = pipelines.padded([[1, 2], [3]], IGNORE_INDEX)["input_ids"]
+    assert labels.tolist() == [[1, 2], [3, IGNORE_INDEX]]
+    cfg = tiny("roberta", nsp=False, classifier="choice")
+    inputs = pipelines.choice_batch(cfg, ["q"], [["a", "bbb"]])
+    assert inputs["input_ids"][0, 0, -2:].tolist() == [cfg.pad_id, cfg.pad_id]
+
+
+def test_span_text_takes_characters_whole_at_the_ends_of_bare_bytes():
+    """span_text on ids with no special token around them: a character cut at the first byte
+    or the last is still taken whole, neither dropped as U+FFFD nor read past the end."""
+    ids = byte_ids("é€")
+    assert pipelines.span_text(ids, 1, 1) == "é"
+    assert pipelines.span_text(ids, 0, 3) == "é€"
+    assert pipelines.span_text(byte_ids("aé"), 0, 1) == "aé"
+
+
+def test_answer_gives_a_two_segment_model_the_context_as_segment_one():
+    """answer feeds a BERT span model its token types, 0 for [CLS] question [SEP] and 1 for the
+    context and its [SEP], as transformers' tokenizer does; a model of one segment gets zeros."""
+    seen = []
+
+    def forward(ids, attention_mask=None, token_type_ids=None, layout=None):
+        seen.append(token_type_ids)
+        return tinyencoder.Output(hidden=None, logits=torch.zeros(*ids.shape, 2))
+
+    for preset, second in (("bert", 1), ("roberta", 0)):
+        model = TinyEncoder(tiny(preset, nsp=False, classifier="span"))
+        model.forward = forward
+        assert pipelines.answer(model, "ab", "cde") == "c"
+        assert seen[-1].tolist() == [[0] * 4 + [second] * 4]
+
+
+def test_choice_batch_refuses_questions_and_choices_of_different_counts():
+    """Each question needs its list of choices: two questions and one list (or a list of no
+    choices) is a one-line error, not a question dropped silently by zip or max()'s error."""
+    cfg = tiny("bert", nsp=False, classifier="choice")
+    with pytest.raises(ValueError, match="2 questions and 1 lists of choices"):
+        pipelines.choice_batch(cfg, ["q", "r"], [["a", "b"]])
+    with pytest.raises(ValueError, match=r"choices\[0\] must be a list of one choice or more"):
+        pipelines.choice_batch(cfg, ["q"], [[]])

@@ -3053,3 +3053,204 @@ def test_a_row_masks_alike_however_long_its_padding():
         inputs, labels = masked_row(row, cfg, 0.3)
         masked.append(torch.stack([inputs[: len(ids)], labels[: len(ids)]]))
     assert torch.equal(masked[0], masked[1]) and (masked[0][1] != te.IGNORE_INDEX).any()
+
+
+# Tests from a mutation run over pipelines.py and data/tasks.py (each fails on its mutant)
+def test_stdlib_sources_are_the_py_files_that_decode(monkeypatch):
+    """python_sources reads the stdlib's .py files as text: pydoc's topics (prose, not Python)
+    and a file that is not UTF-8 are left out."""
+    from data import tasks
+
+    def documents(spec):
+        yield "a.py", b"x = 1\n"
+        yield "pydoc_data/topics", b"assert: the assert statement\n"
+        yield "b.py", b"y = '\xff'\n"
+
+    monkeypatch.setattr(tasks, "read_documents", documents)
+    assert list(tasks.python_sources()) == [("a.py", "x = 1\n")]
+
+
+def test_tagging_task_holds_out_the_files_pretraining_holds_out(monkeypatch):
+    """The tagging task's val files are those corpus.py holds out of pretraining (md5 of the
+    name % 25 == 0), so that a model is never scored on code it pretrained on."""
+    import hashlib
+
+    from data import tasks
+
+    names = [f"pkg/mod{i}.py" for i in range(100)]
+
+    def sources():
+        for i, name in enumerate(names):
+            yield name, f"value_{i} = {i}\n"
+
+    monkeypatch.setattr(tasks, "python_sources", sources)
+    parts = tasks.tagging_examples(train_every=1)
+    held = set()
+    for i, name in enumerate(names):
+        if hashlib.md5(os.fsencode(name)).digest()[0] % 25 == 0:
+            held.add(f"value_{i} = {i}\n")
+    assert held and {example["text"] for example in parts["val"]} == held
+    assert len(parts["train"]) == len(names) - len(held)
+
+
+def test_tagging_task_leaves_out_runs_of_blank_lines(monkeypatch):
+    """A run of the tagging task with no token but "other" (blank lines alone) teaches nothing
+    and is left out; the runs of code around it stay."""
+    from data import tasks
+
+    def sources():
+        yield "a.py", "x = 1\n" + "\n" * 20 + "y = 2\n"
+
+    monkeypatch.setattr(tasks, "python_sources", sources)
+    parts = tasks.tagging_examples(max_bytes=8, train_every=1)
+    examples = parts["train"] + parts["val"]
+    assert all(set(example["tags"]) != {"other"} for example in examples)
+    assert [example["text"].strip() for example in examples] == ["x = 1", "y = 2"]
+
+
+def test_soft_keywords_are_tagged_as_names():
+    """match, case and _ are soft keywords: names to tokenize and to the tagging task, as they
+    are where they name a variable; hard keywords alone are tagged "keyword"."""
+    from data.tasks import TAGS, byte_tags
+
+    source = "match = case = _ = None\n"
+    tags = [TAGS[t] for t in byte_tags(source)]
+    data = source.encode()
+    names = bytes(b for b, t in zip(data, tags) if t == "name").decode()
+    keywords = bytes(b for b, t in zip(data, tags) if t == "keyword").decode()
+    assert (names, keywords) == ("matchcase_", "None")
+
+
+def test_a_long_first_line_is_cut_without_an_empty_run():
+    """spans: a first line longer than max_bytes is cut in pieces straight away, no empty
+    (0, 0) run before it."""
+    from data.tasks import spans
+
+    assert list(spans(b"abcdefgh\nij\n", 4)) == [(0, 4), (4, 8), (8, 12)]
+
+
+def test_definitions_are_dedented_stripped_and_cut_between_characters():
+    """definitions: each function's source, dedented, trailing blank lines stripped, cut to
+    max_bytes UTF-8 bytes with a character the cut splits dropped."""
+    from data.tasks import definitions
+
+    text = "class A:\n    def f(self):\n        return 'é'\n\n\n"
+    assert list(definitions(text, 1000)) == [
+        "class A:\n    def f(self):\n        return 'é'",
+        "def f(self):\n    return 'é'",
+    ]
+    assert list(definitions("def f():\n    return 'é'\n", 22)) == ["def f():\n    return '"]
+
+
+def test_package_task_keeps_a_texts_first_package(monkeypatch):
+    """A definition found in two packages' training files is one example, labelled with the
+    package it was found in first, as package_examples says."""
+    import hashlib
+
+    from data import tasks
+
+    names = ["email/a.py", "http/b.py"]
+    for name in names:  # both training files of the packages task (md5 % 5 != 0)
+        assert hashlib.md5(name.encode()).digest()[0] % 5
+
+    def sources():
+        for name in names:
+            yield name, "def f():\n    pass\n"
+
+    monkeypatch.setattr(tasks, "python_sources", sources)
+    parts = tasks.package_examples()
+    assert parts == {"train": [{"text": "def f():\n    pass", "label": "email"}], "val": []}
+
+
+def answers_of(source: str) -> dict:
+    """function_questions of a function's source as {question: [answer text, ...]}."""
+    from data.tasks import function_questions
+
+    data = source.encode()
+    found = {}
+    for _, question, first, end in function_questions(data):
+        found.setdefault(question, []).append(data[first:end].decode())
+    return found
+
+
+def test_function_questions_answer_with_the_right_spans():
+    """Each default goes with its own parameter (defaults belong to the last positional ones),
+    a raised call's answer is the exception's name, and a name bound to a short one-line value
+    of up to 30 bytes is asked about, unless several names are bound at once."""
+    source = (
+        "def f(a, b=1, /, c=2, *, d, e=None):\n"
+        "    x = compute(1)\n"
+        "    y = z = 2\n"
+        f"    w = '{'v' * 28}'\n"
+        f"    u = '{'v' * 29}'\n"
+        "    t = (1,\n         2)\n"
+        "    raise ValueError('bad')\n"
+    )
+    assert answers_of(source) == {
+        "default of b": ["1"],
+        "default of c": ["2"],
+        "default of e": ["None"],
+        "exception raised": ["ValueError"],
+        "name bound to compute(1)": ["x"],
+        f"name bound to '{'v' * 28}'": ["w"],
+    }
+
+
+def test_qa_task_keeps_answers_up_to_max_answer_and_at_a_contexts_start(monkeypatch):
+    """qa_examples: an answer of MAX_ANSWER (40) bytes is asked about, one of 41 is not; an
+    answer that starts its context (a long line cut just before it) keeps its question; and an
+    answer's start counts characters, as SQuAD's does."""
+    from data import tasks
+
+    # "default of b" leaves 126 - 1 - 12 = 113 bytes of context: the first run ends before 7
+    cut = "def g(" + "a" * 101 + "=0, b=7):\n    return b\n"
+
+    def sources():
+        yield "a.py", "def f(x='" + "v" * 38 + "', y='" + "v" * 39 + "'):\n    return x\n"
+        yield "a.py", cut
+        yield "a.py", "def h(s='é', z=1):\n    return z\n"
+
+    monkeypatch.setattr(tasks, "python_sources", sources)
+    parts = tasks.qa_examples()
+    records = {r["question"]: r for r in parts["train"] + parts["val"]}
+    assert "default of x" in records and "default of y" not in records
+    assert records["default of x"]["answers"][0]["text"] == "'" + "v" * 38 + "'"
+    assert records["default of b"]["answers"] == [{"text": "7", "start": 0}]
+    # start counts characters, as SQuAD does: é is one, not its two bytes
+    assert records["default of z"]["answers"] == [{"text": "1", "start": 15}]
+
+
+def test_exact_match_and_token_f1_count_as_squad_does():
+    """exact_match strips the answers' whitespace as the prediction's; token F1 counts a token
+    as often as both share it (SQuAD's multiplicity), not once."""
+    from data.tasks import exact_match, token_f1
+
+    assert exact_match("None", [" None\n"]) == 1.0
+    assert token_f1("a a", ["a a b"]) == pytest.approx(0.8)
+
+
+def test_write_task_writes_val_last_and_remakes_a_half_written_task(tmp_path, monkeypatch):
+    """write_task hands max_bytes to the task's maker; the val file, written last, marks the
+    task done: a write that fails on the train file leaves no val file, and a train file alone
+    (a run stopped between the two) is written again with its val file."""
+    from data import tasks
+
+    asked = []
+
+    def examples(max_bytes):
+        asked.append(max_bytes)
+        return {part: [{"text": part, "label": part}] for part in ("train", "val")}
+
+    def broken(max_bytes):
+        return {"train": None, "val": [{"text": "v", "label": "v"}]}
+
+    monkeypatch.setattr(tasks, "tagging_examples", broken)
+    paths = tasks.task_paths("tags", str(tmp_path))
+    with pytest.raises(TypeError):
+        tasks.write_task("tags", str(tmp_path))
+    assert not os.path.exists(paths["val"])
+    monkeypatch.setattr(tasks, "tagging_examples", examples)
+    Path(paths["train"]).write_text("a half-written task\n")
+    assert tasks.write_task("tags", str(tmp_path), 60) == paths and asked == [60]
+    for part in ("train", "val"):
+        assert json.loads(Path(paths[part]).read_text()) == {"text": part, "label": part}
