@@ -2325,14 +2325,37 @@ def test_a_resumed_run_has_the_time_budget_the_run_left(tmp_path):
     assert spent < 60 + 20, spent  # its own 10 s and setup, not a whole minute more
 
 
-def test_a_second_signal_stops_at_once_and_leaves_no_half_file(tmp_path, capfd):
+@pytest.fixture
+def signals_kept():
+    """SIGINT's and SIGTERM's handlers and the wakeup file, set back after a test that makes a
+    StopSignals as they were before it, whatever the test leaves."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    wakeup = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup)
+    yield
+    signal.set_wakeup_fd(wakeup)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture
+def their_wakeup_file(signals_kept):
+    """The write end of another's wakeup pipe (non-blocking, as set_wakeup_fd needs)."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    yield write
+    signal.set_wakeup_fd(-1)
+    os.close(read)
+    os.close(write)
+
+
+def test_a_second_signal_stops_at_once_and_leaves_no_half_file(tmp_path, capfd, signals_kept):
     """The first Ctrl-C or SIGTERM asks the loop to stop after its step (and says so); a second
     stops as soon as Python runs, through `finally`, so that a checkpoint being written leaves no
     half file; a third would find both signals' default action back."""
     import runs
     from data.corpus import renamed_into_place
 
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     stop = runs.StopSignals()
     try:
         signal.raise_signal(signal.SIGTERM)
@@ -2347,8 +2370,6 @@ def test_a_second_signal_stops_at_once_and_leaves_no_half_file(tmp_path, capfd):
         assert restored == [signal.SIG_DFL, signal.SIG_DFL]
     finally:
         stop.close()
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals, and libc's system()")
@@ -2413,30 +2434,20 @@ print("alive", stop.received, flush=True)
     assert f"alive [{int(signal.SIGINT)}]" in out, (out, err)
 
 
-def test_a_closed_stop_signals_sets_back_the_wakeup_file_once():
+def test_a_closed_stop_signals_sets_back_the_wakeup_file_once(their_wakeup_file):
     """close: the wakeup file set before is back (another's, here), and a second close does
     nothing to a StopSignals made since (it closed the newer one's file, of the same number)."""
     import runs
 
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    theirs = os.pipe()
-    os.set_blocking(theirs[1], False)
-    signal.set_wakeup_fd(theirs[1])
-    try:
-        first = runs.StopSignals()
-        first.close()
-        assert signal.set_wakeup_fd(-1) == theirs[1]
-        second = runs.StopSignals()
-        first.close()
-        assert signal.set_wakeup_fd(second.wakeup) == second.wakeup
-        os.fstat(second.wakeup)  # still open
-        second.close()
-    finally:
-        signal.set_wakeup_fd(-1)
-        for fd in theirs:
-            os.close(fd)
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    signal.set_wakeup_fd(their_wakeup_file)
+    first = runs.StopSignals()
+    first.close()
+    assert signal.set_wakeup_fd(-1) == their_wakeup_file
+    second = runs.StopSignals()
+    first.close()
+    assert signal.set_wakeup_fd(second.wakeup) == second.wakeup
+    os.fstat(second.wakeup)  # still open
+    second.close()
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch):
@@ -2801,33 +2812,25 @@ def test_a_fresh_run_starts_its_metrics_anew_and_a_resumed_one_keeps_its_steps(t
     assert kept_bytes(lines, 0) == 0
 
 
-def test_a_forked_child_unsets_only_this_run_s_wakeup_file():
+def test_a_forked_child_unsets_only_this_run_s_wakeup_file(their_wakeup_file):
     """StopSignals.hold and forget, run around a fork in the child: SIGINT and SIGTERM held back
     until the parent's wakeup file is unset, so that the child's Ctrl-C does not count towards the
     parent's third; another's wakeup file set since kept."""
     import runs
 
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    theirs = os.pipe()
-    os.set_blocking(theirs[1], False)
     stop = runs.StopSignals()
     try:
         before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
         stop.hold()
         assert signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
         stop.forget()
-        assert signal.set_wakeup_fd(theirs[1]) == -1
+        assert signal.set_wakeup_fd(their_wakeup_file) == -1
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
         stop.hold()
         stop.forget()
-        assert signal.set_wakeup_fd(stop.wakeup) == theirs[1]
+        assert signal.set_wakeup_fd(stop.wakeup) == their_wakeup_file
     finally:
         stop.close()
-        signal.set_wakeup_fd(-1)
-        for fd in theirs:
-            os.close(fd)
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
 
 
 def test_the_demo_shows_its_held_out_span_from_a_line_start_and_never_masks_sep(capsys):
