@@ -1611,6 +1611,55 @@ def test_values_are_not_read_off_the_host():
         check_tensor("ids", out_of_range, (2, 8), INDEX_DTYPES, VOCAB_SIZE, meta)
 
 
+def readme_python_block(heading):
+    """The first ```python block after a heading of README.md, as its lines."""
+    text = (Path(__file__).parent / "README.md").read_text(encoding="utf-8")
+    after_heading = text.split(f"\n{heading}\n", 1)[1]
+    return after_heading.split("```python\n", 1)[1].split("```", 1)[0].splitlines()
+
+
+def test_the_readme_s_bad_input_calls_raise_the_errors_it_shows():
+    """Each call in README's "Bad input" block raises the ValueError the comment under it
+    shows, word for word, and every other line runs: the README quotes what the code says."""
+    namespace = {}
+    previous = None
+    shown = 0
+    for line in readme_python_block("## Bad input"):
+        if line.startswith("# ValueError: "):
+            with pytest.raises(ValueError) as caught:
+                exec(previous, namespace)
+            assert str(caught.value) == line.removeprefix("# ValueError: ")
+            shown += 1
+            previous = None
+            continue
+        if previous is not None:
+            exec(previous, namespace)
+        previous = line
+    assert shown == 13
+
+
+def test_the_readme_s_module_in_one_screen_runs_as_its_comments_say():
+    """README's one screen runs (less its two lines that need a transformers folder, which
+    test_hf.py covers), and gives the shapes its comments give."""
+    lines = readme_python_block("## The module in one screen")
+    folder_lines = [line for line in lines if "path/to/" in line or "tinyencoder_hf.save" in line]
+    assert len(folder_lines) == 2
+    # the comments that the assertions below hold the code to
+    said = "\n".join(lines)
+    for comment in ("out.logits: (labelled, 320)", "(2, 256), unit length", "(1, T, 2)"):
+        assert comment in said
+    namespace = {}
+    exec("\n".join(line for line in lines if line not in folder_lines), namespace)
+    out, labels, ids = namespace["out"], namespace["labels"], namespace["ids"]
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert out.logits.shape == ((labels != IGNORE_INDEX).sum().item(), VOCAB_SIZE)
+    assert namespace["vectors"].shape == (2, 256)
+    assert_close(namespace["vectors"].norm(dim=-1), torch.ones(2), 1e-6)
+    span = namespace["qa"](ids, labels=torch.tensor([[3, 5]]))
+    assert span.logits.shape == (1, ids.shape[1], 2) and torch.isfinite(span.loss)
+    assert pipelines.answer(namespace["qa"], "default of x", "def f(x=1): ...") in "def f(x=1): ..."
+
+
 # -------------------------------------------------------------------------------------------------
 # 9. Config
 BASE = dict(hidden=768, heads=12)
