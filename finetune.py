@@ -7,11 +7,11 @@
 
 --init takes a train.py checkpoint or a transformers folder; --from-scratch keeps its architecture
 and draws fresh weights, to measure what pretraining buys. A JSONL line is {"text": ..., "label":
-...} to classify the text, or {"text": ..., "tags": [one per UTF-8 byte]} or {"text": ...,
-"spans": [[first char, end char, tag], ...]} to tag it (untagged bytes are "O"), or {"question":
-..., "context": ..., "answers": [{"text": ..., "start": first char}, ...]} to answer from the
-context (trained on the first answer; scored by exact match and token F1 against all). Writes
-ckpt_last.pt, ckpt_best.pt (best held-out accuracy, or exact match) and metrics.jsonl to
+...} to classify the text, or {"text": ..., "tags": [one per UTF-8 byte]} or {"text": ..., "spans":
+[[first char, end char, tag], ...]} to tag it (untagged bytes are "O"; spans may not overlap), or
+{"question": ..., "context": ..., "answers": [{"text": ..., "start": first char}, ...]} to answer
+from the context (trained on the first answer; scored by exact match and token F1 against all).
+Writes ckpt_last.pt, ckpt_best.pt (best held-out accuracy, or exact match) and metrics.jsonl to
 --out-dir; --resume goes on from ckpt_last.pt exactly. Built-in tasks come from Python's standard
 library: data/tasks.py.
 """
@@ -26,6 +26,7 @@ import re
 import time
 from argparse import RawDescriptionHelpFormatter
 from dataclasses import asdict, replace
+from operator import itemgetter
 from typing import NamedTuple, Union
 
 import torch
@@ -195,6 +196,12 @@ def byte_tags(record, where):
         first, end, tag = span
         check_tags([tag], where)
         tags[starts[first] : starts[end]] = [str(tag)] * (starts[end] - starts[first])
+    # a byte takes one tag: a later span would overwrite part of an earlier one unseen
+    tagging = sorted((span for span in record["spans"] if span[0] < span[1]), key=itemgetter(0))
+    for earlier, later in zip(tagging, tagging[1:]):
+        if later[0] < earlier[1]:
+            pair = f"{json.dumps(earlier)} and {json.dumps(later)}"
+            die(f"{where}: spans {pair} overlap; a byte takes one tag")
     return tags
 
 

@@ -1939,6 +1939,11 @@ FINETUNE_BAD_INPUT = [
     ),
     (['{"text": "ab", "spans": [[0, 2, null]]}'], "a tag must be a string or a whole number"),
     (['{"text": "ab", "spans": [[true, 2, "B"]]}'], '"spans" must be [first char, end char'),
+    # a byte takes one tag: spans that overlap, given in either order (touching ones do not)
+    (
+        ['{"text": "abcdef", "spans": [[2, 5, "Y"], [0, 3, "X"], [5, 6, "Z"]]}'],
+        'line 1: spans [0, 3, "X"] and [2, 5, "Y"] overlap; a byte takes one tag',
+    ),
     # a line of another task's shape, in a classification file
     (
         ['{"text": "a", "label": "x"}', '{"question": "b", "context": "c", "label": "y"}'],
