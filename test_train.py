@@ -2097,6 +2097,10 @@ def test_finetune_tags_around_empty_texts(tmp_path):
             ],
             "cannot be made a folder here (File name too long)",
         ),
+        (
+            ["--task", "tags", "--val", "{tmp}/val.jsonl"],
+            "give --task, or --train and --val, not",
+        ),
         (["--task", "tags", "--seed", "-3"], "argument --seed: must be at least 0"),
     ],
 )
@@ -2189,6 +2193,207 @@ def test_finetune_names_a_label_the_training_file_lacks(tmp_path):
     val = write_jsonl(tmp_path / "val.jsonl", [{"text": "b", "label": "y"}])
     run = finetune(tmp_path, "--train", train, "--val", val, "--init", init, "--max-steps", 1)
     assert run.returncode != 0 and "line 1: label 'y' is not among the training" in run.stderr
+
+
+# -------------------------------------------------------------------------------------------------
+# finetune.py's figures, best checkpoint and resume, from heads whose outputs are known
+def constant_head_checkpoint(path, classifier, favoured, labels=None):
+    """A tiny roberta checkpoint whose head always says class favoured, whatever the text."""
+    # zero weights: the logits are the bias, whatever the text and dropout; so are the figures
+    tiny_checkpoint(path, classifier=classifier, num_labels=2)
+    state = torch.load(path, weights_only=True)
+    bias = torch.full((2,), -10.0)
+    bias[favoured] = 10.0
+    state["model"]["classifier.out.weight"].zero_()
+    state["model"]["classifier.out.bias"] = bias
+    if labels is not None:
+        state["labels"] = labels
+    torch.save(state, path)
+    return path
+
+
+def step_losses(stdout) -> list:
+    """The training losses a finetune.py run printed, step by step."""
+    return [float(x) for x in re.findall(r"^step\s+\d+/\d+ \| loss (\S+)", stdout, re.M)]
+
+
+def test_finetune_scores_each_byte_of_the_texts_once(tmp_path):
+    """Token accuracy and F1 count each UTF-8 byte once, tagged by character spans or "tags"."""
+    # no [CLS], [SEP] or padding counts; a span may be empty or reach the text's end
+    init = constant_head_checkpoint(tmp_path / "init.pt", "token", favoured=1)
+    records = [
+        {"text": "éé", "spans": [[1, 2, "X"]]},  # bytes O O X X: the second é is 2 bytes
+        {"text": "é", "tags": ["X", "O"]},
+        {"text": "ab", "spans": [[0, 2, "X"]]},
+        {"text": "abc", "spans": [[1, 1, "X"]]},  # an empty span tags nothing
+    ]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    flags = ["--train", train, "--val", train, "--init", init, "--max-steps", 1, "--lr", "1e-12"]
+    run = finetune(tmp_path, *flags)
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads((tmp_path / "out-finetune" / "metrics.jsonl").read_text())
+    # 5 of the 11 bytes are X, which the head always says: precision 5/11, recall 1, F1 0.625
+    assert record["val_acc"] == round(5 / 11, 6), record
+    assert record["val_f1"] == {"O": 0.0, "X": 0.625}, record
+    assert record["val_macro_f1"] == 0.3125, record
+
+
+def test_finetune_keeps_the_first_best_and_shuffles_each_pass(tmp_path):
+    """ckpt_best.pt is the first of equal scores, whole or resumed; each pass is shuffled anew."""
+    # a head that always says "y" scores 0 on held-out "x" texts, at every step
+    init = constant_head_checkpoint(tmp_path / "init.pt", "sequence", favoured=1)
+    texts = [{"text": text, "label": label} for text, label in zip("abcd", "xxyy")]
+    train = write_jsonl(tmp_path / "train.jsonl", texts)
+    # 62 bytes: with [CLS] and [SEP], the model's 64 positions
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "a" * 62, "label": "x"}])
+    common = ["--train", train, "--val", val, "--init", init, "--lr", "1e-12", "--batch-size", 2]
+    common += ["--eval-interval", 1, "--log-interval", 1]
+    whole = finetune(tmp_path, *common, "--max-steps", 8, "--out-dir", tmp_path / "a")
+    first = finetune(tmp_path, *common, "--max-steps", 4, "--out-dir", tmp_path / "b")
+    rest = finetune(tmp_path, *common, "--max-steps", 8, "--out-dir", tmp_path / "b", "--resume")
+    for run in (whole, first, rest):
+        assert run.returncode == 0, run.stderr[-2000:]
+    for folder in ("a", "b"):
+        best = torch.load(tmp_path / folder / "ckpt_best.pt", weights_only=True)
+        assert best["step"] == 1 and best["best"] == 0.0, folder
+    losses = step_losses(whole.stdout)
+    assert losses == step_losses(first.stdout) + step_losses(rest.stdout), (losses, rest.stdout)
+    # a step's loss is its pair's mean (20 an "x", 0 a "y"): each pass's pair of losses is its order
+    passes = {tuple(losses[i : i + 2]) for i in range(0, len(losses), 2)}
+    assert len(losses) == 8 and len(passes) > 1, losses
+    # refused before any work: before --init (here a missing one) is read
+    missing = ["--init", tmp_path / "missing.pt", "--out-dir", tmp_path / "a"]
+    again = finetune(tmp_path, *common, "--max-steps", 8, *missing)
+    assert again.returncode != 0 and "holds a run (ckpt_last.pt)" in again.stderr, again.stderr
+
+
+@pytest.mark.parametrize("kind", ["sequence", "span"])
+def test_finetune_evaluates_without_dropout_and_trains_with_it(tmp_path, kind):
+    """Evaluations run without dropout; a resumed run trains with it, as the whole run did."""
+    # at a rate of 1e-12 the weights stay put: every evaluation gives the same held-out loss
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    records = {"span": digit_questions(8, 0)}
+    records["sequence"] = [{"text": letter * 5, "label": letter} for letter in "abcd"]
+    train = write_jsonl(tmp_path / "train.jsonl", records[kind])
+    common = ["--train", train, "--val", train, "--init", init, "--lr", "1e-12", "--batch-size", 4]
+    common += ["--eval-interval", 1, "--log-interval", 1]
+    whole = finetune(tmp_path, *common, "--max-steps", 3, "--out-dir", tmp_path / "a")
+    first = finetune(tmp_path, *common, "--max-steps", 1, "--out-dir", tmp_path / "b")
+    rest = finetune(tmp_path, *common, "--max-steps", 3, "--out-dir", tmp_path / "b", "--resume")
+    for run in (whole, first, rest):
+        assert run.returncode == 0, run.stderr[-2000:]
+    resumed = step_losses(first.stdout) + step_losses(rest.stdout)
+    assert resumed == pytest.approx(step_losses(whole.stdout), abs=1e-5), (resumed, whole.stdout)
+    records = [json.loads(line) for d in "ab" for line in open(tmp_path / d / "metrics.jsonl")]
+    assert len(records) == 6, records
+    losses = [record["val_loss"] for record in records]
+    assert losses == pytest.approx([losses[0]] * 6, abs=1e-5), losses
+
+
+def test_finetune_draws_fresh_weights_where_asked(tmp_path):
+    """Other labels get a fresh head, --from-scratch fresh weights; a partial --init is refused."""
+    labels = ["pos", "neg"]
+    init = constant_head_checkpoint(tmp_path / "init.pt", "sequence", favoured=0, labels=labels)
+    texts = [{"text": text, "label": label} for text, label in zip("abcd", "xxyy")]
+    train = write_jsonl(tmp_path / "train.jsonl", texts)
+    common = ["--train", train, "--val", train, "--max-steps", 1, "--lr", "1e-12"]
+    run = finetune(tmp_path, *common, "--init", init, "--out-dir", tmp_path / "a")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "knows the labels ['pos', 'neg'], not these: a fresh head" in run.stdout, run.stderr
+    head = torch.load(tmp_path / "a" / "ckpt_last.pt", weights_only=True)["model"]
+    assert head["classifier.out.bias"].abs().max() < 1, head["classifier.out.bias"]
+    # embeddings of 1 and more: what a fresh draw (of about 0.02) is not
+    state = torch.load(init, weights_only=True)
+    state["model"]["tok_embed.weight"] += 1.0
+    torch.save(state, tmp_path / "shifted.pt")
+    flags = ["--init", tmp_path / "shifted.pt", "--from-scratch", "--out-dir", tmp_path / "b"]
+    run = finetune(tmp_path, *common, *flags)
+    assert run.returncode == 0, run.stderr[-2000:]
+    after = torch.load(tmp_path / "b" / "ckpt_last.pt", weights_only=True)["model"]
+    assert after["tok_embed.weight"].abs().max() < 0.5, after["tok_embed.weight"]
+    del state["model"]["tok_embed.weight"]
+    torch.save(state, tmp_path / "partial.pt")
+    run = finetune(
+        tmp_path, *common, "--init", tmp_path / "partial.pt", "--out-dir", tmp_path / "c"
+    )
+    assert run.returncode != 0 and "it lacks ['tok_embed.weight'] of" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_finetune_numbers_negative_labels_and_takes_every_example(tmp_path):
+    """Labels -2 before -1; --train-examples may take all; weight decay is on matrices alone."""
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    texts = [{"text": text, "label": label} for text, label in zip("abcd", (-1, -1, -2, -2))]
+    train = write_jsonl(tmp_path / "train.jsonl", texts)
+    flags = ["--train", train, "--val", train, "--init", init, "--max-steps", 1]
+    run = finetune(tmp_path, *flags, "--train-examples", 4)
+    assert run.returncode == 0 and "4 training and 4 held-out" in run.stdout, run.stderr[-2000:]
+    saved = torch.load(tmp_path / "out-finetune" / "ckpt_last.pt", weights_only=True)
+    assert saved["labels"] == ["-2", "-1"], saved["labels"]
+    decays = [group["weight_decay"] for group in saved["optim"]["param_groups"]]
+    assert decays == [0.01, 0.0], decays
+
+
+def test_finetune_saves_a_ctrl_c_between_evaluations(tmp_path):
+    """Ctrl-C between evaluations saves ckpt_last.pt at the step it stopped after."""
+    init = tiny_checkpoint(tmp_path / "init.pt")
+    train = write_jsonl(tmp_path / "train.jsonl", digit_spans(20, 0))
+    flags = ["--train", train, "--val", train, "--init", init, "--max-steps", 1000]
+    flags += ["--eval-interval", 1000, "--log-interval", 1, "--batch-size", 4]
+    losses = losses_until_ctrl_c(finetune(tmp_path, *flags, run=False))
+    saved = torch.load(tmp_path / "out-finetune" / "ckpt_last.pt", weights_only=True)
+    assert saved["step"] == len(losses), (saved["step"], len(losses))
+    assert 3 <= len(losses) < 1000, losses
+
+
+def accented_questions(n, seed, held_out=False):
+    """Questions answered by the digits ending a context of two-byte letters."""
+    # held out, a wrong answer (the context's first character) comes before the right one
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        before = "".join(rng.choice("aé xé") for _ in range(rng.randint(1, 20)))
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 3)))
+        answers = [{"text": digits, "start": len(before)}]
+        if held_out:
+            answers.insert(0, {"text": before[0], "start": 0})
+        records.append({"question": "digits?", "context": before + digits, "answers": answers})
+    return records
+
+
+def test_finetune_answers_at_the_end_of_a_context_of_utf8(tmp_path):
+    """A span model learns answers at a UTF-8 context's end; exact match takes any answer given."""
+    # byte offsets, not character ones, find the answer; the context's last token may end it
+    init = tiny_checkpoint(tmp_path / "init.pt", "modernbert")
+    train = write_jsonl(tmp_path / "train.jsonl", accented_questions(300, 0))
+    val = write_jsonl(tmp_path / "val.jsonl", accented_questions(50, 1, held_out=True))
+    common = ["--train", train, "--val", val, "--init", init, "--max-steps", 100]
+    run = finetune(tmp_path, *common, "--lr", "3e-3", "--eval-interval", 100)
+    assert run.returncode == 0, run.stderr[-2000:]
+    exact = float(re.search(r"held-out exact match (\S+)%", run.stdout).group(1))
+    assert exact >= 80, run.stdout[-1500:]
+
+
+def test_finetune_picks_the_best_answers_by_exact_match(tmp_path):
+    """Of questions, ckpt_best.pt is the step of the best exact match, not of the best token F1."""
+    init = tiny_checkpoint(tmp_path / "init.pt", "modernbert")
+    train = write_jsonl(tmp_path / "train.jsonl", accented_questions(300, 0))
+    # the answer is the whole context, a word and digits: a model that gives the digits alone
+    # scores no exact match, and a token F1 that grows as it learns them
+    decoys = []
+    for record in accented_questions(20, 1):
+        context = "éa " + record["context"][-3:].lstrip("aé x")
+        answers = [{"text": context, "start": 0}]
+        decoys.append({"question": "digits?", "context": context, "answers": answers})
+    val = write_jsonl(tmp_path / "val.jsonl", decoys)
+    flags = ["--train", train, "--val", val, "--init", init, "--max-steps", 60, "--lr", "3e-3"]
+    run = finetune(tmp_path, *flags, "--eval-interval", 20)
+    assert run.returncode == 0, run.stderr[-2000:]
+    records = [json.loads(line) for line in open(tmp_path / "out-finetune" / "metrics.jsonl")]
+    f1 = [record["val_token_f1"] for record in records]
+    assert [record["val_exact"] for record in records] == [0, 0, 0] and max(f1) > f1[0], records
+    best = torch.load(tmp_path / "out-finetune" / "ckpt_best.pt", weights_only=True)
+    assert best["step"] == 20, (best["step"], records)
 
 
 def test_stdlib_tasks_tag_bytes_as_tokenize_does():
