@@ -1505,7 +1505,8 @@ def test_classify_and_tag_give_the_same_alone_or_batched(preset, kind):
     else:
         assert [v["label"] for v in together] == [v["label"] for v in alone]
         scores = [v["score"] for v in alone]
-        assert [v["score"] for v in together] == pytest.approx(scores, abs=1e-5)
+        # fp32 sums in another order, from weights perturbed at scale 1: 1.4e-5 apart on torch 2.11
+        assert [v["score"] for v in together] == pytest.approx(scores, abs=1e-4)
     framed = torch.tensor([[CLS, *tinyencoder.byte_ids(texts[1]), SEP]])
     with torch.no_grad():
         logits = model.eval()(framed).logits
