@@ -84,7 +84,9 @@ def _train(tmp_path, *args, torchrun=False, popen=False):
 def test_an_interrupted_step_is_evaluated_before_the_run_stops(tmp_path):
     """Ctrl-C on a step due an evaluation: the run evaluates it, then saves and stops; resumed, it
     has the metrics and best checkpoint of a run never interrupted."""
-    flags = ["--max-steps", 16, "--eval-interval", 1, "--batch-size", 3, "--context", 32]
+    # no checkpoint due before the end: the interrupted run saves because it is interrupted
+    flags = ["--max-steps", 16, "--eval-interval", 1, "--ckpt-interval", 100]
+    flags += ["--batch-size", 3, "--context", 32]
     _train(tmp_path, *flags, "--out-dir", tmp_path / "a")
     proc = _train(tmp_path, *flags, "--out-dir", tmp_path / "b", popen=True)
     stopped = False
@@ -135,19 +137,23 @@ def test_train_resume_is_exact(tmp_path, dtype):  # with dropout on: its masks m
             [5e-4, 1e-3, 1e-3, 8.75e-4, 7.5e-4, 6.25e-4, 5e-4, 3.75e-4, 2.5e-4, 1.25e-4],
             [],
         ),
-        # warmup, stable, then down over the last 20 %: WSD
+        # warmup, stable, then down over the last 20 % (the default --decay): WSD
         ("modernbert", [5e-4] + [1e-3] * 8 + [5e-4], []),
         # past the schedule's end, LR 0, also where warmup fills it (step 10 trained at the peak)
         ("bert", [i * 1e-4 for i in range(1, 11)] + [0, 0], ["--warmup", 1, "--max-steps", 12]),
-        # and where the decay is shorter than a step (step 10 trained at half the peak)
-        ("modernbert", [5e-4] + [1e-3] * 9 + [0], ["--decay", 0.05, "--max-steps", 11]),
+        # and where the decay is shorter than a step (step 10 trained at half the peak), with
+        # 1.5 steps of warmup rounded to 2
+        (
+            "modernbert",
+            [5e-4] + [1e-3] * 9 + [0],
+            ["--decay", 0.05, "--max-steps", 11, "--warmup", 0.15],
+        ),
     ],
 )
 def test_the_lr_schedule_step_by_step(tmp_path, arch, lrs, over):
     flags = ["--arch", arch, "--max-steps", 10, "--lr-steps", 10, "--lr", "1e-3", "--warmup", 0.2]
+    # ModernBERT's --decay is left to its default, the last 20 %
     flags += ["--batch-size", 2, "--context", 32, "--out-dir", tmp_path / "run"]
-    if arch == "modernbert":
-        flags += ["--decay", 0.2]
     flags += over  # argparse keeps a flag's last value
     proc = _train(tmp_path, *flags, popen=True)
     printed = proc.stdout.read()
@@ -156,6 +162,69 @@ def test_the_lr_schedule_step_by_step(tmp_path, arch, lrs, over):
     # every recipe masks 30 % of the bytes at the CPU sizes, ModernBERT's at every size
     assert "-step schedule, masking 30%;" in printed, printed[-2000:]
     assert logged == pytest.approx(lrs, rel=1e-3), logged
+
+
+def train_recipes() -> dict:
+    """train.py's SIZES and RECIPES, run from its source above its flags: importing train.py would
+    run a training job."""
+    source = (Path(__file__).parent / "train.py").read_text()
+    names = {}
+    exec(source.split("\n# Arguments.")[0], names)
+    return names
+
+
+def test_the_recipes_are_the_papers_at_base_and_large():
+    """BERT: peak 1e-4, 1 % warmup, betas (0.9, 0.999), decay 0.01, 15 % masking; RoBERTa: its
+    peaks and 24k and 30k of 500k steps warming up, betas (0.9, 0.98); ModernBERT: 30 % masking,
+    StableAdamW's 1e-5, WSD, 1024 bytes. Tiny, the CPU's size, is 4 layers of 128."""
+    names = train_recipes()
+    recipes = names["RECIPES"]
+    papers = {
+        "bert": dict(lr=dict(base=1e-4, large=1e-4), warmup=dict(base=0.01, large=0.01)),
+        "roberta": dict(lr=dict(base=6e-4, large=4e-4), warmup=dict(base=0.048, large=0.06)),
+        "modernbert": dict(lr=dict(base=8e-4, large=5e-4), warmup=dict(base=0.05, large=0.05)),
+    }
+    for arch, tables in papers.items():
+        for name, paper in tables.items():
+            table = getattr(recipes[arch], name)
+            assert {size: table[size] for size in paper} == paper, (arch, name, table)
+    for arch, rate in dict(bert=0.15, roberta=0.15, modernbert=0.3).items():
+        assert recipes[arch].mlm_rate["base"] == rate, arch
+        assert recipes[arch].mlm_rate["large"] == rate, arch
+    bert, roberta, modern = recipes["bert"], recipes["roberta"], recipes["modernbert"]
+    assert bert.betas == (0.9, 0.999)
+    assert roberta.betas == (0.9, 0.98) and modern.betas == (0.9, 0.98)
+    assert bert.weight_decay == 0.01 and roberta.weight_decay == 0.01
+    assert modern.weight_decay == 1e-5 and modern.decoupled_decay and modern.schedule == "wsd"
+    assert bert.context == 512 and modern.context == 1024
+    assert names["SIZES"]["tiny"] == dict(hidden=128, layers=4, heads=4)
+
+
+def planned(proc) -> str:
+    """The line a running train.py plans its steps in (empty where it stopped first); the run is
+    stopped there."""
+    plan = next((line for line in proc.stdout if line.startswith("training steps")), "")
+    proc.kill()
+    proc.wait(timeout=60)
+    return plan
+
+
+def test_modernbert_past_1024_bytes_extends_its_context_as_the_paper_does(tmp_path):
+    """ModernBERT's context extension, past --context 1024 only: RoPE theta 160k, a peak of 3e-4
+    and a 1-sqrt decay (half the schedule decaying: the last of 4 steps at 1 - sqrt(1/2) of the
+    peak). At 1024, phase 1's peak, and warmup and decay that fill the schedule are no overlap."""
+    flags = ["--arch", "modernbert", "--batch-size", 1, "--max-steps", 4, "--lr-steps", 4]
+    flags += ["--warmup", 0.25, "--decay", 0.5]
+    run = _launch(tmp_path, *flags, "--context", 1025, "--out-dir", tmp_path / "long")
+    assert run.returncode == 0, run.stderr[-2000:]
+    lrs = [float(x) for x in re.findall(r"^step .*\| lr (\S+) \|", run.stdout, re.M)]
+    assert lrs == pytest.approx([3e-4] * 3 + [3e-4 * (1 - math.sqrt(0.5))], rel=1e-3), lrs
+    cfg = torch.load(tmp_path / "long" / "ckpt_last.pt", weights_only=True)["cfg"]
+    assert cfg["rope_theta"] == 160000.0
+    # warmup and decay together the whole schedule
+    at_1024 = ["--context", 1024, "--warmup", 0.5, "--out-dir", tmp_path / "o"]
+    proc = _train(tmp_path, *flags, *at_1024, popen=True)
+    assert "peak lr 0.002 on a 4-step schedule" in planned(proc)
 
 
 def test_gradient_accumulation_matches_one_batch(tmp_path):
@@ -185,6 +254,68 @@ def test_a_finished_run_resumed_has_nothing_left_to_do(tmp_path):
     again = run_python(cmd)
     assert again.returncode == 0 and "; 3 steps, " in again.stdout, again.stderr[-2000:]
     assert not re.search(r"^step ", again.stdout, re.M)
+
+
+def test_a_run_logs_evaluates_and_saves_on_its_intervals_and_at_its_end(tmp_path):
+    """10 steps: logged every --log-interval and at the last; evaluated every ceil(10 / 4) steps,
+    none within half an interval of the last, which is; saved at the last, its best the least
+    val_loss; tokens counted over micro-batches; on a CPU, 128 bytes and no dropout. Resumed: at
+    --max-steps, past its time budget it still takes every step, along its saved schedule."""
+    run_dir = tmp_path / "run"
+    flags = ["--max-steps", 10, "--batch-size", 2, "--grad-accum", 2, "--log-interval", 3]
+    run = _launch(tmp_path, *flags, "--ckpt-interval", 4, "--out-dir", run_dir)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert re.findall(r"^step\s+(\d+)/10 \|", run.stdout, re.M) == ["3", "6", "9", "10"]
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [record["step"] for record in records] == [3, 6, 10], records
+    assert all(record["tokens"] == record["step"] * 4 * 128 for record in records), records
+    state = torch.load(run_dir / "ckpt_last.pt", weights_only=True)
+    assert state["step"] == 10 and state["best"] == min(r["val_loss"] for r in records)
+    assert state["args"]["context"] == 128
+    dropouts = [state["cfg"][name] for name in ("embed_dropout", "attn_dropout", "resid_dropout")]
+    assert dropouts == [0.0, 0.0, 0.0]
+    # as if the run had spent far more than its budget, --max-steps alone ends it; and as if it
+    # had fitted an 11-step schedule, the resumed run keeps it: its step 12 trains at LR 0
+    state.update(elapsed_s=1e9, lr_steps=11)
+    torch.save(state, run_dir / "ckpt_last.pt")
+    cmd = [sys.executable, "train.py", "--resume", "--out-dir", run_dir, "--max-steps", 12]
+    resumed = run_python(cmd)
+    assert resumed.returncode == 0 and "; 12 steps, " in resumed.stdout, resumed.stderr[-2000:]
+    assert re.search(r"^step\s+12/12 .*\| lr 0\.00e\+00 \|", resumed.stdout, re.M), resumed.stdout
+
+
+def test_an_evaluation_is_the_same_at_any_batch_size_and_training_rate(tmp_path):
+    """Held-out figures of two BERT runs whose rate leaves the weights as they were: the same with
+    --batch-size 2 or 4 (each row read once, batches weighed by masked bytes, NSP by rows), dropout
+    off, at 15 % whatever --mlm-rate. AdamW: betas (0.9, 0.999), eps 1e-6, decay 0.01 on matrices
+    only."""
+    import tinyencoder as te
+
+    flags = ["--arch", "bert", "--max-steps", 1, "--lr", 1e-12, "--dropout", 0.1, "--context", 32]
+    runs = {"a": ["--batch-size", 2], "b": ["--batch-size", 4, "--mlm-rate", 0.6]}
+    for name, given in runs.items():
+        _train(tmp_path, *flags, "--eval-seqs", 5, *given, "--out-dir", tmp_path / name)
+    a, b = (json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in runs)
+    for key in ("val_loss", "val_acc", "nsp_acc"):
+        assert a[key] == pytest.approx(b[key], abs=1e-4), (key, a, b)
+    state = torch.load(tmp_path / "a" / "ckpt_last.pt", weights_only=True)
+    parameters = list(te.TinyEncoder(te.Config(**state["cfg"])).parameters())
+    matrices = [p for p in parameters if p.ndim >= 2]
+    decayed, plain = state["optim"]["param_groups"]
+    assert len(decayed["params"]) == len(matrices)
+    assert len(plain["params"]) == len(parameters) - len(matrices)
+    assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    assert tuple(decayed["betas"]) == (0.9, 0.999) and decayed["eps"] == 1e-6
+
+
+def test_bert_s_dupe_factor_reaches_its_static_masks(tmp_path):
+    """BERT's static masks: with --dupe-factor 1 the second epoch repeats the first's masks, with
+    the default it draws others; the first epoch is the same either way. Of the small corpus's
+    200 to 300 pairs, two steps read the first epoch, the third into the second."""
+    flags = ["--arch", "bert", "--max-steps", 3, "--batch-size", 100, "--context", 32]
+    once = _train(tmp_path, *flags, "--dupe-factor", 1, "--out-dir", tmp_path / "once")
+    default = _train(tmp_path, *flags, "--out-dir", tmp_path / "default")
+    assert once[:2] == default[:2] and once[2] != default[2], (once, default)
 
 
 # the suite runs scripts in children of a fork server (conftest.run_python): as a fresh Python would
@@ -1190,6 +1321,9 @@ def test_a_resumed_run_keeps_what_its_checkpoint_holds(tmp_path):
     # the model's flags: --init-from was ignored in a resume, so it is refused too
     stderr = refused_resume(run_dir, "--max-steps", 4, "--size", "small")
     assert "not --size small (the run's: tiny)" in stderr
+    # nor its dropout, which its config holds (0 on a CPU by default)
+    stderr = refused_resume(run_dir, "--max-steps", 4, "--dropout", 0.1)
+    assert "not --dropout 0.1 (the run's: 0.0)" in stderr
     stderr = refused_resume(run_dir, "--max-steps", 4, "--init-from", tmp_path / "other.pt")
     assert "not --init-from " in stderr and "(the run's: its default)" in stderr
     # nor the rows a step (processes x --batch-size x --grad-accum), which number the data
@@ -2492,9 +2626,7 @@ def test_the_lr_schedule_lasts_as_long_as_the_run(tmp_path, steps, schedule):
     cmd += ["--out-dir", tmp_path / "out", "--eval-seqs", 4]
     here = str(Path(__file__).parent)
     proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, text=True, cwd=here)
-    plan = next(line for line in proc.stdout if line.startswith("training steps"))
-    proc.kill()
-    proc.wait(timeout=60)
+    plan = planned(proc)
     assert f"training steps 1..{steps}, peak lr 0.002 on a {schedule}-step schedule" in plan
 
 
@@ -2532,7 +2664,11 @@ def test_a_resumed_run_has_the_time_budget_the_run_left(tmp_path):
     steps = int(re.search(r"; (\d+) steps, \d+s$", run.stdout.strip()).group(1))
     assert 3 <= steps < 1000, run.stdout[-2000:]
     spent = torch.load(run_dir / "ckpt_last.pt", weights_only=True)["elapsed_s"]
-    assert spent < 60 + 20, spent  # its own 10 s and setup, not a whole minute more
+    # the 50 s spent before and its own 10 s and setup, not a whole minute more
+    assert spent > 50, spent
+    assert spent < 60 + 20, spent
+    last = (run_dir / "metrics.jsonl").read_text().splitlines()[-1]
+    assert json.loads(last)["elapsed_s"] > 50, last
 
 
 @pytest.fixture
