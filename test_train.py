@@ -2372,6 +2372,19 @@ def test_finetune_scores_each_byte_of_the_texts_once(tmp_path):
     assert record["val_macro_f1"] == 0.3125, record
 
 
+def whole_and_resumed(tmp_path, common, steps, split):
+    """The losses, step by step, of finetune.py's run of steps in one go (in tmp_path/a) and of
+    the same run stopped after split steps and resumed (in tmp_path/b)."""
+    whole = finetune(tmp_path, *common, "--max-steps", steps, "--out-dir", tmp_path / "a")
+    first = finetune(tmp_path, *common, "--max-steps", split, "--out-dir", tmp_path / "b")
+    rest = finetune(
+        tmp_path, *common, "--max-steps", steps, "--out-dir", tmp_path / "b", "--resume"
+    )
+    for run in (whole, first, rest):
+        assert run.returncode == 0, run.stderr[-2000:]
+    return step_losses(whole.stdout), step_losses(first.stdout) + step_losses(rest.stdout)
+
+
 def test_finetune_keeps_the_first_best_and_shuffles_each_pass(tmp_path):
     """ckpt_best.pt is the first of equal scores, whole or resumed; each pass is shuffled anew."""
     # a head that always says "y" scores 0 on held-out "x" texts, at every step
@@ -2382,16 +2395,11 @@ def test_finetune_keeps_the_first_best_and_shuffles_each_pass(tmp_path):
     val = write_jsonl(tmp_path / "val.jsonl", [{"text": "a" * 62, "label": "x"}])
     common = ["--train", train, "--val", val, "--init", init, "--lr", "1e-12", "--batch-size", 2]
     common += ["--eval-interval", 1, "--log-interval", 1]
-    whole = finetune(tmp_path, *common, "--max-steps", 8, "--out-dir", tmp_path / "a")
-    first = finetune(tmp_path, *common, "--max-steps", 4, "--out-dir", tmp_path / "b")
-    rest = finetune(tmp_path, *common, "--max-steps", 8, "--out-dir", tmp_path / "b", "--resume")
-    for run in (whole, first, rest):
-        assert run.returncode == 0, run.stderr[-2000:]
+    losses, resumed = whole_and_resumed(tmp_path, common, steps=8, split=4)
     for folder in ("a", "b"):
         best = torch.load(tmp_path / folder / "ckpt_best.pt", weights_only=True)
         assert best["step"] == 1 and best["best"] == 0.0, folder
-    losses = step_losses(whole.stdout)
-    assert losses == step_losses(first.stdout) + step_losses(rest.stdout), (losses, rest.stdout)
+    assert losses == resumed, (losses, resumed)
     # a step's loss is its pair's mean (20 an "x", 0 a "y"): each pass's pair of losses is its order
     passes = {tuple(losses[i : i + 2]) for i in range(0, len(losses), 2)}
     assert len(losses) == 8 and len(passes) > 1, losses
@@ -2411,13 +2419,8 @@ def test_finetune_evaluates_without_dropout_and_trains_with_it(tmp_path, kind):
     train = write_jsonl(tmp_path / "train.jsonl", records[kind])
     common = ["--train", train, "--val", train, "--init", init, "--lr", "1e-12", "--batch-size", 4]
     common += ["--eval-interval", 1, "--log-interval", 1]
-    whole = finetune(tmp_path, *common, "--max-steps", 3, "--out-dir", tmp_path / "a")
-    first = finetune(tmp_path, *common, "--max-steps", 1, "--out-dir", tmp_path / "b")
-    rest = finetune(tmp_path, *common, "--max-steps", 3, "--out-dir", tmp_path / "b", "--resume")
-    for run in (whole, first, rest):
-        assert run.returncode == 0, run.stderr[-2000:]
-    resumed = step_losses(first.stdout) + step_losses(rest.stdout)
-    assert resumed == pytest.approx(step_losses(whole.stdout), abs=1e-5), (resumed, whole.stdout)
+    whole, resumed = whole_and_resumed(tmp_path, common, steps=3, split=1)
+    assert resumed == pytest.approx(whole, abs=1e-5), (resumed, whole)
     records = [json.loads(line) for d in "ab" for line in open(tmp_path / d / "metrics.jsonl")]
     assert len(records) == 6, records
     losses = [record["val_loss"] for record in records]
