@@ -78,7 +78,17 @@ def _train(tmp_path, *args, torchrun=False, popen=False):
     if popen:
         return run
     assert run.returncode == 0, run.stderr[-2000:]
-    return [float(x) for x in re.findall(r"^step\s+\d+/\d+ \| loss (\S+)", run.stdout, re.M)]
+    return step_losses(run.stdout)
+
+
+def step_losses(stdout) -> list:
+    """The training losses a train.py or finetune.py run printed, step by step."""
+    return [float(x) for x in re.findall(r"^step\s+\d+/\d+ \| loss (\S+)", stdout, re.M)]
+
+
+def step_lrs(stdout) -> list:
+    """The learning rates a train.py or finetune.py run printed, step by step."""
+    return [float(x) for x in re.findall(r"^step .*\| lr (\S+) \|", stdout, re.M)]
 
 
 def test_an_interrupted_step_is_evaluated_before_the_run_stops(tmp_path):
@@ -157,7 +167,7 @@ def test_the_lr_schedule_step_by_step(tmp_path, arch, lrs, over):
     flags += over  # argparse keeps a flag's last value
     proc = _train(tmp_path, *flags, popen=True)
     printed = proc.stdout.read()
-    logged = [float(x) for x in re.findall(r"^step .*\| lr (\S+) \|", printed, re.M)]
+    logged = step_lrs(printed)
     assert proc.wait(timeout=120) == 0
     # every recipe masks 30 % of the bytes at the CPU sizes, ModernBERT's at every size
     assert "-step schedule, masking 30%;" in printed, printed[-2000:]
@@ -217,7 +227,7 @@ def test_modernbert_past_1024_bytes_extends_its_context_as_the_paper_does(tmp_pa
     flags += ["--warmup", 0.25, "--decay", 0.5]
     run = _launch(tmp_path, *flags, "--context", 1025, "--out-dir", tmp_path / "long")
     assert run.returncode == 0, run.stderr[-2000:]
-    lrs = [float(x) for x in re.findall(r"^step .*\| lr (\S+) \|", run.stdout, re.M)]
+    lrs = step_lrs(run.stdout)
     assert lrs == pytest.approx([3e-4] * 3 + [3e-4 * (1 - math.sqrt(0.5))], rel=1e-3), lrs
     cfg = torch.load(tmp_path / "long" / "ckpt_last.pt", weights_only=True)["cfg"]
     assert cfg["rope_theta"] == 160000.0
@@ -1844,7 +1854,7 @@ def assert_rates_and_metrics(stdout, folder):
     """A 40-step run at a peak of 3e-3: the rate each step trained at, 6 % warmup (2 steps) from a
     first step above 0, then from the peak down to 0 at step 40; and per byte, an accuracy of at
     most 1, and macro-F1 the mean of the labels' F1 that it lists."""
-    rates = [float(x) for x in re.findall(r"^step .*\| lr (\S+) \|", stdout, re.M)]
+    rates = step_lrs(stdout)
     expected = [3e-3 * (s + 1) / 2 for s in range(2)] + [3e-3 * (40 - s) / 38 for s in range(2, 40)]
     assert rates == pytest.approx(expected, rel=6e-3), rates
     for record in map(json.loads, open(folder / "metrics.jsonl")):
@@ -2344,11 +2354,6 @@ def constant_head_checkpoint(path, classifier, favoured, labels=None):
         state["labels"] = labels
     torch.save(state, path)
     return path
-
-
-def step_losses(stdout) -> list:
-    """The training losses a finetune.py run printed, step by step."""
-    return [float(x) for x in re.findall(r"^step\s+\d+/\d+ \| loss (\S+)", stdout, re.M)]
 
 
 def test_finetune_scores_each_byte_of_the_texts_once(tmp_path):
